@@ -1,0 +1,52 @@
+# Everything runs inside a virtual environment in the project (.venv), created on first use.
+#   make repro   set up, then run the whole DVC pipeline (dvc repro) on the embedded default data set
+#   make test    set up, then lint and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup build repro test pytest lint format cuda-check bench-quick gpu-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "torch>=2.4" "torchvision>=0.19" "setuptools>=64" wheel "ninja>=1.11"
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	$(PY) -c "import angular.ops as o; print('angular backend:', o.backend())"
+	touch $@
+
+# Rebuild the extension in place after editing csrc/ (what `make setup` does on a fresh checkout).
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+repro: setup
+	$(VENV)/bin/dvc repro
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+pytest: setup
+	$(PY) -m pytest -q -ra
+
+test: lint pytest
+
+# Compile (and link) the CUDA kernels with nvcc; needs no GPU. A .cu that does not compile fails.
+cuda-check: setup
+	bash scripts/check_cuda_build.sh
+
+bench-quick: setup
+	$(PY) benchmarks/bench_margin.py --quick
+
+# On a machine with an NVIDIA GPU: build, CUDA tests, benchmarks; results under $$OUT (or ./gpu-results).
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build angular/_C*.so *.egg-info

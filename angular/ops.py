@@ -1,0 +1,239 @@
+"""Public margin ops (DESIGN §3): one entry point, validated, served by the fused kernels or the reference.
+
+``margin_logits`` and ``margin_cross_entropy`` check their arguments, then run the compiled
+``torch.ops.angular.*`` kernels when the extension has one for the tensors' device, and the
+pure-PyTorch reference (:mod:`angular.reference`) otherwise, saying so once in a warning.
+
+The compiled ops (schemas in ``csrc/ops.cpp``)::
+
+    margin_logits(cos, labels, s, m1, m2, m3, lam, straight_through) -> logits
+    margin_logits_backward(grad, cos, labels, s, m1, m2, m3, lam, straight_through) -> grad_cos
+    margin_cross_entropy(cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through)
+        -> (loss per row, log-sum-exp per row)
+    margin_cross_entropy_backward(grad_loss_rows, cos, labels, lse, s, m1, m2, m3, lam,
+                                  label_smoothing, straight_through) -> grad_cos
+
+Per-row losses are 0 for rows with a negative label; the reduction happens here, in Python, so that
+the kernels see one per-row upstream gradient whatever the reduction. NaN or inf inside ``cos``
+propagates to that row's logits and loss (and so to a ``mean``/``sum``); it is not checked for, as
+that would cost a pass over B x C.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from angular import _extension, reference
+
+__all__ = ["backend", "margin_logits", "margin_cross_entropy"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def backend() -> str:
+    """What serves tensors on this machine: ``"cuda"``, ``"cpp"`` or ``"python"``."""
+    if torch.cuda.is_available() and _extension.has_kernel("cuda"):
+        return "cuda"
+    if _extension.has_kernel("cpu"):
+        return "cpp"
+    return "python"
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: every message names the argument and what was wrong.
+
+
+def _check_number(name: str, value, *, low: float | None = None, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+    return value
+
+
+def check_margin(s, m1, m2, m3, lam) -> tuple[float, float, float, float, float]:
+    """Validate margin parameters (also used by :class:`angular.heads.MarginSpec`)."""
+    return (
+        _check_number("s", s, low=0.0, strict=True),
+        _check_number("m1", m1, low=0.0, strict=True),
+        _check_number("m2", m2, low=0.0),
+        _check_number("m3", m3),
+        _check_number("lam", lam, low=0.0),
+    )
+
+
+def _check_tensors(cos, labels) -> None:
+    if not isinstance(cos, torch.Tensor):
+        raise TypeError(f"cos must be a torch.Tensor, got {type(cos).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if cos.dim() != 2:
+        raise ValueError(
+            f"cos must have shape (B, C), got {cos.dim()} dimensions {tuple(cos.shape)}"
+        )
+    if cos.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cos must be float16, bfloat16, float32 or float64, got {cos.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    batch, classes = cos.shape
+    if batch == 0 or classes == 0:
+        raise ValueError(f"cos must have B >= 1 and C >= 1, got shape {tuple(cos.shape)}")
+    if labels.shape[0] != batch:
+        raise ValueError(f"labels has {labels.shape[0]} entries but cos has B = {batch} rows")
+    if labels.device != cos.device:
+        raise ValueError(f"labels is on {labels.device} but cos is on {cos.device}")
+    # A data-dependent check: skipped while torch.compile traces (it would break the graph).
+    if not torch.compiler.is_compiling():
+        largest = int(labels.max())
+        if largest >= classes:
+            raise ValueError(f"labels must be < C = {classes}, got a label {largest}")
+
+
+def _use_fused(cos: torch.Tensor) -> bool:
+    if _extension.has_kernel(cos.device.type):
+        _register_python_parts()
+        return True
+    loaded, reason = _extension.load()
+    if loaded:
+        reason = f"the extension has no kernel for {cos.device.type} tensors"
+    _extension.warn_fallback_once(reason)
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def margin_logits(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    s: float,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    lam: float = 0.0,
+    straight_through: bool = False,
+) -> torch.Tensor:
+    """Margin logits (DESIGN §2): ``s * cos`` with the target column of each row replaced by
+    ``s * f_y``; rows whose label is negative get no margin. Returned in ``cos``'s dtype."""
+    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    _check_tensors(cos, labels)
+    if _use_fused(cos):
+        return torch.ops.angular.margin_logits(
+            cos, labels, s, m1, m2, m3, lam, bool(straight_through)
+        )
+    return reference.margin_logits(
+        cos, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through
+    )
+
+
+def margin_cross_entropy(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    s: float,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    lam: float = 0.0,
+    label_smoothing: float = 0.0,
+    straight_through: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``F.cross_entropy(margin_logits(cos, labels), labels, label_smoothing=...)`` in one fused pass.
+
+    Rows with a negative label have loss 0 and gradient 0 and are not counted by ``"mean"`` (a batch
+    with no target at all has mean loss 0). The loss is fp32 (fp64 for fp64 ``cos``).
+    """
+    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    label_smoothing = _check_number("label_smoothing", label_smoothing, low=0.0)
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_tensors(cos, labels)
+    if not _use_fused(cos):
+        return reference.margin_cross_entropy(
+            cos,
+            labels,
+            s=s,
+            m1=m1,
+            m2=m2,
+            m3=m3,
+            lam=lam,
+            label_smoothing=label_smoothing,
+            straight_through=straight_through,
+            reduction=reduction,
+        )
+    per_row, _ = torch.ops.angular.margin_cross_entropy(
+        cos, labels, s, m1, m2, m3, lam, label_smoothing, bool(straight_through)
+    )
+    return reference.reduce_rows(per_row, labels >= 0, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Python halves of the compiled ops: fake (meta) implementations for torch.compile and autograd.
+
+_registered = False
+
+
+def _register_python_parts() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    ops = torch.ops.angular
+
+    @torch.library.register_fake("angular::margin_logits")
+    def _(cos, labels, s, m1, m2, m3, lam, straight_through):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("angular::margin_logits_backward")
+    def _(grad, cos, labels, s, m1, m2, m3, lam, straight_through):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("angular::margin_cross_entropy")
+    def _(cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through):
+        rows = cos.new_empty(cos.shape[0], dtype=reference.compute_dtype(cos.dtype))
+        return rows, torch.empty_like(rows)
+
+    @torch.library.register_fake("angular::margin_cross_entropy_backward")
+    def _(grad_rows, cos, labels, lse, s, m1, m2, m3, lam, label_smoothing, straight_through):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format)
+
+    def logits_setup(ctx, inputs, output):
+        cos, labels, *params = inputs
+        ctx.save_for_backward(cos, labels)
+        ctx.params = params
+
+    def logits_backward(ctx, grad):
+        cos, labels = ctx.saved_tensors
+        grad_cos = ops.margin_logits_backward(grad, cos, labels, *ctx.params)
+        return grad_cos, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "angular::margin_logits", logits_backward, setup_context=logits_setup
+    )
+
+    def ce_setup(ctx, inputs, output):
+        cos, labels, *params = inputs
+        ctx.save_for_backward(cos, labels, output[1])
+        ctx.params = params
+
+    def ce_backward(ctx, grad_rows, _grad_lse):
+        cos, labels, lse = ctx.saved_tensors
+        grad_cos = ops.margin_cross_entropy_backward(grad_rows, cos, labels, lse, *ctx.params)
+        return grad_cos, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "angular::margin_cross_entropy", ce_backward, setup_context=ce_setup
+    )

@@ -1,0 +1,127 @@
+"""The margin math of DESIGN §2 in plain eager PyTorch: the yardstick every kernel is tested against.
+
+For a row with target ``y`` and ``theta = acos(cos_y)``::
+
+    t   = m1 * theta + m2,  k = floor(t / pi)
+    psi = (-1)^k * cos(t) - 2k - m3
+    f_y = (lam * cos_y + psi) / (1 + lam)
+    z_y = s * f_y,  z_j = s * cos_j (j != y)
+
+The margin touches only the B target entries (gather, transform, scatter), so this is also the best
+eager formulation of the op: one ``s * cos`` over B x C, then ``F.cross_entropy``.
+
+Gradient guard. ``d psi / d cos = (-1)^k m1 sin(t) / sin(theta)`` is unbounded as ``|cos| -> 1``. The
+derivative is evaluated at ``theta`` clamped to ``[THETA_MIN, pi - THETA_MIN]`` (``THETA_MIN = 0.01``
+rad, i.e. ``|cos| > 0.99995``): the forward value stays exact, the gradient stays finite in every dtype,
+and wherever ``|cos| <= 1 - 1e-4`` it is the exact derivative. The fused kernels use the same guard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Below this angle (and above pi minus it) the derivative is taken at the clamped angle; see module doc.
+THETA_MIN = 0.01
+COS_MAX = math.cos(THETA_MIN)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for an input dtype: fp64 stays fp64, everything else computes in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def psi_of_theta(theta: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """The margin-extended target cosine ``(-1)^k cos(t) - 2k - m3`` with ``t = m1 theta + m2``."""
+    t = m1 * theta + m2
+    k = torch.floor(t / math.pi).detach()
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * torch.cos(t) - 2.0 * k - m3
+
+
+def target_logit(
+    cos_y: torch.Tensor,
+    *,
+    m1: float,
+    m2: float,
+    m3: float,
+    lam: float,
+    straight_through: bool = False,
+) -> torch.Tensor:
+    """``f_y`` for target cosines ``cos_y`` (any shape), differentiable by autograd with the guard above.
+
+    ``straight_through=True`` keeps the value but makes ``d f_y / d cos_y = 1``.
+    """
+    theta_exact = torch.acos(cos_y.detach().clamp(-1.0, 1.0))
+    # Clamp the angle for the gradient only: c_safe has cos_y's gradient (a plain clamp would zero it
+    # at the bounds) but a value inside +-COS_MAX, where acos has a finite derivative.
+    c_safe = cos_y - (cos_y - cos_y.clamp(-COS_MAX, COS_MAX)).detach()
+    psi_safe = psi_of_theta(torch.acos(c_safe), m1, m2, m3)
+    psi = psi_safe + (psi_of_theta(theta_exact, m1, m2, m3) - psi_safe).detach()
+    f_y = (lam * cos_y + psi) / (1.0 + lam)
+    if straight_through:
+        f_y = cos_y + (f_y - cos_y).detach()
+    return f_y
+
+
+def margin_logits(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    s: float,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    lam: float = 0.0,
+    straight_through: bool = False,
+) -> torch.Tensor:
+    """``z = s * cos`` with the margin applied to each row's target column; rows with a negative
+    label get no margin. Computed in fp32 (fp64 for fp64 input); returned in the input dtype."""
+    work = cos.to(compute_dtype(cos.dtype))
+    has_target = labels >= 0
+    safe_labels = labels.clamp(min=0).unsqueeze(1)
+    cos_y = work.gather(1, safe_labels)
+    f_y = target_logit(cos_y, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through)
+    f_y = torch.where(has_target.unsqueeze(1), f_y, cos_y)
+    logits = (s * work).scatter(1, safe_labels, s * f_y)
+    return logits.to(cos.dtype)
+
+
+def reduce_rows(per_row: torch.Tensor, has_target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-row losses; ``mean`` divides by the rows that have a target (0 when none has)."""
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    return total / has_target.sum().clamp(min=1).to(per_row.dtype)
+
+
+def margin_cross_entropy(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    s: float,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    lam: float = 0.0,
+    label_smoothing: float = 0.0,
+    straight_through: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``F.cross_entropy`` of the margin logits (smoothing mass spread over all C classes). Rows with a
+    negative label contribute loss 0 and gradient 0 and are not counted by ``mean``. The loss is fp32
+    (fp64 for fp64 input)."""
+    work = cos.to(compute_dtype(cos.dtype))
+    logits = margin_logits(
+        work, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through
+    )
+    has_target = labels >= 0
+    per_row = F.cross_entropy(
+        logits, labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing
+    )
+    per_row = torch.where(has_target, per_row, torch.zeros_like(per_row))
+    return reduce_rows(per_row, has_target, reduction)

@@ -1,0 +1,78 @@
+"""Builds the fused margin kernels as ``angular._C`` (ninja), or installs the pure-Python package.
+
+- CPU kernels (``CppExtension``) whenever a C++ compiler is there.
+- CPU + CUDA kernels (``CUDAExtension``) when CUDA is available, or when ``ANGULAR_BUILD_CUDA=1``
+  forces it (for example to compile-check the CUDA sources on a machine without a GPU).
+- ``ANGULAR_BUILD_EXTENSION=0`` skips the extension. A failed build also falls back to the
+  pure-Python package (the ops then run the reference and say so once), unless
+  ``ANGULAR_REQUIRE_EXTENSION=1``, which makes the failure fatal (CI sets it).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def _flag(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def extension_modules():
+    if _flag("ANGULAR_BUILD_EXTENSION", "1") in ("0", "false", "no"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("angular: torch is not importable at build time; installing without the extension")
+        return [], {}
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if not sources:
+        return [], {}
+    force_cuda = _flag("ANGULAR_BUILD_CUDA") in ("1", "true", "yes")
+    use_cuda = force_cuda or (torch.cuda.is_available() and _flag("ANGULAR_BUILD_CUDA") != "0")
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    define_macros = []
+    extension_class = CppExtension
+    extra_compile_args = {"cxx": cxx_flags}
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        extension_class = CUDAExtension
+        define_macros.append(("ANGULAR_WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+
+    class TolerantBuildExtension(BuildExtension):
+        """A failed build leaves a working pure-Python package unless the extension is required."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # compiler missing, CUDA headers missing, ...
+                if _flag("ANGULAR_REQUIRE_EXTENSION") in ("1", "true", "yes"):
+                    raise
+                print(
+                    f"angular: building the extension failed ({error}); the ops will use the "
+                    "pure-PyTorch reference"
+                )
+
+    module = extension_class(
+        "angular._C",
+        sources,
+        include_dirs=[os.path.abspath("csrc")],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+        py_limited_api=False,
+    )
+    return [module], {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    packages=find_packages(include=["angular", "angular.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
