@@ -48,7 +48,7 @@ def has_kernel(device_type: str) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warn_fallback_once(reason: str) -> None:
     """Say once per process (and per reason) that the reference serves the ops, and why."""
     warnings.warn(
