@@ -14,9 +14,9 @@ Rules (:data:`RULES`):
 For every rule but ``vote`` the prediction is the arg-max of the returned distribution and the
 confidence its maximum. For ``vote`` the returned distribution is built to agree with the vote:
 the winner gets the vote's confidence, and the remaining ``1 - confidence`` is spread over the other
-classes in proportion to their mean probability, capped at the winner's share (possible because a
-voter's confidence is at least ``1/K``). So its rows sum to 1, its maximum is the vote confidence
-and (but for exact ties) its arg-max is the winner, and the metrics of :mod:`angular.metrics` that
+classes in proportion to their mean probability, each capped just below the winner's share
+(possible because a voter's confidence is at least ``1/K``). So its rows sum to 1, its maximum is
+the vote confidence and its arg-max is the winner, and the metrics of :mod:`angular.metrics` that
 take ``probs`` (ECE, NLL, Brier) measure the vote itself.
 """
 
@@ -65,7 +65,8 @@ def _fill_around_winner(
     mean_probs: np.ndarray, winner: np.ndarray, confidence: np.ndarray
 ) -> np.ndarray:
     """Rows with ``confidence`` at ``winner`` and the rest of the unit mass spread over the other
-    classes in proportion to ``mean_probs``, no class above the winner's share (water-filling)."""
+    classes in proportion to ``mean_probs``, each capped just below the winner's share
+    (water-filling), so that the winner stays the unique arg-max."""
     n, k = mean_probs.shape
     rows = np.arange(n)
     others = np.ones((n, k), dtype=bool)
@@ -75,18 +76,19 @@ def _fill_around_winner(
     empty = weights.sum(axis=1) <= 0
     weights[empty] = others[empty].astype(np.float64)
     remainder = 1.0 - confidence
+    cap = np.nextafter(confidence, 0.0)[:, None]  # the largest float below the winner's share
     result = np.zeros_like(mean_probs)
     capped = np.zeros((n, k), dtype=bool)
-    for _ in range(k):
+    for _ in range(k):  # each pass caps at least one more class, or stops
         free = others & ~capped
         free_weight = np.where(free, weights, 0.0)
-        left = remainder - np.where(capped, confidence[:, None], 0.0).sum(axis=1)
+        left = remainder - np.where(capped, cap, 0.0).sum(axis=1)
         total = free_weight.sum(axis=1, keepdims=True)
         share = np.divide(
             free_weight * left[:, None], total, where=total > 0, out=np.zeros_like(free_weight)
         )
-        over = free & (share > confidence[:, None])
-        result = np.where(capped, confidence[:, None], share)
+        over = free & (share > cap)
+        result = np.where(capped, cap, share)
         if not over.any():
             break
         capped |= over
