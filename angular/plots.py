@@ -14,6 +14,8 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from angular.metrics import (
     as_array,
@@ -49,7 +51,7 @@ def _save(figure: Figure, path: str | os.PathLike) -> Path:
         raise ValueError(f"path must end in .png, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, format="png")
+    figure.savefig(path, format="png", bbox_inches="tight")
     return path
 
 
@@ -188,9 +190,16 @@ def embedding_plot(
     seed: int = 0,
     *,
     perplexity: float = 30.0,
+    max_iter: int = 500,
+    max_points: int = 1500,
 ) -> Path:
     """t-SNE (scikit-learn, cosine metric, PCA start, seeded) of embeddings in 2-D, coloured by
-    identity; known identities as dots, unknown identities (never trained on) as crosses."""
+    identity; known identities as dots, unknown identities (never trained on) as crosses.
+
+    t-SNE is the slow part (tens of seconds for a few hundred points on 2 busy cores), so it runs
+    ``max_iter`` optimisation steps (scikit-learn's default is 1000; 500 settles small sets) on
+    at most ``max_points`` samples, a seeded random subset when there are more.
+    """
     from sklearn.manifold import TSNE  # imported here: it is slow to import and only needed here
 
     embeddings = as_float_array(embeddings, "embeddings", ndim=2)
@@ -199,10 +208,23 @@ def embedding_plot(
     n = check_same_length(embeddings=embeddings, identities=identities, known=known)
     if n < 4:
         raise ValueError(f"embeddings needs at least 4 samples for a t-SNE plot, got {n}")
+    if max_iter < 250:
+        raise ValueError(f"max_iter must be at least 250 (scikit-learn's minimum), got {max_iter}")
+    if n > max_points:
+        subset = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+        embeddings, identities, known = embeddings[subset], identities[subset], known[subset]
+        n = max_points
     # t-SNE needs perplexity < n; keep the usual 30 when there are enough samples.
     perplexity = float(min(perplexity, (n - 1) / 3))
+    # scikit-learn renamed n_iter to max_iter in 1.5.
+    steps = "max_iter" if "max_iter" in TSNE().get_params() else "n_iter"
     points = TSNE(
-        n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed
+        n_components=2,
+        perplexity=perplexity,
+        metric="cosine",
+        init="pca",
+        random_state=seed,
+        **{steps: max_iter},
     ).fit_transform(embeddings)
 
     _, codes = np.unique(identities, return_inverse=True)
@@ -213,6 +235,7 @@ def embedding_plot(
     )
     figure = _new_figure(6.5, 6.0)
     axes = figure.subplots()
+    legend = []
     for is_known, marker, label in ((True, "o", "known"), (False, "x", "unknown")):
         selected = known == is_known
         if not selected.any():
@@ -224,10 +247,20 @@ def embedding_plot(
             marker=marker,
             s=18 if is_known else 30,
             linewidths=0.3 if is_known else 1.2,
-            label=f"{label} identities ({len(np.unique(codes[selected]))})",
+        )
+        # A grey legend entry: the colours stand for identities, the marker for known or not.
+        legend.append(
+            Line2D(
+                [],
+                [],
+                marker=marker,
+                color="dimgray",
+                linestyle="",
+                label=f"{label} identities ({len(np.unique(codes[selected]))})",
+            )
         )
     axes.set(title=title, xticks=[], yticks=[])
-    axes.legend(loc="best", fontsize="small")
+    axes.legend(handles=legend, loc="best", fontsize="small")
     return _save(figure, path)
 
 
@@ -253,6 +286,7 @@ def training_curves(
     for axes, (name, values) in zip(panels, series.items()):
         axes.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3)
         axes.set(xlabel=xlabel, title=name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.grid(True, alpha=0.3)
     figure.suptitle(title)
     return _save(figure, path)
