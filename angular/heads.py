@@ -9,7 +9,6 @@ inference. ``ArcFace``, ``CosFace``, ``SphereFace`` and ``CombinedMargin`` are p
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +28,8 @@ class LambdaSchedule:
 
     def __post_init__(self):
         for name in ("lam_base", "gamma", "power", "lam_min"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+            value = ops._check_number(name, getattr(self, name), low=0.0)
+            object.__setattr__(self, name, value)
 
     def __call__(self, step: int) -> float:
         return max(self.lam_min, self.lam_base * (1.0 + self.gamma * step) ** -self.power)
@@ -48,7 +46,13 @@ class MarginSpec:
     lam_schedule: LambdaSchedule | None = None
 
     def __post_init__(self):
-        ops.check_margin(self.s, self.m1, self.m2, self.m3, 0.0)
+        s, m1, m2, m3, _ = ops.check_margin(self.s, self.m1, self.m2, self.m3, 0.0)
+        for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)):
+            object.__setattr__(self, name, value)
+        if self.lam_schedule is not None and not isinstance(self.lam_schedule, LambdaSchedule):
+            raise TypeError(
+                f"lam_schedule must be a LambdaSchedule or None, got {type(self.lam_schedule).__name__}"
+            )
 
     def lam(self, step: int) -> float:
         return 0.0 if self.lam_schedule is None else self.lam_schedule(step)
@@ -74,6 +78,13 @@ class MarginSpec:
         return cls(s=s, m1=m1, m2=m2, m3=m3)
 
 
+def _check_size(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 class MarginHead(nn.Module):
     """Class centres plus an angular margin. ``step`` (a buffer, saved in checkpoints) drives the
     SphereFace ``lam`` schedule; it advances once per :meth:`loss` call in training mode."""
@@ -88,10 +99,13 @@ class MarginHead(nn.Module):
         straight_through: bool = False,
     ):
         super().__init__()
-        if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        _check_size("embedding_dim", embedding_dim)
+        _check_size("num_classes", num_classes)
+        if not isinstance(margin, MarginSpec):
+            raise TypeError(f"margin must be a MarginSpec, got {type(margin).__name__}")
+        label_smoothing = ops._check_number("label_smoothing", label_smoothing, low=0.0)
+        if label_smoothing > 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.embedding_dim = embedding_dim
         self.num_classes = num_classes
         self.margin = margin
