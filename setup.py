@@ -33,15 +33,23 @@ def extension_modules():
         return [], {}
     force_cuda = _flag("ANGULAR_BUILD_CUDA") in ("1", "true", "yes")
     use_cuda = force_cuda or (torch.cuda.is_available() and _flag("ANGULAR_BUILD_CUDA") != "0")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    # -Wno-psabi: GCC's note that AVX vector arguments changed ABI in GCC 4.6, for the AVX2/AVX512
+    # kernel files (csrc/cpu/kernels_*.cpp), which only call each other.
+    cxx_flags = (
+        ["-O3", "-fopenmp", "-Wno-psabi", "-Wno-unknown-pragmas"] if os.name != "nt" else ["/O2"]
+    )
     define_macros = []
     extension_class = CppExtension
     extra_compile_args = {"cxx": cxx_flags}
     if use_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # The .cu files hold the kernels only (lean includes, fast nvcc); csrc/cuda/*.cpp, compiled
+        # by the C++ compiler, allocates tensors and registers the CUDA implementations.
+        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         extension_class = CUDAExtension
         define_macros.append(("ANGULAR_WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+        # No --use_fast_math: the margin needs accurate acos/cos; the kernels call __expf themselves.
+        # (The language standard, C++20 for torch >= 2.10, comes from torch.utils.cpp_extension.)
+        extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
 
     class TolerantBuildExtension(BuildExtension):
         """A failed build leaves a working pure-Python package unless the extension is required."""

@@ -1,0 +1,316 @@
+// CPU kernels of the four angular ops (schemas in csrc/ops.cpp; math in csrc/margin_math.h).
+//
+// Work is split into (row, column chunk) segments run by at::parallel_for: one chunk per row when
+// there are at least as many rows as threads, otherwise each row is cut into chunks of at least
+// kMinChunkColumns columns so that a few huge rows still use every thread. The vector primitives
+// over a segment come from csrc/cpu/vec_kernels_impl.h, compiled per CPU capability.
+//
+// margin_cross_entropy reads cos once (online log-sum-exp per segment, merged per row) and keeps
+// only the per-row log-sum-exp; its backward reads cos once more and writes the gradient. No other
+// (B, C) buffer is allocated. Strided cos (any row and column stride) is read in place.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cpu/vec_kernels.h"
+#include "margin_math.h"
+#include "op_common.h"
+
+namespace angular::cpu {
+namespace {
+
+constexpr int64_t kMinChunkColumns = 16384;  // below this a row is not worth splitting
+constexpr int64_t kGrainElements = 32768;    // work per parallel_for task, in elements
+
+enum class Capability { kDefault, kAvx2, kAvx512 };
+
+Capability capability() {
+#if ANGULAR_X86_DISPATCH
+  // What ATen itself uses on this CPU; honours ATEN_CPU_CAPABILITY (e.g. "default").
+  static const Capability cached = [] {
+    const std::string name = at::get_cpu_capability();
+    if (name == "AVX512") {
+      return Capability::kAvx512;
+    }
+    return name == "AVX2" ? Capability::kAvx2 : Capability::kDefault;
+  }();
+  return cached;
+#else
+  return Capability::kDefault;
+#endif
+}
+
+// Calls fn with a VecKernels<scalar_t> of the best capability (a tag value: its members are static).
+template <typename scalar_t, typename Fn>
+void with_vec_kernels(const Fn& fn) {
+  switch (capability()) {
+#if ANGULAR_X86_DISPATCH
+    case Capability::kAvx512:
+      return fn(AVX512::VecKernels<scalar_t>{});
+    case Capability::kAvx2:
+      return fn(AVX2::VecKernels<scalar_t>{});
+#endif
+    default:
+      return fn(DEFAULT::VecKernels<scalar_t>{});
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Split {
+  int64_t chunks;  // column chunks per row
+  int64_t width;   // columns per chunk (the last one may be shorter)
+};
+
+Split split_rows(int64_t rows, int64_t cols) {
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (rows < threads) {
+    chunks = std::max<int64_t>(1, std::min(ceil_div(threads, rows), cols / kMinChunkColumns));
+  }
+  const int64_t width = ceil_div(ceil_div(cols, chunks), 64) * 64;  // whole cache lines
+  return Split{ceil_div(cols, width), width};
+}
+
+// fn(segment, row, first column, end column) for every segment, in parallel.
+template <typename Fn>
+void for_each_segment(int64_t rows, int64_t cols, const Split& split, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / split.width);
+  at::parallel_for(0, rows * split.chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t segment = begin; segment < end; ++segment) {
+      const int64_t row = segment / split.chunks;
+      const int64_t first = (segment % split.chunks) * split.width;
+      fn(segment, row, first, std::min(cols, first + split.width));
+    }
+  });
+}
+
+at::Tensor empty_matrix(const at::Tensor& like) {
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
+                             double m2, double m3, double lam, bool straight_through) {
+  check_cos_labels(cos, labels, "angular::margin_logits");
+  const at::Tensor label_vec = labels.contiguous();
+  at::Tensor out = empty_matrix(cos);
+  const int64_t rows = cos.size(0), cols = cos.size(1);
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(), "margin_logits",
+                                  [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* src = cos.const_data_ptr<scalar_t>();
+    const int64_t row_stride = cos.stride(0), col_stride = cos.stride(1);
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t* label = label_vec.const_data_ptr<int64_t>();
+    with_vec_kernels<scalar_t>([&](auto kernels) {
+      using K = decltype(kernels);
+      for_each_segment(rows, cols, split_rows(rows, cols), [&](int64_t, int64_t row, int64_t first,
+                                                               int64_t end) {
+        const scalar_t* src_row = src + row * row_stride;
+        scalar_t* dst_row = dst + row * cols;
+        K::scale(src_row + first * col_stride, col_stride, end - first, acc_t(s), dst_row + first);
+        const int64_t y = label[row];
+        if (y >= first && y < end) {  // so 0 <= y < C: other labels mean no target
+          const acc_t f_y = target_logit<acc_t>(static_cast<acc_t>(src_row[y * col_stride]),
+                                                acc_t(m1), acc_t(m2), acc_t(m3), acc_t(lam));
+          dst_row[y] = static_cast<scalar_t>(acc_t(s) * f_y);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor margin_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& cos,
+                                      const at::Tensor& labels, double s, double m1, double m2,
+                                      double m3, double lam, bool straight_through) {
+  const char* op = "angular::margin_logits_backward";
+  check_cos_labels(cos, labels, op);
+  check_same_shape(grad, cos, op);
+  const at::Tensor grad_in = as_dtype(grad, cos.scalar_type());
+  const at::Tensor label_vec = labels.contiguous();
+  at::Tensor out = empty_matrix(cos);
+  const int64_t rows = cos.size(0), cols = cos.size(1);
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(),
+                                  "margin_logits_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* cos_data = cos.const_data_ptr<scalar_t>();
+    const scalar_t* grad_data = grad_in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t* label = label_vec.const_data_ptr<int64_t>();
+    with_vec_kernels<scalar_t>([&](auto kernels) {
+      using K = decltype(kernels);
+      for_each_segment(rows, cols, split_rows(rows, cols), [&](int64_t, int64_t row, int64_t first,
+                                                               int64_t end) {
+        const scalar_t* grad_row = grad_data + row * grad_in.stride(0);
+        const int64_t grad_col_stride = grad_in.stride(1);
+        scalar_t* dst_row = dst + row * cols;
+        K::scale(grad_row + first * grad_col_stride, grad_col_stride, end - first, acc_t(s),
+                 dst_row + first);
+        const int64_t y = label[row];
+        if (y >= first && y < end) {
+          const acc_t cos_y = static_cast<acc_t>(cos_data[row * cos.stride(0) + y * cos.stride(1)]);
+          const acc_t dfy = target_logit_grad<acc_t>(cos_y, acc_t(m1), acc_t(m2), acc_t(lam),
+                                                     straight_through);
+          const acc_t g = static_cast<acc_t>(grad_row[y * grad_col_stride]);
+          dst_row[y] = static_cast<scalar_t>(acc_t(s) * g * dfy);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cpu(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam, double label_smoothing, bool straight_through) {
+  const char* op = "angular::margin_cross_entropy";
+  check_cos_labels(cos, labels, op);
+  TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have C >= 1 columns, got ", cos.sizes());
+  const at::Tensor label_vec = labels.contiguous();
+  const int64_t rows = cos.size(0), cols = cos.size(1);
+  at::Tensor loss = at::empty({rows}, cos.options().dtype(compute_dtype(cos.scalar_type())));
+  at::Tensor lse = at::empty({rows}, loss.options());
+  if (rows == 0) {
+    return {loss, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(),
+                                  "margin_cross_entropy", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* src = cos.const_data_ptr<scalar_t>();
+    const int64_t row_stride = cos.stride(0), col_stride = cos.stride(1);
+    const int64_t* label = label_vec.const_data_ptr<int64_t>();
+    const Split split = split_rows(rows, cols);
+    auto target_of = [&](int64_t row) {  // f_y of a row whose label is a valid column
+      const acc_t cos_y = static_cast<acc_t>(src[row * row_stride + label[row] * col_stride]);
+      return target_logit<acc_t>(cos_y, acc_t(m1), acc_t(m2), acc_t(m3), acc_t(lam));
+    };
+    // Pass over cos: one partial log-sum-exp per segment (B x chunks, never B x C).
+    std::vector<RowPartial> partials(rows * split.chunks);
+    with_vec_kernels<scalar_t>([&](auto kernels) {
+      using K = decltype(kernels);
+      for_each_segment(rows, cols, split, [&](int64_t segment, int64_t row, int64_t first,
+                                              int64_t end) {
+        const int64_t y = label[row];
+        if (y < 0 || y >= cols) {
+          return;  // no target: loss 0, nothing to read
+        }
+        const bool has_target = y >= first && y < end;
+        partials[segment] = K::logsumexp(src + row * row_stride + first * col_stride, col_stride,
+                                         end - first, acc_t(s), has_target ? y - first : -1,
+                                         has_target ? target_of(row) : acc_t(0));
+      });
+    });
+    // Merge the segments of each row into its loss and log-sum-exp.
+    acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
+    acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t y = label[row];
+        if (y < 0 || y >= cols) {
+          loss_data[row] = acc_t(0);
+          lse_data[row] = acc_t(0);  // unused by the backward of a row without target
+          continue;
+        }
+        LogSumExp<double> total{0.0, 0.0};
+        double z_sum = 0.0;
+        for (int64_t chunk = 0; chunk < split.chunks; ++chunk) {
+          const RowPartial& part = partials[row * split.chunks + chunk];
+          total = merge(total, part.lse);
+          z_sum += part.z_sum;
+        }
+        const double row_lse = total.max + std::log(total.sum);
+        const double z_y = s * static_cast<double>(target_of(row));
+        loss_data[row] = static_cast<acc_t>(smoothed_loss<double>(
+            row_lse, z_y, z_sum, static_cast<double>(cols), label_smoothing));
+        lse_data[row] = static_cast<acc_t>(row_lse);
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& cos,
+                                             const at::Tensor& labels, const at::Tensor& lse,
+                                             double s, double m1, double m2, double m3, double lam,
+                                             double label_smoothing, bool straight_through) {
+  const char* op = "angular::margin_cross_entropy_backward";
+  check_cos_labels(cos, labels, op);
+  check_rows(grad_rows, cos, op, "grad_rows");
+  check_rows(lse, cos, op, "lse");
+  const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
+  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
+  const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
+  const at::Tensor label_vec = labels.contiguous();
+  at::Tensor out = empty_matrix(cos);
+  const int64_t rows = cos.size(0), cols = cos.size(1);
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(),
+                                  "margin_cross_entropy_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* src = cos.const_data_ptr<scalar_t>();
+    const int64_t row_stride = cos.stride(0), col_stride = cos.stride(1);
+    const acc_t* grad_data = grad_vec.const_data_ptr<acc_t>();
+    const acc_t* lse_data = lse_vec.const_data_ptr<acc_t>();
+    const int64_t grad_stride = grad_vec.stride(0), lse_stride = lse_vec.stride(0);
+    const int64_t* label = label_vec.const_data_ptr<int64_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const acc_t eps = static_cast<acc_t>(label_smoothing);
+    const acc_t num_classes = static_cast<acc_t>(cols);
+    with_vec_kernels<scalar_t>([&](auto kernels) {
+      using K = decltype(kernels);
+      for_each_segment(rows, cols, split_rows(rows, cols), [&](int64_t, int64_t row, int64_t first,
+                                                               int64_t end) {
+        scalar_t* dst_row = dst + row * cols;
+        const int64_t y = label[row];
+        if (y < 0 || y >= cols) {
+          std::fill(dst_row + first, dst_row + end, scalar_t(0));
+          return;
+        }
+        const scalar_t* src_row = src + row * row_stride;
+        const acc_t g = grad_data[row * grad_stride];
+        const acc_t row_lse = lse_data[row * lse_stride];
+        const acc_t scale = acc_t(s) * g;
+        K::softmax_grad(src_row + first * col_stride, col_stride, end - first, acc_t(s), row_lse,
+                        scale, scale * eps / num_classes, dst_row + first);
+        if (y >= first && y < end) {
+          dst_row[y] = static_cast<scalar_t>(target_cos_grad<acc_t>(
+              static_cast<acc_t>(src_row[y * col_stride]), row_lse, g, acc_t(s), acc_t(m1),
+              acc_t(m2), acc_t(m3), acc_t(lam), eps, num_classes, straight_through));
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(angular, CPU, m) {
+  m.impl("margin_logits", &margin_logits_cpu);
+  m.impl("margin_logits_backward", &margin_logits_backward_cpu);
+  m.impl("margin_cross_entropy", &margin_cross_entropy_cpu);
+  m.impl("margin_cross_entropy_backward", &margin_cross_entropy_backward_cpu);
+}
+
+}  // namespace angular::cpu

@@ -1,0 +1,70 @@
+// What the CPU and CUDA front ends share: the op parameters, the defensive input checks, and the
+// dtype rules of DESIGN §2 (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
+//
+// angular/ops.py validates every argument with messages for users first; these checks only make
+// sure no call that bypasses it (torch.ops.angular.* directly) can read out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#include "margin_math.h"
+
+namespace angular {
+
+struct MarginParams {
+  double s;
+  double m1;
+  double m2;
+  double m3;
+  double lam;
+  double label_smoothing;  // 0 for the logits ops
+  bool straight_through;
+};
+
+inline at::ScalarType compute_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_cos_labels(const at::Tensor& cos, const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(cos.dim() == 2, op, ": cos must have shape (B, C), got ", cos.sizes());
+  const auto dtype = cos.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+      op, ": cos must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(labels.dim() == 1, op, ": labels must have shape (B,), got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.size(0) == cos.size(0), op, ": labels has ", labels.size(0),
+              " entries but cos has B = ", cos.size(0), " rows");
+  TORCH_CHECK(labels.device() == cos.device(), op, ": labels is on ", labels.device(),
+              " but cos is on ", cos.device());
+}
+
+// A per-row tensor (loss gradient, log-sum-exp) that goes with cos.
+inline void check_rows(const at::Tensor& rows, const at::Tensor& cos, const char* op,
+                       const char* name) {
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == cos.size(0), op, ": ", name,
+              " must have shape (B,) = (", cos.size(0), ",), got ", rows.sizes());
+  TORCH_CHECK(rows.device() == cos.device(), op, ": ", name, " is on ", rows.device(),
+              " but cos is on ", cos.device());
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), op, ": ", name,
+              " must be floating point, got ", rows.scalar_type());
+}
+
+// The upstream gradient of margin_logits, same shape as cos.
+inline void check_same_shape(const at::Tensor& grad, const at::Tensor& cos, const char* op) {
+  TORCH_CHECK(grad.sizes() == cos.sizes(), op, ": grad must have the shape of cos ", cos.sizes(),
+              ", got ", grad.sizes());
+  TORCH_CHECK(grad.device() == cos.device(), op, ": grad is on ", grad.device(),
+              " but cos is on ", cos.device());
+}
+
+inline MarginParams make_params(double s, double m1, double m2, double m3, double lam,
+                                double label_smoothing, bool straight_through) {
+  return MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through};
+}
+
+}  // namespace angular

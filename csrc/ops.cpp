@@ -1,0 +1,40 @@
+// The op schemas of namespace `angular` (DESIGN §3), and the Python module angular._C whose import
+// runs this registration. Kernels: csrc/cpu/margin_cpu.cpp (CPU) and csrc/cuda/margin_cuda.cpp
+// (CUDA); fake implementations and autograd: angular/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A plain module with no Python functions: the ops are reached through torch.ops.angular.*.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "Fused margin kernels; importing this module registers torch.ops.angular.*",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(angular, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def(
+      "margin_logits(Tensor cos, Tensor labels, float s, float m1, float m2, float m3, float lam, "
+      "bool straight_through) -> Tensor",
+      tags);
+  m.def(
+      "margin_logits_backward(Tensor grad, Tensor cos, Tensor labels, float s, float m1, float m2, "
+      "float m3, float lam, bool straight_through) -> Tensor",
+      tags);
+  m.def(
+      "margin_cross_entropy(Tensor cos, Tensor labels, float s, float m1, float m2, float m3, "
+      "float lam, float label_smoothing, bool straight_through) -> (Tensor, Tensor)",
+      tags);
+  m.def(
+      "margin_cross_entropy_backward(Tensor grad_rows, Tensor cos, Tensor labels, Tensor lse, "
+      "float s, float m1, float m2, float m3, float lam, float label_smoothing, "
+      "bool straight_through) -> Tensor",
+      tags);
+}
