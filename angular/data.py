@@ -1,0 +1,461 @@
+"""Data: sources, the manifest of splits, image loading and transforms (DESIGN §5 prepare).
+
+Sources (``data.source``):
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 identities, no
+  download). :func:`prepare_dataset` writes them as 8-bit greyscale PNG files
+  ``<out>/images/<digit>/<index>.png`` (pixel values 0..16 scaled to 0..255), so that every later
+  step reads images the same way whatever the source.
+- ``imagefolder``: ``data.path`` holds one sub-folder per identity with its images, in any format
+  PIL reads (PNG, JPEG, PGM, ...). Hidden entries (names starting with ".") and plain files at the
+  top level (a README) are ignored. With ``data.test_path`` (as the original repository), the test
+  images come from that folder and its identities absent from training are the unknowns.
+
+Every image is decoded once while preparing, so an unreadable, corrupt or non-image file, an empty
+identity folder or an identity with too few images is reported (all problems at once, each naming
+its file or folder) before any training, or skipped and counted with ``data.skip_bad_images``.
+
+Splits: a seeded choice of ``unknown`` identities is held out entirely (open-set evaluation); the
+images of each known identity are shuffled with the seed and cut into ``train``, ``val`` and
+``test`` (at least one training image per identity). The prepared folder holds ``manifest.csv``
+(``path, identity, label, split, md5``; paths relative to the folder unless ``data.path`` was
+absolute; label -1 for unknowns) and ``classes.json`` (the known identities in label order, the
+unknown ones, counts, skipped files).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from angular.config import AugmentSpec, ConfigError, DataConfig
+
+__all__ = [
+    "SPLITS",
+    "MANIFEST_FILE",
+    "CLASSES_FILE",
+    "DataError",
+    "Record",
+    "Manifest",
+    "prepare_dataset",
+    "read_manifest",
+    "load_image",
+    "ImageDataset",
+    "build_augmentation",
+]
+
+SPLITS = ("train", "val", "test", "unknown")
+MANIFEST_FILE = "manifest.csv"
+CLASSES_FILE = "classes.json"
+MANIFEST_COLUMNS = ("path", "identity", "label", "split", "md5")
+MAX_LISTED_PROBLEMS = 20
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, folder or parameter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    path: str  # as stored in the manifest: relative to the manifest's folder, or absolute
+    identity: str
+    label: int  # index into Manifest.classes; -1 for unknown identities
+    split: str
+    md5: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    root: Path  # the prepared folder; relative record paths are relative to it
+    records: tuple[Record, ...]
+    classes: tuple[str, ...]  # known identities, in label order
+    unknown: tuple[str, ...]
+    info: dict
+
+    def split(self, name: str) -> list[Record]:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return [r for r in self.records if r.split == name]
+
+    def resolve(self, record: Record) -> Path:
+        path = Path(record.path)
+        return path if path.is_absolute() else self.root / path
+
+    def paths(self, split: str) -> list[Path]:
+        return [self.resolve(r) for r in self.split(split)]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.array([r.label for r in self.split(split)], dtype=np.int64)
+
+    def identities(self, split: str) -> list[str]:
+        return [r.identity for r in self.split(split)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scanning and checking a folder of identities.
+
+
+@dataclasses.dataclass
+class _Scan:
+    images: dict[str, list[tuple[Path, str]]]  # identity -> [(path, md5)], sorted by path
+    skipped: list[dict]  # {"path", "reason"}
+    ignored: list[str]  # top-level files and hidden entries
+
+
+def _check_image(path: Path) -> tuple[str | None, str]:
+    """``(problem, md5)``: problem is None when PIL decodes the whole file."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return f"cannot read it ({error.strerror or error})", ""
+    digest = hashlib.md5(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image file PIL can read", digest
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"corrupt or truncated image ({error})", digest
+    except Image.DecompressionBombError as error:
+        return f"refused by PIL ({error})", digest
+    return None, digest
+
+
+def _scan_folder(root: Path, param: str, *, skip_bad: bool, min_images: int) -> _Scan:
+    if not root.exists():
+        raise DataError(f"{param}: {root} does not exist")
+    if not root.is_dir():
+        raise DataError(
+            f"{param}: {root} is not a folder (it must hold one sub-folder per identity)"
+        )
+    images: dict[str, list[tuple[Path, str]]] = {}
+    skipped: list[dict] = []
+    ignored: list[str] = []
+    problems: list[str] = []
+
+    def bad(path: Path, reason: str) -> None:
+        (
+            skipped.append({"path": str(path), "reason": reason})
+            if skip_bad
+            else problems.append(f"{path}: {reason}")
+        )
+
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            ignored.append(str(entry))
+            continue
+        found = []
+        for file in sorted(entry.iterdir()):
+            if file.name.startswith("."):
+                ignored.append(str(file))
+            elif not file.is_file():
+                bad(file, "not a file (identity folders must hold images only, no sub-folders)")
+            else:
+                problem, digest = _check_image(file)
+                if problem:
+                    bad(file, problem)
+                else:
+                    found.append((file, digest))
+        if not found:
+            bad(entry, "empty identity folder (no readable images)")
+        elif len(found) < min_images:
+            bad(
+                entry,
+                f"only {len(found)} image(s); every identity needs at least "
+                f"data.min_images_per_class = {min_images}",
+            )
+        else:
+            images[entry.name] = found
+    if problems:
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(listed)
+        raise DataError(
+            f"{param}: {len(problems)} problem(s) in {root} (set data.skip_bad_images: true to "
+            "skip and count them instead):\n  "
+            + "\n  ".join(listed)
+            + (f"\n  ... and {more} more" if more else "")
+        )
+    if not images:
+        raise DataError(f"{param}: {root} holds no identity folder with usable images")
+    return _Scan(images, skipped, ignored)
+
+
+def _export_digits(images_dir: Path) -> Path:
+    """Write scikit-learn's digits as PNG files, one folder per digit."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for index, (image, target) in enumerate(zip(pixels, digits.target)):
+        folder = images_dir / str(int(target))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index:04d}.png")
+    return images_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting.
+
+
+def _round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5))
+
+
+def _choose_unknown(identities: list[str], spec, seed: int) -> list[str]:
+    if isinstance(spec, tuple):
+        missing = [name for name in spec if name not in identities]
+        if missing:
+            raise DataError(
+                f"data.unknown_identities: {missing} are not identities of the data "
+                f"(found: {', '.join(identities[:20])}{' ...' if len(identities) > 20 else ''})"
+            )
+        return sorted(spec)
+    count = spec if isinstance(spec, int) else max(1, _round_half_up(spec * len(identities)))
+    if count > len(identities) - 2:
+        raise DataError(
+            f"data.unknown_identities: holding out {count} of {len(identities)} identities leaves "
+            f"{len(identities) - count} known; at least 2 known identities are needed"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(identities), size=count, replace=False)
+    return sorted(identities[i] for i in chosen)
+
+
+def _split_identity(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """``(n_val, n_test)`` for an identity with ``n`` images, keeping at least one for training."""
+    n_test = _round_half_up(n * test_fraction)
+    n_val = _round_half_up(n * val_fraction)
+    n_test = min(n_test, n - 1)
+    n_val = min(n_val, n - 1 - n_test)
+    return n_val, n_test
+
+
+def _relative(path: Path, out_dir: Path, absolute: bool) -> str:
+    if absolute:
+        return str(path.resolve())
+    return Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()
+
+
+def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
+    """Scan the source, check every image, split, and write ``manifest.csv`` and ``classes.json``
+    into ``out_dir`` (created; for ``digits`` also ``out_dir/images``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    absolute = False
+    if config.source == "digits":
+        root, param = _export_digits(out_dir / "images"), "data.source digits"
+    else:
+        root, param = Path(config.path), "data.path"
+        absolute = root.is_absolute()
+    scan = _scan_folder(
+        root, param, skip_bad=config.skip_bad_images, min_images=config.min_images_per_class
+    )
+    test_scan = None
+    if config.test_path is not None:
+        test_scan = _scan_folder(
+            Path(config.test_path), "data.test_path", skip_bad=config.skip_bad_images, min_images=1
+        )
+
+    identities = sorted(scan.images)
+    unknown = _choose_unknown(identities, config.unknown_identities, config.seed)
+    known = [name for name in identities if name not in unknown]
+    if len(known) < 2:
+        raise DataError(
+            f"{param}: {len(known)} known identit{'y' if len(known) == 1 else 'ies'} after "
+            "holding out the unknowns; classification needs at least 2 (check "
+            "data.unknown_identities and data.min_images_per_class)"
+        )
+    label_of = {name: label for label, name in enumerate(known)}
+
+    rng = np.random.default_rng(config.seed)
+    rows: list[tuple[Path, str, int, str, str]] = []
+    for name in identities:
+        files = scan.images[name]
+        if name in label_of:
+            order = rng.permutation(len(files))
+            n_val, n_test = _split_identity(len(files), config.val_fraction, config.test_fraction)
+            splits = ["test"] * n_test + ["val"] * n_val
+            splits += ["train"] * (len(files) - len(splits))
+            for position, index in enumerate(order):
+                path, digest = files[index]
+                rows.append((path, name, label_of[name], splits[position], digest))
+        else:
+            rows.extend((path, name, -1, "unknown", digest) for path, digest in files)
+    if test_scan is not None:
+        for name in sorted(test_scan.images):
+            split = "test" if name in label_of else "unknown"
+            if split == "unknown" and name not in unknown:
+                unknown.append(name)
+            for path, digest in test_scan.images[name]:
+                rows.append((path, name, label_of.get(name, -1), split, digest))
+        absolute = absolute or Path(config.test_path).is_absolute()
+
+    counts = {split: sum(1 for row in rows if row[3] == split) for split in SPLITS}
+    for split, param_name in (("val", "data.val_fraction"), ("test", "data.test_fraction")):
+        if counts[split] == 0:
+            source = "data.test_path" if split == "test" and test_scan else param_name
+            raise DataError(
+                f"{source}: the {split} split is empty (too few images per identity); "
+                f"raise {param_name} or add images"
+            )
+
+    records = tuple(
+        Record(_relative(path, out_dir, absolute), identity, label, split, digest)
+        for path, identity, label, split, digest in rows
+    )
+    skipped = scan.skipped + (test_scan.skipped if test_scan else [])
+    info = {
+        "source": config.source,
+        "counts": counts,
+        "known_identities": len(known),
+        "unknown_identities": len(unknown),
+        "skipped": skipped,
+        "ignored": scan.ignored + (test_scan.ignored if test_scan else []),
+    }
+    _write_manifest(out_dir, records, known, sorted(unknown), info)
+    return Manifest(out_dir, records, tuple(known), tuple(sorted(unknown)), info)
+
+
+def _write_manifest(out_dir: Path, records, classes, unknown, info) -> None:
+    with open(out_dir / MANIFEST_FILE, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        for r in records:
+            writer.writerow((r.path, r.identity, r.label, r.split, r.md5))
+    document = {"classes": list(classes), "unknown": list(unknown), **info}
+    (out_dir / CLASSES_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def read_manifest(prepared_dir: str | Path) -> Manifest:
+    """Read what :func:`prepare_dataset` wrote (a clear error when the folder is not prepared)."""
+    prepared_dir = Path(prepared_dir)
+    manifest_path, classes_path = prepared_dir / MANIFEST_FILE, prepared_dir / CLASSES_FILE
+    for path in (manifest_path, classes_path):
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run the prepare stage first (dvc repro prepare)")
+    document = json.loads(classes_path.read_text(encoding="utf-8"))
+    with open(manifest_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+            raise DataError(
+                f"{manifest_path}: expected the columns {','.join(MANIFEST_COLUMNS)}, "
+                f"got {reader.fieldnames}"
+            )
+        records = tuple(
+            Record(row["path"], row["identity"], int(row["label"]), row["split"], row["md5"])
+            for row in reader
+        )
+    info = {k: v for k, v in document.items() if k not in ("classes", "unknown")}
+    return Manifest(
+        prepared_dir, records, tuple(document["classes"]), tuple(document["unknown"]), info
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Images and datasets.
+
+
+def load_image(path: str | Path, *, image_size: Sequence[int], channels: int) -> torch.Tensor:
+    """An image as a (channels, height, width) uint8 tensor, resized (bilinear) to ``image_size``."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            height, width = image_size
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot read the image ({error}); rerun prepare") from error
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 or [0, 1] float images (..., C, H, W) -> ``(x - mean) / std`` per channel, float32."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    shape = (-1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=images.dtype).view(shape)
+    std_t = torch.tensor(std, dtype=images.dtype).view(shape)
+    return (images - mean_t) / std_t
+
+
+class ImageDataset(Dataset):
+    """Images of a manifest split: ``(normalised float image (C, H, W), label)`` per item.
+
+    ``preload`` decodes every image once (into one uint8 tensor); otherwise each access decodes.
+    ``augment`` (training only) is applied to the [0, 1] image before normalising.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        *,
+        image_size: Sequence[int],
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        preload: bool = True,
+    ):
+        if len(paths) != len(labels):
+            raise ValueError(f"paths has {len(paths)} entries but labels has {len(labels)}")
+        self.paths = [Path(p) for p in paths]
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.image_size = tuple(image_size)
+        self.channels = channels
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.images = None
+        if preload and self.paths:
+            self.images = torch.stack([self._decode(i) for i in range(len(self.paths))])
+
+    def _decode(self, index: int) -> torch.Tensor:
+        return load_image(self.paths[index], image_size=self.image_size, channels=self.channels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = self.images[index] if self.images is not None else self._decode(index)
+        image = image.float() / 255.0
+        if self.augment is not None:
+            image = self.augment(image)
+        return normalize(image, self.mean, self.std), self.labels[index]
+
+
+def build_augmentation(specs: Sequence[AugmentSpec]) -> Callable | None:
+    """``torchvision.transforms.v2.Compose`` of the transforms listed in ``train.augment``; a bad
+    name or argument is a :class:`ConfigError` naming its entry."""
+    if not specs:
+        return None
+    from torchvision.transforms import v2
+
+    transforms = []
+    for spec in specs:
+        factory = getattr(v2, spec.name, None)
+        if not isinstance(factory, type) or not issubclass(factory, v2.Transform):
+            raise ConfigError(
+                f"{spec.key}.name",
+                f"{spec.name!r} is not a transform of torchvision.transforms.v2 "
+                "(e.g. RandomAffine, RandomHorizontalFlip, RandomResizedCrop, ColorJitter)",
+            )
+        try:
+            transforms.append(factory(**spec.kwargs))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(spec.key, f"{spec.name}({spec.kwargs}) failed: {error}") from None
+    return v2.Compose(transforms)

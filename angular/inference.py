@@ -1,0 +1,219 @@
+"""A trained model: the file format, loading it without ``params.yaml``, and running it on images.
+
+A model file (``torch.save`` of a dict of plain Python values and tensors, loadable with
+``weights_only=True``) holds everything needed to rebuild and use the model::
+
+    format: "angular-model", version: 1
+    item:       the train item it came from ("arcface", "joint", ...)
+    backbone:   {"name", "in_channels", "embedding_dim", "options"}     (angular.models.build_backbone)
+    heads:      {member name: {"type", "s", "m1", "m2", "m3", "lam_schedule", "straight_through"}}
+    classes:    the known identities, in label order
+    image:      {"size": [h, w], "channels", "mean", "std"}              (angular.data preprocessing)
+    state_dict: the RecognitionModel's state dict (backbone.* and heads.<member>.*)
+    training:   a summary (epochs, seed, final metrics), for the record
+
+Inference uses ``head.logits`` (``s * cos``, no margin) per head, and the backbone's embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from angular.heads import LambdaSchedule, MarginHead, MarginSpec
+from angular.models import build_backbone
+
+__all__ = [
+    "MODEL_FORMAT",
+    "RecognitionModel",
+    "build_model",
+    "model_document",
+    "load_model",
+    "LoadedModel",
+    "SplitOutputs",
+    "run_model",
+]
+
+MODEL_FORMAT = "angular-model"
+MODEL_VERSION = 1
+
+
+class RecognitionModel(nn.Module):
+    """A backbone and one or more margin heads on its embedding (several: the joint mode)."""
+
+    def __init__(self, backbone: nn.Module, heads: Mapping[str, MarginHead]):
+        super().__init__()
+        if not heads:
+            raise ValueError("heads must hold at least one head")
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(dict(heads))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The embeddings (B, D) of a batch of images."""
+        return self.backbone(images)
+
+    def logits(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference logits ``s * cos`` (no margin) of each head."""
+        return {name: head.logits(embeddings) for name, head in self.heads.items()}
+
+
+def _margin_from_dict(spec: Mapping) -> MarginSpec:
+    schedule = spec.get("lam_schedule")
+    return MarginSpec(
+        s=spec["s"],
+        m1=spec["m1"],
+        m2=spec["m2"],
+        m3=spec["m3"],
+        lam_schedule=None if schedule is None else LambdaSchedule(**schedule),
+    )
+
+
+def build_model(
+    backbone: Mapping,
+    heads: Mapping[str, Mapping],
+    num_classes: int,
+    *,
+    label_smoothing: float = 0.0,
+) -> RecognitionModel:
+    """Build an untrained model from the ``backbone`` and ``heads`` descriptions of a model file."""
+    net = build_backbone(
+        backbone["name"],
+        in_channels=backbone["in_channels"],
+        embedding_dim=backbone["embedding_dim"],
+        **backbone.get("options", {}),
+    )
+    margin_heads = {
+        name: MarginHead(
+            backbone["embedding_dim"],
+            num_classes,
+            _margin_from_dict(spec),
+            label_smoothing=label_smoothing,
+            straight_through=bool(spec.get("straight_through", False)),
+        )
+        for name, spec in heads.items()
+    }
+    return RecognitionModel(net, margin_heads)
+
+
+def model_document(
+    model: RecognitionModel,
+    *,
+    item: str,
+    backbone: Mapping,
+    heads: Mapping[str, Mapping],
+    classes: Sequence[str],
+    image: Mapping,
+    training: Mapping,
+) -> dict:
+    """The dict a model file holds (see the module doc)."""
+    return {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "item": item,
+        "backbone": dict(backbone),
+        "heads": {name: dict(spec) for name, spec in heads.items()},
+        "classes": list(classes),
+        "image": dict(image),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "training": dict(training),
+    }
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: RecognitionModel
+    item: str
+    classes: list[str]
+    image: dict  # {"size", "channels", "mean", "std"}
+    head_specs: dict[str, dict]
+    training: dict
+
+    @property
+    def members(self) -> list[str]:
+        return list(self.model.heads)
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model file written by training (no ``params.yaml`` needed); in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file (run the train stage first)")
+    try:
+        document = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which
+        raise ValueError(f"{path}: not a readable model file ({error})") from error
+    if not isinstance(document, dict) or document.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not an angular model file (no format: {MODEL_FORMAT!r})")
+    if document.get("version") != MODEL_VERSION:
+        raise ValueError(f"{path}: model file version {document.get('version')} is not supported")
+    model = build_model(document["backbone"], document["heads"], len(document["classes"]))
+    model.load_state_dict(document["state_dict"])
+    model.eval()
+    return LoadedModel(
+        model=model,
+        item=document["item"],
+        classes=list(document["classes"]),
+        image=dict(document["image"]),
+        head_specs=dict(document["heads"]),
+        training=dict(document.get("training", {})),
+    )
+
+
+@dataclasses.dataclass
+class SplitOutputs:
+    """What a model computes on the images of one split."""
+
+    embeddings: np.ndarray  # (N, D) float32
+    logits: dict[str, np.ndarray]  # member -> (N, C) float32, s * cos without margin
+    labels: np.ndarray  # (N,) int64, -1 for unknown identities
+    identities: list[str]
+
+
+@torch.no_grad()
+def run_model(
+    loaded: LoadedModel,
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    identities: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> SplitOutputs:
+    """Embeddings and per-head logits of the images at ``paths`` (preprocessed as in training)."""
+    from angular.data import ImageDataset
+
+    image = loaded.image
+    dataset = ImageDataset(
+        paths,
+        labels,
+        image_size=image["size"],
+        channels=image["channels"],
+        mean=image["mean"],
+        std=image["std"],
+    )
+    model = loaded.model.to(device).eval()
+    embeddings, logits = [], {name: [] for name in model.heads}
+    for start in range(0, len(dataset), batch_size):
+        batch = torch.stack(
+            [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
+        ).to(device)
+        embedding = model(batch)
+        embeddings.append(embedding.float().cpu())
+        for name, value in model.logits(embedding).items():
+            logits[name].append(value.float().cpu())
+    dim = model.heads[next(iter(model.heads))].embedding_dim
+    classes = len(loaded.classes)
+    return SplitOutputs(
+        embeddings=torch.cat(embeddings).numpy() if embeddings else np.zeros((0, dim), np.float32),
+        logits={
+            name: torch.cat(v).numpy() if v else np.zeros((0, classes), np.float32)
+            for name, v in logits.items()
+        },
+        labels=np.asarray(labels, dtype=np.int64),
+        identities=list(identities),
+    )

@@ -1,0 +1,503 @@
+"""Training one ``train@<item>`` (DESIGN §5): a backbone and its head(s), checkpoints and resume.
+
+- The loss is ``head.loss`` (the fused margin cross-entropy of :mod:`angular.ops`); a joint item sums
+  the losses of its heads on one shared backbone (the original's combined mode).
+- Determinism: one seed drives the weights, the shuffling (a seeded ``torch.Generator``) and the
+  augmentations; with ``train.deterministic`` ``torch.use_deterministic_algorithms`` is on. On CPU
+  two runs with the same params give bitwise identical models.
+- A checkpoint per epoch (``epoch-0007.pt``), written atomically (a temp file in the same folder,
+  fsync, ``os.replace``), holds the model, optimizer, scheduler, RNG states, history and epoch; the
+  newest ``train.keep_checkpoints`` are kept. A rerun resumes from the newest readable checkpoint
+  written by the same configuration (a fingerprint of everything that shapes the run), and ends
+  with exactly the model of an uninterrupted run.
+- A non-finite loss stops training with :class:`NonFiniteLossError` naming the epoch and step (the
+  last good checkpoint stays), or with ``train.on_nonfinite: skip`` the step is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from angular.config import ConfigError, Params, TrainConfig, TrainItem
+from angular.data import ImageDataset, Manifest, build_augmentation
+from angular.inference import RecognitionModel, build_model, model_document
+
+__all__ = [
+    "TrainPaths",
+    "NonFiniteLossError",
+    "effective_label_smoothing",
+    "select_device",
+    "atomic_save",
+    "atomic_write_text",
+    "train_item",
+    "CHECKPOINT_PATTERN",
+]
+
+CHECKPOINT_PATTERN = "epoch-*.pt"
+CHECKPOINT_FORMAT = "angular-checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss turned NaN or infinite (``train.on_nonfinite: stop``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPaths:
+    model: Path  # the final model file
+    checkpoints: Path  # folder of per-epoch checkpoints
+    metrics: Path  # JSON: final epoch's metrics
+    plots: Path  # TSV: one row per epoch (DVC plots)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small pieces.
+
+
+def effective_label_smoothing(epsilon: float, num_classes: int, mode: str) -> float:
+    """The ``label_smoothing`` to hand to PyTorch's cross-entropy (which spreads it over all C
+    classes) so that the target distribution is the one ``mode`` names.
+
+    ``all``: ``epsilon`` as is. ``others`` (the original repository): the true class keeps
+    ``1 - epsilon`` and each of the C-1 others gets ``epsilon / (C-1)``, which is PyTorch's
+    smoothing with ``epsilon * C / (C-1)``.
+    """
+    if mode == "all" or epsilon == 0.0:
+        return epsilon
+    if mode != "others":
+        raise ValueError(f"mode must be 'all' or 'others', got {mode!r}")
+    if num_classes < 2:
+        raise ValueError("label smoothing over the other classes needs at least 2 classes")
+    value = epsilon * num_classes / (num_classes - 1)
+    if value > 1.0:
+        raise ConfigError(
+            "train.label_smoothing",
+            f"{epsilon} spread over the {num_classes - 1} other classes leaves the true class less "
+            "than any other; use at most (C-1)/C",
+        )
+    return value
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path`` (temp file, fsync, rename)."""
+    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    factory = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return factory(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _constant(epoch: int) -> float:
+    return 1.0
+
+
+def _make_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=config.step_size, gamma=config.gamma
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+
+
+def describe_model(params: Params, item: TrainItem) -> tuple[dict, dict, dict]:
+    """The ``backbone``, ``heads`` and ``image`` descriptions stored in the model file."""
+    data = params.data
+    backbone = {
+        "name": params.model.backbone,
+        "in_channels": data.channels,
+        "embedding_dim": params.model.embedding_dim,
+        "options": params.model.backbone_kwargs(),
+    }
+    heads = {member: head.to_dict() for member, head in item.heads.items()}
+    image = {
+        "size": list(data.image_size),
+        "channels": data.channels,
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+    return backbone, heads, image
+
+
+def _fingerprint(params: Params, item: TrainItem, manifest: Manifest) -> str:
+    """A hash of everything that shapes the training run (a checkpoint from another is not resumed)."""
+    backbone, heads, image = describe_model(params, item)
+    train = dataclasses.asdict(params.train)
+    for key in ("items", "keep_checkpoints", "preload_images"):
+        train.pop(key)
+    data = [
+        (r.path, r.md5, r.label, r.split) for r in manifest.records if r.split in ("train", "val")
+    ]
+    document = {
+        "backbone": backbone,
+        "heads": heads,
+        "image": image,
+        "train": train,
+        "classes": list(manifest.classes),
+        "data": data,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _checkpoint_path(folder: Path, epoch: int) -> Path:
+    return folder / f"epoch-{epoch:04d}.pt"
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: Mapping, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load_checkpoint(folder: Path, fingerprint: str, label: str) -> dict | None:
+    """The newest readable checkpoint written by this configuration, or None. Leftover temp files
+    (a save interrupted by a kill) and checkpoints of another configuration are removed."""
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    for path in sorted(folder.glob(CHECKPOINT_PATTERN), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            _say(f"{label}: checkpoint {path} is unreadable ({error}); trying an older one")
+            continue
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            _say(f"{label}: {path} is not a checkpoint; ignoring it")
+            continue
+        if state.get("fingerprint") != fingerprint:
+            _say(f"{label}: checkpoints in {folder} come from other params; starting afresh")
+            for stale in folder.glob(CHECKPOINT_PATTERN):
+                stale.unlink(missing_ok=True)
+            return None
+        return state
+    return None
+
+
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    for path in sorted(folder.glob(CHECKPOINT_PATTERN), reverse=True)[keep:]:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _batch_loss(model: RecognitionModel, images, labels, autocast: bool, device: torch.device):
+    """Summed margin loss of the heads, and each head's count of correct arg-max predictions."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        embeddings = model(images)
+        losses = [head.loss(embeddings, labels) for head in model.heads.values()]
+    with torch.no_grad():
+        detached = embeddings.detach().float()
+        correct = {
+            name: int((head.cosine(detached).argmax(1) == labels).sum())
+            for name, head in model.heads.items()
+        }
+    return torch.stack([loss.float() for loss in losses]).sum(), correct
+
+
+@torch.no_grad()
+def _evaluate(model: RecognitionModel, loader, autocast: bool, device) -> tuple[float, dict]:
+    model.eval()
+    total_loss, count = 0.0, 0
+    correct = {name: 0 for name in model.heads}
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        loss, batch_correct = _batch_loss(model, images, labels, autocast, device)
+        total_loss += float(loss) * len(labels)
+        count += len(labels)
+        for name, value in batch_correct.items():
+            correct[name] += value
+    return total_loss / max(count, 1), {
+        name: value / max(count, 1) for name, value in correct.items()
+    }
+
+
+def _history_row(epoch, lr, train_loss, train_acc, val_loss, val_acc, joint) -> dict:
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_accuracy": sum(train_acc.values()) / len(train_acc),
+        "val_loss": val_loss,
+        "val_accuracy": sum(val_acc.values()) / len(val_acc),
+        "lr": lr,
+    }
+    if joint:  # one accuracy column per head as well
+        for name in train_acc:
+            row[f"train_accuracy_{name}"] = train_acc[name]
+            row[f"val_accuracy_{name}"] = val_acc[name]
+    return row
+
+
+def _tsv(history: list[dict]) -> str:
+    columns = list(history[0])
+    lines = ["\t".join(columns)]
+    for row in history:
+        lines.append("\t".join(_format(row[c]) for c in columns))
+    return "\n".join(lines) + "\n"
+
+
+def _format(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def train_item(
+    params: Params,
+    item_name: str,
+    manifest: Manifest,
+    paths: TrainPaths,
+    *,
+    run=None,
+    progress: bool | None = None,
+) -> dict:
+    """Train the item ``item_name`` of ``train.items`` on the manifest's train split (validating on
+    val each epoch), resuming from a checkpoint when one fits; write the model, metrics and plots.
+
+    ``run`` is an optional :class:`angular.tracking.StageRun` (per-epoch metrics). ``progress``:
+    show a tqdm bar (default: when stderr is a terminal). Returns the final epoch's metrics.
+    """
+    label = f"train@{item_name}"
+    item = params.item(item_name)
+    config = params.train
+    device = select_device(config.device)
+    if config.deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # On CUDA a few backward kernels (e.g. adaptive pooling) have no deterministic version.
+        torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    num_classes = len(manifest.classes)
+    smoothing = effective_label_smoothing(
+        config.label_smoothing, num_classes, config.label_smoothing_mode
+    )
+    backbone_desc, heads_desc, image = describe_model(params, item)
+    model = build_model(backbone_desc, heads_desc, num_classes, label_smoothing=smoothing).to(
+        device
+    )
+    optimizer = _make_optimizer(config, model.parameters())
+    scheduler = _make_scheduler(config, optimizer)
+
+    augment = build_augmentation(config.augment)  # a bad transform fails here, before training
+    data = params.data
+    common = dict(image_size=data.image_size, channels=data.channels, mean=data.mean, std=data.std)
+    train_set = ImageDataset(
+        manifest.paths("train"),
+        manifest.labels("train"),
+        augment=augment,
+        preload=config.preload_images,
+        **common,
+    )
+    val_set = ImageDataset(
+        manifest.paths("val"), manifest.labels("val"), preload=config.preload_images, **common
+    )
+    # A last batch of one image would break batch norm: drop it (it is reshuffled next epoch).
+    train_loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=config.num_workers,
+        drop_last=len(train_set) % config.batch_size == 1,
+    )
+    val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 256), shuffle=False)
+
+    fingerprint = _fingerprint(params, item, manifest)
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    skipped_steps = 0
+    start_epoch = 0
+    state = _load_checkpoint(paths.checkpoints, fingerprint, label)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], generator)
+        history = list(state["history"])
+        skipped_steps = int(state["skipped_steps"])
+        start_epoch = int(state["epoch"])
+        _say(f"{label}: resuming after epoch {start_epoch} of {config.epochs}")
+        if run is not None:
+            for row in history:
+                run.log_metrics(row, step=row["epoch"])
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    autocast = config.bf16
+    started = time.perf_counter()
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        model.train()
+        total_loss, seen = 0.0, 0
+        correct = {name: 0 for name in model.heads}
+        bar = tqdm(
+            train_loader,
+            desc=f"{label} epoch {epoch}/{config.epochs}",
+            disable=not progress,
+            leave=False,
+            unit="batch",
+        )
+        for step, (images, labels) in enumerate(bar, start=1):
+            images, labels = images.to(device), labels.to(device)
+            loss, batch_correct = _batch_loss(model, images, labels, autocast, device)
+            if not torch.isfinite(loss):
+                if config.on_nonfinite == "stop":
+                    newest = sorted(paths.checkpoints.glob(CHECKPOINT_PATTERN))
+                    kept = (
+                        f"the last good checkpoint {newest[-1]} is kept"
+                        if newest
+                        else ("no checkpoint was written yet")
+                    )
+                    raise NonFiniteLossError(
+                        f"{label}: the loss is {float(loss)} at epoch {epoch}, step {step}; "
+                        f"training stopped ({kept}). Lower train.lr, set train.grad_clip_norm, or "
+                        "set train.on_nonfinite: skip to skip such steps."
+                    )
+                skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(labels)
+            seen += len(labels)
+            for name, value in batch_correct.items():
+                correct[name] += value
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_loss, val_accuracy = _evaluate(model, val_loader, autocast, device)
+        train_accuracy = {name: value / max(seen, 1) for name, value in correct.items()}
+        train_loss = total_loss / seen if seen else math.nan
+        row = _history_row(
+            epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, item.joint
+        )
+        history.append(row)
+        atomic_write_text(paths.plots, _tsv(history))
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(generator),
+                "history": history,
+                "skipped_steps": skipped_steps,
+            },
+            _checkpoint_path(paths.checkpoints, epoch),
+        )
+        _prune_checkpoints(paths.checkpoints, config.keep_checkpoints)
+        if run is not None:
+            run.log_metrics({**row, "skipped_steps": skipped_steps}, step=epoch)
+        if not progress:
+            _say(
+                f"{label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "
+                f"acc {row['train_accuracy']:.4f} | val loss {val_loss:.4f} "
+                f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)"
+            )
+
+    final = dict(history[-1])
+    final["skipped_steps"] = skipped_steps
+    if history:
+        atomic_write_text(paths.plots, _tsv(history))
+    model_file = model_document(
+        model,
+        item=item_name,
+        backbone=backbone_desc,
+        heads=heads_desc,
+        classes=manifest.classes,
+        image=image,
+        training={
+            "epochs": config.epochs,
+            "seed": config.seed,
+            "fingerprint": fingerprint,
+            "final": final,
+        },
+    )
+    atomic_save(model_file, paths.model)
+    metrics = {key: value for key, value in final.items() if key not in ("lr",)}
+    atomic_write_text(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics

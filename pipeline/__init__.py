@@ -1,0 +1,82 @@
+"""The DVC pipeline's stages (``python -m pipeline.<stage>``), run from the project root.
+
+Each stage is thin: it reads ``params.yaml`` through :func:`angular.config.load_params`, calls
+:mod:`angular`, and writes the files ``dvc.yaml`` declares. The layout of those files lives here
+(and in ``dvc.yaml``, which ``tests/pipeline/test_dvc_yaml.py`` keeps in step with it):
+
+    data/prepared/                       prepare: manifest.csv, classes.json (+ images/ for digits)
+    metrics/prepare.json                 prepare: split counts
+    outputs/models/<item>.pt             train@<item>: the model (angular.inference.load_model)
+    outputs/checkpoints/<item>/          train@<item>: per-epoch checkpoints (kept for resuming)
+    metrics/train/<item>.json            train@<item>: the last epoch's loss and accuracy
+    plots/train/<item>.tsv               train@<item>: loss and accuracy per epoch
+    outputs/calibration/<item>.json      calibrate@<item>: the temperature of each head
+    metrics/calibrate/<item>.json        calibrate@<item>: NLL, ECE, Brier before and after
+    outputs/plots/calibrate/<item>/      calibrate@<item>: reliability diagrams
+    outputs/evaluate/                    evaluate: logits and embeddings per item, report.md
+    metrics/evaluate.json                evaluate: every metric of every head and ensemble rule
+    outputs/plots/evaluate/              evaluate: ROC, reliability, confusion, embeddings
+
+A bad ``params.yaml``, bad data, a non-finite loss or a required but unusable tracking store ends
+the stage with a one-line message naming the cause and a non-zero exit status (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+PREPARED_DIR = Path("data/prepared")
+PREPARE_METRICS = Path("metrics/prepare.json")
+MODELS_DIR = Path("outputs/models")
+CHECKPOINTS_DIR = Path("outputs/checkpoints")
+TRAIN_METRICS_DIR = Path("metrics/train")
+TRAIN_PLOTS_DIR = Path("plots/train")
+CALIBRATION_DIR = Path("outputs/calibration")
+CALIBRATE_METRICS_DIR = Path("metrics/calibrate")
+CALIBRATE_PLOTS_DIR = Path("outputs/plots/calibrate")
+EVALUATE_DIR = Path("outputs/evaluate")
+EVALUATE_METRICS = Path("metrics/evaluate.json")
+EVALUATE_PLOTS_DIR = Path("outputs/plots/evaluate")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def model_path(item: str) -> Path:
+    return MODELS_DIR / f"{item}.pt"
+
+
+def calibration_path(item: str) -> Path:
+    return CALIBRATION_DIR / f"{item}.json"
+
+
+def stage_parser(description: str, *, item: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    if item:
+        parser.add_argument("item", help="an entry of train.items in params.yaml")
+    parser.add_argument("--params", type=Path, default=PARAMS, help="default: params.yaml")
+    return parser
+
+
+def run_stage(
+    main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None
+) -> int:
+    """Run a stage's ``main``; expected failures become one line on stderr and an exit status."""
+    from angular.config import ConfigError
+    from angular.data import DataError
+    from angular.tracking import TrackingError
+    from angular.training import NonFiniteLossError
+
+    try:
+        main(argv)
+    except ConfigError as error:
+        print(f"error in params.yaml: {error}" if error.key else f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DataError, NonFiniteLossError, TrackingError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0

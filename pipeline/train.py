@@ -1,0 +1,104 @@
+"""Stage ``train@<item>``: one backbone and its head(s) for an entry of ``train.items``.
+
+``python -m pipeline.train arcface``. Writes ``outputs/models/<item>.pt``, per-epoch checkpoints
+(a rerun after an interruption resumes from the newest), ``metrics/train/<item>.json``,
+``plots/train/<item>.tsv`` and an MLflow run (see :mod:`angular.training`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from angular.config import load_params
+from angular.data import read_manifest
+from angular.tracking import StageRun
+from angular.training import TrainPaths, train_item
+from pipeline import (
+    CHECKPOINTS_DIR,
+    PREPARED_DIR,
+    TRAIN_METRICS_DIR,
+    TRAIN_PLOTS_DIR,
+    model_path,
+    run_stage,
+    stage_parser,
+)
+
+# The keys of params.yaml this stage reads (its `params` in dvc.yaml; heads.<item> besides).
+PARAM_KEYS = (
+    "data.image_size",
+    "data.channels",
+    "data.mean",
+    "data.std",
+    "model",
+    "train.epochs",
+    "train.batch_size",
+    "train.optimizer",
+    "train.lr",
+    "train.weight_decay",
+    "train.momentum",
+    "train.schedule",
+    "train.step_size",
+    "train.gamma",
+    "train.label_smoothing",
+    "train.label_smoothing_mode",
+    "train.grad_clip_norm",
+    "train.augment",
+    "train.bf16",
+    "train.device",
+    "train.seed",
+    "train.deterministic",
+    "train.num_threads",
+    "train.num_workers",
+    "train.preload_images",
+    "train.on_nonfinite",
+    "train.keep_checkpoints",
+)
+
+
+def paths_for(item: str) -> TrainPaths:
+    return TrainPaths(
+        model=model_path(item),
+        checkpoints=CHECKPOINTS_DIR / item,
+        metrics=TRAIN_METRICS_DIR / f"{item}.json",
+        plots=TRAIN_PLOTS_DIR / f"{item}.tsv",
+    )
+
+
+def logged_params(raw: dict, item: str) -> dict:
+    """The params this stage reads, nested as in params.yaml (for MLflow)."""
+    logged: dict = {"heads": {item: raw["heads"][item]}}
+    for key in PARAM_KEYS:
+        section, _, name = key.partition(".")
+        if name:
+            logged.setdefault(section, {})[name] = raw[section][name]
+        else:
+            logged[section] = raw[section]
+    return logged
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = stage_parser(__doc__, item=True).parse_args(argv)
+    params = load_params(args.params)
+    item = params.item(args.item)
+    manifest = read_manifest(PREPARED_DIR)
+    paths = paths_for(args.item)
+    stage = f"train@{args.item}"
+    with StageRun(
+        params.tracking,
+        stage=stage,
+        heads=list(item.heads),
+        params=logged_params(params.raw, args.item),
+    ) as run:
+        metrics = train_item(params, args.item, manifest, paths, run=run)
+        for path in (paths.model, paths.metrics, paths.plots):
+            run.log_artifact(path)
+    print(
+        f"{stage}: val accuracy {metrics['val_accuracy']:.4f} after {metrics['epoch']} epochs; "
+        f"model {paths.model}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))
