@@ -59,10 +59,12 @@ MAX_IMPOSTOR_PAIRS = 10_000_000  # beyond this, listing or scoring the pairs wou
 
 def as_array(value, name: str, *, ndim: int | None = None, dtype=None) -> np.ndarray:
     """``value`` as a numpy array (torch tensors are detached and moved to CPU), checked for rank."""
-    if hasattr(value, "detach") and hasattr(
-        value, "cpu"
-    ):  # a torch tensor, without importing torch
-        value = value.detach().cpu().numpy()
+    # A torch tensor (recognised without importing torch): detached, on the CPU, in a numpy dtype.
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            value = value.float()
+        value = value.numpy()
     try:
         array = np.asarray(value, dtype=dtype)
     except (TypeError, ValueError) as error:
@@ -210,7 +212,7 @@ def reliability_bins(confidence, correct, n_bins: int = 15) -> dict[str, np.ndar
     confidence = as_float_array(confidence, "confidence", ndim=1)
     correct = as_bool_array(correct, "correct")
     check_same_length(confidence=confidence, correct=correct)
-    if confidence.min() < 0.0 or confidence.max() > 1.0 + 1e-9:
+    if confidence.min() < 0.0 or confidence.max() > 1.0 + 1e-6:  # float32 rounding allowed
         raise ValueError("confidence must lie in [0, 1]")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Number of inner edges strictly below the confidence: (lower, upper] bins, 0 in the first.

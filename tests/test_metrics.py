@@ -26,11 +26,15 @@ def test_softmax_matches_direct_formula_and_is_stable():
     np.testing.assert_allclose(
         metrics.softmax(logits + 1e4), metrics.softmax(logits), rtol=1e-9, atol=1e-15
     )
-    # torch tensors are accepted, whatever their dtype and device.
+    # torch tensors are accepted, whatever their dtype (bfloat16 included).
     np.testing.assert_allclose(
         metrics.softmax(torch.tensor(logits, dtype=torch.float32)),
         metrics.softmax(logits),
         rtol=1e-5,
+    )
+    rounded = torch.tensor(logits, dtype=torch.bfloat16)
+    np.testing.assert_allclose(
+        metrics.softmax(rounded), metrics.softmax(rounded.double().numpy()), rtol=1e-12
     )
 
 
@@ -89,6 +93,9 @@ def test_reliability_bin_edges():
     # 0.2000001 in the second, 1.0 in the last.
     bins = metrics.reliability_bins([0.0, 0.2, 0.2000001, 1.0], [1, 0, 1, 1], n_bins=5)
     np.testing.assert_array_equal(bins["count"], [2, 1, 0, 0, 1])
+    # A float32 softmax can round the top probability just above 1: it counts in the last bin.
+    bins = metrics.reliability_bins(np.float32([1.0000001, 0.5]), [1, 1], n_bins=5)
+    np.testing.assert_array_equal(bins["count"], [0, 0, 1, 0, 1])
 
 
 def test_ece_against_a_direct_loop_on_random_data():
