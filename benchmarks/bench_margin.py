@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,8 +102,11 @@ DEFAULT_GRID = {
 # issue's targets are set.
 FOCUS_SHAPE = {"cpu": (256, 32768), "cuda": (512, 100000)}
 QUICK_GRID = dict(B=(256,), C=(8192, 32768), dtypes=("fp32",), presets=("arcface",), ops=("loss",))
-# The default CUDA grid has to fit the few minutes of the GPU check script.
+# The default CUDA grid has to fit the few minutes of the GPU check script: it stops starting new
+# configurations after the time budget, and stops compiling (``compiled`` then recorded as skipped)
+# after the compile budget, so the eager providers still cover the grid.
 DEFAULT_CUDA_TIME_BUDGET_S = 230.0
+DEFAULT_CUDA_COMPILE_BUDGET_S = 100.0
 
 CPU_TARGETS = {"reference": 3.0, "insightface": 8.0, "compiled": 1.5}
 CPU_MEMORY_TARGET_BXC = 1.0
@@ -134,7 +138,7 @@ class Measurement:
     dtype: str
     preset: str
     provider: str
-    status: str  # "ok", "unavailable" or "error"
+    status: str  # "ok", "unavailable", "skipped" (a budget was spent) or "error"
     reason: str | None = None
     median_ms: float | None = None
     iqr_ms: float | None = None
@@ -257,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop starting new configurations after this many seconds (recorded as not run); "
         f"default: {DEFAULT_CUDA_TIME_BUDGET_S:.0f} s for the default CUDA grid, none otherwise",
     )
+    parser.add_argument(
+        "--compile-budget",
+        type=float,
+        default=None,
+        help="stop compiling after this many seconds of torch.compile (the compiled provider is then "
+        f"recorded as skipped); default: {DEFAULT_CUDA_COMPILE_BUDGET_S:.0f} s for the default CUDA "
+        "grid, none otherwise",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument(
         "--out",
@@ -292,14 +304,22 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     time_budget = args.time_budget
     if time_budget is None and device == "cuda" and is_default_grid:
         time_budget = DEFAULT_CUDA_TIME_BUDGET_S
+    compile_budget = args.compile_budget
+    if compile_budget is None and device == "cuda" and is_default_grid:
+        compile_budget = DEFAULT_CUDA_COMPILE_BUDGET_S
+    min_run_time = args.min_run_time
+    if min_run_time is None:
+        # CUDA calls are short and timed one by one: 0.1 s already gives hundreds of samples.
+        min_run_time = 0.1 if device == "cuda" else (0.2 if args.quick else 1.0)
     return dict(
         device=device,
         threads=threads,
         grid=grid,
         passes=args.passes,
         providers=args.providers,
-        min_run_time=args.min_run_time or (0.2 if args.quick else 1.0),
+        min_run_time=min_run_time,
         time_budget_s=time_budget,
+        compile_budget_s=compile_budget,
         seed=args.seed,
         out=args.out,
         quick=args.quick,
@@ -321,8 +341,16 @@ def build_cases(grid: dict, device: str) -> list[Case]:
         else:
             chosen = ("arcface",)
         cases.extend(Case(op, batch, classes, dtype, preset) for preset in chosen)
+    dtype_order = list(DTYPES)
     return sorted(
-        cases, key=lambda case: ((case.B, case.C) != focus, OPS.index(case.op), case.C, case.B)
+        cases,
+        key=lambda case: (
+            (case.B, case.C) != focus,
+            OPS.index(case.op),
+            dtype_order.index(case.dtype),
+            case.C,
+            case.B,
+        ),
     )
 
 
@@ -513,11 +541,31 @@ def cuda_input_sets(case: Case) -> int:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     set_bytes = case.B * case.C * torch.tensor([], dtype=DTYPES[case.dtype]).element_size()
-    return int(min(8, max(2, math.ceil(4 * l2_bytes / set_bytes))))
+    return int(min(64, max(2, math.ceil(4 * l2_bytes / set_bytes))))
 
 
 # --------------------------------------------------------------------------------------------------
 # The run.
+
+
+def source_state() -> dict:
+    """The git commit, and the uncommitted changes to the sources the figures depend on."""
+
+    def git(*args: str) -> str:
+        completed = subprocess.run(
+            ["git", *args], cwd=_HERE.parent, capture_output=True, text=True, timeout=30
+        )
+        return completed.stdout.rstrip() if completed.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD") or None
+        changed = git("status", "--porcelain", "--", "csrc", "angular", "setup.py")
+    except (OSError, subprocess.SubprocessError):
+        return dict(git_commit=None, uncommitted_sources=[])
+    return dict(
+        git_commit=commit,
+        uncommitted_sources=[line[3:] for line in changed.splitlines() if line.strip()],
+    )
 
 
 def machine_description(device: str, threads: int) -> dict:
@@ -546,18 +594,31 @@ def machine_description(device: str, threads: int) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # Other processes on the machine make timings noisy; the load says how busy it was.
         load_average_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **source_state(),
     )
     return description
 
 
 def measure_provider(
-    provider: str, case: Case, inputs: list[Inputs], settings: dict, copy_ms: float | None
+    provider: str,
+    case: Case,
+    inputs: list[Inputs],
+    settings: dict,
+    copy_ms: float | None,
+    spent: dict,
 ) -> list[Measurement]:
-    """Both passes of one provider on one configuration."""
+    """Both passes of one provider on one configuration; ``spent["compile_s"]`` adds up compiles."""
     device = settings["device"]
     base = dict(
         op=case.op, B=case.B, C=case.C, dtype=case.dtype, preset=case.preset, provider=provider
     )
+    budget = settings["compile_budget_s"]
+    if provider == "compiled" and budget is not None and spent["compile_s"] > budget:
+        reason = f"compile budget of {budget:.0f} s spent"
+        return [
+            Measurement(pass_=pass_, status="skipped", reason=reason, **base)
+            for pass_ in settings["passes"]
+        ]
     try:
         fn = make_provider(provider, case.op, case.preset, device)
     except Unavailable as why:
@@ -580,6 +641,7 @@ def measure_provider(
                 for pass_ in settings["passes"]
             ]
         compile_s = time.perf_counter() - start
+        spent["compile_s"] += compile_s
 
     element_bytes = inputs[0].cos.element_size()
     bxc_bytes = case.B * case.C * element_bytes
@@ -643,6 +705,7 @@ def run_benchmark(settings: dict, argv: list[str]) -> dict:
     measurements: list[Measurement] = []
     copies = []
     not_run: list[Case] = []
+    spent = dict(compile_s=0.0)
     start = time.perf_counter()
     for index, case in enumerate(cases):
         elapsed = time.perf_counter() - start
@@ -691,7 +754,7 @@ def run_benchmark(settings: dict, argv: list[str]) -> dict:
             )
         row = []
         for provider in settings["providers"]:
-            results = measure_provider(provider, case, inputs, settings, copy_ms)
+            results = measure_provider(provider, case, inputs, settings, copy_ms, spent)
             measurements.extend(results)
             for result in results:
                 if result.status == "ok":
@@ -734,6 +797,7 @@ def run_benchmark(settings: dict, argv: list[str]) -> dict:
         copy=copies,
         measurements=[measurement.as_json() for measurement in measurements],
         not_run=[asdict(case) for case in not_run],
+        compile_total_s=spent["compile_s"],
         elapsed_s=time.perf_counter() - start,
     )
 
@@ -849,6 +913,12 @@ def machine_line(machine: dict) -> str:
         + (f", GPU {machine['gpu_name']}" if machine["gpu_name"] else "")
         + f"; torch {machine['torch_version']}; angular backend `{machine['angular_backend']}`"
         + ("" if load is None else f"; 1-min load average at start {load:.2f}")
+        + (f"; commit {machine['git_commit']}" if machine.get("git_commit") else "")
+        + (
+            f" with uncommitted changes to {', '.join(machine['uncommitted_sources'])}"
+            if machine.get("uncommitted_sources")
+            else ""
+        )
     )
 
 
@@ -879,6 +949,13 @@ def render_markdown(result: dict) -> str:
         lines.append(
             f"- {len(result['not_run'])} configurations not run (time budget of "
             f"{settings['time_budget_s']:.0f} s spent)."
+        )
+    skipped = [m for m in result["measurements"] if m["status"] == "skipped"]
+    if skipped:
+        configurations = {tuple(m[k] for k in ("op", "B", "C", "dtype", "preset")) for m in skipped}
+        lines.append(
+            f"- compiled provider skipped in {len(configurations)} configuration(s) "
+            f"({skipped[0]['reason']})."
         )
     head = headline(result)
     lines += ["", f"### Headline: {head['title']}", ""]
