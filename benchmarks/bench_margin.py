@@ -548,6 +548,17 @@ def cuda_input_sets(case: Case) -> int:
 # The run.
 
 
+# What the margin-op figures depend on (uncommitted changes to these are named in the output).
+MARGIN_SOURCES = (
+    "csrc",
+    "setup.py",
+    "angular/ops.py",
+    "angular/reference.py",
+    "angular/_extension.py",
+    "benchmarks",
+)
+
+
 def source_state() -> dict:
     """The git commit, and the uncommitted changes to the sources the figures depend on."""
 
@@ -559,7 +570,7 @@ def source_state() -> dict:
 
     try:
         commit = git("rev-parse", "--short", "HEAD") or None
-        changed = git("status", "--porcelain", "--", "csrc", "angular", "setup.py")
+        changed = git("status", "--porcelain", "--", *MARGIN_SOURCES)
     except (OSError, subprocess.SubprocessError):
         return dict(git_commit=None, uncommitted_sources=[])
     return dict(
