@@ -44,6 +44,8 @@ C10_HOST_DEVICE inline float exp_(float x) { return ::expf(x); }
 C10_HOST_DEVICE inline double exp_(double x) { return ::exp(x); }
 C10_HOST_DEVICE inline float log_(float x) { return ::logf(x); }
 C10_HOST_DEVICE inline double log_(double x) { return ::log(x); }
+C10_HOST_DEVICE inline float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
+C10_HOST_DEVICE inline double fma_(double a, double b, double c) { return ::fma(a, b, c); }
 
 // Clamp that lets NaN through (a NaN cosine must give a NaN logit, not a clamped one).
 template <typename T>

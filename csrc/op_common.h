@@ -1,4 +1,4 @@
-// What the CPU and CUDA front ends share: the op parameters, the defensive input checks, and the
+// What the CPU and CUDA front ends share: the defensive input checks and the
 // dtype rules of DESIGN §2 (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
 //
 // angular/ops.py validates every argument with messages for users first; these checks only make
@@ -6,23 +6,15 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 
 #include "margin_math.h"
+#include "margin_params.h"
 
 namespace angular {
-
-struct MarginParams {
-  double s;
-  double m1;
-  double m2;
-  double m3;
-  double lam;
-  double label_smoothing;  // 0 for the logits ops
-  bool straight_through;
-};
 
 inline at::ScalarType compute_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
@@ -62,9 +54,13 @@ inline void check_same_shape(const at::Tensor& grad, const at::Tensor& cos, cons
               " but cos is on ", cos.device());
 }
 
-inline MarginParams make_params(double s, double m1, double m2, double m3, double lam,
-                                double label_smoothing, bool straight_through) {
-  return MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through};
+// Outputs of shape (B, C) are contiguous whatever the layout of cos (the fake kernels say so too).
+inline at::Tensor empty_matrix(const at::Tensor& like) {
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
 }  // namespace angular

@@ -93,14 +93,6 @@ void for_each_segment(int64_t rows, int64_t cols, const Split& split, const Fn& 
   });
 }
 
-at::Tensor empty_matrix(const at::Tensor& like) {
-  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
-at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
 at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
                              double m2, double m3, double lam, bool straight_through) {
   check_cos_labels(cos, labels, "angular::margin_logits");

@@ -1,0 +1,53 @@
+// The CUDA kernels' host entry points, on raw pointers: margin_kernels.cu defines them (nvcc, lean
+// includes), margin_cuda.cpp calls them with tensors (C++ compiler, torch headers).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "margin_params.h"
+
+namespace angular::cuda {
+
+enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+
+// A (rows, cols) matrix read through strides (any, including 0), elements of the op's dtype.
+struct Matrix {
+  const void* data;
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+// The rows of a problem and their labels (contiguous int64; outside [0, cols) means no target).
+struct Rows {
+  int64_t rows;
+  int64_t cols;
+  const int64_t* labels;
+};
+
+// out (contiguous, dtype) = margin logits of cos.
+cudaError_t launch_logits_forward(DType dtype, Rows shape, Matrix cos, const MarginParams& p,
+                                  void* out, cudaStream_t stream);
+
+// out (contiguous, dtype) = d logits / d cos applied to grad.
+cudaError_t launch_logits_backward(DType dtype, Rows shape, Matrix grad, Matrix cos,
+                                   const MarginParams& p, void* out, cudaStream_t stream);
+
+// How many blocks share one row in the cross-entropy forward; the caller allocates a workspace of
+// rows * splits * 3 elements of the arithmetic type (float, or double for double).
+int64_t cross_entropy_splits(Rows shape, DType dtype);
+
+// loss and lse (rows elements of the arithmetic type) of the margin cross-entropy.
+cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, const MarginParams& p,
+                                         int64_t splits, void* workspace, void* loss, void* lse,
+                                         cudaStream_t stream);
+
+// out (contiguous, dtype) = d loss / d cos, from the per-row upstream gradient and saved lse
+// (arithmetic type, read with the given strides).
+cudaError_t launch_cross_entropy_backward(DType dtype, Rows shape, Matrix cos,
+                                          const void* grad_rows, int64_t grad_stride,
+                                          const void* lse, int64_t lse_stride,
+                                          const MarginParams& p, void* out, cudaStream_t stream);
+
+}  // namespace angular::cuda

@@ -1,0 +1,128 @@
+// CUDA implementations of the four angular ops: checks, output allocation, and the launch of the
+// kernels in margin_kernels.cu on the current stream of cos's device. Built only with CUDA.
+#ifdef ANGULAR_WITH_CUDA
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cuda/launchers.h"
+#include "op_common.h"
+
+namespace angular::cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kDouble:
+      return DType::kDouble;
+    default:
+      TORCH_CHECK(false, "angular: unsupported dtype ", t.scalar_type());
+  }
+}
+
+Matrix matrix_of(const at::Tensor& t) { return Matrix{t.const_data_ptr(), t.stride(0), t.stride(1)}; }
+
+Rows rows_of(const at::Tensor& cos, const at::Tensor& contiguous_labels) {
+  return Rows{cos.size(0), cos.size(1), contiguous_labels.const_data_ptr<int64_t>()};
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor margin_logits_cuda(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
+                              double m2, double m3, double lam, bool straight_through) {
+  check_cos_labels(cos, labels, "angular::margin_logits");
+  const c10::cuda::CUDAGuard guard(cos.device());
+  const at::Tensor label_vec = labels.contiguous();
+  at::Tensor out = empty_matrix(cos);
+  const MarginParams p{s, m1, m2, m3, lam, 0.0, straight_through};
+  C10_CUDA_CHECK(launch_logits_forward(dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos), p,
+                                       out.mutable_data_ptr(), current_stream()));
+  return out;
+}
+
+at::Tensor margin_logits_backward_cuda(const at::Tensor& grad, const at::Tensor& cos,
+                                       const at::Tensor& labels, double s, double m1, double m2,
+                                       double m3, double lam, bool straight_through) {
+  const char* op = "angular::margin_logits_backward";
+  check_cos_labels(cos, labels, op);
+  check_same_shape(grad, cos, op);
+  const c10::cuda::CUDAGuard guard(cos.device());
+  const at::Tensor grad_in = as_dtype(grad, cos.scalar_type());
+  const at::Tensor label_vec = labels.contiguous();
+  at::Tensor out = empty_matrix(cos);
+  const MarginParams p{s, m1, m2, m3, lam, 0.0, straight_through};
+  C10_CUDA_CHECK(launch_logits_backward(dtype_of(cos), rows_of(cos, label_vec), matrix_of(grad_in),
+                                        matrix_of(cos), p, out.mutable_data_ptr(),
+                                        current_stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam, double label_smoothing, bool straight_through) {
+  const char* op = "angular::margin_cross_entropy";
+  check_cos_labels(cos, labels, op);
+  TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have C >= 1 columns, got ", cos.sizes());
+  const c10::cuda::CUDAGuard guard(cos.device());
+  const at::Tensor label_vec = labels.contiguous();
+  const auto acc_options = cos.options().dtype(compute_dtype(cos.scalar_type()));
+  at::Tensor loss = at::empty({cos.size(0)}, acc_options);
+  at::Tensor lse = at::empty({cos.size(0)}, acc_options);
+  const Rows shape = rows_of(cos, label_vec);
+  const DType dtype = dtype_of(cos);
+  const int64_t splits = cross_entropy_splits(shape, dtype);
+  at::Tensor workspace = at::empty({cos.size(0) * splits * 3}, acc_options);  // B x splits, not B x C
+  const MarginParams p{s, m1, m2, m3, lam, label_smoothing, straight_through};
+  C10_CUDA_CHECK(launch_cross_entropy_forward(dtype, shape, matrix_of(cos), p, splits,
+                                              workspace.mutable_data_ptr(),
+                                              loss.mutable_data_ptr(), lse.mutable_data_ptr(),
+                                              current_stream()));
+  return {loss, lse};
+}
+
+at::Tensor margin_cross_entropy_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& cos,
+                                              const at::Tensor& labels, const at::Tensor& lse,
+                                              double s, double m1, double m2, double m3, double lam,
+                                              double label_smoothing, bool straight_through) {
+  const char* op = "angular::margin_cross_entropy_backward";
+  check_cos_labels(cos, labels, op);
+  check_rows(grad_rows, cos, op, "grad_rows");
+  check_rows(lse, cos, op, "lse");
+  const c10::cuda::CUDAGuard guard(cos.device());
+  const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
+  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
+  const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
+  const at::Tensor label_vec = labels.contiguous();
+  at::Tensor out = empty_matrix(cos);
+  const MarginParams p{s, m1, m2, m3, lam, label_smoothing, straight_through};
+  C10_CUDA_CHECK(launch_cross_entropy_backward(
+      dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos), grad_vec.const_data_ptr(),
+      grad_vec.stride(0), lse_vec.const_data_ptr(), lse_vec.stride(0), p, out.mutable_data_ptr(),
+      current_stream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(angular, CUDA, m) {
+  m.impl("margin_logits", &margin_logits_cuda);
+  m.impl("margin_logits_backward", &margin_logits_backward_cuda);
+  m.impl("margin_cross_entropy", &margin_cross_entropy_cuda);
+  m.impl("margin_cross_entropy_backward", &margin_cross_entropy_backward_cuda);
+}
+
+}  // namespace angular::cuda
+
+#endif  // ANGULAR_WITH_CUDA
