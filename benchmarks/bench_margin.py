@@ -69,6 +69,7 @@ from angular.heads import MarginSpec  # noqa: E402
 
 PROVIDERS = ("fused", "reference", "insightface", "compiled")
 BASELINES = ("reference", "insightface", "compiled")
+COLORS = dict(zip(PROVIDERS, ("C0", "C1", "C2", "C3")))  # one colour per provider in both panels
 OPS = ("loss", "logits")
 OP_NAMES = {"loss": "margin_cross_entropy", "logits": "margin_logits"}
 PASSES = ("fwd", "fwd+bwd")
@@ -949,7 +950,8 @@ def render_markdown(result: dict) -> str:
         f"- Timing: {settings['timing']}; times are median ms ±IQR. Memory: {settings['memory']}, "
         "in B x C buffers of the input dtype (the returned gradient or logits included).",
         "- fwd = training forward (cos requires grad); fwd+bwd adds the gradient. SphereFace runs "
-        "with lam = 0.",
+        "with lam = 0. compile s = first forward+backward call of the compiled provider (inductor's "
+        "on-disk caches, when warm, shorten it).",
     ]
     if not fused_available and "fused" in result["providers"]:
         lines.append(
@@ -1076,7 +1078,7 @@ def render_chart(result: dict, path: Path) -> None:
         points = [(c, table[(op, pass_, batch, c, dtype, preset)].get(provider)) for c in classes]
         points = [(c, m["median_ms"]) for c, m in points if m and m["status"] == "ok"]
         if points:
-            left.plot(*zip(*points), marker="o", label=provider)
+            left.plot(*zip(*points), marker="o", label=provider, color=COLORS[provider])
     left.set(
         xscale="log",
         yscale="log",
@@ -1092,7 +1094,9 @@ def render_chart(result: dict, path: Path) -> None:
             ]
             points = [(c, v) for c, v in points if v is not None]
             if points:
-                right.plot(*zip(*points), marker="o", label=f"vs {baseline}")
+                right.plot(
+                    *zip(*points), marker="o", label=f"vs {baseline}", color=COLORS[baseline]
+                )
         right.axhline(1.0, color="grey", linewidth=0.8)
         right.set(
             xscale="log",
@@ -1100,6 +1104,7 @@ def render_chart(result: dict, path: Path) -> None:
             ylabel="speed-up (baseline time / fused time)",
             title="fused speed-up",
         )
+        right.set_ylim(bottom=0)
         right.legend()
     else:
         reason = result["providers"].get("fused", {}).get("reason") or "not selected"
