@@ -49,6 +49,10 @@ def backend() -> str:
 def _check_number(name: str, value, *, low: float | None = None, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        # torch.compile may trace a float that changes between calls as a symbolic value, which
+        # cannot be compared here without a graph break; eager calls check every value.
+        return value
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -98,12 +102,19 @@ def _check_tensors(cos, labels) -> None:
 
 
 def _use_fused(cos: torch.Tensor) -> bool:
-    if _extension.has_kernel(cos.device.type):
+    return _fused_for(cos.device.type)
+
+
+# Evaluated once per device type while torch.compile traces (its answer cannot change within a
+# process), so that the dispatcher query and the one-time registration stay out of the graph.
+@torch.compiler.assume_constant_result
+def _fused_for(device_type: str) -> bool:
+    if _extension.has_kernel(device_type):
         _register_python_parts()
         return True
     loaded, reason = _extension.load()
     if loaded:
-        reason = f"the extension has no kernel for {cos.device.type} tensors"
+        reason = f"the extension has no kernel for {device_type} tensors"
     _extension.warn_fallback_once(reason)
     return False
 
