@@ -101,12 +101,24 @@ def op_cases(draw):
     )
 
 
-def assert_close_scaled(got, want, rtol, what):
-    """Relative tolerance with an absolute floor at ``rtol`` times the largest reference magnitude."""
-    floor = rtol * max(want.abs().max().item(), 1e-12)
+def assert_close_scaled(got, want, rtol, what, scale=0.0):
+    """Relative tolerance with an absolute floor at ``rtol`` times the largest reference magnitude
+    (or ``scale``, the size of the operands, when that is larger: a loss of 0 is a difference of
+    logits of size ``s``, and rounds like them)."""
+    floor = rtol * max(want.abs().max().item(), scale, 1e-12)
     torch.testing.assert_close(
         got.double().cpu(), want.double().cpu(), rtol=rtol, atol=floor, msg=lambda t: f"{what}: {t}"
     )
+
+
+def target_slope(cos, labels, margin) -> float:
+    """The largest |d f_y / d cos_y| over the targets (1 for the other columns), in fp64."""
+    has_target = labels >= 0
+    cos_y = cos.detach()[has_target].gather(1, labels[has_target, None]).double()
+    cos_y.requires_grad_(True)
+    options = {k: margin[k] for k in ("m1", "m2", "m3", "lam", "straight_through")}
+    reference.target_logit(cos_y, **options).sum().backward()
+    return max(1.0, cos_y.grad.abs().max().item()) if cos_y.numel() else 1.0
 
 
 def build_inputs(case):
@@ -139,6 +151,15 @@ def test_every_backend_matches_fp64_reference(case):
     want_loss = reference.margin_cross_entropy(exact, labels, **margin, **loss_options)
     upstream = torch.rand(want_loss.shape, dtype=torch.float64, device=cos.device) + 0.5
     want_loss.backward(upstream)
+    # A target logit is s times a difference of terms of size 1 and m3 (cos(t) - m3 can cancel).
+    value_scale = margin["s"] * (1.0 + abs(margin["m3"]))
+    # A sum adds up one rounding of that size per row.
+    loss_scale = value_scale * (int((labels >= 0).sum()) if case["reduction"] == "sum" else 1)
+    # The size a gradient entry can have, upstream * s * (softmax - target) * d f_y / d cos_y: the
+    # rounding of softmax (about eps * |logit|) scales with it, and makes an exact 0 (C = 1) a
+    # multiple of it.
+    rows = max(1, int((labels >= 0).sum())) if case["reduction"] == "mean" else 1
+    grad_scale = margin["s"] * upstream.max().item() / rows * target_slope(exact, labels, margin)
 
     implementations = {f"ops[{ops.backend()}]": ops, "reference": reference}
     for name, impl in implementations.items():
@@ -149,12 +170,12 @@ def test_every_backend_matches_fp64_reference(case):
         assert loss.dtype == reference.compute_dtype(cos.dtype), name
         assert torch.all(torch.isfinite(logits)), f"{name}: non-finite logits"
         assert torch.all(torch.isfinite(loss)), f"{name}: non-finite loss"
-        assert_close_scaled(logits, want_logits, value_tol, f"{name} logits")
-        assert_close_scaled(loss, want_loss, value_tol, f"{name} loss")
+        assert_close_scaled(logits, want_logits, value_tol, f"{name} logits", value_scale)
+        assert_close_scaled(loss, want_loss, value_tol, f"{name} loss", loss_scale)
         loss.backward(upstream.to(loss.dtype))
         assert leaf.grad.dtype == cos.dtype, name
         assert torch.all(torch.isfinite(leaf.grad)), f"{name}: non-finite gradient"
-        assert_close_scaled(leaf.grad, exact.grad, grad_tol, f"{name} gradient")
+        assert_close_scaled(leaf.grad, exact.grad, grad_tol, f"{name} gradient", grad_scale)
         if (labels < 0).all():
             assert torch.all(leaf.grad == 0), f"{name}: gradient without any target"
 
