@@ -265,6 +265,19 @@ def test_shapes(seed, threads, batch, classes, num_threads):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_small_scale_and_negative_rows(seed, dtype):
+    """Logits at most 0 and s <= 1: every term of the log-sum-exp counts, including vector tails."""
+    for classes in (257, 1030):
+        cos, labels = make_inputs(10, classes, dtype, seed)
+        cos = -cos.abs()
+        for s in (0.5, 1.0):
+            check_against_reference(
+                cos, labels, s=s, m1=1.0, m2=0.5, m3=0.0, lam=0.0, eps=0.1,
+                straight_through=False, context=f"seed={seed} C={classes} s={s} {dtype}",
+            )  # fmt: skip
+
+
 def non_contiguous_views(cos):
     """(name, view) pairs: the same values as (B, C) tensors with other strides."""
     batch, classes = cos.shape
