@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from angular import ops
+from angular.models import check_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +79,6 @@ class MarginSpec:
         return cls(s=s, m1=m1, m2=m2, m3=m3)
 
 
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 class MarginHead(nn.Module):
     """Class centres plus an angular margin. ``step`` (a buffer, saved in checkpoints) drives the
     SphereFace ``lam`` schedule; it advances once per :meth:`loss` call in training mode."""
@@ -99,8 +93,8 @@ class MarginHead(nn.Module):
         straight_through: bool = False,
     ):
         super().__init__()
-        _check_size("embedding_dim", embedding_dim)
-        _check_size("num_classes", num_classes)
+        embedding_dim = check_size("embedding_dim", embedding_dim)
+        num_classes = check_size("num_classes", num_classes)
         if not isinstance(margin, MarginSpec):
             raise TypeError(f"margin must be a MarginSpec, got {type(margin).__name__}")
         label_smoothing = ops._check_number("label_smoothing", label_smoothing, low=0.0)

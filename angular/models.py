@@ -9,8 +9,26 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
+
+
+def check_size(name: str, value) -> int:
+    """A size argument (channels, dimensions, class counts): an integer >= 1, named when it is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_images(images: torch.Tensor, in_channels: int) -> None:
+    """A clear error for the commonest mistakes: a missing batch or channel axis, wrong channels."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != in_channels:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must have shape (B, {in_channels}, H, W), got {shape}")
 
 
 class SmallCNN(nn.Module):
@@ -20,6 +38,15 @@ class SmallCNN(nn.Module):
         self, in_channels: int = 1, embedding_dim: int = 128, width: int = 32, dropout: float = 0.0
     ):
         super().__init__()
+        self.in_channels = check_size("in_channels", in_channels)
+        check_size("embedding_dim", embedding_dim)
+        check_size("width", width)
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
@@ -40,6 +67,7 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.in_channels)
         return self.embedding(self.features(images))
 
 
@@ -49,6 +77,9 @@ class ResNetEmbedding(nn.Module):
     def __init__(self, depth: int, in_channels: int = 1, embedding_dim: int = 128):
         super().__init__()
         from torchvision.models import resnet18, resnet34
+
+        self.in_channels = check_size("in_channels", in_channels)
+        check_size("embedding_dim", embedding_dim)
 
         builders = {18: resnet18, 34: resnet34}
         if depth not in builders:
@@ -63,6 +94,7 @@ class ResNetEmbedding(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images, self.in_channels)
         return self.net(images)
 
 
@@ -72,13 +104,12 @@ BACKBONES = ("small_cnn", "resnet18", "resnet34")
 def build_backbone(
     name: str, *, in_channels: int = 1, embedding_dim: int = 128, **options
 ) -> nn.Module:
-    """Backbone by its name in ``params.yaml``: one of :data:`BACKBONES`."""
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    if embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    """Backbone by its name in ``params.yaml``: one of :data:`BACKBONES`. ``options`` go to
+    :class:`SmallCNN` (``width``, ``dropout``); the ResNets take none."""
+    if name not in BACKBONES:
+        raise ValueError(f"name: unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     if name == "small_cnn":
         return SmallCNN(in_channels=in_channels, embedding_dim=embedding_dim, **options)
-    if name in ("resnet18", "resnet34"):
-        return ResNetEmbedding(int(name[6:]), in_channels=in_channels, embedding_dim=embedding_dim)
-    raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {name!r}")
+    if options:
+        raise TypeError(f"options: backbone {name!r} takes no options, got {sorted(options)}")
+    return ResNetEmbedding(int(name[6:]), in_channels=in_channels, embedding_dim=embedding_dim)
