@@ -886,7 +886,7 @@ def headline(result: dict) -> dict:
         rows.append(dict(dtype=dtype, checks=checks))
     threads = machine["threads"]
     title = (
-        f"CPU, {threads} threads, B={batch}, C={classes}, fp32, loss forward+backward (ArcFace)"
+        f"CPU, {_threads(threads)}, B={batch}, C={classes}, fp32, loss forward+backward (ArcFace)"
         if device == "cpu"
         else f"GPU ({machine['gpu_name']}), B={batch}, C={classes}, loss forward+backward (ArcFace)"
     )
@@ -894,6 +894,10 @@ def headline(result: dict) -> dict:
     if device == "cpu" and threads != 2:
         note = f"the CPU targets are set for 2 threads; this run used {threads}"
     return dict(title=title, rows=rows, note=note)
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
 
 
 def _ms(entry: dict | None) -> str:
@@ -921,7 +925,7 @@ def machine_line(machine: dict) -> str:
     load = machine.get("load_average_1min")
     return (
         f"- Machine: {machine['cpu_model']} ({machine['cpu_count']} logical CPUs), "
-        f"{machine['threads']} threads"
+        f"{_threads(machine['threads'])}"
         + (f", GPU {machine['gpu_name']}" if machine["gpu_name"] else "")
         + f"; torch {machine['torch_version']}; angular backend `{machine['angular_backend']}`"
         + ("" if load is None else f"; 1-min load average at start {load:.2f}")
@@ -1119,7 +1123,7 @@ def render_chart(result: dict, path: Path) -> None:
         right.set_axis_off()
     machine = result["machine"]
     figure.suptitle(
-        f"{machine['gpu_name'] or machine['cpu_model']}, {machine['threads']} threads, "
+        f"{machine['gpu_name'] or machine['cpu_model']}, {_threads(machine['threads'])}, "
         f"torch {machine['torch_version']}, {machine['date'][:10]}",
         fontsize=9,
     )
