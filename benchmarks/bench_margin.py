@@ -106,8 +106,8 @@ QUICK_GRID = dict(B=(256,), C=(8192, 32768), dtypes=("fp32",), presets=("arcface
 # The default CUDA grid has to fit the few minutes of the GPU check script: it stops starting new
 # configurations after the time budget, and stops compiling (``compiled`` then recorded as skipped)
 # after the compile budget, so the eager providers still cover the grid.
-DEFAULT_CUDA_TIME_BUDGET_S = 230.0
-DEFAULT_CUDA_COMPILE_BUDGET_S = 100.0
+DEFAULT_CUDA_TIME_BUDGET_S = 200.0
+DEFAULT_CUDA_COMPILE_BUDGET_S = 90.0
 
 CPU_TARGETS = {"reference": 3.0, "insightface": 8.0, "compiled": 1.5}
 CPU_MEMORY_TARGET_BXC = 1.0
