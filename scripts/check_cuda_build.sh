@@ -13,8 +13,13 @@
 #   CI, ANGULAR_REQUIRE_EXTENSION
 #                         when either is set, a missing nvcc is a failure; otherwise the check
 #                         is skipped with a message (exit 0) on machines without a CUDA toolkit.
+#
+# `check_cuda_build.sh --env` only prints the environment a CUDA build needs here, as shell export
+# lines (CUDA_HOME, PATH, CPATH), for other scripts to eval (benchmarks/gpu_check.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+env_only=0
+if [ "${1:-}" = "--env" ]; then env_only=1; fi
 
 strict=0
 if [ -n "${CI:-}" ] || [ "${ANGULAR_REQUIRE_EXTENSION:-0}" = "1" ]; then strict=1; fi
@@ -37,6 +42,10 @@ elif command -v nvcc >/dev/null 2>&1; then
   if [ -n "$top" ] && has_headers "$(cd "$top" && pwd -P)"; then cuda_home=$(cd "$top" && pwd -P); fi
 fi
 if [ -z "$cuda_home" ]; then
+  if [ "$env_only" = 1 ]; then
+    echo "echo 'cuda-check: no CUDA toolkit found (nvcc with its headers; set CUDA_HOME)' >&2"
+    exit 1
+  fi
   echo "cuda-check: no CUDA toolkit found (nvcc with its headers; set CUDA_HOME)."
   if [ "$strict" = 1 ]; then
     echo "cuda-check: FAILED (CI or ANGULAR_REQUIRE_EXTENSION=1 is set, so the check is required)"
@@ -46,14 +55,22 @@ if [ -z "$cuda_home" ]; then
   exit 0
 fi
 
-# torch's CUDA headers include cusparse.h and friends from pip's nvidia-* packages.
-extra_includes=$("$PYTHON" - <<'PY'
+# torch's CUDA headers include cusparse.h and friends from pip's nvidia-* packages: nvidia/cu13/include
+# for CUDA 13 wheels, nvidia/<library>/include for CUDA 12 ones.
+extra_includes=$("$PYTHON" - <<'PY' || true
 import glob, os, sysconfig
 roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-found = sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "cu*", "include"))})
+found = sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "include"))})
 print(":".join(found))
 PY
 )
+
+if [ "$env_only" = 1 ]; then
+  printf 'export CUDA_HOME=%q\n' "$cuda_home"
+  printf 'export PATH=%q\n' "$cuda_home/bin:$PATH"
+  printf 'export CPATH=%q\n' "${extra_includes}${CPATH:+:$CPATH}"
+  exit 0
+fi
 
 build=$(mktemp -d "${TMPDIR:-/tmp}/angular-cuda-check.XXXXXX")
 trap 'rm -rf "$build"' EXIT
