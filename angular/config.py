@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from angular.ensemble import RULES
 from angular.heads import PRESETS, LambdaSchedule, MarginSpec
 from angular.models import BACKBONES
 
@@ -540,6 +541,7 @@ class CalibrateConfig:
     n_bins: int
     max_iter: int
     batch_size: int
+    num_threads: int
 
 
 def _parse_calibrate(section: _Section) -> CalibrateConfig:
@@ -549,6 +551,7 @@ def _parse_calibrate(section: _Section) -> CalibrateConfig:
         n_bins=section.integer("n_bins", low=1),
         max_iter=section.integer("max_iter", low=1),
         batch_size=section.integer("batch_size", low=1),
+        num_threads=section.integer("num_threads", low=0),
     )
     section.finish()
     return config
@@ -569,12 +572,12 @@ class EvaluateConfig:
     known_rate: float
     n_bins: int
     batch_size: int
+    num_threads: int
     embedding_plot: bool
     verification: VerificationConfig
 
 
 def _parse_evaluate(section: _Section) -> EvaluateConfig:
-    from angular.ensemble import RULES
 
     rules = section.raw("rules")
     key = section.key("rules")
@@ -600,6 +603,7 @@ def _parse_evaluate(section: _Section) -> EvaluateConfig:
     known_rate = section.number("known_rate", low=0.0, high=1.0, low_open=True)
     n_bins = section.integer("n_bins", low=1)
     batch_size = section.integer("batch_size", low=1)
+    num_threads = section.integer("num_threads", low=0)
     embedding_plot = section.boolean("embedding_plot")
     verification = section.section("verification")
     verification_config = VerificationConfig(
@@ -616,6 +620,7 @@ def _parse_evaluate(section: _Section) -> EvaluateConfig:
         known_rate=known_rate,
         n_bins=n_bins,
         batch_size=batch_size,
+        num_threads=num_threads,
         embedding_plot=embedding_plot,
         verification=verification_config,
     )

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from angular.data import ImageDataset
 from angular.heads import LambdaSchedule, MarginHead, MarginSpec
 from angular.models import build_backbone
 
@@ -185,8 +186,6 @@ def run_model(
     device: str | torch.device = "cpu",
 ) -> SplitOutputs:
     """Embeddings and per-head logits of the images at ``paths`` (preprocessed as in training)."""
-    from angular.data import ImageDataset
-
     image = loaded.image
     dataset = ImageDataset(
         paths,

@@ -4,7 +4,8 @@
   store ``sqlite:///mlflow.db`` in the project folder (artifacts under ``mlruns/``). Open it with
   ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 - One experiment per project (``tracking.experiment``); each run is named after its stage
-  (``train@arcface``) and tagged with the git commit, the stage, the head(s) and the ops backend.
+  (``train@arcface``) and tagged with the git commit, the stage and the head(s) (train runs also
+  with the backend that served the margin ops).
 - When the store cannot be reached or written, the stage goes on and says once that tracking is
   off; with ``tracking.required: true`` it stops first with a :class:`TrackingError` instead.
 - A run always ends: ``FINISHED``, or ``FAILED`` when the stage raises (``KILLED`` on Ctrl-C), so
@@ -127,8 +128,6 @@ class StageRun:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        from angular import ops
-
         self.client = MlflowClient(tracking_uri=self.uri)
         experiment = self.client.get_experiment_by_name(self.config.experiment)
         if experiment is None:
@@ -147,7 +146,6 @@ class StageRun:
             "stage": self.stage.split("@")[0],
             "dvc_stage": self.stage,
             "head": ",".join(self.heads),
-            "ops_backend": ops.backend(),
             **self.extra_tags,
         }
         if commit:

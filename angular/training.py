@@ -39,6 +39,7 @@ __all__ = [
     "NonFiniteLossError",
     "effective_label_smoothing",
     "select_device",
+    "limit_threads",
     "atomic_save",
     "atomic_write_text",
     "train_item",
@@ -58,7 +59,8 @@ class TrainPaths:
     model: Path  # the final model file
     checkpoints: Path  # folder of per-epoch checkpoints
     metrics: Path  # JSON: final epoch's metrics
-    plots: Path  # TSV: one row per epoch (DVC plots)
+    loss_plot: Path  # TSV: train and val loss per epoch (DVC plots)
+    accuracy_plot: Path  # TSV: train and val accuracy per epoch (DVC plots)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,6 +89,18 @@ def effective_label_smoothing(epsilon: float, num_classes: int, mode: str) -> fl
             "than any other; use at most (C-1)/C",
         )
     return value
+
+
+def limit_threads(count: int) -> None:
+    """Use ``count`` CPU threads in torch and in the BLAS/OpenMP pools of numpy and scikit-learn
+    (0: leave the defaults, one per core). Small models run much faster on one thread than on
+    several cores that other processes also want."""
+    if count <= 0:
+        return
+    torch.set_num_threads(count)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(count)
 
 
 def select_device(name: str) -> torch.device:
@@ -303,12 +317,19 @@ def _history_row(epoch, lr, train_loss, train_acc, val_loss, val_acc, joint) -> 
     return row
 
 
-def _tsv(history: list[dict]) -> str:
-    columns = list(history[0])
+def _tsv(history: list[dict], columns: list[str]) -> str:
     lines = ["\t".join(columns)]
     for row in history:
         lines.append("\t".join(_format(row[c]) for c in columns))
     return "\n".join(lines) + "\n"
+
+
+def _write_plots(paths: TrainPaths, history: list[dict]) -> None:
+    columns = list(history[0])
+    loss = ["epoch"] + [c for c in columns if c.endswith("_loss")]
+    accuracy = ["epoch"] + [c for c in columns if "_accuracy" in c]
+    atomic_write_text(paths.loss_plot, _tsv(history, loss))
+    atomic_write_text(paths.accuracy_plot, _tsv(history, accuracy))
 
 
 def _format(value) -> str:
@@ -339,8 +360,7 @@ def train_item(
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # On CUDA a few backward kernels (e.g. adaptive pooling) have no deterministic version.
         torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    limit_threads(config.num_threads)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -427,7 +447,7 @@ def train_item(
                         else ("no checkpoint was written yet")
                     )
                     raise NonFiniteLossError(
-                        f"{label}: the loss is {float(loss)} at epoch {epoch}, step {step}; "
+                        f"{label}: the loss is {float(loss.detach())} at epoch {epoch}, step {step}; "
                         f"training stopped ({kept}). Lower train.lr, set train.grad_clip_norm, or "
                         "set train.on_nonfinite: skip to skip such steps."
                     )
@@ -454,7 +474,7 @@ def train_item(
             epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, item.joint
         )
         history.append(row)
-        atomic_write_text(paths.plots, _tsv(history))
+        _write_plots(paths, history)
         atomic_save(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -481,8 +501,7 @@ def train_item(
 
     final = dict(history[-1])
     final["skipped_steps"] = skipped_steps
-    if history:
-        atomic_write_text(paths.plots, _tsv(history))
+    _write_plots(paths, history)
     model_file = model_document(
         model,
         item=item_name,

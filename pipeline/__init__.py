@@ -9,7 +9,8 @@ Each stage is thin: it reads ``params.yaml`` through :func:`angular.config.load_
     outputs/models/<item>.pt             train@<item>: the model (angular.inference.load_model)
     outputs/checkpoints/<item>/          train@<item>: per-epoch checkpoints (kept for resuming)
     metrics/train/<item>.json            train@<item>: the last epoch's loss and accuracy
-    plots/train/<item>.tsv               train@<item>: loss and accuracy per epoch
+    plots/loss/<item>.tsv                train@<item>: train and val loss per epoch
+    plots/accuracy/<item>.tsv            train@<item>: train and val accuracy per epoch
     outputs/calibration/<item>.json      calibrate@<item>: the temperature of each head
     metrics/calibrate/<item>.json        calibrate@<item>: NLL, ECE, Brier before and after
     outputs/plots/calibrate/<item>/      calibrate@<item>: reliability diagrams
@@ -28,13 +29,19 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from angular.config import ConfigError
+from angular.data import DataError
+from angular.tracking import TrackingError
+from angular.training import NonFiniteLossError
+
 PARAMS = Path("params.yaml")
 PREPARED_DIR = Path("data/prepared")
 PREPARE_METRICS = Path("metrics/prepare.json")
 MODELS_DIR = Path("outputs/models")
 CHECKPOINTS_DIR = Path("outputs/checkpoints")
 TRAIN_METRICS_DIR = Path("metrics/train")
-TRAIN_PLOTS_DIR = Path("plots/train")
+LOSS_PLOTS_DIR = Path("plots/loss")
+ACCURACY_PLOTS_DIR = Path("plots/accuracy")
 CALIBRATION_DIR = Path("outputs/calibration")
 CALIBRATE_METRICS_DIR = Path("metrics/calibrate")
 CALIBRATE_PLOTS_DIR = Path("outputs/plots/calibrate")
@@ -66,11 +73,6 @@ def run_stage(
     main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None
 ) -> int:
     """Run a stage's ``main``; expected failures become one line on stderr and an exit status."""
-    from angular.config import ConfigError
-    from angular.data import DataError
-    from angular.tracking import TrackingError
-    from angular.training import NonFiniteLossError
-
     try:
         main(argv)
     except ConfigError as error:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from angular import ops
 from angular.config import load_params
 from angular.data import read_manifest
 from angular.tracking import StageRun
 from angular.training import TrainPaths, train_item
 from pipeline import (
+    ACCURACY_PLOTS_DIR,
     CHECKPOINTS_DIR,
+    LOSS_PLOTS_DIR,
     PREPARED_DIR,
     TRAIN_METRICS_DIR,
-    TRAIN_PLOTS_DIR,
     model_path,
     run_stage,
     stage_parser,
@@ -61,7 +63,8 @@ def paths_for(item: str) -> TrainPaths:
         model=model_path(item),
         checkpoints=CHECKPOINTS_DIR / item,
         metrics=TRAIN_METRICS_DIR / f"{item}.json",
-        plots=TRAIN_PLOTS_DIR / f"{item}.tsv",
+        loss_plot=LOSS_PLOTS_DIR / f"{item}.tsv",
+        accuracy_plot=ACCURACY_PLOTS_DIR / f"{item}.tsv",
     )
 
 
@@ -89,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         stage=stage,
         heads=list(item.heads),
         params=logged_params(params.raw, args.item),
+        tags={"ops_backend": ops.backend()},
     ) as run:
         metrics = train_item(params, args.item, manifest, paths, run=run)
-        for path in (paths.model, paths.metrics, paths.plots):
+        for path in (paths.model, paths.metrics, paths.loss_plot, paths.accuracy_plot):
             run.log_artifact(path)
     print(
         f"{stage}: val accuracy {metrics['val_accuracy']:.4f} after {metrics['epoch']} epochs; "

@@ -1,0 +1,111 @@
+"""Stage ``calibrate@<item>``: a temperature per head of a trained item.
+
+``python -m pipeline.calibrate arcface``. Each head's logits on the validation split are divided by a
+temperature ``T``: fitted (``calibrate.method: fit``, minimising the NLL over ``log T``) or fixed
+(``method: fixed``, ``calibrate.temperature``: the original's ``SCALING_FACTOR``). Writes the
+temperatures (``outputs/calibration/<item>.json``, read by evaluate), NLL / ECE / Brier / accuracy
+before (T = 1) and after (``metrics/calibrate/<item>.json``), and a reliability diagram per head
+before and after (``outputs/plots/calibrate/<item>/``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+
+from angular.calibration import calibration_report, fit_temperature
+from angular.config import load_params
+from angular.data import read_manifest
+from angular.inference import load_model, run_model
+from angular.metrics import softmax
+from angular.plots import reliability_diagram
+from angular.tracking import StageRun
+from angular.training import atomic_write_text, limit_threads
+from pipeline import (
+    CALIBRATE_METRICS_DIR,
+    CALIBRATE_PLOTS_DIR,
+    PREPARED_DIR,
+    calibration_path,
+    model_path,
+    run_stage,
+    stage_parser,
+)
+
+PARAM_KEYS = ("calibrate",)
+
+
+def calibrate_item(params, item: str, manifest, *, run=None) -> dict:
+    """Fit (or fix) each head's temperature on val; write the temperatures, metrics and plots."""
+    config = params.calibrate
+    loaded = load_model(model_path(item))
+    outputs = run_model(
+        loaded,
+        manifest.paths("val"),
+        manifest.labels("val"),
+        manifest.identities("val"),
+        batch_size=config.batch_size,
+    )
+    plots_dir = CALIBRATE_PLOTS_DIR / item
+    if plots_dir.exists():
+        shutil.rmtree(plots_dir)
+    temperatures, metrics = {}, {}
+    for member, logits in outputs.logits.items():
+        if config.method == "fit":
+            temperature = fit_temperature(logits, outputs.labels, max_iter=config.max_iter)
+        else:
+            temperature = config.temperature
+        before = calibration_report(logits, outputs.labels, 1.0, config.n_bins)
+        after = calibration_report(logits, outputs.labels, temperature, config.n_bins)
+        temperatures[member] = temperature
+        metrics[member] = {"temperature": temperature, "before": before, "after": after}
+        for when, value in (("before", 1.0), ("after", temperature)):
+            probs = softmax(logits, value)
+            reliability_diagram(
+                probs.max(axis=1),
+                probs.argmax(axis=1) == outputs.labels,
+                plots_dir / f"{member}_{when}.png",
+                f"{member} on val, {when} calibration (T = {value:.4g})",
+                n_bins=config.n_bins,
+            )
+        if run is not None:
+            run.log_metrics(
+                {f"{member}/temperature": temperature}
+                | {f"{member}/{k}_before": v for k, v in before.items()}
+                | {f"{member}/{k}_after": v for k, v in after.items()}
+            )
+    document = {"method": config.method, "temperatures": temperatures}
+    atomic_write_text(calibration_path(item), json.dumps(document, indent=2) + "\n")
+    metrics_path = CALIBRATE_METRICS_DIR / f"{item}.json"
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    if run is not None:
+        for path in (calibration_path(item), metrics_path, plots_dir):
+            run.log_artifact(path)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = stage_parser(__doc__, item=True).parse_args(argv)
+    params = load_params(args.params)
+    limit_threads(params.calibrate.num_threads)
+    item = params.item(args.item)
+    manifest = read_manifest(PREPARED_DIR)
+    with StageRun(
+        params.tracking,
+        stage=f"calibrate@{args.item}",
+        heads=list(item.heads),
+        params={"calibrate": params.raw["calibrate"]},
+    ) as run:
+        metrics = calibrate_item(params, args.item, manifest, run=run)
+    for member, values in metrics.items():
+        b, a = values["before"], values["after"]
+        print(
+            f"calibrate@{args.item}: {member}: T = {values['temperature']:.4g}; val NLL "
+            f"{b['nll']:.4f} -> {a['nll']:.4f}, ECE {b['ece']:.4f} -> {a['ece']:.4f}",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

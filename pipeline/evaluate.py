@@ -1,0 +1,361 @@
+"""Stage ``evaluate``: every trained head and every ensemble rule on the test and unknown images.
+
+``python -m pipeline.evaluate``. For each head (with its calibrated temperature) and each rule of
+``evaluate.rules`` (:mod:`angular.ensemble`):
+
+- ``closed_set_accuracy``: top-1 on the test images (known identities);
+- ``open_set_accuracy``: the original's rule on test + unknown images at ``threshold`` (fixed, or
+  chosen on val so that ``evaluate.known_rate`` of the known validation images are accepted);
+- ``open_set_auroc`` (known vs unknown by confidence) and ``oscr``;
+- ``ece`` (and ``nll``) of the calibrated probabilities on test; heads also ``ece_uncalibrated``.
+
+Verification (LFW protocol, :func:`angular.metrics.verification_metrics`) on pairs of unknown
+images and pairs of test images, by each item's embedding and by the ``ensemble`` of their
+concatenated normalised embeddings.
+
+Writes one metrics file (``metrics/evaluate.json``), plots (``outputs/plots/evaluate/``: ROC, open-
+set confusion and reliability per head and rule, verification ROC, t-SNE of the embeddings), and
+``outputs/evaluate/``: ``<item>.npz`` (embeddings, logits, labels and identities of the val, test and
+unknown images) and ``report.md`` (the main metrics as a table).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from angular import metrics as M
+from angular import plots
+from angular.config import EvaluateConfig, load_params
+from angular.data import read_manifest
+from angular.ensemble import combine
+from angular.inference import SplitOutputs, load_model, run_model
+from angular.tracking import StageRun
+from angular.training import atomic_write_text, limit_threads
+from pipeline import (
+    EVALUATE_DIR,
+    EVALUATE_METRICS,
+    EVALUATE_PLOTS_DIR,
+    PREPARED_DIR,
+    calibration_path,
+    model_path,
+    run_stage,
+    stage_parser,
+)
+
+PARAM_KEYS = ("evaluate", "train.items")
+EVAL_SPLITS = ("val", "test", "unknown")
+MAIN_COLUMNS = (
+    "closed_set_accuracy",
+    "open_set_accuracy",
+    "threshold",
+    "open_set_auroc",
+    "oscr",
+    "ece",
+    "ece_uncalibrated",
+)
+
+
+def _clean(value):
+    """JSON-ready: numpy scalars to Python, NaN to null."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _load_temperatures(item: str) -> dict[str, float]:
+    path = calibration_path(item)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run calibrate@{item} first (dvc repro)")
+    return json.loads(path.read_text(encoding="utf-8"))["temperatures"]
+
+
+def scores(
+    probs: dict[str, np.ndarray],
+    predicted: dict[str, np.ndarray],
+    confidence: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    config: EvaluateConfig,
+) -> dict[str, float]:
+    """The metrics of one head or rule from its per-split probabilities / predictions."""
+    result = {
+        "closed_set_accuracy": float(np.mean(predicted["test"] == labels["test"])),
+        "ece": M.expected_calibration_error(probs["test"], labels["test"], config.n_bins),
+        "nll": M.nll(probs["test"], labels["test"]),
+    }
+    if config.threshold is None:
+        threshold = M.threshold_at_known_rate(confidence["val"], config.known_rate)
+    else:
+        threshold = config.threshold
+    result["threshold"] = threshold
+    if len(labels["unknown"]):
+        conf = np.concatenate([confidence["test"], confidence["unknown"]])
+        pred = np.concatenate([predicted["test"], predicted["unknown"]])
+        lab = np.concatenate([labels["test"], labels["unknown"]])
+        known = lab >= 0
+        result["open_set_accuracy"] = M.open_set_accuracy(conf, pred, lab, known, threshold)
+        result["open_set_auroc"] = M.open_set_auroc(conf, known)
+        result["oscr"] = M.oscr(conf, pred, lab, known)
+    return result
+
+
+def _plots_for(name, probs, predicted, confidence, labels, threshold, classes, n_bins) -> None:
+    plots.reliability_diagram(
+        confidence["test"],
+        predicted["test"] == labels["test"],
+        EVALUATE_PLOTS_DIR / f"reliability_{name}.png",
+        f"{name}: test images, calibrated",
+        n_bins=n_bins,
+    )
+    # Open-set confusion: unknown identities as a class, rejected predictions as "unknown".
+    lab = np.concatenate([labels["test"], labels["unknown"]])
+    conf = np.concatenate([confidence["test"], confidence["unknown"]])
+    pred = np.concatenate([predicted["test"], predicted["unknown"]])
+    pred = np.where(conf >= threshold, pred, -1)
+    plots.confusion_plot(
+        lab,
+        pred,
+        classes,
+        EVALUATE_PLOTS_DIR / f"confusion_{name}.png",
+        f"{name}: test + unknown, threshold {threshold:.3g}",
+    )
+
+
+def _verification(embeddings: dict[str, np.ndarray], identities, config: EvaluateConfig, title):
+    """Verification metrics and ROC curves of each embedding on one set of images."""
+    v = config.verification
+    if len(set(identities)) < 2 or len(identities) < 2 * v.folds:
+        return {}, {}
+    a, b, same = M.verification_pairs(
+        np.asarray(identities),
+        seed=v.seed,
+        max_impostors=v.max_impostors,
+        impostors_per_genuine=v.impostors_per_genuine,
+    )
+    if same.all() or not same.any() or len(same) < v.folds:
+        return {}, {}
+    results, curves = {}, {}
+    for name, embedding in embeddings.items():
+        similarity = M.cosine_similarity_pairs(embedding, a, b)
+        results[name] = M.verification_metrics(similarity, same, folds=v.folds, seed=v.seed)
+        fpr, tpr, _ = M.roc_curve(similarity, same)
+        curves[name] = (fpr, tpr)
+    return results, curves
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def evaluate(params, manifest, *, run=None) -> dict:
+    config = params.evaluate
+    for folder in (EVALUATE_DIR, EVALUATE_PLOTS_DIR):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    classes = list(manifest.classes)
+    labels = {split: manifest.labels(split) for split in EVAL_SPLITS}
+
+    outputs: dict[str, dict[str, SplitOutputs]] = {}
+    member_probs: dict[str, dict[str, np.ndarray]] = {}
+    raw_probs_test: dict[str, np.ndarray] = {}
+    for item in params.train.items:
+        loaded = load_model(model_path(item))
+        if loaded.classes != classes:
+            raise FileNotFoundError(
+                f"{model_path(item)} was trained on other classes than {PREPARED_DIR}; "
+                f"rerun train@{item} (dvc repro)"
+            )
+        temperatures = _load_temperatures(item)
+        outputs[item] = {
+            split: run_model(
+                loaded,
+                manifest.paths(split),
+                labels[split],
+                manifest.identities(split),
+                batch_size=config.batch_size,
+            )
+            for split in EVAL_SPLITS
+        }
+        np.savez_compressed(
+            EVALUATE_DIR / f"{item}.npz",
+            **{
+                f"{split}_{key}": value
+                for split, out in outputs[item].items()
+                for key, value in (
+                    ("embeddings", out.embeddings),
+                    ("labels", out.labels),
+                    ("identities", np.asarray(out.identities, dtype=str)),
+                    *((f"logits_{m}", v) for m, v in out.logits.items()),
+                )
+            },
+            classes=np.asarray(classes, dtype=str),
+        )
+        for member in loaded.members:
+            if member not in temperatures:
+                raise FileNotFoundError(
+                    f"{calibration_path(item)} has no temperature for {member}; rerun calibrate@{item}"
+                )
+            member_probs[member] = {
+                split: M.softmax(outputs[item][split].logits[member], temperatures[member])
+                for split in EVAL_SPLITS
+            }
+            raw_probs_test[member] = M.softmax(outputs[item]["test"].logits[member])
+
+    results: dict = {"heads": {}, "ensembles": {}}
+    roc_curves = {}
+    has_unknown = len(labels["unknown"]) > 0
+    candidates = {name: probs for name, probs in member_probs.items()}
+    for rule in config.rules:
+        stacked = {}
+        for split in EVAL_SPLITS:
+            predicted, confidence, probs = combine(
+                [member_probs[m][split] for m in member_probs], rule
+            )
+            stacked[split] = (probs, predicted, confidence)
+        candidates[f"ensemble_{rule}"] = stacked
+    for name, entry in candidates.items():
+        if name in member_probs:
+            probs = entry
+            predicted = {s: p.argmax(axis=1) for s, p in probs.items()}
+            confidence = {s: p.max(axis=1) for s, p in probs.items()}
+        else:
+            probs = {s: v[0] for s, v in entry.items()}
+            predicted = {s: v[1] for s, v in entry.items()}
+            confidence = {s: v[2] for s, v in entry.items()}
+        result = scores(probs, predicted, confidence, labels, config)
+        if name in member_probs:
+            result["ece_uncalibrated"] = M.expected_calibration_error(
+                raw_probs_test[name], labels["test"], config.n_bins
+            )
+            results["heads"][name] = result
+        else:
+            results["ensembles"][name.removeprefix("ensemble_")] = result
+        _plots_for(
+            name, probs, predicted, confidence, labels, result["threshold"], classes, config.n_bins
+        )
+        if has_unknown:
+            conf = np.concatenate([confidence["test"], confidence["unknown"]])
+            known = np.concatenate([labels["test"], labels["unknown"]]) >= 0
+            fpr, tpr, _ = M.roc_curve(conf, known)
+            roc_curves[name] = (fpr, tpr)
+    if roc_curves:
+        plots.roc_plot(
+            roc_curves,
+            EVALUATE_PLOTS_DIR / "roc_open_set.png",
+            "Known vs unknown by confidence (test + unknown images)",
+            xlabel="unknown images accepted (FPR)",
+            ylabel="known images accepted (TPR)",
+        )
+
+    # Verification and embeddings: one embedding per item, plus the concatenation of all.
+    results["verification"] = {}
+    for split in ("unknown", "test"):
+        embeddings = {item: outputs[item][split].embeddings for item in params.train.items}
+        if len(embeddings) > 1:
+            embeddings["ensemble"] = np.concatenate(
+                [_normalised(e) for e in embeddings.values()], axis=1
+            )
+        identities = outputs[params.train.items[0]][split].identities
+        found, curves = _verification(embeddings, identities, config, split)
+        if found:
+            results["verification"][split] = found
+            plots.roc_plot(
+                curves,
+                EVALUATE_PLOTS_DIR / f"verification_roc_{split}.png",
+                f"Verification on pairs of {split} images",
+                log_x=True,
+                xlabel="false accept rate",
+                ylabel="true accept rate",
+            )
+    if config.embedding_plot and has_unknown:
+        for item in params.train.items:
+            test, unknown = outputs[item]["test"], outputs[item]["unknown"]
+            plots.embedding_plot(
+                np.concatenate([test.embeddings, unknown.embeddings]),
+                np.asarray(test.identities + unknown.identities),
+                np.r_[np.ones(len(test.labels), bool), np.zeros(len(unknown.labels), bool)],
+                EVALUATE_PLOTS_DIR / f"embeddings_{item}.png",
+                f"{item}: t-SNE of test (dots) and unknown (crosses) embeddings",
+                seed=config.verification.seed,
+            )
+
+    results = _clean(results)
+    atomic_write_text(EVALUATE_METRICS, json.dumps(results, indent=2) + "\n")
+    report = report_table(results)
+    atomic_write_text(EVALUATE_DIR / "report.md", report)
+    if run is not None:
+        flat = {}
+        for group in ("heads", "ensembles"):
+            for name, values in results[group].items():
+                flat.update({f"{group}/{name}/{k}": v for k, v in values.items()})
+        for split, entries in results["verification"].items():
+            for name, values in entries.items():
+                flat.update({f"verification/{split}/{name}/{k}": v for k, v in values.items()})
+        run.log_metrics({k: v for k, v in flat.items() if v is not None})
+        for path in (EVALUATE_METRICS, EVALUATE_DIR / "report.md", EVALUATE_PLOTS_DIR):
+            run.log_artifact(path)
+    return results
+
+
+def report_table(results: dict) -> str:
+    """The main metrics of each head and ensemble rule as a markdown table."""
+    columns = [c for c in MAIN_COLUMNS]
+    lines = [
+        "| | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for group, prefix in (("heads", ""), ("ensembles", "ensemble ")):
+        for name, values in results[group].items():
+            cells = [values.get(c) for c in columns]
+            text = ["" if c is None else f"{c:.4f}" for c in cells]
+            lines.append(f"| {prefix}{name} | " + " | ".join(text) + " |")
+    for split, entries in results.get("verification", {}).items():
+        lines += ["", f"Verification on pairs of {split} images:", ""]
+        keys = ["accuracy", "auc", "eer", "tar@far=1e-2", "n_genuine", "n_impostor"]
+        lines += ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for name, values in entries.items():
+            cells = []
+            for key in keys:
+                value = values.get(key)
+                cells.append(
+                    ""
+                    if value is None
+                    else f"{value:.0f}"
+                    if key.startswith("n_")
+                    else f"{value:.4f}"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = stage_parser(__doc__).parse_args(argv)
+    params = load_params(args.params)
+    limit_threads(params.evaluate.num_threads)
+    manifest = read_manifest(PREPARED_DIR)
+    members = list(params.members())
+    with StageRun(
+        params.tracking,
+        stage="evaluate",
+        heads=members,
+        params={
+            "evaluate": params.raw["evaluate"],
+            "train": {"items": params.raw["train"]["items"]},
+        },
+    ) as run:
+        results = evaluate(params, manifest, run=run)
+    print(report_table(results), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

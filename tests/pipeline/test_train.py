@@ -1,0 +1,291 @@
+"""train: a loadable model, checkpoints written atomically, exact resume, non-finite losses, seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_raw, write_params
+
+from angular import training
+from angular.config import ConfigError, parse_params
+from angular.data import read_manifest
+from angular.heads import MarginHead
+from angular.inference import load_model, run_model
+from angular.training import TrainPaths, train_item
+from pipeline import run_stage
+from pipeline import train as train_stage
+
+STEPS_PER_EPOCH = 15  # 935 training digits in batches of 64
+
+
+def paths_in(folder: Path, item: str = "arcface") -> TrainPaths:
+    return TrainPaths(
+        model=folder / "model.pt",
+        checkpoints=folder / "checkpoints",
+        metrics=folder / "metrics.json",
+        loss_plot=folder / "loss.tsv",
+        accuracy_plot=folder / "accuracy.tsv",
+    )
+
+
+def assert_same_state(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def model_state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+class Interrupt(BaseException):
+    """Stands in for a kill: not an Exception, so nothing in training catches it."""
+
+
+def interrupt_training_at(monkeypatch, call: int) -> None:
+    """Raise :class:`Interrupt` on the ``call``-th training batch (1-based, counted over epochs)."""
+    original = training._batch_loss
+    count = {"n": 0}
+
+    def counting(model, *args, **kwargs):
+        if model.training:
+            count["n"] += 1
+            if count["n"] == call:
+                raise Interrupt
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_batch_loss", counting)
+
+
+def test_one_epoch_through_the_stage_writes_a_model_loadable_without_params(project):
+    write_params(project, tiny_raw(train__epochs=1))
+    assert run_stage(train_stage.main, ["arcface"]) == 0
+    model_file = project / "outputs" / "models" / "arcface.pt"
+    loaded = load_model(model_file)
+    manifest = read_manifest(project / "data" / "prepared")
+    assert loaded.classes == list(manifest.classes) and loaded.members == ["arcface"]
+    assert loaded.image == {"size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.5]}
+    outputs = run_model(loaded, manifest.paths("test")[:5], manifest.labels("test")[:5], ["x"] * 5)
+    assert outputs.embeddings.shape == (5, 16) and outputs.logits["arcface"].shape == (5, 8)
+    # s * cos: every logit lies in [-s, s].
+    assert abs(outputs.logits["arcface"]).max() <= 64.0 + 1e-4
+    metrics = json.loads((project / "metrics" / "train" / "arcface.json").read_text())
+    assert set(metrics) == {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "skipped_steps",
+    }
+    assert metrics["epoch"] == 1 and metrics["skipped_steps"] == 0
+    assert 0.3 < metrics["val_accuracy"] <= 1.0  # well above chance (1/8) after one epoch
+    loss = (project / "plots" / "loss" / "arcface.tsv").read_text().splitlines()
+    accuracy = (project / "plots" / "accuracy" / "arcface.tsv").read_text().splitlines()
+    assert loss[0] == "epoch\ttrain_loss\tval_loss" and len(loss) == 2
+    assert accuracy[0] == "epoch\ttrain_accuracy\tval_accuracy" and len(accuracy) == 2
+    assert [p.name for p in (project / "outputs" / "checkpoints" / "arcface").iterdir()] == [
+        "epoch-0001.pt"
+    ]
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(project, monkeypatch, capsys):
+    params = parse_params(tiny_raw(train__epochs=4))
+    manifest = read_manifest("data/prepared")
+    reference = paths_in(project / "reference")
+    train_item(params, "arcface", manifest, reference)
+
+    resumed = paths_in(project / "resumed")
+    interrupt_training_at(monkeypatch, 2 * STEPS_PER_EPOCH + 5)  # epoch 3, step 5
+    with pytest.raises(Interrupt):
+        train_item(params, "arcface", manifest, resumed)
+    assert sorted(p.name for p in resumed.checkpoints.iterdir()) == [
+        "epoch-0001.pt",
+        "epoch-0002.pt",
+    ]
+    assert not resumed.model.exists()
+    monkeypatch.undo()
+    train_item(params, "arcface", manifest, resumed)
+    assert "resuming after epoch 2 of 4" in capsys.readouterr().err
+
+    assert_same_state(model_state(reference.model), model_state(resumed.model))
+    for name in ("metrics", "loss_plot", "accuracy_plot"):
+        assert getattr(resumed, name).read_text() == getattr(reference, name).read_text()
+    # Two checkpoints are kept, the newest ones.
+    assert sorted(p.name for p in resumed.checkpoints.iterdir()) == [
+        "epoch-0003.pt",
+        "epoch-0004.pt",
+    ]
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_last_good_one(project, monkeypatch, capsys):
+    params = parse_params(tiny_raw(train__epochs=3))
+    manifest = read_manifest("data/prepared")
+    reference = paths_in(project / "reference")
+    train_item(params, "arcface", manifest, reference)
+
+    paths = paths_in(project / "run")
+    real_save = torch.save
+
+    def dying_save(obj, handle, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+            raise Interrupt
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(Interrupt):
+        train_item(params, "arcface", manifest, paths)
+    monkeypatch.undo()
+    assert [p.name for p in paths.checkpoints.iterdir()] == ["epoch-0001.pt"]  # no partial file
+    torch.load(paths.checkpoints / "epoch-0001.pt", weights_only=True)
+
+    # A SIGKILL gives the cleanup no chance: a temp file stays behind, and is ignored.
+    (paths.checkpoints / ".epoch-0002.pt.abc123.tmp").write_bytes(b"garbage")
+    train_item(params, "arcface", manifest, paths)
+    assert "resuming after epoch 1 of 3" in capsys.readouterr().err
+    assert not list(paths.checkpoints.glob(".*.tmp"))
+    assert_same_state(model_state(reference.model), model_state(paths.model))
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(project, monkeypatch, capsys):
+    params = parse_params(tiny_raw(train__epochs=3))
+    manifest = read_manifest("data/prepared")
+    reference = paths_in(project / "reference")
+    train_item(params, "arcface", manifest, reference)
+
+    paths = paths_in(project / "run")
+    interrupt_training_at(monkeypatch, 2 * STEPS_PER_EPOCH + 1)
+    with pytest.raises(Interrupt):
+        train_item(params, "arcface", manifest, paths)
+    monkeypatch.undo()
+    newest = paths.checkpoints / "epoch-0002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # damaged behind our back
+    train_item(params, "arcface", manifest, paths)
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is unreadable" in err and "resuming after epoch 1 of 3" in err
+    assert_same_state(model_state(reference.model), model_state(paths.model))
+
+
+def test_checkpoints_of_other_params_are_not_resumed(project, capsys):
+    manifest = read_manifest("data/prepared")
+    paths = paths_in(project / "run")
+    train_item(parse_params(tiny_raw(train__epochs=1)), "arcface", manifest, paths)
+    changed = parse_params(tiny_raw(train__epochs=1, train__lr=0.01))
+    train_item(changed, "arcface", manifest, paths)
+    assert "come from other params; starting afresh" in capsys.readouterr().err
+    fresh = paths_in(project / "fresh")
+    train_item(changed, "arcface", manifest, fresh)
+    assert_same_state(model_state(fresh.model), model_state(paths.model))
+
+
+def nan_loss_at(monkeypatch, calls: set[int]) -> None:
+    original = MarginHead.loss
+    count = {"n": 0}
+
+    def loss(self, x, labels, reduction="mean"):
+        value = original(self, x, labels, reduction)
+        if self.training:
+            count["n"] += 1
+            if count["n"] in calls:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(MarginHead, "loss", loss)
+
+
+def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(
+    project, monkeypatch, capsys
+):
+    write_params(project, tiny_raw(train__epochs=3))
+    nan_loss_at(monkeypatch, {STEPS_PER_EPOCH + 3})  # epoch 2, step 3
+    assert run_stage(train_stage.main, ["arcface"]) == 1
+    err = capsys.readouterr().err
+    checkpoint = Path("outputs/checkpoints/arcface/epoch-0001.pt")
+    assert "train@arcface: the loss is nan at epoch 2, step 3" in err
+    assert f"the last good checkpoint {checkpoint} is kept" in err
+    assert "Traceback" not in err
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+    assert not Path("outputs/models/arcface.pt").exists()
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(project, monkeypatch):
+    params = parse_params(tiny_raw(train__epochs=2, train__on_nonfinite="skip"))
+    nan_loss_at(monkeypatch, {2, STEPS_PER_EPOCH + 7})
+    metrics = train_item(params, "arcface", read_manifest("data/prepared"), paths_in(project))
+    assert metrics["skipped_steps"] == 2
+    assert math.isfinite(metrics["train_loss"]) and metrics["epoch"] == 2
+    state = model_state(project / "model.pt")
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_the_seed_decides_the_model(project):
+    manifest = read_manifest("data/prepared")
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        paths = paths_in(project / name)
+        train_item(
+            parse_params(tiny_raw(train__epochs=1, train__seed=seed)), "arcface", manifest, paths
+        )
+        runs[name] = (model_state(paths.model), paths.metrics.read_text())
+    assert_same_state(runs["a"][0], runs["b"][0])
+    assert runs["a"][1] == runs["b"][1]
+    assert not torch.equal(
+        runs["a"][0]["heads.arcface.weight"], runs["c"][0]["heads.arcface.weight"]
+    )
+    assert runs["a"][1] != runs["c"][1]
+
+
+def test_a_joint_item_trains_its_heads_on_one_backbone(project):
+    params = parse_params(tiny_raw(train__epochs=1, train__items=["joint"]))
+    paths = paths_in(project)
+    metrics = train_item(params, "joint", read_manifest("data/prepared"), paths)
+    loaded = load_model(paths.model)
+    assert loaded.members == ["joint_arcface", "joint_cosface", "joint_sphereface"]
+    assert loaded.item == "joint"
+    header = paths.accuracy_plot.read_text().splitlines()[0].split("\t")
+    assert "val_accuracy_joint_cosface" in header and "train_accuracy_joint_arcface" in header
+    assert metrics["val_accuracy"] == pytest.approx(
+        sum(metrics[f"val_accuracy_joint_{h}"] for h in ("arcface", "cosface", "sphereface")) / 3
+    )
+
+
+def test_sgd_step_schedule_bf16_augmentation_and_the_originals_smoothing(project):
+    params = parse_params(
+        tiny_raw(
+            train__epochs=2,
+            train__optimizer="sgd",
+            train__lr=0.05,
+            train__schedule="step",
+            train__step_size=1,
+            train__gamma=0.5,
+            train__bf16=True,
+            train__label_smoothing_mode="others",
+            train__augment=[{"name": "RandomAffine", "degrees": 10}],
+        )
+    )
+    paths = paths_in(project)
+    metrics = train_item(params, "cosface", read_manifest("data/prepared"), paths)
+    assert math.isfinite(metrics["train_loss"]) and metrics["val_accuracy"] > 0.125
+    lr = [line.split("\t") for line in paths.accuracy_plot.read_text().splitlines()]
+    checkpoint = torch.load(paths.checkpoints / "epoch-0002.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.25)
+    assert [row["lr"] for row in checkpoint["history"]] == pytest.approx([0.05, 0.025])
+    assert len(lr) == 3
+
+
+def test_a_bad_transform_fails_before_training(project):
+    params = parse_params(tiny_raw(train__augment=[{"name": "NoSuchTransform"}]))
+    with pytest.raises(ConfigError, match=r"train\.augment\[0\]\.name"):
+        train_item(params, "arcface", read_manifest("data/prepared"), paths_in(project))
+    assert not (project / "checkpoints").exists() or not list((project / "checkpoints").iterdir())
+
+
+def test_an_item_not_listed_is_a_config_error(project):
+    params = parse_params(tiny_raw())
+    with pytest.raises(ConfigError, match=r"^train\.items: 'combined' is not listed"):
+        train_item(params, "combined", read_manifest("data/prepared"), paths_in(project))
