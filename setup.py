@@ -65,13 +65,19 @@ def extension_modules():
                     "pure-PyTorch reference"
                 )
 
+    link_args = []
+    if os.name != "nt":
+        # rpath to torch's libraries, so that `import angular._C` works before `import torch`.
+        from torch.utils.cpp_extension import library_paths
+
+        link_args = ["-fopenmp"] + [f"-Wl,-rpath,{path}" for path in library_paths()]
     module = extension_class(
         "angular._C",
         sources,
         include_dirs=[os.path.abspath("csrc")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"] if os.name != "nt" else [],
+        extra_link_args=link_args,
         py_limited_api=False,
     )
     return [module], {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}
