@@ -28,6 +28,17 @@ PRESETS = {
     "combined": dict(m1=1.0, m2=0.3, m3=0.2, lam=0.0),
 }
 REDUCTIONS = ("mean", "sum", "none")
+# CUDA cases are marked (DESIGN §7) and skip without a GPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+        ],
+    ),
+]
 # DESIGN §7: fp32 values 1e-5 and gradients 1e-4 relative; fp16 / bf16 1e-2.
 TOLERANCE = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4)}
 LOW_PRECISION_TOLERANCE = (1e-2, 1e-2)
@@ -64,13 +75,14 @@ def test_backend_is_one_of_the_three():
     assert ops.backend() in ("cuda", "cpp", "python")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_results_equal_reference(seed, dtype, preset):
+def test_results_equal_reference(seed, dtype, preset, device):
     value_tol, grad_tol = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
-    cos, labels = random_inputs(17, 23, dtype)
+    cos, labels = (tensor.to(device) for tensor in random_inputs(17, 23, dtype))
     margin = dict(s=64.0, **PRESETS[preset])
-    context = f"seed={seed} backend={ops.backend()} {preset} {dtype}"
+    context = f"seed={seed} backend={ops.backend()} {preset} {dtype} {device}"
 
     got = ops.margin_logits(cos, labels, **margin)
     assert got.dtype == dtype
@@ -86,7 +98,7 @@ def test_results_equal_reference(seed, dtype, preset):
             assert loss.dtype == want.dtype
             where = f"{context} {extra}"
             assert_close_scaled(loss, want, value_tol, where)
-            upstream = torch.rand(loss.shape, dtype=loss.dtype) + 0.5
+            upstream = torch.rand(loss.shape, dtype=loss.dtype, device=device) + 0.5
             loss.backward(upstream)
             want.backward(upstream)
             assert mine.grad.dtype == dtype

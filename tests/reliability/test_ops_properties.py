@@ -26,7 +26,17 @@ TOLERANCE = {
     torch.bfloat16: (1e-2, 1e-2),
 }
 MAX_ELEMENTS = 1 << 17
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CUDA cases are marked (DESIGN §7) and skip without a GPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+        ],
+    ),
+]
 # Cosines a normalised matmul produces: exact +-1 and one float32 ulp beyond (1 + 1e-7 rounds there).
 EDGE_VALUES = (1.0, -1.0, 1.0 + 1e-7, -1.0 - 1e-7, math.nextafter(1.0, 0.0), -0.999)
 LABEL_PATTERNS = ("random", "some_negative", "all_negative", "duplicates", "all_same")
@@ -90,7 +100,6 @@ def op_cases(draw):
         batch=batch,
         classes=classes,
         dtype=draw(st.sampled_from(DTYPES)),
-        device=draw(st.sampled_from(DEVICES)),
         layout=draw(st.sampled_from(LAYOUTS)),
         labels=draw(st.sampled_from(LABEL_PATTERNS)),
         strided_labels=draw(st.booleans()),
@@ -141,8 +150,9 @@ def build_inputs(case):
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(case=op_cases())
-def test_every_backend_matches_fp64_reference(case):
-    cos, labels = build_inputs(case)
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_backend_matches_fp64_reference(device, case):
+    cos, labels = build_inputs({**case, "device": device})
     margin = case["margin"]
     loss_options = dict(label_smoothing=case["label_smoothing"], reduction=case["reduction"])
     value_tol, grad_tol = TOLERANCE[case["dtype"]]
