@@ -65,6 +65,16 @@ def extension_modules():
                     "pure-PyTorch reference"
                 )
 
+        def copy_extensions_to_source(self):
+            # Unlink the old library rather than overwrite it: a process that has it loaded keeps
+            # its (now nameless) copy instead of crashing on a truncated file.
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, _ = self._get_inplace_equivalent(build_py, ext)
+                if os.path.exists(inplace_file):
+                    os.unlink(inplace_file)
+            super().copy_extensions_to_source()
+
     link_args = []
     if os.name != "nt":
         # rpath to torch's libraries, so that `import angular._C` works before `import torch`.
