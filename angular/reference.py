@@ -14,6 +14,12 @@ Gradient guard. ``d psi / d cos = (-1)^k m1 sin(t) / sin(theta)`` is unbounded a
 derivative is evaluated at ``theta`` clamped to ``[THETA_MIN, pi - THETA_MIN]`` (``THETA_MIN = 0.01``
 rad, i.e. ``|cos| > 0.99995``): the forward value stays exact, the gradient stays finite in every dtype,
 and wherever ``|cos| <= 1 - 1e-4`` it is the exact derivative. The fused kernels use the same guard.
+
+Non-finite cosines are not checked for (that would cost a pass over B x C); they go through the
+arithmetic like any value, as ``F.cross_entropy`` would take them: NaN or +inf anywhere in a row with
+a target, or a non-finite target cosine, makes that row's logits and loss non-finite; -inf at a
+non-target column gives that class probability 0 (finite loss without smoothing, +inf with it). Other
+rows are unaffected, and a row without a target has loss 0 and gradient 0 whatever it holds.
 """
 
 from __future__ import annotations
