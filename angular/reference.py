@@ -86,11 +86,20 @@ def margin_logits(
     """``z = s * cos`` with the margin applied to each row's target column; rows with a negative
     label get no margin. Computed in fp32 (fp64 for fp64 input); returned in the input dtype."""
     work = cos.to(compute_dtype(cos.dtype))
-    has_target = labels >= 0
+    has_target = (labels >= 0).unsqueeze(1)
     safe_labels = labels.clamp(min=0).unsqueeze(1)
     cos_y = work.gather(1, safe_labels)
-    f_y = target_logit(cos_y, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through)
-    f_y = torch.where(has_target.unsqueeze(1), f_y, cos_y)
+    # Rows without a target hand the margin a harmless 0: the unused branch of the where then has a
+    # finite derivative, so a NaN in such a row cannot reach the gradient as 0 * NaN.
+    f_y = target_logit(
+        torch.where(has_target, cos_y, 0.0),
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        lam=lam,
+        straight_through=straight_through,
+    )
+    f_y = torch.where(has_target, f_y, cos_y)
     logits = (s * work).scatter(1, safe_labels, s * f_y)
     return logits.to(cos.dtype)
 
@@ -121,11 +130,13 @@ def margin_cross_entropy(
     """``F.cross_entropy`` of the margin logits (smoothing mass spread over all C classes). Rows with a
     negative label contribute loss 0 and gradient 0 and are not counted by ``mean``. The loss is fp32
     (fp64 for fp64 input)."""
-    work = cos.to(compute_dtype(cos.dtype))
+    has_target = labels >= 0
+    # Rows without a target are zeroed before the softmax, so that whatever they hold (NaN, inf)
+    # their loss and gradient are exactly 0, as in the fused kernels, which skip them.
+    work = torch.where(has_target.unsqueeze(1), cos.to(compute_dtype(cos.dtype)), 0.0)
     logits = margin_logits(
         work, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through
     )
-    has_target = labels >= 0
     per_row = F.cross_entropy(
         logits, labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing
     )

@@ -224,20 +224,22 @@ def test_more_than_65536_classes(device):
 
 
 # --------------------------------------------------------------------------------------------------
-# NaN / inf inside cos. The documented behaviour (angular/ops.py): it is not checked for; it
-# propagates to that row's logits and, through IEEE arithmetic, to that row's loss, while every other
-# row is computed as if the bad row were absent. Precisely:
+# NaN / inf inside cos (documented in angular/reference.py; angular/ops.py says it is not checked
+# for). It goes through the arithmetic as F.cross_entropy would take it, row by row:
 #   - NaN anywhere in a row with a target, +inf anywhere, or any non-finite target value: the row's
 #     loss is not finite; a "mean" or "sum" over it is not finite.
 #   - -inf at a non-target column gives that class probability 0: the loss stays finite without label
 #     smoothing (smoothing puts mass on that class, so its loss is +inf).
-#   - A row without a target (negative label) is ignored whatever it holds: its loss is 0.
+#   - A row without a target (negative label) is ignored whatever it holds: loss 0, gradient 0.
+#   - Every other row is computed as if the bad rows were absent, gradient included.
+
+IMPLEMENTATIONS = {f"ops[{ops.backend()}]": ops, "reference": reference}
 
 
 def poisoned_batch(dtype, device, generator):
     batch, classes = 8, 6
     cos = (torch.rand(batch, classes, generator=generator, dtype=torch.float64) * 2 - 1).to(dtype)
-    labels = torch.randint(0, classes, (batch,), generator=generator)
+    labels = torch.randint(1, classes, (batch,), generator=generator)
     other = (labels + 1) % classes
     cos[0, labels[0]] = math.nan  # NaN at the target
     cos[1, other[1]] = math.nan  # NaN elsewhere in the row
@@ -245,56 +247,57 @@ def poisoned_batch(dtype, device, generator):
     cos[3, other[3]] = math.inf  # +inf elsewhere
     cos[4, labels[4]] = -math.inf  # -inf at the target
     cos[5, other[5]] = -math.inf  # -inf elsewhere: that class gets probability 0
-    cos[6, other[6]] = math.nan  # NaN in a row without a target: ignored
+    cos[6, 0] = math.nan  # a row without a target, NaN where its clamped label points
+    cos[6, 1] = math.inf
     labels[6] = -1  # row 7 stays clean
     return cos.to(device), labels.to(device)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lam", [0.0, 5.0])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_non_finite_cos_propagates_to_its_row_only(dtype, device, lam, smoothing):
+def test_non_finite_cos_propagates_to_its_row_only(implementation, dtype, device, lam, smoothing):
+    impl = IMPLEMENTATIONS[implementation]
     seed = torch.seed()
     generator = torch.Generator().manual_seed(seed)
     cos, labels = poisoned_batch(dtype, device, generator)
     margin = dict(s=32.0, m1=1.0, m2=0.5, m3=0.1, lam=lam)
-    context = f"seed={seed} backend={ops.backend()} {dtype} {device} lam={lam} eps={smoothing}"
-
-    logits = ops.margin_logits(cos, labels, **margin)
-    bad = ~torch.isfinite(cos)
-    assert torch.all(~torch.isfinite(logits[bad])), (
-        f"non-finite cos became finite logits: {context}"
-    )
-    assert torch.all(torch.isfinite(logits[~bad])), f"finite cos gave non-finite logits: {context}"
+    context = f"seed={seed} {implementation} {dtype} {device} lam={lam} eps={smoothing}"
 
     leaf = cos.clone().requires_grad_(True)
-    rows = ops.margin_cross_entropy(
-        leaf, labels, **margin, label_smoothing=smoothing, reduction="none"
-    ).cpu()
+    logits = impl.margin_logits(leaf, labels, **margin)
+    bad = ~torch.isfinite(cos)
+    assert torch.all(~torch.isfinite(logits[bad])), f"non-finite cos, finite logits: {context}"
+    assert torch.all(torch.isfinite(logits[~bad])), f"finite cos, non-finite logits: {context}"
+    logits.float().sum().backward()
+    assert torch.all(leaf.grad[6] == margin["s"]), f"d logits / d cos without a target: {context}"
+
+    leaf = cos.clone().requires_grad_(True)
+    options = dict(**margin, label_smoothing=smoothing, reduction="none")
+    rows = impl.margin_cross_entropy(leaf, labels, **options)
+    losses = rows.detach().cpu()
     for row in range(5):
-        assert not math.isfinite(rows[row].item()), f"row {row} loss finite: {context}"
+        assert not math.isfinite(losses[row].item()), f"row {row} loss finite: {context}"
     if smoothing == 0.0:
-        assert math.isfinite(rows[5].item()), f"-inf at a non-target column: {context}"
+        assert math.isfinite(losses[5].item()), f"-inf at a non-target column: {context}"
     else:
-        assert rows[5].item() == math.inf, f"-inf at a non-target column, smoothed: {context}"
-    assert rows[6].item() == 0.0, f"a row without a target is not ignored: {context}"
+        assert losses[5].item() == math.inf, f"-inf at a non-target column, smoothed: {context}"
+    assert losses[6].item() == 0.0, f"a row without a target is not ignored: {context}"
+    rows.backward(torch.ones_like(rows))
+    assert torch.all(leaf.grad[6] == 0), f"gradient of a row without a target: {context}"
 
     # The clean row equals its value in a batch without the bad rows, gradient included.
     clean = cos[7:].clone().requires_grad_(True)
-    alone = ops.margin_cross_entropy(
-        clean, labels[7:], **margin, label_smoothing=smoothing, reduction="none"
-    )
-    torch.testing.assert_close(rows[7:], alone.cpu(), msg=lambda t: f"{t}\n{context}")
-    ops.margin_cross_entropy(leaf, labels, **margin, label_smoothing=smoothing, reduction="none")[
-        7:
-    ].sum().backward()
-    alone.sum().backward()
+    alone = impl.margin_cross_entropy(clean, labels[7:], **options)
+    alone.backward(torch.ones_like(alone))
+    torch.testing.assert_close(losses[7:], alone.detach().cpu(), msg=lambda t: f"{t}\n{context}")
     assert torch.all(torch.isfinite(leaf.grad[7:])), context
     torch.testing.assert_close(leaf.grad[7:], clean.grad, msg=lambda t: f"{t}\n{context}")
 
     for reduction in ("mean", "sum"):
-        total = ops.margin_cross_entropy(
+        total = impl.margin_cross_entropy(
             cos, labels, **margin, label_smoothing=smoothing, reduction=reduction
         )
         assert not torch.isfinite(total), f"{reduction} over non-finite rows: {context}"
