@@ -17,8 +17,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/vec_kernels.h"
 #include "margin_math.h"
@@ -65,6 +70,24 @@ void with_vec_kernels(const Fn& fn) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A fresh (B, C) output is first touched by the kernel, and on Linux each first touch of a 4 KiB
+// page is a fault: for tens of MiB that costs more than the kernel's arithmetic. Asking for
+// transparent huge pages (a hint; nothing changes where THP is off) makes it one fault per 2 MiB,
+// as torch's THP_MEM_ALLOC_ENABLE does for all its allocations.
+at::Tensor empty_output(const at::Tensor& cos) {
+  at::Tensor out = empty_matrix(cos);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
+  if (out.nbytes() >= 2 * kHugePage && last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: ignore errors
+  }
+#endif
+  return out;
+}
+
 struct Split {
   int64_t chunks;  // column chunks per row
   int64_t width;   // columns per chunk (the last one may be shorter)
@@ -97,7 +120,7 @@ at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, do
                              double m2, double m3, double lam, bool straight_through) {
   check_cos_labels(cos, labels, "angular::margin_logits");
   const at::Tensor label_vec = labels.contiguous();
-  at::Tensor out = empty_matrix(cos);
+  at::Tensor out = empty_output(cos);
   const int64_t rows = cos.size(0), cols = cos.size(1);
   if (out.numel() == 0) {
     return out;
@@ -136,7 +159,7 @@ at::Tensor margin_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   check_same_shape(grad, cos, op);
   const at::Tensor grad_in = as_dtype(grad, cos.scalar_type());
   const at::Tensor label_vec = labels.contiguous();
-  at::Tensor out = empty_matrix(cos);
+  at::Tensor out = empty_output(cos);
   const int64_t rows = cos.size(0), cols = cos.size(1);
   if (out.numel() == 0) {
     return out;
@@ -252,7 +275,7 @@ at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const 
   const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
   const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
   const at::Tensor label_vec = labels.contiguous();
-  at::Tensor out = empty_matrix(cos);
+  at::Tensor out = empty_output(cos);
   const int64_t rows = cos.size(0), cols = cos.size(1);
   if (out.numel() == 0) {
     return out;
