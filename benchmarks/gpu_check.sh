@@ -2,7 +2,7 @@
 # Everything that needs an NVIDIA GPU, in one run of under 8 minutes (DESIGN §8; `make gpu-check`):
 #
 #   1. build angular._C with its CUDA kernels, in place (setup.py build_ext --inplace)
-#   2. the CUDA tests: pytest -m cuda tests/test_fused_cuda.py
+#   2. the CUDA tests: pytest -m cuda tests/test_fused_cuda.py (and the ops API / property suites)
 #   3. the benchmarks: benchmarks/bench_margin.py --device cuda
 #
 # and leaves every result in one folder: the first argument, else $OUT, else ./gpu-results
@@ -126,10 +126,16 @@ if ANGULAR_BUILD_CUDA=1 ANGULAR_REQUIRE_EXTENSION=1 run_step build 240 "$out_dir
 fi
 
 # --- 2. CUDA tests -----------------------------------------------------------------------------
+# The fused-kernel CUDA tests, plus the other suites with CUDA cases whose imports this Python has
+# (only the fused ones are sure to: they need torch and pytest alone).
+test_files=(tests/test_fused_cuda.py tests/test_ops_api.py)
+if "$python" -c "import hypothesis" >/dev/null 2>&1; then
+  test_files+=(tests/reliability/test_ops_properties.py)
+fi
 if [ "$build_ok" = 1 ] && "$python" -c "import pytest" >/dev/null 2>&1; then
   ANGULAR_REQUIRE_EXTENSION=1 run_step cuda-tests 180 "$out_dir/pytest_cuda.log" \
     "$python" -m pytest -q -ra -m cuda -p no:cacheprovider --junitxml="$out_dir/pytest_cuda.xml" \
-    tests/test_fused_cuda.py
+    "${test_files[@]}"
 elif [ "$build_ok" = 1 ]; then
   summary+=("cuda-tests|not run (no pytest)|0")
 else

@@ -116,10 +116,12 @@ C10_HOST_DEVICE inline LogSumExp<T> merge(LogSumExp<T> a, LogSumExp<T> b) {
 }
 
 // F.cross_entropy of one row with label smoothing eps spread over all C classes:
-// (1 - eps) (lse - z_y) + eps (lse - mean_j z_j).
+// (1 - eps) (lse - z_y) + eps (lse - mean_j z_j). Without smoothing the second term is left out,
+// as F.cross_entropy does: a logit of -inf (probability 0) then keeps the loss finite.
 template <typename T>
 C10_HOST_DEVICE inline T smoothed_loss(T lse, T z_target, T z_sum, T num_classes, T eps) {
-  return (T(1) - eps) * (lse - z_target) + eps * (lse - z_sum / num_classes);
+  const T nll = lse - z_target;
+  return eps == T(0) ? nll : (T(1) - eps) * nll + eps * (lse - z_sum / num_classes);
 }
 
 // d loss / d cos_y for the target column: s * g * (p_y - eps / C - (1 - eps)) * d f_y / d cos_y,

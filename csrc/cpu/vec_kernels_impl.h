@@ -163,6 +163,10 @@ RowPartial VecKernels<scalar_t>::logsumexp(const scalar_t* src, int64_t stride, 
       sum_x = sum_x + v;
     }
     const acc_t block_max = s * reduce_max(max_x);  // s > 0, so max(s x) = s max(x)
+    z_sum += static_cast<double>(s) * static_cast<double>(reduce_sum(sum_x));
+    if (block_max == -std::numeric_limits<acc_t>::infinity()) {
+      continue;  // every term is exp(-inf) = 0 (and exp(-inf + inf) would be NaN)
+    }
     // Pass 2 (from cache): sum of exp(s x - block_max).
     const Vec minus_max(-block_max);
     Vec sum_exp(acc_t(0));
@@ -175,7 +179,6 @@ RowPartial VecKernels<scalar_t>::logsumexp(const scalar_t* src, int64_t stride, 
     }
     total = merge(total, LogSumExp<double>{static_cast<double>(block_max),
                                            static_cast<double>(reduce_sum(sum_exp))});
-    z_sum += static_cast<double>(s) * static_cast<double>(reduce_sum(sum_x));
   }
   return RowPartial{total, z_sum};
 }

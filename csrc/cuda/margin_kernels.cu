@@ -205,7 +205,7 @@ struct RowSums {
     if (z > max) {  // false for NaN, which then poisons sum below
       sum = sum * fast_exp(max - z) + acc_t(1);
       max = z;
-    } else {
+    } else if (z != -INFINITY) {  // exp(-inf) adds 0; exp(-inf - max) is NaN while max = -inf
       sum += fast_exp(z - max);
     }
   }
