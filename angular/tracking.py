@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
@@ -40,6 +42,31 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 _INVALID_NAME_CHARS = re.compile(r"[^\w./\- :]")
 _MAX_PARAM_VALUE = 6000
 _BATCH = 100  # MLflow accepts at most 100 params (1000 metrics) per log_batch
+
+
+@contextlib.contextmanager
+def _quiet_mlflow():
+    """Silence MLflow's own logging (tracebacks of store errors, schema migration notes): a failure
+    is reported once, by :class:`StageRun`."""
+    import mlflow  # noqa: F401  (importing it configures its loggers, which must come first)
+
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause's first line (``attempt to write a readonly database``), with its type."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 class TrackingError(RuntimeError):
@@ -119,7 +146,8 @@ class StageRun:
     def __enter__(self) -> StageRun:
         if self.off_reason is None:
             try:
-                self._start()
+                with _quiet_mlflow():
+                    self._start()
             except Exception as error:
                 self._turn_off(error, when="starting the run")
         return self
@@ -167,9 +195,10 @@ class StageRun:
         else:
             status = "FAILED"
         try:
-            if exc is not None:
-                self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-            self.client.set_terminated(self.run_id, status)
+            with _quiet_mlflow():
+                if exc is not None:
+                    self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+                self.client.set_terminated(self.run_id, status)
         except Exception as error:
             if self.off_reason is None:
                 self._say_off(f"could not end the run ({error})")
@@ -223,17 +252,19 @@ class StageRun:
 
     def _guard(self, action, what: str) -> None:
         try:
-            action()
+            with _quiet_mlflow():
+                action()
         except Exception as error:
-            self._turn_off(error, when=what)
             if self.run_id is not None:
                 try:  # do not leave the run RUNNING when the store still answers
-                    self.client.set_terminated(self.run_id, "FAILED")
+                    with _quiet_mlflow():
+                        self.client.set_terminated(self.run_id, "FAILED")
                 except Exception:
                     pass
+            self._turn_off(error, when=what)
 
     def _turn_off(self, error: Exception, *, when: str) -> None:
-        detail = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        detail = _root_message(error)
         if self.config.required:
             raise TrackingError(
                 f"tracking.required is true but the MLflow store {self.uri} failed while {when} "

@@ -218,6 +218,10 @@ def evaluate(params, manifest, *, run=None) -> dict:
     for rule in config.rules:
         stacked = {}
         for split in EVAL_SPLITS:
+            if len(labels[split]) == 0:  # no unknown identities: nothing to combine
+                empty = np.zeros(0)
+                stacked[split] = (np.zeros((0, len(classes))), empty.astype(np.int64), empty)
+                continue
             predicted, confidence, probs = combine(
                 [member_probs[m][split] for m in member_probs], rule
             )

@@ -1,0 +1,239 @@
+"""calibrate and evaluate on tiny trained models (a single head and a joint group of three)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import tiny_raw, write_params
+from PIL import Image
+
+from angular import metrics as M
+from angular.calibration import calibration_report
+from angular.config import parse_params
+from angular.data import prepare_dataset, read_manifest
+from angular.ensemble import RULES, combine
+from angular.training import train_item
+from pipeline import calibrate, evaluate, run_stage
+from pipeline import train as train_stage
+
+ITEMS = ["arcface", "joint"]
+MEMBERS = ["arcface", "joint_arcface", "joint_cosface", "joint_sphereface"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits_prepared):
+    """A project with arcface and the joint group trained for two epochs."""
+    folder = tmp_path_factory.mktemp("trained")
+    shutil.copytree(digits_prepared, folder / "data" / "prepared")
+    raw = tiny_raw(train__items=ITEMS)
+    write_params(folder, raw)
+    params = parse_params(raw)
+    manifest = read_manifest(folder / "data" / "prepared")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for item in ITEMS:
+            train_item(params, item, manifest, train_stage.paths_for(item))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    """The trained project after calibrate@<item> and evaluate with the default params."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(trained)
+        for item in ITEMS:
+            assert run_stage(calibrate.main, [item]) == 0
+        assert run_stage(evaluate.main, []) == 0
+    return trained
+
+
+def assert_png(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_calibrate_fits_a_temperature_per_head(evaluated):
+    in_trained = evaluated
+    temperatures = {}
+    for item in ITEMS:
+        document = json.loads((in_trained / "outputs" / "calibration" / f"{item}.json").read_text())
+        assert document["method"] == "fit"
+        temperatures.update(document["temperatures"])
+        metrics = json.loads((in_trained / "metrics" / "calibrate" / f"{item}.json").read_text())
+        for member, values in metrics.items():
+            assert values["temperature"] == document["temperatures"][member] > 0
+            assert (
+                set(values["before"]) == set(values["after"]) == {"nll", "ece", "brier", "accuracy"}
+            )
+            # T = 1 is one of the candidates, so the fitted T never has a higher validation NLL.
+            assert values["after"]["nll"] <= values["before"]["nll"] + 1e-9
+            assert values["after"]["accuracy"] == values["before"]["accuracy"]
+            for when in ("before", "after"):
+                assert_png(
+                    in_trained / "outputs" / "plots" / "calibrate" / item / f"{member}_{when}.png"
+                )
+    assert sorted(temperatures) == sorted(MEMBERS)
+    assert len(set(temperatures.values())) == len(MEMBERS)  # each head gets its own
+
+
+def test_calibrate_reports_before_and_after_from_the_saved_val_logits(evaluated):
+    """The stage's numbers equal calibration_report on the val logits evaluate saves."""
+    in_trained = evaluated
+    saved = np.load(in_trained / "outputs" / "evaluate" / "arcface.npz")
+    metrics = json.loads((in_trained / "metrics" / "calibrate" / "arcface.json").read_text())
+    values = metrics["arcface"]
+    logits, labels = saved["val_logits_arcface"], saved["val_labels"]
+    for when, temperature in (("before", 1.0), ("after", values["temperature"])):
+        expected = calibration_report(logits, labels, temperature, 15)
+        assert values[when] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_fixed_temperature_is_used_as_given(evaluated, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)  # leave the shared project's calibration alone
+    monkeypatch.chdir(copy)
+    write_params(
+        copy, tiny_raw(train__items=ITEMS, calibrate__method="fixed", calibrate__temperature=7.5)
+    )
+    assert run_stage(calibrate.main, ["joint"]) == 0
+    document = json.loads((copy / "outputs" / "calibration" / "joint.json").read_text())
+    assert document == {
+        "method": "fixed",
+        "temperatures": {m: 7.5 for m in MEMBERS[1:]},
+    }
+
+
+def test_evaluate_scores_every_head_and_rule(evaluated, monkeypatch):
+    in_trained = evaluated
+    monkeypatch.chdir(in_trained)
+    results = json.loads((in_trained / "metrics" / "evaluate.json").read_text())
+    assert list(results["heads"]) == MEMBERS
+    assert list(results["ensembles"]) == list(RULES)
+    keys = {
+        "closed_set_accuracy",
+        "open_set_accuracy",
+        "threshold",
+        "open_set_auroc",
+        "oscr",
+        "ece",
+        "nll",
+    }
+    for name, values in results["heads"].items():
+        assert set(values) == keys | {"ece_uncalibrated"}, name
+    for name, values in results["ensembles"].items():
+        assert set(values) == keys, name
+    for group in ("heads", "ensembles"):
+        for values in results[group].values():
+            assert all(0.0 <= values[k] <= 1.0 for k in keys - {"nll"})
+
+    # Recompute a head and an ensemble rule from the saved logits with the library.
+    manifest = read_manifest("data/prepared")
+    temperatures = {}
+    for item in ITEMS:
+        temperatures |= json.loads(
+            (in_trained / "outputs" / "calibration" / f"{item}.json").read_text()
+        )["temperatures"]
+    probs = {}
+    for item in ITEMS:
+        saved = np.load(in_trained / "outputs" / "evaluate" / f"{item}.npz")
+        assert saved["test_labels"].tolist() == manifest.labels("test").tolist()
+        assert (saved["unknown_labels"] == -1).all()
+        for member in (m for m in MEMBERS if m == item or m.startswith(f"{item}_")):
+            probs[member] = {
+                split: M.softmax(saved[f"{split}_logits_{member}"], temperatures[member])
+                for split in ("val", "test", "unknown")
+            }
+    labels = manifest.labels("test")
+    arcface = results["heads"]["arcface"]
+    assert arcface["closed_set_accuracy"] == pytest.approx(
+        M.top1_accuracy(probs["arcface"]["test"], labels)
+    )
+    assert arcface["threshold"] == pytest.approx(
+        M.threshold_at_known_rate(probs["arcface"]["val"].max(1), 0.95)
+    )
+    combined = {
+        split: combine([probs[m][split] for m in MEMBERS], "mean_prob")
+        for split in ("val", "test", "unknown")
+    }
+    threshold = M.threshold_at_known_rate(combined["val"][1], 0.95)
+    confidence = np.concatenate([combined["test"][1], combined["unknown"][1]])
+    predicted = np.concatenate([combined["test"][0], combined["unknown"][0]])
+    all_labels = np.concatenate([labels, manifest.labels("unknown")])
+    mean_prob = results["ensembles"]["mean_prob"]
+    assert mean_prob["open_set_accuracy"] == pytest.approx(
+        M.open_set_accuracy(confidence, predicted, all_labels, all_labels >= 0, threshold)
+    )
+    assert mean_prob["oscr"] == pytest.approx(
+        M.oscr(confidence, predicted, all_labels, all_labels >= 0)
+    )
+
+    # Verification by each item's embedding and the concatenation, on unknown and test images.
+    for split in ("unknown", "test"):
+        found = results["verification"][split]
+        assert list(found) == ITEMS + ["ensemble"]
+        for values in found.values():
+            assert (
+                0.5 <= values["auc"] <= 1.0 and values["n_genuine"] > 0 and values["n_impostor"] > 0
+            )
+    plots = in_trained / "outputs" / "plots" / "evaluate"
+    for name in MEMBERS + [f"ensemble_{rule}" for rule in RULES]:
+        assert_png(plots / f"reliability_{name}.png")
+        assert_png(plots / f"confusion_{name}.png")
+    for name in ("roc_open_set", "verification_roc_unknown", "verification_roc_test"):
+        assert_png(plots / f"{name}.png")
+    report = (in_trained / "outputs" / "evaluate" / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in MEMBERS)
+    assert all(f"| ensemble {rule} |" in report for rule in RULES)
+
+
+def test_evaluate_with_a_fixed_threshold_and_embedding_plots(evaluated, tmp_path, monkeypatch):
+    in_trained = tmp_path / "copy"
+    shutil.copytree(evaluated, in_trained)  # leave the shared project's results alone
+    monkeypatch.chdir(in_trained)
+    write_params(
+        in_trained,
+        tiny_raw(train__items=ITEMS, evaluate__threshold=0.9, evaluate__embedding_plot=True),
+    )
+    assert run_stage(evaluate.main, []) == 0
+    results = json.loads((in_trained / "metrics" / "evaluate.json").read_text())
+    assert {v["threshold"] for g in ("heads", "ensembles") for v in results[g].values()} == {0.9}
+    for item in ITEMS:
+        assert_png(in_trained / "outputs" / "plots" / "evaluate" / f"embeddings_{item}.png")
+
+
+def test_evaluate_before_calibrate_names_the_missing_file(evaluated, tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    (copy / "outputs" / "calibration" / "joint.json").unlink()
+    assert run_stage(evaluate.main, []) == 1
+    err = capsys.readouterr().err
+    assert "outputs/calibration/joint.json: missing; run calibrate@joint first" in err
+
+
+def test_without_unknown_identities_open_set_metrics_are_left_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw(
+        data__unknown_identities=0,
+        train__epochs=1,
+        train__items=["arcface", "cosface"],
+        evaluate__rules=["vote"],
+    )
+    write_params(tmp_path, raw)
+    params = parse_params(raw)
+    manifest = prepare_dataset(params.data, "data/prepared")
+    assert not manifest.split("unknown")
+    for item in params.train.items:
+        train_item(params, item, manifest, train_stage.paths_for(item))
+    for item in params.train.items:
+        assert run_stage(calibrate.main, [item]) == 0
+    assert run_stage(evaluate.main, []) == 0
+    results = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    for values in results["heads"].values():
+        assert "open_set_accuracy" not in values and "open_set_auroc" not in values
+        assert 0.1 < values["closed_set_accuracy"] <= 1.0
+    assert "open_set_accuracy" not in results["ensembles"]["vote"]
+    assert list(results["verification"]) == ["test"]
