@@ -133,7 +133,7 @@ if "$python" -c "import hypothesis" >/dev/null 2>&1; then
   test_files+=(tests/reliability/test_ops_properties.py)
 fi
 if [ "$build_ok" = 1 ] && "$python" -c "import pytest" >/dev/null 2>&1; then
-  ANGULAR_REQUIRE_EXTENSION=1 run_step cuda-tests 180 "$out_dir/pytest_cuda.log" \
+  ANGULAR_REQUIRE_EXTENSION=1 run_step cuda-tests 150 "$out_dir/pytest_cuda.log" \
     "$python" -m pytest -q -ra -m cuda -p no:cacheprovider --junitxml="$out_dir/pytest_cuda.xml" \
     "${test_files[@]}"
 elif [ "$build_ok" = 1 ]; then
@@ -143,8 +143,18 @@ else
 fi
 
 # --- 3. Benchmarks (whatever the tests said: the numbers are still worth having) --------------
-run_step benchmark 300 "$out_dir/bench_margin.log" \
-  "$python" benchmarks/bench_margin.py --device cuda --out "$out_dir"
+# bench_margin stops starting configurations after --time-budget and stops compiling after
+# --compile-budget; both are fitted to the time left, keeping a minute to start up and write.
+left=$((deadline - ($(date +%s) - start)))
+bench_budget=$((left - 60 < 200 ? left - 60 : 200))
+compile_budget=$((bench_budget / 2 < 90 ? bench_budget / 2 : 90))
+if [ "$bench_budget" -lt 30 ]; then
+  summary+=("benchmark|not run (deadline)|0")
+else
+  run_step benchmark "$left" "$out_dir/bench_margin.log" \
+    "$python" benchmarks/bench_margin.py --device cuda --out "$out_dir" \
+    --time-budget "$bench_budget" --compile-budget "$compile_budget"
+fi
 
 print_summary | tee -a "$out_dir/gpu_check.log"
 for row in "${summary[@]}"; do
