@@ -2,7 +2,9 @@
 
 ``python -m pipeline.calibrate arcface``. Each head's logits on the validation split are divided by a
 temperature ``T``: fitted (``calibrate.method: fit``, minimising the NLL over ``log T``) or fixed
-(``method: fixed``, ``calibrate.temperature``: the original's ``SCALING_FACTOR``). Writes the
+(``method: fixed``, ``calibrate.temperature``: the original's ``SCALING_FACTOR``). When a head classifies every validation
+image correctly the NLL has no minimum (it falls as ``T -> 0``): T stays 1, and the stage says so.
+Writes the
 temperatures (``outputs/calibration/<item>.json``, read by evaluate), NLL / ECE / Brier / accuracy
 before (T = 1) and after (``metrics/calibrate/<item>.json``), and a reliability diagram per head
 before and after (``outputs/plots/calibrate/<item>/``).
@@ -52,14 +54,31 @@ def calibrate_item(params, item: str, manifest, *, run=None) -> dict:
         shutil.rmtree(plots_dir)
     temperatures, metrics = {}, {}
     for member, logits in outputs.logits.items():
-        if config.method == "fit":
+        before = calibration_report(logits, outputs.labels, 1.0, config.n_bins)
+        fitted = config.method == "fit" and before["accuracy"] < 1.0
+        if fitted:
             temperature = fit_temperature(logits, outputs.labels, max_iter=config.max_iter)
+        elif config.method == "fit":
+            # No validation image is misclassified: the NLL keeps falling as T -> 0, and the
+            # "fit" would only saturate every probability to 0 or 1 (and erase the confidence
+            # ranking that open-set recognition needs).
+            temperature = 1.0
+            print(
+                f"calibrate@{item}: {member} classifies every validation image correctly, so the "
+                "NLL has no minimum over T; keeping T = 1 (use more validation images, or "
+                "calibrate.method: fixed)",
+                file=sys.stderr,
+            )
         else:
             temperature = config.temperature
-        before = calibration_report(logits, outputs.labels, 1.0, config.n_bins)
         after = calibration_report(logits, outputs.labels, temperature, config.n_bins)
         temperatures[member] = temperature
-        metrics[member] = {"temperature": temperature, "before": before, "after": after}
+        metrics[member] = {
+            "temperature": temperature,
+            "fitted": fitted,
+            "before": before,
+            "after": after,
+        }
         for when, value in (("before", 1.0), ("after", temperature)):
             probs = softmax(logits, value)
             reliability_diagram(

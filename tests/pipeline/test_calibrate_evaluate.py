@@ -65,6 +65,7 @@ def test_calibrate_fits_a_temperature_per_head(evaluated):
         metrics = json.loads((in_trained / "metrics" / "calibrate" / f"{item}.json").read_text())
         for member, values in metrics.items():
             assert values["temperature"] == document["temperatures"][member] > 0
+            assert values["fitted"] is True  # two tiny epochs: some validation image is wrong
             assert (
                 set(values["before"]) == set(values["after"]) == {"nll", "ece", "brier", "accuracy"}
             )
@@ -237,3 +238,30 @@ def test_without_unknown_identities_open_set_metrics_are_left_out(tmp_path, monk
         assert 0.1 < values["closed_set_accuracy"] <= 1.0
     assert "open_set_accuracy" not in results["ensembles"]["vote"]
     assert list(results["verification"]) == ["test"]
+
+
+def test_a_perfectly_separated_validation_split_keeps_t_at_one(
+    evaluated, tmp_path, monkeypatch, capsys
+):
+    """With no misclassified validation image the NLL falls as T -> 0: the stage keeps T = 1."""
+    from angular.inference import SplitOutputs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, size=60)
+    logits = rng.normal(0.0, 3.0, size=(60, 8))
+    logits[np.arange(60), labels] = logits.max(axis=1) + rng.uniform(0.1, 5.0, size=60)
+    separated = SplitOutputs(np.zeros((60, 16)), {"arcface": logits}, labels, ["x"] * 60)
+    monkeypatch.setattr(calibrate, "run_model", lambda *args, **kwargs: separated)
+    assert run_stage(calibrate.main, ["arcface"]) == 0
+    metrics = json.loads((copy / "metrics" / "calibrate" / "arcface.json").read_text())
+    assert metrics["arcface"]["temperature"] == 1.0 and metrics["arcface"]["fitted"] is False
+    assert metrics["arcface"]["before"]["accuracy"] == 1.0
+    assert "classifies every validation image correctly" in capsys.readouterr().err
+
+    logits[0] = np.roll(logits[0], 1)  # one mistake: the NLL has a minimum, T is fitted
+    assert run_stage(calibrate.main, ["arcface"]) == 0
+    metrics = json.loads((copy / "metrics" / "calibrate" / "arcface.json").read_text())
+    assert metrics["arcface"]["fitted"] is True and metrics["arcface"]["temperature"] != 1.0

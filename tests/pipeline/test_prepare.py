@@ -10,6 +10,8 @@ from conftest import ORL, make_image_folder, shipped_raw, tiny_raw, write_params
 
 from angular.config import parse_params
 from angular.data import SPLITS, DataError, ImageDataset, prepare_dataset, read_manifest
+from angular.inference import load_model, run_model
+from angular.training import TrainPaths, train_item
 
 
 def data_config(**overrides):
@@ -235,3 +237,19 @@ def test_a_slice_of_the_orl_faces(tmp_path):
     assert image.shape == (1, 56, 46) and 0 <= int(label) < 4
     assert float(image.std()) > 0.05  # a real face, not a blank
     assert np.unique(manifest.labels("train")).tolist() == [0, 1, 2, 3]
+
+    # One epoch of training on the faces, and the model reads them back for inference.
+    raw = tiny_raw(
+        data__source="imagefolder",
+        data__path=str(tmp_path / "orl"),
+        data__image_size=[56, 46],
+        train__epochs=1,
+        train__batch_size=8,
+    )
+    paths = TrainPaths(*(tmp_path / "run" / name for name in ("m.pt", "ck", "m.json", "l", "a")))
+    metrics = train_item(parse_params(raw), "arcface", manifest, paths)
+    assert metrics["epoch"] == 1 and np.isfinite(metrics["train_loss"])
+    outputs = run_model(
+        load_model(paths.model), manifest.paths("unknown"), manifest.labels("unknown"), ["?"] * 20
+    )
+    assert outputs.embeddings.shape == (20, 16) and outputs.logits["arcface"].shape == (20, 4)
