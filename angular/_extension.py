@@ -55,5 +55,5 @@ def warn_fallback_once(reason: str) -> None:
         f"angular: running the pure-PyTorch reference margin ops because {reason}; "
         "build the extension (see README) for the fused kernels.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # warn_fallback_once <- _fused_for <- ops.margin_* <- caller,
     )

@@ -29,7 +29,7 @@ class LambdaSchedule:
 
     def __post_init__(self):
         for name in ("lam_base", "gamma", "power", "lam_min"):
-            value = ops._check_number(name, getattr(self, name), low=0.0)
+            value = ops.check_number(name, getattr(self, name), low=0.0)
             object.__setattr__(self, name, value)
 
     def __call__(self, step: int) -> float:
@@ -97,7 +97,7 @@ class MarginHead(nn.Module):
         num_classes = check_size("num_classes", num_classes)
         if not isinstance(margin, MarginSpec):
             raise TypeError(f"margin must be a MarginSpec, got {type(margin).__name__}")
-        label_smoothing = ops._check_number("label_smoothing", label_smoothing, low=0.0)
+        label_smoothing = ops.check_number("label_smoothing", label_smoothing, low=0.0)
         if label_smoothing > 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.embedding_dim = embedding_dim

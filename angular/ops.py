@@ -14,14 +14,19 @@ The compiled ops (schemas in ``csrc/ops.cpp``)::
                                   label_smoothing, straight_through) -> grad_cos
 
 Per-row losses are 0 for rows with a negative label; the reduction happens here, in Python, so that
-the kernels see one per-row upstream gradient whatever the reduction. NaN or inf inside ``cos``
-propagates to that row's logits and loss (and so to a ``mean``/``sum``); it is not checked for, as
-that would cost a pass over B x C.
+the kernels see one per-row upstream gradient whatever the reduction.
+
+Non-finite values inside ``cos`` are not checked for (that would cost a pass over B x C); they act
+row by row, as in ``F.cross_entropy``: NaN or +inf anywhere in a row with a target, or a non-finite
+target value, makes that row's loss non-finite (and so a ``mean``/``sum``); -inf at a non-target
+column gives that class probability 0 (a finite loss without smoothing, +inf with it); rows without
+a target have loss 0 and gradient 0 whatever they hold; other rows are unaffected.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -46,8 +51,9 @@ def backend() -> str:
 # Validation: every message names the argument and what was wrong.
 
 
-def _check_number(name: str, value, *, low: float | None = None, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_number(name: str, value, *, low: float | None = None, strict: bool = False) -> float:
+    """``value`` as a finite float (>= ``low``, or > ``low`` when ``strict``); else an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if torch.compiler.is_compiling():
         # torch.compile may trace a float that changes between calls as a symbolic value, which
@@ -64,11 +70,11 @@ def _check_number(name: str, value, *, low: float | None = None, strict: bool = 
 def check_margin(s, m1, m2, m3, lam) -> tuple[float, float, float, float, float]:
     """Validate margin parameters (also used by :class:`angular.heads.MarginSpec`)."""
     return (
-        _check_number("s", s, low=0.0, strict=True),
-        _check_number("m1", m1, low=0.0, strict=True),
-        _check_number("m2", m2, low=0.0),
-        _check_number("m3", m3),
-        _check_number("lam", lam, low=0.0),
+        check_number("s", s, low=0.0, strict=True),
+        check_number("m1", m1, low=0.0, strict=True),
+        check_number("m2", m2, low=0.0),
+        check_number("m3", m3),
+        check_number("lam", lam, low=0.0),
     )
 
 
@@ -99,10 +105,6 @@ def _check_tensors(cos, labels) -> None:
         largest = int(labels.max())
         if largest >= classes:
             raise ValueError(f"labels must be < C = {classes}, got a label {largest}")
-
-
-def _use_fused(cos: torch.Tensor) -> bool:
-    return _fused_for(cos.device.type)
 
 
 # Evaluated once per device type while torch.compile traces (its answer cannot change within a
@@ -138,7 +140,7 @@ def margin_logits(
     ``s * f_y``; rows whose label is negative get no margin. Returned in ``cos``'s dtype."""
     s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
     _check_tensors(cos, labels)
-    if _use_fused(cos):
+    if _fused_for(cos.device.type):
         return torch.ops.angular.margin_logits(
             cos, labels, s, m1, m2, m3, lam, bool(straight_through)
         )
@@ -166,13 +168,13 @@ def margin_cross_entropy(
     with no target at all has mean loss 0). The loss is fp32 (fp64 for fp64 ``cos``).
     """
     s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
-    label_smoothing = _check_number("label_smoothing", label_smoothing, low=0.0)
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
     if label_smoothing > 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_tensors(cos, labels)
-    if not _use_fused(cos):
+    if not _fused_for(cos.device.type):
         return reference.margin_cross_entropy(
             cos,
             labels,
