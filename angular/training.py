@@ -7,9 +7,10 @@
   two runs with the same params give bitwise identical models.
 - A checkpoint per epoch (``epoch-0007.pt``), written atomically (a temp file in the same folder,
   fsync, ``os.replace``), holds the model, optimizer, scheduler, RNG states, history and epoch; the
-  newest ``train.keep_checkpoints`` are kept. A rerun resumes from the newest readable checkpoint
-  written by the same configuration (a fingerprint of everything that shapes the run), and ends
-  with exactly the model of an uninterrupted run.
+  newest ``train.keep_checkpoints`` are kept while training, and all are removed once the model
+  file is written. A rerun after an interruption resumes from the newest readable checkpoint
+  written by the same configuration (a fingerprint of the params and data that shape the run),
+  and ends with exactly the model of an uninterrupted run.
 - A non-finite loss stops training with :class:`NonFiniteLossError` naming the epoch and step (the
   last good checkpoint stays), or with ``train.on_nonfinite: skip`` the step is skipped and counted.
 """
@@ -519,4 +520,7 @@ def train_item(
     atomic_save(model_file, paths.model)
     metrics = {key: value for key, value in final.items() if key not in ("lr",)}
     atomic_write_text(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # The model file now holds the result. Checkpoints only serve to resume an interrupted run;
+    # kept, they would let a rerun after a code change "resume" a finished run instead of training.
+    _prune_checkpoints(paths.checkpoints, 0)
     return metrics
