@@ -146,11 +146,10 @@ def _scan_folder(root: Path, param: str, *, skip_bad: bool, min_images: int) -> 
     problems: list[str] = []
 
     def bad(path: Path, reason: str) -> None:
-        (
+        if skip_bad:
             skipped.append({"path": str(path), "reason": reason})
-            if skip_bad
-            else problems.append(f"{path}: {reason}")
-        )
+        else:
+            problems.append(f"{path}: {reason}")
 
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or not entry.is_dir():

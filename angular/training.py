@@ -493,12 +493,12 @@ def train_item(
         _prune_checkpoints(paths.checkpoints, config.keep_checkpoints)
         if run is not None:
             run.log_metrics({**row, "skipped_steps": skipped_steps}, step=epoch)
-        if not progress:
-            _say(
-                f"{label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "
-                f"acc {row['train_accuracy']:.4f} | val loss {val_loss:.4f} "
-                f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)"
-            )
+        tqdm.write(
+            f"{label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "
+            f"acc {row['train_accuracy']:.4f} | val loss {val_loss:.4f} "
+            f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)",
+            file=sys.stderr,
+        )
 
     final = dict(history[-1])
     final["skipped_steps"] = skipped_steps
