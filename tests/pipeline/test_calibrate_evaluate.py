@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import tiny_raw, write_params
 from PIL import Image
+from pipeline_testing import tiny_raw, write_params
 
 from angular import metrics as M
 from angular.calibration import calibration_report

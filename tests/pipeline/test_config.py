@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, SHIPPED_PARAMS, delete_key, set_key, shipped_raw, tiny_raw, write_params
+from pipeline_testing import (
+    REPO,
+    SHIPPED_PARAMS,
+    delete_key,
+    set_key,
+    shipped_raw,
+    tiny_raw,
+    write_params,
+)
 
 from angular.config import ConfigError, load_params, parse_params
 from angular.data import build_augmentation

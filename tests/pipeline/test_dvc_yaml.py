@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, shipped_raw
+from pipeline_testing import REPO, shipped_raw
 
 import pipeline
 from angular.config import DataConfig, TrainConfig

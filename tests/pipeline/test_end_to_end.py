@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_raw, write_params
+from pipeline_testing import REPO, tiny_raw, write_params
 
 from angular.config import parse_params
 from angular.data import read_manifest

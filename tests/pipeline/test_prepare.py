@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ORL, make_image_folder, shipped_raw, tiny_raw, write_params
+from pipeline_testing import ORL, make_image_folder, shipped_raw, tiny_raw, write_params
 
 from angular.config import parse_params
 from angular.data import SPLITS, DataError, ImageDataset, prepare_dataset, read_manifest

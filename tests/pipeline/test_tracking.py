@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from conftest import tiny_raw, write_params
+from pipeline_testing import tiny_raw, write_params
 
 from angular.config import TrackingConfig
 from angular.tracking import StageRun, TrackingError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_raw, write_params
+from pipeline_testing import tiny_raw, write_params
 
 from angular import training
 from angular.config import ConfigError, parse_params
