@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
+# DVC runs each stage as `python -m pipeline.<stage>`: the venv's python must come first on PATH.
 repro: setup
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 lint: setup
 	$(VENV)/bin/ruff check .
