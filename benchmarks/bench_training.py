@@ -30,6 +30,7 @@ for _path in (str(_HERE.parent), str(_HERE)):
         sys.path.insert(0, _path)
 
 import torch  # noqa: E402
+from bench_margin import _choice_list  # noqa: E402
 
 from angular import _extension, ops  # noqa: E402
 from angular.heads import ArcFace  # noqa: E402
@@ -41,19 +42,6 @@ DIGITS_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 EMBEDDING_DIM = 128
 RESULT_PREFIX = "BENCH_TRAINING_RESULT "
-
-
-def _choice_list(name: str, choices):
-    def parse(text: str) -> tuple[str, ...]:
-        values = tuple(item.strip() for item in text.split(",") if item.strip())
-        unknown = [value for value in values if value not in choices]
-        if not values or unknown:
-            raise argparse.ArgumentTypeError(
-                f"{name}: unknown {unknown or text!r}; choose from {', '.join(choices)}"
-            )
-        return values
-
-    return parse
 
 
 def _positive_int(name: str):
