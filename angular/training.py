@@ -8,9 +8,11 @@
 - A checkpoint per epoch (``epoch-0007.pt``), written atomically (a temp file in the same folder,
   fsync, ``os.replace``), holds the model, optimizer, scheduler, RNG states, history and epoch; the
   newest ``train.keep_checkpoints`` are kept while training, and all are removed once the model
-  file is written. A rerun after an interruption resumes from the newest readable checkpoint
-  written by the same configuration (a fingerprint of the params and data that shape the run),
-  and ends with exactly the model of an uninterrupted run.
+  file is written. A rerun after an interruption resumes from the newest intact checkpoint (its
+  zip archive's CRC-32 checks pass and it unpickles with ``weights_only``; a damaged one is
+  skipped with a message naming it) written by the same configuration (a fingerprint of the
+  params, the data and the model's tensor shapes), and ends with exactly the model of an
+  uninterrupted run.
 - A non-finite loss stops training with :class:`NonFiniteLossError` naming the epoch and step (the
   last good checkpoint stays), or with ``train.on_nonfinite: skip`` the step is skipped and counted.
 """
@@ -25,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -193,9 +196,14 @@ def describe_model(params: Params, item: TrainItem) -> tuple[dict, dict, dict]:
     return backbone, heads, image
 
 
-def _fingerprint(params: Params, item: TrainItem, manifest: Manifest) -> str:
-    """A hash of everything that shapes the training run (a checkpoint from another is not resumed)."""
+def _fingerprint(
+    params: Params, item: TrainItem, manifest: Manifest, model: torch.nn.Module
+) -> str:
+    """A hash of everything that shapes the training run (a checkpoint from another is not resumed):
+    the params and data, and the names and shapes of the model's tensors (the model code may have
+    changed since the checkpoint was written)."""
     backbone, heads, image = describe_model(params, item)
+    architecture = [(name, list(tensor.shape)) for name, tensor in model.state_dict().items()]
     train = dataclasses.asdict(params.train)
     for key in ("items", "keep_checkpoints", "preload_images"):
         train.pop(key)
@@ -209,6 +217,7 @@ def _fingerprint(params: Params, item: TrainItem, manifest: Manifest) -> str:
         "train": train,
         "classes": list(manifest.classes),
         "data": data,
+        "architecture": architecture,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -239,6 +248,14 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _damaged_member(path: Path) -> str | None:
+    """The first member of the checkpoint's zip archive whose CRC-32 does not match its bytes, or
+    None. ``torch.load`` does not check them: a flipped byte inside a tensor would load silently.
+    Raises when the file is not a zip archive at all (truncated, empty, another format)."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
+
+
 def _load_checkpoint(folder: Path, fingerprint: str, label: str) -> dict | None:
     """The newest readable checkpoint written by this configuration, or None. Leftover temp files
     (a save interrupted by a kill) and checkpoints of another configuration are removed."""
@@ -246,15 +263,25 @@ def _load_checkpoint(folder: Path, fingerprint: str, label: str) -> dict | None:
         leftover.unlink(missing_ok=True)
     for path in sorted(folder.glob(CHECKPOINT_PATTERN), reverse=True):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            damaged = _damaged_member(path)
+            state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             _say(f"{label}: checkpoint {path} is unreadable ({error}); trying an older one")
             continue
+        if damaged:
+            _say(
+                f"{label}: checkpoint {path} is corrupt ({damaged} fails its CRC-32 check); "
+                "trying an older one"
+            )
+            continue
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            _say(f"{label}: {path} is not a checkpoint; ignoring it")
+            _say(f"{label}: checkpoint {path} is not a checkpoint of angular; ignoring it")
             continue
         if state.get("fingerprint") != fingerprint:
-            _say(f"{label}: checkpoints in {folder} come from other params; starting afresh")
+            _say(
+                f"{label}: checkpoints in {folder} come from other params; starting afresh "
+                "(other params, data or model code make another run)"
+            )
             for stale in folder.glob(CHECKPOINT_PATTERN):
                 stale.unlink(missing_ok=True)
             return None
@@ -400,7 +427,7 @@ def train_item(
     )
     val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 256), shuffle=False)
 
-    fingerprint = _fingerprint(params, item, manifest)
+    fingerprint = _fingerprint(params, item, manifest, model)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     skipped_steps = 0
