@@ -159,6 +159,8 @@ def _scan_folder(root: Path, param: str, *, skip_bad: bool, min_images: int) -> 
         for file in sorted(entry.iterdir()):
             if file.name.startswith("."):
                 ignored.append(str(file))
+            elif file.is_symlink() and not file.exists():
+                bad(file, f"a broken symbolic link (to {os.readlink(file)}, which does not exist)")
             elif not file.is_file():
                 bad(file, "not a file (identity folders must hold images only, no sub-folders)")
             else:
@@ -187,7 +189,16 @@ def _scan_folder(root: Path, param: str, *, skip_bad: bool, min_images: int) -> 
             + (f"\n  ... and {more} more" if more else "")
         )
     if not images:
-        raise DataError(f"{param}: {root} holds no identity folder with usable images")
+        loose = sum(
+            1 for path in root.iterdir() if path.is_file() and not path.name.startswith(".")
+        )
+        hint = (
+            f" (it holds {loose} file(s) at the top level: put each identity's images in a "
+            "sub-folder of its own)"
+            if loose
+            else ""
+        )
+        raise DataError(f"{param}: {root} holds no identity folder with usable images{hint}")
     return _Scan(images, skipped, ignored)
 
 
