@@ -14,18 +14,44 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 CASES_FILE = Path(__file__).resolve().parents[1] / "test_ops_api.py"
 
 # Loads the case table by path (the tests folder is not a package) and runs every case in one process.
+# With "cuda" every tensor the table makes is a CUDA tensor (the default device), so the cases reach
+# the CUDA backend; the table's one mixed-device case is replaced by both mixes, made explicitly.
 RUNNER = textwrap.dedent(
     """
     import importlib.util, json, sys
+    import torch
     spec = importlib.util.spec_from_file_location("ops_api_cases", sys.argv[1])
     cases = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cases)
-    report = {"backend": cases.ops.backend(), "results": cases.run_invalid_cases()}
-    print(json.dumps(report))
+    results = {}
+    if sys.argv[2] == "cuda":
+        torch.set_default_device("cuda")
+        ops = cases.ops
+        for op in (ops.margin_logits, ops.margin_cross_entropy):
+            for cos_device, labels_device in (("cpu", "cuda"), ("cuda", "cpu")):
+                case = f"{op.__name__}-cos-{cos_device}-labels-{labels_device}"
+                cos = torch.rand(4, 5, device=cos_device)
+                labels = torch.randint(0, 5, (4,), device=labels_device)
+                try:
+                    op(cos, labels, s=64.0)
+                except Exception as error:
+                    results[case] = dict(argument="labels", error=type(error).__name__,
+                                         message=str(error),
+                                         names_argument=cases.names_argument(str(error), "labels"))
+                else:
+                    results[case] = dict(argument="labels", error=None, message="",
+                                         names_argument=False)
+    table = cases.run_invalid_cases()
+    if sys.argv[2] == "cuda":
+        table = {case: r for case, r in table.items() if "device-cuda-cos-cpu-labels" not in case}
+        assert cases._cos().is_cuda, "the table's tensors are not on CUDA"
+    results.update(table)
+    print(json.dumps({"backend": cases.ops.backend(), "results": results}))
     """
 )
 
@@ -37,14 +63,24 @@ def load_case_table():
     return module
 
 
-@pytest.mark.parametrize("backend_choice", ["default", "python"])
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+    ],
+)
+
+
+@pytest.mark.parametrize("backend_choice", ["default", "python", CUDA])
 def test_invalid_arguments_raise_in_a_subprocess(backend_choice):
     env = dict(os.environ)
     env.pop("ANGULAR_BACKEND", None)
-    if backend_choice != "default":
+    if backend_choice == "python":
         env["ANGULAR_BACKEND"] = backend_choice
+    device = "cuda" if backend_choice == "cuda" else "cpu"
     result = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(CASES_FILE)],
+        [sys.executable, "-c", RUNNER, str(CASES_FILE), device],
         env=env,
         capture_output=True,
         text=True,
@@ -59,6 +95,12 @@ def test_invalid_arguments_raise_in_a_subprocess(backend_choice):
         assert report["backend"] == "python"
     results = report["results"]
     expected = [case[0] for case in load_case_table().invalid_cases()]
+    if device == "cuda":
+        expected = [case for case in expected if "device-cuda-cos-cpu-labels" not in case] + [
+            f"{op}-cos-{a}-labels-{b}"
+            for op in ("margin_logits", "margin_cross_entropy")
+            for a, b in (("cpu", "cuda"), ("cuda", "cpu"))
+        ]
     assert sorted(results) == sorted(expected), "the subprocess did not run every case"
     silent = {case: r for case, r in results.items() if r["error"] is None}
     assert not silent, f"backend {report['backend']}: no exception for {sorted(silent)}"
