@@ -298,6 +298,36 @@ def _prune_checkpoints(folder: Path, keep: int) -> None:
 # The loop.
 
 
+def _gradient_norm(model: torch.nn.Module, clip: float | None) -> torch.Tensor:
+    """The total gradient norm, clipping the gradients to ``clip`` when it is set."""
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    if not parameters:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters])
+    )
+
+
+def _non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the model's floating tensors (weights and buffers) holding NaN or inf."""
+    return [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def _kept_checkpoint(folder: Path) -> str:
+    newest = sorted(folder.glob(CHECKPOINT_PATTERN))
+    return (
+        f"the last good checkpoint {newest[-1]} is kept"
+        if newest
+        else "no checkpoint was written yet"
+    )
+
+
 def _batch_loss(model: RecognitionModel, images, labels, autocast: bool, device: torch.device):
     """Summed margin loss of the heads, and each head's count of correct arg-max predictions."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -466,26 +496,23 @@ def train_item(
         for step, (images, labels) in enumerate(bar, start=1):
             images, labels = images.to(device), labels.to(device)
             loss, batch_correct = _batch_loss(model, images, labels, autocast, device)
-            if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
+            if problem is None:
+                loss.backward()
+                norm = _gradient_norm(model, config.grad_clip_norm)
+                if not torch.isfinite(norm):
+                    problem = f"the gradient norm is {float(norm)} (the loss is finite)"
+            if problem is not None:
                 if config.on_nonfinite == "stop":
-                    newest = sorted(paths.checkpoints.glob(CHECKPOINT_PATTERN))
-                    kept = (
-                        f"the last good checkpoint {newest[-1]} is kept"
-                        if newest
-                        else ("no checkpoint was written yet")
-                    )
                     raise NonFiniteLossError(
-                        f"{label}: the loss is {float(loss.detach())} at epoch {epoch}, step {step}; "
-                        f"training stopped ({kept}). Lower train.lr, set train.grad_clip_norm, or "
-                        "set train.on_nonfinite: skip to skip such steps."
+                        f"{label}: {problem} at epoch {epoch}, step {step}; training stopped "
+                        f"({_kept_checkpoint(paths.checkpoints)}). Lower train.lr, set "
+                        "train.grad_clip_norm, or set train.on_nonfinite: skip to skip such steps."
                     )
                 skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             optimizer.step()
             total_loss += float(loss.detach()) * len(labels)
             seen += len(labels)
@@ -493,6 +520,15 @@ def train_item(
                 correct[name] += value
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         bar.close()
+        # Finite losses and gradients can still step the weights to inf (a huge learning rate):
+        # such a model is never checkpointed, so the last checkpoint stays a good one.
+        broken = _non_finite_tensors(model)
+        if broken:
+            raise NonFiniteLossError(
+                f"{label}: the weights turned non-finite during epoch {epoch} ({', '.join(broken)}); "
+                f"training stopped ({_kept_checkpoint(paths.checkpoints)}). Lower train.lr or set "
+                "train.grad_clip_norm."
+            )
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_loss, val_accuracy = _evaluate(model, val_loader, autocast, device)

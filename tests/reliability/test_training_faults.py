@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -47,9 +48,24 @@ class Interrupt(BaseException):
     """Stands in for a kill: not an Exception, so nothing in training catches it."""
 
 
-def fault_at_training_batches(monkeypatch, *, interrupt: int | None = None, nan: set[int] = ()):
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward (the loss itself stays finite)."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def fault_at_training_batches(
+    monkeypatch, *, interrupt: int | None = None, nan: set[int] = (), inf_grad: set[int] = ()
+):
     """Count training batches (1-based, over epochs) of the next run: make the loss NaN at the
-    ``nan`` ones and raise :class:`Interrupt` at ``interrupt``."""
+    ``nan`` ones, its gradient infinite at the ``inf_grad`` ones, and raise :class:`Interrupt`
+    at ``interrupt``."""
     original_batch_loss = training._batch_loss
     count = {"n": 0}
 
@@ -61,6 +77,8 @@ def fault_at_training_batches(monkeypatch, *, interrupt: int | None = None, nan:
         loss, correct = original_batch_loss(model, *args, **kwargs)
         if model.training and count["n"] in nan:
             loss = loss * float("nan")
+        if model.training and count["n"] in inf_grad:
+            loss = InfiniteGradient.apply(loss)
         return loss, correct
 
     monkeypatch.setattr(training, "_batch_loss", batch_loss)
@@ -322,3 +340,63 @@ def test_skipped_steps_are_counted_across_a_resume(runs, tmp_path, monkeypatch):
     assert_same_state(model_state(uninterrupted.model), model_state(interrupted.model))
     state = model_state(interrupted.model)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_an_infinite_gradient_with_a_finite_loss_stops_and_the_rerun_resumes(
+    runs, tmp_path, monkeypatch, capsys
+):
+    paths = paths_in(tmp_path)
+    fault_at_training_batches(monkeypatch, inf_grad={STEPS_PER_EPOCH + 3})  # epoch 2, step 3
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_item(runs["params"], "arcface", runs["manifest"], paths)
+    message = str(caught.value)
+    assert "the gradient norm is" in message and "(the loss is finite)" in message, message
+    assert "at epoch 2, step 3" in message, message
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch-0001.pt"]
+    monkeypatch.undo()
+    train_item(runs["params"], "arcface", runs["manifest"], paths)
+    assert "resuming after epoch 1 of 3" in capsys.readouterr().err
+    assert_same_state(model_state(runs["reference"].model), model_state(paths.model))
+
+
+def test_infinite_gradients_are_skipped_and_counted_without_clipping(runs, tmp_path, monkeypatch):
+    params = parse_params(
+        tiny_raw(train__epochs=2, train__on_nonfinite="skip", train__grad_clip_norm=None)
+    )
+    fault_at_training_batches(monkeypatch, inf_grad={4, STEPS_PER_EPOCH + 9})
+    metrics = train_item(params, "arcface", runs["manifest"], paths_in(tmp_path))
+    assert metrics["skipped_steps"] == 2 and math.isfinite(metrics["train_loss"])
+    state = model_state(tmp_path / "model.pt")
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_weights_that_turn_non_finite_are_never_checkpointed(runs, tmp_path, monkeypatch, capsys):
+    """Finite losses and gradients, but a step leaves an infinite weight (as a huge learning rate
+    can) at the last step of epoch 2: epoch 2 is not checkpointed, epoch 1 stays the last one."""
+    original = training._make_optimizer
+
+    def poisoning_optimizer(config, parameters):
+        optimizer = original(config, parameters)
+        calls = {"n": 0}
+
+        def after_step(optimizer, args, kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2 * STEPS_PER_EPOCH:
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].view(-1)[0] = math.inf
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer
+
+    monkeypatch.setattr(training, "_make_optimizer", poisoning_optimizer)
+    paths = paths_in(tmp_path)
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_item(runs["params"], "arcface", runs["manifest"], paths)
+    message = str(caught.value)
+    assert "the weights turned non-finite during epoch 2 (backbone." in message, message
+    assert f"the last good checkpoint {paths.checkpoints / 'epoch-0001.pt'} is kept" in message
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["epoch-0001.pt"]
+    monkeypatch.undo()
+    train_item(runs["params"], "arcface", runs["manifest"], paths)
+    assert "resuming after epoch 1 of 3" in capsys.readouterr().err
+    assert_same_state(model_state(runs["reference"].model), model_state(paths.model))
