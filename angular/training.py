@@ -13,8 +13,10 @@
   skipped with a message naming it) written by the same configuration (a fingerprint of the
   params, the data and the model's tensor shapes), and ends with exactly the model of an
   uninterrupted run.
-- A non-finite loss stops training with :class:`NonFiniteLossError` naming the epoch and step (the
-  last good checkpoint stays), or with ``train.on_nonfinite: skip`` the step is skipped and counted.
+- A non-finite loss, or a non-finite gradient norm, stops training with
+  :class:`NonFiniteLossError` naming the epoch and step (the last good checkpoint stays), or with
+  ``train.on_nonfinite: skip`` the step is skipped and counted. Weights that turned non-finite
+  anyway (a finite step to inf) stop training at the end of the epoch, before its checkpoint.
 """
 
 from __future__ import annotations
