@@ -173,9 +173,15 @@ RANGE = [(key, bad) for key, values in BAD_VALUES.items() for bad in values]
 def assert_rejected(key: str, value) -> ConfigError:
     raw = shipped_raw()
     set_key(raw, key, value)
-    with pytest.raises(ConfigError) as caught:
+    try:
         parse_params(raw)
-    error = caught.value
+    except ConfigError as caught:
+        error = caught
+    else:
+        pytest.fail(
+            f"{key}: {value!r} was accepted. If it is a valid value now, update NULLABLE or "
+            "BAD_VALUES in tests/reliability/test_config_errors.py; else validate it."
+        )
     # A list entry may be named more precisely: train.augment[0].
     assert error.key == key or error.key.startswith(f"{key}["), f"{key}={value!r}: {error}"
     assert str(error).startswith(f"{error.key}: ") and len(error.problem) > 10, str(error)
