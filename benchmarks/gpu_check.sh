@@ -129,8 +129,9 @@ fi
 # The fused-kernel CUDA tests, plus the other suites with CUDA cases whose imports this Python has
 # (only the fused ones are sure to: they need torch and pytest alone).
 test_files=(tests/test_fused_cuda.py tests/test_ops_api.py)
-if "$python" -c "import hypothesis" >/dev/null 2>&1; then
-  test_files+=(tests/reliability/test_ops_properties.py)
+# The reliability folder's conftest imports the pipeline's library (yaml, PIL, tqdm, ...).
+if "$python" -c "import hypothesis, angular.training" >/dev/null 2>&1; then
+  test_files+=(tests/reliability/test_ops_properties.py tests/reliability/test_ops_invalid_input.py)
 fi
 if [ "$build_ok" = 1 ] && "$python" -c "import pytest" >/dev/null 2>&1; then
   ANGULAR_REQUIRE_EXTENSION=1 run_step cuda-tests 150 "$out_dir/pytest_cuda.log" \
