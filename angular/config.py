@@ -2,7 +2,8 @@
 
 :func:`load_params` reads the file and returns a frozen :class:`Params`. Every key is required (the
 shipped ``params.yaml`` is the single place where the experiment's numbers live, and DVC needs each
-key a stage reads to exist there), except a head's ``straight_through`` (default ``false``). An
+key a stage reads to exist there), except a head's ``straight_through`` (default ``false``) and
+``evaluate.verification.pairs_file`` (default ``null``) and ``flip_test`` (default ``false``). An
 unknown key, a missing key or a bad value raises :class:`ConfigError`, whose message starts with
 the dotted key, e.g. ``train.epochs: must be an integer >= 1, got 0``.
 
@@ -163,8 +164,8 @@ class _Section:
             )
         return value
 
-    def string(self, name: str, *, optional: bool = False) -> str | None:
-        value = self.raw(name)
+    def string(self, name: str, *, optional: bool = False, default=_MISSING) -> str | None:
+        value = self.raw(name, default)
         if value is None and optional:
             return None
         if not isinstance(value, str) or not value.strip():
@@ -560,10 +561,15 @@ def _parse_calibrate(section: _Section) -> CalibrateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VerificationConfig:
-    impostors_per_genuine: float
+    impostors_per_genuine: float | None  # None: every impostor pair (up to max_impostors)
     max_impostors: int | None
     folds: int
     seed: int
+    # An LFW-style pairs.txt (relative to the folder the stage runs in): its pairs of test and
+    # unknown images are scored besides the drawn ones (None: only the drawn pairs).
+    pairs_file: str | None = None
+    # Embed each image and its horizontal mirror and add the two normalised embeddings.
+    flip_test: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -608,10 +614,14 @@ def _parse_evaluate(section: _Section) -> EvaluateConfig:
     embedding_plot = section.boolean("embedding_plot")
     verification = section.section("verification")
     verification_config = VerificationConfig(
-        impostors_per_genuine=verification.number("impostors_per_genuine", low=0.0, low_open=True),
+        impostors_per_genuine=verification.number(
+            "impostors_per_genuine", low=0.0, low_open=True, optional=True
+        ),
         max_impostors=verification.integer("max_impostors", low=1, optional=True),
         folds=verification.integer("folds", low=2),
         seed=verification.integer("seed", low=0),
+        pairs_file=verification.string("pairs_file", optional=True, default=None),
+        flip_test=verification.boolean("flip_test", default=False),
     )
     verification.finish()
     section.finish()

@@ -13,17 +13,21 @@ A model file (``torch.save`` of a dict of plain Python values and tensors, loada
     training:   a summary (epochs, seed, final metrics), for the record
 
 Inference uses ``head.logits`` (``s * cos``, no margin) per head, and the backbone's embedding.
+With ``flip_test`` the embedding of an image is the sum of the normalised embeddings of the image
+and of its horizontal mirror (a common test-time trick for faces); the logits always come from the
+image itself, so that calibration and classification see what training saw.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from angular.data import ImageDataset
 from angular.heads import LambdaSchedule, MarginHead, MarginSpec
@@ -38,6 +42,7 @@ __all__ = [
     "LoadedModel",
     "SplitOutputs",
     "run_model",
+    "run_batches",
 ]
 
 MODEL_FORMAT = "angular-model"
@@ -176,6 +181,38 @@ class SplitOutputs:
 
 
 @torch.no_grad()
+def run_batches(
+    loaded: LoadedModel,
+    batches: Iterable[torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    flip_test: bool = False,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(embeddings (N, D), {member: logits (N, C)})`` as float32 numpy arrays, of batches of
+    preprocessed images (normalised floats (B, C, H, W), as :class:`angular.data.ImageDataset`
+    gives them). ``flip_test``: see the module doc."""
+    model = loaded.model.to(device).eval()
+    embeddings, logits = [], {name: [] for name in model.heads}
+    for batch in batches:
+        batch = batch.to(device)
+        embedding = model(batch)
+        for name, value in model.logits(embedding).items():
+            logits[name].append(value.float().cpu())
+        if flip_test:
+            mirrored = model(batch.flip(-1))
+            embedding = F.normalize(embedding.float(), dim=1) + F.normalize(mirrored.float(), dim=1)
+        embeddings.append(embedding.float().cpu())
+    dim = model.heads[next(iter(model.heads))].embedding_dim
+    classes = len(loaded.classes)
+    return (
+        torch.cat(embeddings).numpy() if embeddings else np.zeros((0, dim), np.float32),
+        {
+            name: torch.cat(v).numpy() if v else np.zeros((0, classes), np.float32)
+            for name, v in logits.items()
+        },
+    )
+
+
 def run_model(
     loaded: LoadedModel,
     paths: Sequence[Path],
@@ -184,6 +221,7 @@ def run_model(
     *,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    flip_test: bool = False,
 ) -> SplitOutputs:
     """Embeddings and per-head logits of the images at ``paths`` (preprocessed as in training)."""
     image = loaded.image
@@ -195,24 +233,14 @@ def run_model(
         mean=image["mean"],
         std=image["std"],
     )
-    model = loaded.model.to(device).eval()
-    embeddings, logits = [], {name: [] for name in model.heads}
-    for start in range(0, len(dataset), batch_size):
-        batch = torch.stack(
-            [dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]
-        ).to(device)
-        embedding = model(batch)
-        embeddings.append(embedding.float().cpu())
-        for name, value in model.logits(embedding).items():
-            logits[name].append(value.float().cpu())
-    dim = model.heads[next(iter(model.heads))].embedding_dim
-    classes = len(loaded.classes)
+    batches = (
+        torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+        for start in range(0, len(dataset), batch_size)
+    )
+    embeddings, logits = run_batches(loaded, batches, device=device, flip_test=flip_test)
     return SplitOutputs(
-        embeddings=torch.cat(embeddings).numpy() if embeddings else np.zeros((0, dim), np.float32),
-        logits={
-            name: torch.cat(v).numpy() if v else np.zeros((0, classes), np.float32)
-            for name, v in logits.items()
-        },
+        embeddings=embeddings,
+        logits=logits,
         labels=np.asarray(labels, dtype=np.int64),
         identities=list(identities),
     )

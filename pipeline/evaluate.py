@@ -9,9 +9,13 @@
 - ``open_set_auroc`` (known vs unknown by confidence) and ``oscr``;
 - ``ece`` (and ``nll``) of the calibrated probabilities on test; heads also ``ece_uncalibrated``.
 
-Verification (LFW protocol, :func:`angular.metrics.verification_metrics`) on pairs of unknown
-images and pairs of test images, by each item's embedding and by the ``ensemble`` of their
-concatenated normalised embeddings.
+Verification (LFW protocol, :func:`angular.metrics.verification_metrics`: 10-fold accuracy with the
+threshold chosen on the other folds, ROC AUC, EER, TAR at FAR 1e-1, 1e-2, 1e-3, flagged when the
+impostor pairs are too few to resolve a FAR) on pairs of unknown images and pairs of test images
+(every genuine pair and a seeded sample of impostor pairs, ``evaluate.verification``), and on the
+pairs of an LFW-style ``pairs_file`` when one is given, by each item's embedding and by the
+``ensemble`` of their concatenated normalised embeddings; with ``flip_test`` each embedding adds
+that of the mirrored image.
 
 Writes one metrics file (``metrics/evaluate.json``), plots (``outputs/plots/evaluate/``: ROC, open-
 set confusion and reliability per head and rule, verification ROC, t-SNE of the embeddings), and
@@ -26,12 +30,13 @@ import math
 import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from angular import metrics as M
 from angular import plots
-from angular.config import EvaluateConfig, load_params
+from angular.config import ConfigError, EvaluateConfig, load_params
 from angular.data import read_manifest
 from angular.ensemble import combine
 from angular.inference import SplitOutputs, load_model, run_model
@@ -130,11 +135,11 @@ def _plots_for(name, probs, predicted, confidence, labels, threshold, classes, n
     )
 
 
-def _verification(embeddings: dict[str, np.ndarray], identities, config: EvaluateConfig, title):
-    """Verification metrics and ROC curves of each embedding on one set of images."""
+def _drawn_pairs(identities, config: EvaluateConfig):
+    """All genuine pairs and a seeded sample of impostor pairs of one split (None: too few)."""
     v = config.verification
     if len(set(identities)) < 2 or len(identities) < 2 * v.folds:
-        return {}, {}
+        return None
     a, b, same = M.verification_pairs(
         np.asarray(identities),
         seed=v.seed,
@@ -142,11 +147,40 @@ def _verification(embeddings: dict[str, np.ndarray], identities, config: Evaluat
         impostors_per_genuine=v.impostors_per_genuine,
     )
     if same.all() or not same.any() or len(same) < v.folds:
-        return {}, {}
+        return None
+    return a, b, same
+
+
+def pair_names(paths, identities) -> list[str]:
+    """The names a pairs file uses for these images: the file stem (LFW: ``Aaron_Peirsol_0001``),
+    or ``<identity>_<n:04d>`` when the stem is a bare number (ORL: ``s1/3.pgm`` -> ``s1_0003``)."""
+    names = []
+    for path, identity in zip(paths, identities):
+        stem = Path(path).stem
+        names.append(f"{identity}_{int(stem):04d}" if stem.isdigit() else stem)
+    return names
+
+
+def _pairs_from_file(config: EvaluateConfig, names):
+    path = config.verification.pairs_file
+    try:
+        return M.read_pairs_file(path, names)
+    except ValueError as error:
+        raise ConfigError(
+            "evaluate.verification.pairs_file",
+            f"{error} (its pairs must name test or unknown images)",
+        ) from None
+
+
+def _verification(embeddings: dict[str, np.ndarray], pairs, config: EvaluateConfig):
+    """Verification metrics and ROC curves of each embedding on pairs ``(index_a, index_b, same)``."""
+    a, b, same = pairs
     results, curves = {}, {}
     for name, embedding in embeddings.items():
         similarity = M.cosine_similarity_pairs(embedding, a, b)
-        results[name] = M.verification_metrics(similarity, same, folds=v.folds, seed=v.seed)
+        results[name] = M.verification_metrics(
+            similarity, same, folds=config.verification.folds, seed=config.verification.seed
+        )
         fpr, tpr, _ = M.roc_curve(similarity, same)
         curves[name] = (fpr, tpr)
     return results, curves
@@ -183,6 +217,7 @@ def evaluate(params, manifest, *, run=None) -> dict:
                 labels[split],
                 manifest.identities(split),
                 batch_size=config.batch_size,
+                flip_test=config.verification.flip_test,
             )
             for split in EVAL_SPLITS
         }
@@ -263,24 +298,41 @@ def evaluate(params, manifest, *, run=None) -> dict:
 
     # Verification and embeddings: one embedding per item, plus the concatenation of all.
     results["verification"] = {}
+    pair_sets = {}
+    embeddings_of = {}
     for split in ("unknown", "test"):
         embeddings = {item: outputs[item][split].embeddings for item in params.train.items}
+        embeddings_of[split] = embeddings
+        pairs = _drawn_pairs(outputs[params.train.items[0]][split].identities, config)
+        if pairs is not None:
+            pair_sets[split] = (embeddings, pairs, f"pairs of {split} images")
+    if config.verification.pairs_file is not None:
+        # The file's pairs may mix test and unknown images: look them up among both.
+        names = pair_names(
+            manifest.paths("test") + manifest.paths("unknown"),
+            manifest.identities("test") + manifest.identities("unknown"),
+        )
+        embeddings = {
+            item: np.concatenate([embeddings_of["test"][item], embeddings_of["unknown"][item]])
+            for item in params.train.items
+        }
+        pairs = _pairs_from_file(config, names)
+        pair_sets["pairs_file"] = (embeddings, pairs, config.verification.pairs_file)
+    for split, (embeddings, pairs, description) in pair_sets.items():
         if len(embeddings) > 1:
-            embeddings["ensemble"] = np.concatenate(
-                [_normalised(e) for e in embeddings.values()], axis=1
-            )
-        identities = outputs[params.train.items[0]][split].identities
-        found, curves = _verification(embeddings, identities, config, split)
-        if found:
-            results["verification"][split] = found
-            plots.roc_plot(
-                curves,
-                EVALUATE_PLOTS_DIR / f"verification_roc_{split}.png",
-                f"Verification on pairs of {split} images",
-                log_x=True,
-                xlabel="false accept rate",
-                ylabel="true accept rate",
-            )
+            embeddings = embeddings | {
+                "ensemble": np.concatenate([_normalised(e) for e in embeddings.values()], axis=1)
+            }
+        found, curves = _verification(embeddings, pairs, config)
+        results["verification"][split] = found
+        plots.roc_plot(
+            curves,
+            EVALUATE_PLOTS_DIR / f"verification_roc_{split}.png",
+            f"Verification on {description}",
+            log_x=True,
+            xlabel="false accept rate",
+            ylabel="true accept rate",
+        )
     if config.embedding_plot and has_unknown:
         for item in params.train.items:
             test, unknown = outputs[item]["test"], outputs[item]["unknown"]
@@ -323,22 +375,29 @@ def report_table(results: dict) -> str:
             cells = [values.get(c) for c in columns]
             text = ["" if c is None else f"{c:.4f}" for c in cells]
             lines.append(f"| {prefix}{name} | " + " | ".join(text) + " |")
+    unresolvable = False
     for split, entries in results.get("verification", {}).items():
-        lines += ["", f"Verification on pairs of {split} images:", ""]
-        keys = ["accuracy", "auc", "eer", "tar@far=1e-2", "n_genuine", "n_impostor"]
+        what = (
+            "the pairs of the pairs file" if split == "pairs_file" else f"pairs of {split} images"
+        )
+        lines += ["", f"Verification on {what}:", ""]
+        tar_keys = [f"tar@{M.far_key(far)}" for far in M.DEFAULT_FARS]
+        keys = ["accuracy", "auc", "eer", *tar_keys, "n_genuine", "n_impostor"]
         lines += ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
         for name, values in entries.items():
             cells = []
             for key in keys:
                 value = values.get(key)
-                cells.append(
-                    ""
-                    if value is None
-                    else f"{value:.0f}"
-                    if key.startswith("n_")
-                    else f"{value:.4f}"
-                )
+                if value is None and key in tar_keys:
+                    cells.append("n/r")
+                    unresolvable = True
+                elif value is None:
+                    cells.append("")
+                else:
+                    cells.append(f"{value:.0f}" if key.startswith("n_") else f"{value:.4f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if unresolvable:
+        lines += ["", "n/r: not resolvable, the false accept rate is below 1 / impostor pairs."]
     return "\n".join(lines) + "\n"
 
 

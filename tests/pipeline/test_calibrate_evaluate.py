@@ -265,3 +265,156 @@ def test_a_perfectly_separated_validation_split_keeps_t_at_one(
     assert run_stage(calibrate.main, ["arcface"]) == 0
     metrics = json.loads((copy / "metrics" / "calibrate" / "arcface.json").read_text())
     assert metrics["arcface"]["fitted"] is True and metrics["arcface"]["temperature"] != 1.0
+
+
+def _lfw_pairs(names, identities, rng, count):
+    """Lines of an LFW pairs.txt over ``names`` (``<identity>_<nnnn>``): genuine and impostor."""
+    by_identity: dict[str, list[str]] = {}
+    for name, identity in zip(names, identities):
+        by_identity.setdefault(identity, []).append(name)
+    number = {name: int(name.rsplit("_", 1)[1]) for name in names}
+    people = sorted(by_identity)
+    lines, same = [], []
+    for index in range(count):
+        if index % 2 == 0:
+            person = people[rng.integers(len(people))]
+            first, second = rng.choice(by_identity[person], size=2, replace=False)
+            lines.append(f"{person} {number[first]} {number[second]}")
+            same.append(True)
+        else:
+            one, other = rng.choice(people, size=2, replace=False)
+            first, second = rng.choice(by_identity[one]), rng.choice(by_identity[other])
+            lines.append(f"{one} {number[first]} {other} {number[second]}")
+            same.append(False)
+    return lines, np.array(same)
+
+
+def test_evaluate_with_flip_test_and_a_pairs_file(evaluated, tmp_path, monkeypatch):
+    """flip_test adds the mirrored image's normalised embedding to the image's; a pairs file in
+    LFW's format is scored on the test and unknown images it names; impostors_per_genuine null
+    draws every impostor pair."""
+    import torch
+    from torch.nn import functional as F
+
+    from angular.data import ImageDataset
+    from angular.inference import load_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    manifest = read_manifest("data/prepared")
+    paths = manifest.paths("test") + manifest.paths("unknown")
+    identities = manifest.identities("test") + manifest.identities("unknown")
+    names = evaluate.pair_names(paths, identities)
+    assert names[0] == f"{identities[0]}_{int(paths[0].stem):04d}"  # digits: <digit>/<nnnn>.png
+    rng = np.random.default_rng()
+    lines, same = _lfw_pairs(names, identities, rng, 40)
+    (copy / "pairs.txt").write_text("1 40\n" + "\n".join(lines) + "\n")
+    raw = tiny_raw(train__items=ITEMS)
+    raw["evaluate"]["verification"].update(
+        flip_test=True, pairs_file="pairs.txt", impostors_per_genuine=None
+    )
+    write_params(copy, raw)
+    assert run_stage(evaluate.main, []) == 0
+    results = json.loads((copy / "metrics" / "evaluate.json").read_text())
+
+    # The saved embeddings are the flip-test ones: recompute a few with the model.
+    saved = np.load(copy / "outputs" / "evaluate" / "arcface.npz")
+    loaded = load_model("outputs/models/arcface.pt")
+    image = loaded.image
+    dataset = ImageDataset(
+        manifest.paths("unknown")[:5],
+        manifest.labels("unknown")[:5],
+        image_size=image["size"],
+        channels=image["channels"],
+        mean=image["mean"],
+        std=image["std"],
+    )
+    batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected = F.normalize(loaded.model(batch), dim=1) + F.normalize(
+            loaded.model(batch.flip(-1)), dim=1
+        )
+    np.testing.assert_allclose(saved["unknown_embeddings"][:5], expected.numpy(), atol=1e-5)
+    # The logits stay those of the images themselves (what calibration saw).
+    before = np.load(evaluated / "outputs" / "evaluate" / "arcface.npz")
+    np.testing.assert_array_equal(saved["test_logits_arcface"], before["test_logits_arcface"])
+
+    # The pairs file's pairs, scored by each item's embedding and by the ensemble.
+    found = results["verification"]["pairs_file"]
+    assert list(found) == ITEMS + ["ensemble"]
+    embeddings = np.concatenate([saved["test_embeddings"], saved["unknown_embeddings"]])
+    index_a, index_b, same_read = M.read_pairs_file(copy / "pairs.txt", names)
+    np.testing.assert_array_equal(same_read, same)
+    expected = M.verification_metrics(
+        M.cosine_similarity_pairs(embeddings, index_a, index_b), same, folds=10, seed=0
+    )
+    assert found["arcface"] == pytest.approx(
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in expected.items()}
+    )
+    assert found["arcface"]["n_genuine"] == same.sum() and found["arcface"]["n_impostor"] == 20
+    assert (copy / "outputs" / "plots" / "evaluate" / "verification_roc_pairs_file.png").is_file()
+
+    # Every impostor pair of the unknown images (impostors_per_genuine: null).
+    unknown = np.asarray(manifest.identities("unknown"))
+    counts = np.unique(unknown, return_counts=True)[1]
+    n = len(unknown)
+    impostors = n * (n - 1) // 2 - int((counts * (counts - 1) // 2).sum())
+    assert results["verification"]["unknown"]["arcface"]["n_impostor"] == impostors
+    report = (copy / "outputs" / "evaluate" / "report.md").read_text()
+    assert "tar@far=1e-1 | tar@far=1e-2 | tar@far=1e-3" in report
+    assert "Verification on the pairs of the pairs file" in report
+
+
+def test_evaluate_names_a_pairs_file_that_names_missing_images(
+    evaluated, tmp_path, monkeypatch, capsys
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    (copy / "pairs.txt").write_text("nobody 1 2\n")
+    raw = tiny_raw(train__items=ITEMS)
+    raw["evaluate"]["verification"]["pairs_file"] = "pairs.txt"
+    write_params(copy, raw)
+    assert run_stage(evaluate.main, []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error in params.yaml: evaluate.verification.pairs_file: ")
+    assert "'nobody_0001' is not among names" in err and "\n" not in err
+
+    raw["evaluate"]["verification"]["pairs_file"] = "missing.txt"
+    write_params(copy, raw)
+    assert run_stage(evaluate.main, []) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("flip_test", "yes", "must be true or false"),
+        ("pairs_file", "", "must be a non-empty string (or null)"),
+        ("pairs_file", 3, "must be a non-empty string (or null)"),
+        ("impostors_per_genuine", 0, "must be a number > 0 (or null)"),
+    ],
+)
+def test_verification_options_are_validated(key, value, message):
+    from angular.config import ConfigError
+
+    raw = tiny_raw()
+    raw["evaluate"]["verification"][key] = value
+    with pytest.raises(ConfigError) as caught:
+        parse_params(raw)
+    assert str(caught.value).startswith(f"evaluate.verification.{key}: {message}, got {value!r}")
+
+
+def test_verification_options_default_to_off():
+    raw = tiny_raw()
+    for key in ("flip_test", "pairs_file"):
+        raw["evaluate"]["verification"].pop(key, None)
+    verification = parse_params(raw).evaluate.verification
+    assert verification.flip_test is False and verification.pairs_file is None
+    raw["evaluate"]["verification"].update(
+        flip_test=True, pairs_file="pairs.txt", impostors_per_genuine=None
+    )
+    verification = parse_params(raw).evaluate.verification
+    assert verification.flip_test is True and verification.pairs_file == "pairs.txt"
+    assert verification.impostors_per_genuine is None
