@@ -1,12 +1,13 @@
 # Everything runs inside a virtual environment in the project (.venv), created on first use.
 #   make repro   set up, then run the whole DVC pipeline (dvc repro) on the embedded default data set
+#   make faces   set up, then the faces experiment (experiments/faces) on ../shared/data/orl
 #   make test    set up, then lint and run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build repro test pytest lint format cuda-check bench-quick gpu-check clean
+.PHONY: setup build repro faces faces-seeds test pytest lint format cuda-check bench-quick gpu-check clean
 
 setup: $(STAMP)
 
@@ -24,6 +25,17 @@ build: setup
 # DVC runs each stage as `python -m pipeline.<stage>`: the venv's python must come first on PATH.
 repro: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# The faces experiment: the same stages on the ORL faces, in experiments/faces (docs/faces.md).
+FACES := experiments/faces
+
+faces: setup
+	$(PY) $(FACES)/check_data.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro $(FACES)/dvc.yaml
+
+# Three seeds of it, outside DVC; writes $(FACES)/seeds.md (the table of docs/faces.md).
+faces-seeds: setup
+	$(PY) $(FACES)/seeds.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
