@@ -119,6 +119,7 @@ NULLABLE = {
     "data.test_path",
     "train.grad_clip_norm",
     "train.augment",
+    "evaluate.verification.impostors_per_genuine",
     "evaluate.verification.max_impostors",
     "tracking.uri",
 }
