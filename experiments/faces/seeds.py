@@ -124,10 +124,10 @@ def _stats(values: list) -> dict | None:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _cell(stats: dict | None, n_seeds: int) -> str:
-    """``mean ± std``; ``n/r`` when no seed has a value (a FAR too small to resolve)."""
+def _cell(stats: dict | None, n_seeds: int, key: str) -> str:
+    """``mean ± std``; empty when no seed has a value (``n/r`` for a FAR too small to resolve)."""
     if stats is None:
-        return "n/r"
+        return "n/r" if key.startswith("tar@") else ""
     text = f"{stats['mean']:.4f} ± {stats['std']:.4f}"
     return text if stats["n"] == n_seeds else f"{text} ({stats['n']} seeds)"
 
@@ -138,24 +138,45 @@ def _table(title: str, rows: dict[str, list[dict]], columns) -> list[str]:
     lines.append("|---|" + "---:|" * len(columns))
     for name, per_seed in rows.items():
         cells = [
-            _cell(_stats([entry.get(key) for entry in per_seed]), len(per_seed))
+            _cell(_stats([entry.get(key) for entry in per_seed]), len(per_seed), key)
             for key, _ in columns
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
+def _best_head_accuracy(e: dict) -> float:
+    return max(v["closed_set_accuracy"] for v in e["heads"].values())
+
+
+def _unknown_ensemble(e: dict) -> dict:
+    found = e["verification"]["unknown"]
+    return found.get("ensemble") or next(iter(found.values()))
+
+
+# The issue's bars: (text, the measured value of one seed, the floor it must reach).
 BARS = (
-    ("every head: closed-set accuracy >= 0.95", lambda e: min(
-        v["closed_set_accuracy"] for v in e["heads"].values()) >= 0.95),
-    ("ensemble (every rule) closed-set accuracy >= the best head's", lambda e: min(
-        v["closed_set_accuracy"] for v in e["ensembles"].values()) >= max(
-        v["closed_set_accuracy"] for v in e["heads"].values())),
-    ("ensemble verification on unknown people: ROC AUC >= 0.98", lambda e:
-        e["verification"]["unknown"]["ensemble"]["auc"] >= 0.98),
-    ("ensemble verification on unknown people: TAR@FAR=1e-2 >= 0.85", lambda e:
-        (e["verification"]["unknown"]["ensemble"]["tar@far=1e-2"] or 0.0) >= 0.85),
-)  # fmt: skip
+    (
+        "lowest head closed-set accuracy >= 0.95",
+        lambda e: min(v["closed_set_accuracy"] for v in e["heads"].values()),
+        lambda e: 0.95,
+    ),
+    (
+        "lowest ensemble rule closed-set accuracy >= the best head's",
+        lambda e: min(v["closed_set_accuracy"] for v in e["ensembles"].values()),
+        _best_head_accuracy,
+    ),
+    (
+        "ensemble verification on the unknown people: ROC AUC >= 0.98",
+        lambda e: _unknown_ensemble(e)["auc"],
+        lambda e: 0.98,
+    ),
+    (
+        "ensemble verification on the unknown people: TAR@FAR=1e-2 >= 0.85",
+        lambda e: _unknown_ensemble(e)["tar@far=1e-2"] or 0.0,
+        lambda e: 0.85,
+    ),
+)
 
 
 def summary(results: list[dict], raw: dict) -> str:
@@ -206,8 +227,12 @@ def summary(results: list[dict], raw: dict) -> str:
     lines += ["**The issue's bars, seed by seed**", ""]
     lines += ["| bar | " + " | ".join(f"seed {r['seed']}" for r in results) + " |"]
     lines += ["|---|" + ":---:|" * len(results)]
-    for text, holds in BARS:
-        marks = ["yes" if holds(r["evaluate"]) else "**no**" for r in results]
+    for text, measured, floor in BARS:
+        marks = []
+        for r in results:
+            value = measured(r["evaluate"])
+            holds = value >= floor(r["evaluate"]) - 1e-12
+            marks.append(f"{value:.4f} {'yes' if holds else '**no**'}")
         lines.append(f"| {text} | " + " | ".join(marks) + " |")
     return "\n".join(lines) + "\n"
 
@@ -216,13 +241,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", type=Path, default=PARAMS)
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only rewrite seeds.md from the seeds.json of the last run",
+    )
     args = parser.parse_args(argv)
+    raw = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+    if args.summarize:
+        results = json.loads((HERE / "seeds.json").read_text(encoding="utf-8"))
+        (HERE / "seeds.md").write_text(summary(results, raw), encoding="utf-8")
+        print(summary(results, raw))
+        return 0
     try:
         orl = check(args.params)
     except MissingFaces as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    raw = yaml.safe_load(args.params.read_text(encoding="utf-8"))
     started = time.monotonic()
     results = [run_seed(seed, raw, orl) for seed in args.seeds]
     (HERE / "seeds.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
