@@ -192,6 +192,14 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 def evaluate(params, manifest, *, run=None) -> dict:
     config = params.evaluate
+    file_pairs = None
+    if config.verification.pairs_file is not None:  # a bad pairs file stops before any inference
+        # The file's pairs may mix test and unknown images: look them up among both.
+        names = pair_names(
+            manifest.paths("test") + manifest.paths("unknown"),
+            manifest.identities("test") + manifest.identities("unknown"),
+        )
+        file_pairs = _pairs_from_file(config, names)
     for folder in (EVALUATE_DIR, EVALUATE_PLOTS_DIR):
         if folder.exists():
             shutil.rmtree(folder)
@@ -306,18 +314,12 @@ def evaluate(params, manifest, *, run=None) -> dict:
         pairs = _drawn_pairs(outputs[params.train.items[0]][split].identities, config)
         if pairs is not None:
             pair_sets[split] = (embeddings, pairs, f"pairs of {split} images")
-    if config.verification.pairs_file is not None:
-        # The file's pairs may mix test and unknown images: look them up among both.
-        names = pair_names(
-            manifest.paths("test") + manifest.paths("unknown"),
-            manifest.identities("test") + manifest.identities("unknown"),
-        )
+    if file_pairs is not None:
         embeddings = {
             item: np.concatenate([embeddings_of["test"][item], embeddings_of["unknown"][item]])
             for item in params.train.items
         }
-        pairs = _pairs_from_file(config, names)
-        pair_sets["pairs_file"] = (embeddings, pairs, config.verification.pairs_file)
+        pair_sets["pairs_file"] = (embeddings, file_pairs, config.verification.pairs_file)
     for split, (embeddings, pairs, description) in pair_sets.items():
         if len(embeddings) > 1:
             embeddings = embeddings | {
