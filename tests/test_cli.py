@@ -317,3 +317,12 @@ def test_predict_and_embed_on_cuda_agree_with_cpu(digits_project):
         embed(images, project=digits_project, device="cpu").vectors,
         atol=1e-4,
     )
+
+
+def test_predict_reads_where_the_pipeline_writes():
+    import pipeline
+    from angular import predict as api
+
+    assert api.MODELS_DIR == pipeline.MODELS_DIR
+    assert api.CALIBRATION_DIR == pipeline.CALIBRATION_DIR
+    assert api.EVALUATE_METRICS == pipeline.EVALUATE_METRICS
