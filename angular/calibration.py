@@ -12,10 +12,8 @@ import math
 import numpy as np
 
 from angular.metrics import (
-    as_float_array,
-    as_int_array,
     brier_score,
-    check_same_length,
+    check_scores_labels,
     expected_calibration_error,
     log_softmax,
     softmax,
@@ -32,24 +30,9 @@ LOG_T_BOUNDS = (math.log(1e-3), math.log(1e4))
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def _check_logits_labels(logits, labels) -> tuple[np.ndarray, np.ndarray]:
-    logits = as_float_array(logits, "logits", ndim=2)
-    labels = as_int_array(labels, "labels")
-    check_same_length(logits=logits, labels=labels)
-    num_classes = logits.shape[1]
-    if num_classes == 0:
-        raise ValueError("logits must have at least one class column, got shape (N, 0)")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) (logits has {num_classes} columns), "
-            f"got values from {labels.min()} to {labels.max()}"
-        )
-    return logits, labels
-
-
 def temperature_nll(logits, labels, temperature: float) -> float:
     """Mean NLL of ``softmax(logits / temperature)``, computed from log-probabilities (no clipping)."""
-    logits, labels = _check_logits_labels(logits, labels)
+    logits, labels = check_scores_labels(logits, labels, "logits")
     return _nll(logits, labels, temperature)
 
 
@@ -67,7 +50,7 @@ def fit_temperature(logits, labels, *, max_iter: int = 200, tol: float = 1e-7) -
     minimum deterministically. The result never has a higher NLL than ``T = 1``: if the search
     ends worse than ``T = 1`` (only possible through rounding), 1.0 is returned.
     """
-    logits, labels = _check_logits_labels(logits, labels)
+    logits, labels = check_scores_labels(logits, labels, "logits")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if logits.shape[1] == 1:
@@ -100,7 +83,7 @@ def fit_temperature(logits, labels, *, max_iter: int = 200, tol: float = 1e-7) -
 def calibration_report(logits, labels, temperature: float, n_bins: int = 15) -> dict[str, float]:
     """NLL, ECE (``n_bins`` equal-width bins), Brier score and top-1 accuracy of
     ``softmax(logits / temperature)``."""
-    logits, labels = _check_logits_labels(logits, labels)
+    logits, labels = check_scores_labels(logits, labels, "logits")
     probs = softmax(logits, temperature)
     return {
         "nll": mean_nll(probs, labels),

@@ -127,19 +127,26 @@ def check_same_length(**arrays: np.ndarray) -> int:
     return length
 
 
-def check_probs_labels(probs, labels) -> tuple[np.ndarray, np.ndarray]:
-    """Validated ``(probs (N, K) float64, labels (N,) int64)`` with labels in [0, K)."""
-    probs = as_float_array(probs, "probs", ndim=2)
+def check_scores_labels(scores, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(scores (N, K) float64, labels (N,) int64)`` with labels in [0, K); ``name``
+    (``"probs"``, ``"logits"``) names the scores in messages."""
+    scores = as_float_array(scores, name, ndim=2)
     labels = as_int_array(labels, "labels")
-    check_same_length(probs=probs, labels=labels)
-    num_classes = probs.shape[1]
+    check_same_length(**{name: scores, "labels": labels})
+    num_classes = scores.shape[1]
     if num_classes == 0:
-        raise ValueError("probs must have at least one class column, got shape (N, 0)")
+        raise ValueError(f"{name} must have at least one class column, got shape (N, 0)")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
-            f"labels must lie in [0, {num_classes}) (probs has {num_classes} columns), "
+            f"labels must lie in [0, {num_classes}) ({name} has {num_classes} columns), "
             f"got values from {labels.min()} to {labels.max()}"
         )
+    return scores, labels
+
+
+def check_probs_labels(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(probs (N, K) float64, labels (N,) int64)`` with labels in [0, K)."""
+    probs, labels = check_scores_labels(probs, labels, "probs")
     if probs.min() < 0.0 or probs.max() > 1.0 + 1e-6:
         raise ValueError("probs must hold probabilities in [0, 1]")
     return probs, labels
