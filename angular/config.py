@@ -335,9 +335,15 @@ def _parse_model(section: _Section) -> ModelConfig:
     small = section.section("small_cnn")
     width = small.integer("width", low=1)
     dropout = small.number("dropout", low=0.0, high=1.0, high_open=True)
+    blocks = small.integer("blocks", low=1)
+    convs_per_block = small.integer("convs_per_block", low=1)
     small.finish()
     section.finish()
-    options = {"width": width, "dropout": dropout} if backbone == "small_cnn" else {}
+    options = {}
+    if backbone == "small_cnn":
+        options = dict(
+            width=width, dropout=dropout, blocks=blocks, convs_per_block=convs_per_block
+        )
     return ModelConfig(backbone=backbone, embedding_dim=embedding_dim, options=options)
 
 

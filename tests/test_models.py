@@ -63,6 +63,35 @@ def test_small_cnn_options_are_passed_through():
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in net.modules())
 
 
+@pytest.mark.parametrize("blocks,convs_per_block", [(1, 1), (3, 2), (4, 1)])
+def test_small_cnn_depth_options(seed, blocks, convs_per_block):
+    net = build_backbone(
+        "small_cnn", embedding_dim=8, width=4, blocks=blocks, convs_per_block=convs_per_block
+    )
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    widths = [4 * 2 ** min(block, 2) for block in range(blocks)]
+    assert [c.out_channels for c in convs] == [w for w in widths for _ in range(convs_per_block)]
+    pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == blocks
+    for shape in ((1, 8, 8), (1, 56, 46)):  # 8x8 digits survive 4 halvings (ceil mode)
+        out = net(torch.randn(2, *shape))
+        assert out.shape == (2, 8) and torch.all(torch.isfinite(out)), f"seed={seed}"
+
+
+def test_small_cnn_default_keeps_the_original_layout():
+    # Checkpoints of the two-block network must keep loading: same parameter names and shapes.
+    net = build_backbone("small_cnn", embedding_dim=16, width=8)
+    shapes = {name: tuple(t.shape) for name, t in net.state_dict().items() if "num_batches" not in name}
+    assert shapes == {
+        "features.0.weight": (8, 1, 3, 3),
+        **{f"features.1.{k}": (8,) for k in ("weight", "bias", "running_mean", "running_var")},
+        "features.4.weight": (16, 8, 3, 3),
+        **{f"features.5.{k}": (16,) for k in ("weight", "bias", "running_mean", "running_var")},
+        "embedding.2.weight": (16, 16 * 16),
+        **{f"embedding.3.{k}": (16,) for k in ("weight", "bias", "running_mean", "running_var")},
+    }
+
+
 def test_numpy_integer_sizes_are_accepted():
     net = build_backbone("small_cnn", in_channels=np.int64(1), embedding_dim=np.int64(8))
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 8)
@@ -86,6 +115,9 @@ def test_numpy_integer_sizes_are_accepted():
         ("small_cnn", dict(dropout=1.0), "dropout"),
         ("small_cnn", dict(dropout=-0.1), "dropout"),
         ("small_cnn", dict(depth=3), "depth"),
+        ("small_cnn", dict(blocks=0), "blocks"),
+        ("small_cnn", dict(blocks=2.0), "blocks"),
+        ("small_cnn", dict(convs_per_block=0), "convs_per_block"),
         ("resnet18", dict(width=64), "options"),
     ],
 )
