@@ -15,6 +15,7 @@ standard deviation and range over the seeds, and the issue's bars seed by seed) 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
 import math
@@ -191,7 +192,8 @@ def summary(results: list[dict], raw: dict) -> str:
     lines = [
         f"Seeds {seeds} (data.seed = train.seed); mean ± sample standard deviation over the "
         f"seeds. One seed's pipeline took {min(minutes):.1f} to {max(minutes):.1f} minutes "
-        f"({platform.machine()}, {os.cpu_count()} CPU cores, train.num_threads "
+        f"({platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{results[0].get('seeds_at_once', 1)} seed(s) at once, train.num_threads "
         f"{raw['train']['num_threads']}). Faces: AT&T/ORL, Olivetti Research Laboratory.",
         "",
     ]
@@ -242,6 +244,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", type=Path, default=PARAMS)
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(3, os.cpu_count() or 1),
+        help="seeds run at once (each stage uses train.num_threads threads); default: the CPU "
+        "cores, at most 3",
+    )
+    parser.add_argument(
         "--summarize",
         action="store_true",
         help="only rewrite seeds.md from the seeds.json of the last run",
@@ -259,7 +268,13 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     started = time.monotonic()
-    results = [run_seed(seed, raw, orl) for seed in args.seeds]
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    # Each seed's stages are subprocesses in their own folder: threads are enough to overlap them.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda seed: run_seed(seed, raw, orl), args.seeds))
+    for result in results:
+        result["seeds_at_once"] = min(args.jobs, len(args.seeds))
     (HERE / "seeds.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     text = summary(results, raw)
     (HERE / "seeds.md").write_text(text, encoding="utf-8")
