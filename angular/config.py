@@ -341,9 +341,7 @@ def _parse_model(section: _Section) -> ModelConfig:
     section.finish()
     options = {}
     if backbone == "small_cnn":
-        options = dict(
-            width=width, dropout=dropout, blocks=blocks, convs_per_block=convs_per_block
-        )
+        options = dict(width=width, dropout=dropout, blocks=blocks, convs_per_block=convs_per_block)
     return ModelConfig(backbone=backbone, embedding_dim=embedding_dim, options=options)
 
 

@@ -81,7 +81,9 @@ def test_small_cnn_depth_options(seed, blocks, convs_per_block):
 def test_small_cnn_default_keeps_the_original_layout():
     # Checkpoints of the two-block network must keep loading: same parameter names and shapes.
     net = build_backbone("small_cnn", embedding_dim=16, width=8)
-    shapes = {name: tuple(t.shape) for name, t in net.state_dict().items() if "num_batches" not in name}
+    shapes = {
+        name: tuple(t.shape) for name, t in net.state_dict().items() if "num_batches" not in name
+    }
     assert shapes == {
         "features.0.weight": (8, 1, 3, 3),
         **{f"features.1.{k}": (8,) for k in ("weight", "bias", "running_mean", "running_var")},
