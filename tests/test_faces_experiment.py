@@ -150,3 +150,45 @@ def test_a_tiny_faces_experiment_runs_end_to_end_under_dvc(tmp_path):
     assert not (project / "outputs").exists() and not (project / "metrics").exists()
     again = dvc(project, "repro", "experiments/faces/dvc.yaml")
     assert again.returncode == 0 and "Running stage" not in again.stdout
+
+
+def _evaluated(accuracy: float, auc: float, tar: float) -> dict:
+    """An evaluate.json shaped like the stage's, with the given figures for every row."""
+    classification = {"closed_set_accuracy": accuracy, "open_set_accuracy": accuracy - 0.1}
+    classification |= {"ece": 0.02, "open_set_auroc": 0.9, "oscr": 0.9}
+    verification = {"accuracy": 0.97, "auc": auc, "tar@far=1e-2": tar, "eer": 0.05}
+    verification |= {"n_genuine": 450, "n_impostor": 4500}
+    heads = ("arcface", "cosface")
+    return {
+        "heads": {
+            h: dict(classification, closed_set_accuracy=accuracy - 0.02, ece_uncalibrated=0.03)
+            for h in heads
+        },
+        "ensembles": {"mean_prob": dict(classification)},
+        "verification": {"unknown": {h: dict(verification) for h in (*heads, "ensemble")}},
+    }
+
+
+def test_the_seeds_summary_gives_means_spreads_and_the_bars():
+    import seeds
+
+    raw = yaml.safe_load((FACES / "params.yaml").read_text(encoding="utf-8"))
+    calibration = {"temperature": 1.2, "nll_before": 0.1, "nll_after": 0.09}
+    calibration |= {"ece_before": 0.02, "ece_after": 0.01}
+    results = [
+        {
+            "seed": seed,
+            "seconds": 60.0 * (seed + 1),
+            "evaluate": _evaluated(*figures),
+            "calibration": {"arcface": calibration, "cosface": calibration},
+        }
+        for seed, figures in enumerate([(0.96, 0.99, 0.90), (1.0, 0.97, 0.80)])
+    ]
+    text = seeds.summary(results, raw)
+    headline = next(line for line in text.splitlines() if line.startswith("| ensemble |"))
+    # closed-set accuracy 0.98 ± 0.0283 (sample std of 0.96, 1.0); AUC 0.98 ± 0.0141; TAR 0.85.
+    assert headline.split(" | ")[1:2] == ["0.9800 ± 0.0283"], headline
+    assert "0.9800 ± 0.0141" in headline and "0.8500 ± 0.0707" in headline, headline
+    assert "1.0 to 2.0 minutes" in text
+    bar = next(line for line in text.splitlines() if "ROC AUC >= 0.98" in line)
+    assert "0.9900 yes" in bar and "0.9700 **no**" in bar, bar

@@ -146,6 +146,39 @@ def _table(title: str, rows: dict[str, list[dict]], columns) -> list[str]:
     return lines + [""]
 
 
+# The headline table (README): (section of evaluate.json, key, label); verification on the unknown people.
+HEADLINE = (
+    ("classification", "closed_set_accuracy", "closed-set accuracy"),
+    ("classification", "open_set_accuracy", "open-set accuracy"),
+    ("classification", "ece", "ECE"),
+    ("verification", "accuracy", "unknown: 10-fold accuracy"),
+    ("verification", "auc", "unknown: ROC AUC"),
+    ("verification", "tar@far=1e-2", "unknown: TAR@FAR=1e-2"),
+)
+
+
+def headline(results: list[dict], rule: str = "mean_prob") -> list[str]:
+    """One row per head and one for the ensemble (``rule`` for classification, the concatenated
+    embeddings for verification): the table the README quotes."""
+    first = results[0]["evaluate"]
+    rows = {}
+    for name in [*first["heads"], "ensemble"]:
+        rows[name] = [
+            {
+                **(e["heads"][name] if name in e["heads"] else e["ensembles"][rule]),
+                **{f"v:{k}": v for k, v in e["verification"]["unknown"][name].items()},
+            }
+            for e in (r["evaluate"] for r in results)
+        ]
+    columns = [(k if part == "classification" else f"v:{k}", label) for part, k, label in HEADLINE]
+    return _table(
+        f"Faces, mean ± std over seeds (ensemble: {rule.replace('_', ' ')} of the calibrated heads; "
+        "its verification concatenates their embeddings)",
+        rows,
+        columns,
+    )
+
+
 def _best_head_accuracy(e: dict) -> float:
     return max(v["closed_set_accuracy"] for v in e["heads"].values())
 
@@ -197,6 +230,8 @@ def summary(results: list[dict], raw: dict) -> str:
         f"{raw['train']['num_threads']}). Faces: AT&T/ORL, Olivetti Research Laboratory.",
         "",
     ]
+    if "unknown" in first["verification"]:
+        lines += headline(results)
     lines += _table(
         "Closed-set and open-set recognition (test faces of the 30 known people; open set: "
         "+ the 100 faces of the 10 unknown people; thresholds chosen on validation)",
