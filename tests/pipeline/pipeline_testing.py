@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -21,11 +22,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the stages' package `pipeline` lives at the repository root
     sys.path.insert(0, str(REPO))
 
-from angular.config import parse_params  # noqa: E402
+from angular.config import TrackingConfig, parse_params  # noqa: E402
 from angular.data import prepare_dataset  # noqa: E402
+from angular.tracking import StageRun  # noqa: E402
+from angular.training import TrainPaths  # noqa: E402
 
 SHIPPED_PARAMS = REPO / "params.yaml"
 ORL = REPO / "../shared/data/orl"
+STEPS_PER_EPOCH = 15  # 935 training digits (shipped data params) in batches of 64
 
 
 def shipped_raw() -> dict:
@@ -100,3 +104,37 @@ def project(tmp_path, monkeypatch, digits_prepared):
     write_params(tmp_path, tiny_raw())
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def paths_in(folder: Path) -> TrainPaths:
+    """A training run's output paths, all inside ``folder``."""
+    return TrainPaths(
+        model=folder / "model.pt",
+        checkpoints=folder / "checkpoints",
+        metrics=folder / "metrics.json",
+        loss_plot=folder / "loss.tsv",
+        accuracy_plot=folder / "accuracy.tsv",
+    )
+
+
+def create_empty_store(folder: Path) -> Path:
+    """An MLflow SQLite store in ``folder`` with its tables created; tests copy it, because a
+    fresh store costs seconds of migrations."""
+    path = folder / "mlflow.db"
+    setup = TrackingConfig(
+        enabled=True, uri=f"sqlite:///{path}", experiment="setup", required=False
+    )
+    with StageRun(setup, stage="setup") as run:
+        assert run.active
+    return path
+
+
+def model_state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_state(first: dict, second: dict) -> None:
+    """Bitwise equality of two state dicts."""
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from pipeline_testing import tiny_raw, write_params
+from pipeline_testing import create_empty_store, tiny_raw, write_params
 
 from angular.config import TrackingConfig
 from angular.tracking import StageRun, TrackingError
@@ -43,13 +43,7 @@ def closed_port() -> int:
 @pytest.fixture(scope="module")
 def empty_store(tmp_path_factory):
     """An MLflow SQLite store with its tables created (a fresh one costs seconds of migrations)."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    setup = TrackingConfig(
-        enabled=True, uri=f"sqlite:///{path}", experiment="setup", required=False
-    )
-    with StageRun(setup, stage="setup") as run:
-        assert run.active
-    return path
+    return create_empty_store(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture

@@ -8,38 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_testing import tiny_raw, write_params
+from pipeline_testing import (
+    STEPS_PER_EPOCH,
+    assert_same_state,
+    model_state,
+    paths_in,
+    tiny_raw,
+    write_params,
+)
 
 from angular import training
 from angular.config import ConfigError, parse_params
 from angular.data import read_manifest
 from angular.heads import MarginHead
 from angular.inference import load_model, run_model
-from angular.training import TrainPaths, train_item
+from angular.training import train_item
 from pipeline import run_stage
 from pipeline import train as train_stage
-
-STEPS_PER_EPOCH = 15  # 935 training digits in batches of 64
-
-
-def paths_in(folder: Path, item: str = "arcface") -> TrainPaths:
-    return TrainPaths(
-        model=folder / "model.pt",
-        checkpoints=folder / "checkpoints",
-        metrics=folder / "metrics.json",
-        loss_plot=folder / "loss.tsv",
-        accuracy_plot=folder / "accuracy.tsv",
-    )
-
-
-def assert_same_state(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
-
-
-def model_state(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["state_dict"]
 
 
 class Interrupt(BaseException):

@@ -15,24 +15,25 @@ import sys
 import textwrap
 from pathlib import Path
 
-import torch
-
 PIPELINE_TESTS = Path(__file__).resolve().parents[1] / "pipeline"
 if str(PIPELINE_TESTS) not in sys.path:
     sys.path.insert(0, str(PIPELINE_TESTS))
 
 from pipeline_testing import (  # noqa: E402  (needs the path above)
     REPO,
+    STEPS_PER_EPOCH,
+    assert_same_state,
+    create_empty_store,
     digits_prepared,
     make_image_folder,
+    model_state,
+    paths_in,
     project,
     set_key,
     shipped_raw,
     tiny_raw,
     write_params,
 )
-
-from angular.training import TrainPaths  # noqa: E402
 
 __all__ = [
     "REPO",
@@ -48,13 +49,12 @@ __all__ = [
     "run_stage_process",
     "run_python",
     "closed_port",
+    "create_empty_store",
     "paths_in",
     "model_state",
     "assert_same_state",
     "copy_prepared",
 ]
-
-STEPS_PER_EPOCH = 15  # 935 training digits (shipped data params) in batches of 64
 
 
 def stage_environment(**overrides: str | None) -> dict[str, str]:
@@ -106,27 +106,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def paths_in(folder: Path) -> TrainPaths:
-    return TrainPaths(
-        model=folder / "model.pt",
-        checkpoints=folder / "checkpoints",
-        metrics=folder / "metrics.json",
-        loss_plot=folder / "loss.tsv",
-        accuracy_plot=folder / "accuracy.tsv",
-    )
-
-
-def model_state(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["state_dict"]
-
-
-def assert_same_state(first: dict, second: dict) -> None:
-    """Bitwise equality of two state dicts."""
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
 
 
 def copy_prepared(prepared: Path, folder: Path) -> Path:

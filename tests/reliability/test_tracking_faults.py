@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from reliability_testing import (
     closed_port,
+    create_empty_store,
     run_python,
     run_stage_process,
     stage_environment,
@@ -32,8 +33,6 @@ from reliability_testing import (
 )
 
 from angular import training
-from angular.config import TrackingConfig
-from angular.tracking import StageRun
 from pipeline import EXIT_FAILURE, run_stage
 from pipeline import prepare as prepare_stage
 from pipeline import train as train_stage
@@ -51,13 +50,7 @@ def tracked_params(uri: str | None, **overrides) -> dict:
 @pytest.fixture(scope="module")
 def empty_store(tmp_path_factory) -> Path:
     """A SQLite store with MLflow's tables created once (a fresh one costs seconds of migrations)."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    setup = TrackingConfig(
-        enabled=True, uri=f"sqlite:///{path}", experiment="setup", required=False
-    )
-    with StageRun(setup, stage="setup") as run:
-        assert run.active
-    return path
+    return create_empty_store(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture
