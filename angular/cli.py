@@ -48,7 +48,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from angular.ensemble import RULES
+    from angular.eval.ensemble import RULES
 
     parser = argparse.ArgumentParser(
         prog="angular", description="Use trained angular-margin models on images."
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_predict(args) -> None:
-    from angular.predict import find_images, load_predictor
+    from angular.serve.predict import find_images, load_predictor
 
     images = find_images(args.images)  # path mistakes first, before loading any model
     predictor = load_predictor(
@@ -143,7 +143,7 @@ def _run_predict(args) -> None:
 
 
 def _run_embed(args) -> None:
-    from angular.predict import check_output, embed, find_images, write_embeddings
+    from angular.serve.predict import check_output, embed, find_images, write_embeddings
 
     images = find_images(args.images)  # path mistakes first, before loading any model
     check_output(args.out)
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a malformed command line: usage and exit status 2
     name = f"angular {args.command}"
     try:
-        from angular.predict import PredictError
+        from angular.serve.predict import PredictError
 
         try:
             (_run_predict if args.command == "predict" else _run_embed)(args)

@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from angular.ensemble import RULES
-from angular.heads import PRESETS, LambdaSchedule, MarginSpec
-from angular.models import BACKBONES
+from angular.eval.ensemble import RULES
+from angular.nn.backbones import BACKBONES
+from angular.nn.heads import PRESETS, LambdaSchedule, MarginSpec
 
 __all__ = [
     "ConfigError",

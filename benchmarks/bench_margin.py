@@ -64,8 +64,9 @@ for _path in (str(_HERE.parent), str(_HERE)):
 import formulations  # noqa: E402
 import torch  # noqa: E402
 
-from angular import _extension, ops, reference  # noqa: E402
-from angular.heads import MarginSpec  # noqa: E402
+from angular import ops  # noqa: E402
+from angular.nn.heads import MarginSpec  # noqa: E402
+from angular.ops import _extension, reference  # noqa: E402
 
 PROVIDERS = ("fused", "reference", "insightface", "compiled")
 BASELINES = ("reference", "insightface", "compiled")

@@ -32,9 +32,10 @@ for _path in (str(_HERE.parent), str(_HERE)):
 import torch  # noqa: E402
 from bench_margin import _choice_list  # noqa: E402
 
-from angular import _extension, ops  # noqa: E402
-from angular.heads import ArcFace  # noqa: E402
-from angular.models import build_backbone  # noqa: E402
+from angular import ops  # noqa: E402
+from angular.nn.backbones import build_backbone  # noqa: E402
+from angular.nn.heads import ArcFace  # noqa: E402
+from angular.ops import _extension  # noqa: E402
 
 BACKENDS = ("fused", "python")
 CASES = ("digits", "large")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from angular import reference
+from angular.ops import reference
 
 # acos is clamped just inside [-1, 1] so that its derivative stays finite over the whole matrix (in
 # non-target entries that derivative is multiplied by a zero mask, and inf * 0 would be NaN).

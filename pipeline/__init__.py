@@ -31,8 +31,8 @@ from pathlib import Path
 
 from angular.config import ConfigError
 from angular.data import DataError
-from angular.tracking import TrackingError
-from angular.training import NonFiniteLossError
+from angular.train.loop import NonFiniteLossError
+from angular.train.tracking import TrackingError
 
 PARAMS = Path("params.yaml")
 PREPARED_DIR = Path("data/prepared")

@@ -17,14 +17,16 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from angular.calibration import calibration_report, fit_temperature
 from angular.config import load_params
 from angular.data import read_manifest
-from angular.inference import load_model, run_model
-from angular.metrics import softmax
-from angular.plots import reliability_diagram
-from angular.tracking import StageRun
-from angular.training import atomic_write_text, limit_threads
+from angular.eval.calibration import calibration_report, fit_temperature
+from angular.eval.metrics import softmax
+from angular.eval.plots import reliability_diagram
+from angular.files import atomic_write_text
+from angular.nn.recognition import load_model
+from angular.serve.inference import run_model
+from angular.train.loop import limit_threads
+from angular.train.tracking import StageRun
 from pipeline import (
     CALIBRATE_METRICS_DIR,
     CALIBRATE_PLOTS_DIR,

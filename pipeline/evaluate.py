@@ -34,14 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from angular import metrics as M
-from angular import plots
 from angular.config import ConfigError, EvaluateConfig, load_params
 from angular.data import read_manifest
-from angular.ensemble import combine
-from angular.inference import SplitOutputs, load_model, run_model
-from angular.tracking import StageRun
-from angular.training import atomic_write_text, limit_threads
+from angular.eval import metrics as M
+from angular.eval import plots
+from angular.eval.ensemble import combine
+from angular.files import atomic_write_text
+from angular.nn.recognition import load_model
+from angular.serve.inference import SplitOutputs, run_model
+from angular.train.loop import limit_threads
+from angular.train.tracking import StageRun
 from pipeline import (
     EVALUATE_DIR,
     EVALUATE_METRICS,

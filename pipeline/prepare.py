@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from angular.config import load_params
 from angular.data import prepare_dataset
-from angular.tracking import StageRun
-from angular.training import atomic_write_text
+from angular.files import atomic_write_text
+from angular.train.tracking import StageRun
 from pipeline import PREPARE_METRICS, PREPARED_DIR, run_stage, stage_parser
 
 # The keys of params.yaml this stage reads (its `params` in dvc.yaml).

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from angular import ops
 from angular.config import load_params
 from angular.data import read_manifest
-from angular.tracking import StageRun
-from angular.training import TrainPaths, train_item
+from angular.train.loop import TrainPaths, train_item
+from angular.train.tracking import StageRun
 from pipeline import (
     ACCURACY_PLOTS_DIR,
     CHECKPOINTS_DIR,

@@ -25,7 +25,7 @@ import bench_margin  # noqa: E402
 import bench_training  # noqa: E402
 import formulations  # noqa: E402
 
-from angular import reference  # noqa: E402
+from angular.ops import reference  # noqa: E402
 
 # DESIGN §2 presets, written out here so that the benchmark's wiring of (s, m1, m2, m3) is checked
 # against the spec rather than against itself.

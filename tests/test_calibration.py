@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from angular import calibration, metrics
+from angular.eval import calibration, metrics
 
 
 def _sample_labels(logits: np.ndarray, temperature: float, rng) -> np.ndarray:

@@ -21,9 +21,9 @@ sys.path.insert(0, str(REPO / "tests" / "pipeline"))  # the pipeline tests' help
 from pipeline_testing import ORL, tiny_raw, write_params  # noqa: E402
 
 from angular import cli  # noqa: E402
-from angular import metrics as M  # noqa: E402
-from angular.ensemble import combine  # noqa: E402
-from angular.predict import PredictError, embed, load_predictor, predict  # noqa: E402
+from angular.eval import metrics as M  # noqa: E402
+from angular.eval.ensemble import combine  # noqa: E402
+from angular.serve.predict import PredictError, embed, load_predictor, predict  # noqa: E402
 from pipeline import calibrate, evaluate, prepare, run_stage  # noqa: E402
 from pipeline import train as train_stage  # noqa: E402
 
@@ -321,7 +321,7 @@ def test_predict_and_embed_on_cuda_agree_with_cpu(digits_project):
 
 def test_predict_reads_where_the_pipeline_writes():
     import pipeline
-    from angular import predict as api
+    from angular.serve import predict as api
 
     assert api.MODELS_DIR == pipeline.MODELS_DIR
     assert api.CALIBRATION_DIR == pipeline.CALIBRATION_DIR

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from angular import ensemble, metrics
+from angular.eval import ensemble, metrics
 
 
 def _heads(*rows_per_head):

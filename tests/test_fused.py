@@ -32,7 +32,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from angular import _extension, ops, reference
+from angular import ops
+from angular.ops import _extension, reference
 
 REQUIRE_EXTENSION = os.environ.get("ANGULAR_REQUIRE_EXTENSION", "").strip().lower() in (
     "1",

@@ -24,7 +24,9 @@ from test_fused import (
 )
 from test_op_registration import compiled_matches_eager, run_opcheck
 
-from angular import heads, ops, reference
+from angular import ops
+from angular.nn import heads
+from angular.ops import reference
 
 pytestmark = [
     pytest.mark.cuda,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from angular import ops
-from angular.heads import (
+from angular.nn.heads import (
     PRESETS,
     ArcFace,
     CombinedMargin,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from angular import metrics
+from angular.eval import metrics
 
 # --------------------------------------------------------------------------------------------------
 # Closed set and calibration

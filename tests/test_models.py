@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from angular.models import BACKBONES, build_backbone
+from angular.nn.backbones import BACKBONES, build_backbone
 
 INPUT_SHAPES = [(1, 8, 8), (1, 64, 64), (3, 32, 32)]
 

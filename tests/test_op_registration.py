@@ -13,7 +13,9 @@ from test_fused import make_inputs, require_fused
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from angular import heads, ops, reference
+from angular import ops
+from angular.nn import heads
+from angular.ops import reference
 
 
 @pytest.fixture(autouse=True)

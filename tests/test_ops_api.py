@@ -19,7 +19,8 @@ import textwrap
 import pytest
 import torch
 
-from angular import ops, reference
+from angular import ops
+from angular.ops import reference
 
 PRESETS = {
     "arcface": dict(m1=1.0, m2=0.5, m3=0.0, lam=0.0),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from angular import metrics, plots
+from angular.eval import metrics, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

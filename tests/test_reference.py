@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from angular import reference
+from angular.ops import reference
 
 # (name, m1, m2, m3, lam): the presets of DESIGN §2, SphereFace at three points of its schedule.
 PRESETS = [

@@ -24,8 +24,8 @@ if str(REPO) not in sys.path:  # the stages' package `pipeline` lives at the rep
 
 from angular.config import TrackingConfig, parse_params  # noqa: E402
 from angular.data import prepare_dataset  # noqa: E402
-from angular.tracking import StageRun  # noqa: E402
-from angular.training import TrainPaths  # noqa: E402
+from angular.train.loop import TrainPaths  # noqa: E402
+from angular.train.tracking import StageRun  # noqa: E402
 
 SHIPPED_PARAMS = REPO / "params.yaml"
 ORL = REPO / "../shared/data/orl"

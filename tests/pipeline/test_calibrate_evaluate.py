@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 from pipeline_testing import tiny_raw, write_params
 
-from angular import metrics as M
-from angular.calibration import calibration_report
 from angular.config import parse_params
 from angular.data import prepare_dataset, read_manifest
-from angular.ensemble import RULES, combine
-from angular.training import train_item
+from angular.eval import metrics as M
+from angular.eval.calibration import calibration_report
+from angular.eval.ensemble import RULES, combine
+from angular.train.loop import train_item
 from pipeline import calibrate, evaluate, run_stage
 from pipeline import train as train_stage
 
@@ -244,7 +244,7 @@ def test_a_perfectly_separated_validation_split_keeps_t_at_one(
     evaluated, tmp_path, monkeypatch, capsys
 ):
     """With no misclassified validation image the NLL falls as T -> 0: the stage keeps T = 1."""
-    from angular.inference import SplitOutputs
+    from angular.serve.inference import SplitOutputs
 
     copy = tmp_path / "copy"
     shutil.copytree(evaluated, copy)
@@ -297,7 +297,7 @@ def test_evaluate_with_flip_test_and_a_pairs_file(evaluated, tmp_path, monkeypat
     from torch.nn import functional as F
 
     from angular.data import ImageDataset
-    from angular.inference import load_model
+    from angular.nn.recognition import load_model
 
     copy = tmp_path / "copy"
     shutil.copytree(evaluated, copy)

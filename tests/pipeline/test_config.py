@@ -21,10 +21,10 @@ from pipeline_testing import (
 
 from angular.config import ConfigError, load_params, parse_params
 from angular.data import build_augmentation
-from angular.ensemble import RULES
-from angular.heads import PRESETS
-from angular.models import BACKBONES
-from angular.training import effective_label_smoothing
+from angular.eval.ensemble import RULES
+from angular.nn.backbones import BACKBONES
+from angular.nn.heads import PRESETS
+from angular.train.loop import effective_label_smoothing
 
 
 def test_shipped_params_load_with_the_documented_defaults():

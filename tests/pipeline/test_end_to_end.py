@@ -18,7 +18,7 @@ from pipeline_testing import REPO, tiny_raw, write_params
 
 from angular.config import parse_params
 from angular.data import read_manifest
-from angular.training import TrainPaths, train_item
+from angular.train.loop import TrainPaths, train_item
 from pipeline import calibrate, evaluate, prepare, run_stage
 from pipeline import train as train_stage
 

@@ -10,8 +10,9 @@ from pipeline_testing import ORL, make_image_folder, shipped_raw, tiny_raw, writ
 
 from angular.config import parse_params
 from angular.data import SPLITS, DataError, ImageDataset, prepare_dataset, read_manifest
-from angular.inference import load_model, run_model
-from angular.training import TrainPaths, train_item
+from angular.nn.recognition import load_model
+from angular.serve.inference import run_model
+from angular.train.loop import TrainPaths, train_item
 
 
 def data_config(**overrides):

@@ -17,12 +17,13 @@ from pipeline_testing import (
     write_params,
 )
 
-from angular import training
 from angular.config import ConfigError, parse_params
 from angular.data import read_manifest
-from angular.heads import MarginHead
-from angular.inference import load_model, run_model
-from angular.training import train_item
+from angular.nn.heads import MarginHead
+from angular.nn.recognition import load_model
+from angular.serve.inference import run_model
+from angular.train import loop as training
+from angular.train.loop import train_item
 from pipeline import run_stage
 from pipeline import train as train_stage
 
@@ -93,6 +94,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(project, monke
     ]
     assert not resumed.model.exists()
     monkeypatch.undo()
+    monkeypatch.chdir(project)  # undo() also undid the project fixture's chdir
     train_item(params, "arcface", manifest, resumed)
     assert "resuming after epoch 2 of 4" in capsys.readouterr().err
 
@@ -121,6 +123,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_last_good_one(project, monke
     with pytest.raises(Interrupt):
         train_item(params, "arcface", manifest, paths)
     monkeypatch.undo()
+    monkeypatch.chdir(project)  # undo() also undid the project fixture's chdir
     assert [p.name for p in paths.checkpoints.iterdir()] == ["epoch-0001.pt"]  # no partial file
     torch.load(paths.checkpoints / "epoch-0001.pt", weights_only=True)
 
@@ -143,6 +146,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(project, mon
     with pytest.raises(Interrupt):
         train_item(params, "arcface", manifest, paths)
     monkeypatch.undo()
+    monkeypatch.chdir(project)  # undo() also undid the project fixture's chdir
     newest = paths.checkpoints / "epoch-0002.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # damaged behind our back
     train_item(params, "arcface", manifest, paths)
@@ -158,6 +162,7 @@ def test_checkpoints_of_other_params_are_not_resumed(project, monkeypatch, capsy
     with pytest.raises(Interrupt):
         train_item(parse_params(tiny_raw(train__epochs=2)), "arcface", manifest, paths)
     monkeypatch.undo()
+    monkeypatch.chdir(project)  # undo() also undid the project fixture's chdir
     assert [p.name for p in paths.checkpoints.iterdir()] == ["epoch-0001.pt"]
     changed = parse_params(tiny_raw(train__epochs=2, train__lr=0.01))
     train_item(changed, "arcface", manifest, paths)

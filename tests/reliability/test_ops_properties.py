@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from angular import ops, reference
+from angular import ops
+from angular.ops import reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # DESIGN §7 tolerances (relative): (values, gradients).

@@ -32,7 +32,7 @@ from reliability_testing import (
     write_params,
 )
 
-from angular import training
+from angular.train import loop as training
 from pipeline import EXIT_FAILURE, run_stage
 from pipeline import prepare as prepare_stage
 from pipeline import train as train_stage

@@ -36,10 +36,10 @@ from reliability_testing import (
     write_params,
 )
 
-from angular import training
 from angular.config import parse_params
 from angular.data import read_manifest
-from angular.training import NonFiniteLossError, train_item
+from angular.train import loop as training
+from angular.train.loop import NonFiniteLossError, train_item
 
 EPOCHS = 3
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from angular.metrics import (
+from angular.eval.metrics import (
     as_array,
     as_bool_array,
     as_float_array,

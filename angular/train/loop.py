@@ -27,10 +27,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,7 +37,8 @@ from torch.utils.data import DataLoader
 
 from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
-from angular.inference import RecognitionModel, build_model, model_document
+from angular.files import atomic_save, atomic_write_text
+from angular.nn.recognition import RecognitionModel, build_model, model_document
 
 __all__ = [
     "TrainPaths",
@@ -46,8 +46,6 @@ __all__ = [
     "effective_label_smoothing",
     "select_device",
     "limit_threads",
-    "atomic_save",
-    "atomic_write_text",
     "train_item",
     "CHECKPOINT_PATTERN",
 ]
@@ -115,44 +113,6 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device", "cuda was asked for but no CUDA device is available")
     return torch.device(name)
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path`` (temp file, fsync, rename)."""
-    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:

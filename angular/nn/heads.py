@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from angular import ops
-from angular.models import check_size
+from angular.nn.backbones import check_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from angular.metrics import PROB_FLOOR, as_float_array
+from angular.eval.metrics import PROB_FLOOR, as_float_array
 
 __all__ = ["RULES", "combine"]
 

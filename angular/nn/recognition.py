@@ -21,17 +21,14 @@ image itself, so that calibration and classification see what training saw.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from angular.data import ImageDataset
-from angular.heads import LambdaSchedule, MarginHead, MarginSpec
-from angular.models import build_backbone
+from angular.nn.backbones import build_backbone
+from angular.nn.heads import LambdaSchedule, MarginHead, MarginSpec
 
 __all__ = [
     "MODEL_FORMAT",
@@ -40,9 +37,6 @@ __all__ = [
     "model_document",
     "load_model",
     "LoadedModel",
-    "SplitOutputs",
-    "run_model",
-    "run_batches",
 ]
 
 MODEL_FORMAT = "angular-model"
@@ -167,80 +161,4 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         image=dict(document["image"]),
         head_specs=dict(document["heads"]),
         training=dict(document.get("training", {})),
-    )
-
-
-@dataclasses.dataclass
-class SplitOutputs:
-    """What a model computes on the images of one split."""
-
-    embeddings: np.ndarray  # (N, D) float32
-    logits: dict[str, np.ndarray]  # member -> (N, C) float32, s * cos without margin
-    labels: np.ndarray  # (N,) int64, -1 for unknown identities
-    identities: list[str]
-
-
-@torch.no_grad()
-def run_batches(
-    loaded: LoadedModel,
-    batches: Iterable[torch.Tensor],
-    *,
-    device: str | torch.device = "cpu",
-    flip_test: bool = False,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(embeddings (N, D), {member: logits (N, C)})`` as float32 numpy arrays, of batches of
-    preprocessed images (normalised floats (B, C, H, W), as :class:`angular.data.ImageDataset`
-    gives them). ``flip_test``: see the module doc."""
-    model = loaded.model.to(device).eval()
-    embeddings, logits = [], {name: [] for name in model.heads}
-    for batch in batches:
-        batch = batch.to(device)
-        embedding = model(batch)
-        for name, value in model.logits(embedding).items():
-            logits[name].append(value.float().cpu())
-        if flip_test:
-            mirrored = model(batch.flip(-1))
-            embedding = F.normalize(embedding.float(), dim=1) + F.normalize(mirrored.float(), dim=1)
-        embeddings.append(embedding.float().cpu())
-    dim = model.heads[next(iter(model.heads))].embedding_dim
-    classes = len(loaded.classes)
-    return (
-        torch.cat(embeddings).numpy() if embeddings else np.zeros((0, dim), np.float32),
-        {
-            name: torch.cat(v).numpy() if v else np.zeros((0, classes), np.float32)
-            for name, v in logits.items()
-        },
-    )
-
-
-def run_model(
-    loaded: LoadedModel,
-    paths: Sequence[Path],
-    labels: Sequence[int],
-    identities: Sequence[str],
-    *,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    flip_test: bool = False,
-) -> SplitOutputs:
-    """Embeddings and per-head logits of the images at ``paths`` (preprocessed as in training)."""
-    image = loaded.image
-    dataset = ImageDataset(
-        paths,
-        labels,
-        image_size=image["size"],
-        channels=image["channels"],
-        mean=image["mean"],
-        std=image["std"],
-    )
-    batches = (
-        torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-        for start in range(0, len(dataset), batch_size)
-    )
-    embeddings, logits = run_batches(loaded, batches, device=device, flip_test=flip_test)
-    return SplitOutputs(
-        embeddings=embeddings,
-        logits=logits,
-        labels=np.asarray(labels, dtype=np.int64),
-        identities=list(identities),
     )

@@ -39,13 +39,13 @@ import numpy as np
 
 # numpy-only modules; torch and the models are imported when first needed, so that the command
 # line answers a mistyped path at once instead of after loading torch.
-from angular.ensemble import RULES, combine
-from angular.metrics import softmax
+from angular.eval.ensemble import RULES, combine
+from angular.eval.metrics import softmax
 
 if TYPE_CHECKING:
     import torch
 
-    from angular.inference import LoadedModel
+    from angular.nn.recognition import LoadedModel
 
 __all__ = [
     "PredictError",
@@ -246,7 +246,7 @@ class Predictor:
         )
 
     def _outputs(self, images: _ImageCache, *, flip_test: bool = False):
-        from angular.inference import run_batches
+        from angular.serve.inference import run_batches
 
         outputs = {}
         for loaded in self.models:
@@ -295,7 +295,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _load(path: Path) -> LoadedModel:
-    from angular.inference import load_model
+    from angular.nn.recognition import load_model
 
     try:
         return load_model(path, map_location="cpu")

@@ -30,7 +30,7 @@ import numbers
 
 import torch
 
-from angular import _extension, reference
+from angular.ops import _extension, reference
 
 __all__ = ["backend", "margin_logits", "margin_cross_entropy"]
 

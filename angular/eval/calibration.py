@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from angular.metrics import (
+from angular.eval.metrics import (
     brier_score,
     check_scores_labels,
     expected_calibration_error,
@@ -19,7 +19,7 @@ from angular.metrics import (
     softmax,
     top1_accuracy,
 )
-from angular.metrics import nll as mean_nll
+from angular.eval.metrics import nll as mean_nll
 
 __all__ = ["fit_temperature", "temperature_nll", "calibration_report", "LOG_T_BOUNDS"]
 

@@ -1,0 +1,30 @@
+"""Modules: margin heads (:mod:`angular.nn.heads`), backbones (:mod:`angular.nn.backbones`) and the
+recognition model with its file format (:mod:`angular.nn.recognition`).
+
+Depends only on :mod:`angular.ops` and PyTorch, so the heads can go into any training code without
+DVC, MLflow or matplotlib."""
+
+from angular.nn.backbones import BACKBONES, build_backbone
+from angular.nn.heads import (
+    PRESETS,
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    LambdaSchedule,
+    MarginHead,
+    MarginSpec,
+    SphereFace,
+)
+
+__all__ = [
+    "BACKBONES",
+    "PRESETS",
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "LambdaSchedule",
+    "MarginHead",
+    "MarginSpec",
+    "SphereFace",
+    "build_backbone",
+]

@@ -1,0 +1,24 @@
+"""The fused margin ops: the public API (:mod:`angular.ops.margin`), the pure-PyTorch reference
+(:mod:`angular.ops.reference`) and the loader of the compiled extension (:mod:`angular.ops._extension`).
+
+Imports nothing above it: no training, tracking or plotting code."""
+
+from angular.ops.margin import (
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    backend,
+    check_margin,
+    check_number,
+    margin_cross_entropy,
+    margin_logits,
+)
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "REDUCTIONS",
+    "backend",
+    "check_margin",
+    "check_number",
+    "margin_cross_entropy",
+    "margin_logits",
+]
