@@ -173,9 +173,10 @@ def test_disabled_tracking_touches_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_telemetry_is_off_unless_the_user_says_otherwise():
-    import angular.train.tracking  # noqa: F401  (sets the variables when the user has not)
     from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY
     from mlflow.telemetry.utils import is_telemetry_disabled
+
+    import angular.train.tracking  # noqa: F401  (sets the variables when the user has not)
 
     assert MLFLOW_DISABLE_TELEMETRY.get() is True
     assert is_telemetry_disabled()
