@@ -1,4 +1,4 @@
-"""Benchmark of the margin ops: the fused kernel side by side with its baselines (DESIGN §8).
+"""Benchmark of the margin ops: the fused kernel side by side with its baselines (docs/design.md, Benchmarks).
 
 For ``margin_cross_entropy`` ("loss") and ``margin_logits`` ("logits"), forward ("fwd") and
 forward+backward ("fwd+bwd"), over a grid of B, C, dtypes and margin presets, one run on one machine

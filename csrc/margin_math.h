@@ -1,6 +1,7 @@
-// The margin of DESIGN §2 for one target cosine, its derivative, and the online log-sum-exp merge.
+// The margin (docs/design.md, Math) for one target cosine, its derivative, and the online
+// log-sum-exp merge.
 // This is the single C++ definition of that math: the CPU and the CUDA kernels both include it, and
-// it mirrors angular/reference.py line for line (tests hold the two together).
+// it mirrors angular/ops/reference.py line for line (tests hold the two together).
 //
 //   t = m1 * theta + m2,  theta = acos(clamp(cos_y, -1, 1)),  k = floor(t / pi)
 //   psi = (-1)^k cos(t) - 2k - m3,  f_y = (lam * cos_y + psi) / (1 + lam)

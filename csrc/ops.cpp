@@ -1,6 +1,6 @@
-// The op schemas of namespace `angular` (DESIGN §3), and the Python module angular._C whose import
+// The op schemas of namespace `angular` (docs/design.md, Ops), and the Python module angular._C whose import
 // runs this registration. Kernels: csrc/cpu/margin_cpu.cpp (CPU) and csrc/cuda/margin_cuda.cpp
-// (CUDA); fake implementations and autograd: angular/ops.py.
+// (CUDA); fake implementations and autograd: angular/ops/margin.py.
 #include <Python.h>
 #include <torch/library.h>
 

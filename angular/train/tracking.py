@@ -1,4 +1,4 @@
-"""MLflow tracking (DESIGN §6): one run per stage execution, or nothing when the store is unusable.
+"""MLflow tracking (docs/design.md, Tracking): one run per stage execution, or nothing when the store is unusable.
 
 - The store is ``tracking.uri`` when set, else ``$MLFLOW_TRACKING_URI``, else the embedded SQLite
   store ``sqlite:///mlflow.db`` in the project folder (artifacts under ``mlruns/``). Open it with

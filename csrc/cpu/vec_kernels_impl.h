@@ -26,7 +26,7 @@ constexpr int64_t kBlock = 2048;
 template <typename T>
 inline Vectorized<T> vec_exp(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();  // within a few ulp; the fp32 tolerance of DESIGN §7 leaves room for it
+    return x.exp_u20();  // within a few ulp; the fp32 tolerance of docs/design.md, Testing, leaves room for it
   } else {
     return x.exp();
   }
