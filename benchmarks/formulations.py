@@ -11,7 +11,8 @@ passes and several B x C temporaries kept alive for autograd.
 
 Unlike arcface_torch (which wraps the ArcFace ``acos``/``cos`` in ``torch.no_grad()``, i.e. a
 straight-through gradient), this version is differentiated by autograd end to end, as the original
-repository was, so its gradient equals the reference's (DESIGN §2 default, ``straight_through=False``).
+repository was, so its gradient equals the reference's (``straight_through=False``, the default of
+docs/design.md, Math).
 
 The ``reference`` provider is :mod:`angular.reference` itself (called, not copied), and ``compiled`` is
 ``torch.compile`` of it; see ``bench_margin.py``.

@@ -1,6 +1,6 @@
 """Benchmarks: the baselines compute the reference's function, and the commands write valid results.
 
-No timing is asserted (speed goals are checked by the benchmarks themselves, DESIGN §8).
+No timing is asserted (speed goals are checked by the benchmarks themselves: docs/design.md, Benchmarks).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import formulations  # noqa: E402
 
 from angular.ops import reference  # noqa: E402
 
-# DESIGN §2 presets, written out here so that the benchmark's wiring of (s, m1, m2, m3) is checked
+# The presets of docs/design.md, Math, written out here so that the benchmark's wiring of (s, m1, m2, m3) is checked
 # against the spec rather than against itself.
 SPEC_PRESETS = {
     "arcface": dict(s=64.0, m1=1.0, m2=0.5, m3=0.0),
@@ -68,7 +68,7 @@ def value_and_grad(fn, cos, labels, grad_out, op):
 @pytest.mark.parametrize("provider", EAGER_PROVIDERS)
 def test_provider_matches_fp64_reference(provider, preset, op):
     """What each provider times equals the fp64 reference, value and gradient, where t <= pi: exactly
-    in fp64, and within DESIGN §7's fp32 tolerances in fp32."""
+    in fp64, and within the fp32 tolerances of docs/design.md, Testing, in fp32."""
     seed = random.SystemRandom().randrange(2**31)  # fresh inputs each run; the seed is in failures
     generator = torch.Generator().manual_seed(seed)
     params = SPEC_PRESETS[preset]

@@ -1,4 +1,4 @@
-"""`angular predict` and `angular embed` (issue 7.4): end to end on models the pipeline trained for
+"""`angular predict` and `angular embed`: end to end on models the pipeline trained for
 one epoch (on digits always, on a slice of the ORL faces when ../shared/data/orl is there), checked
 against what the library computes from evaluate's saved outputs; every user error is one line on
 stderr and a non-zero exit status, never a traceback."""

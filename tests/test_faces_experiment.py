@@ -1,4 +1,4 @@
-"""The faces experiment (issue 7.2, experiments/faces): its params are valid and in step with the
+"""The faces experiment (experiments/faces, docs/faces.md): its params are valid and in step with the
 project's, its dvc.yaml is the project's stages run from there, it stops early with a clear
 message without the ORL faces, and (when ../shared/data/orl is there) a tiny version runs end to
 end under `dvc repro`."""

@@ -1,15 +1,15 @@
-"""The fused CPU kernels (``angular._C``) against the fp64 reference, DESIGN §7.
+"""The fused CPU kernels (``angular._C``) against the fp64 reference (docs/design.md, Testing).
 
 Every check draws fresh random cosines (the seed is in each failure message) and compares the fused
 op, called through :mod:`angular.ops` in the input dtype, with :mod:`angular.reference` evaluated in
-fp64 on exactly the same (rounded) values. Tolerances (DESIGN §7) are relative, with an absolute
-floor of the same relative size times the largest reference magnitude (so entries that underflow,
-such as softmax terms of e^-100, are judged against the scale of the result): fp32 values 1e-5 and
-gradients 1e-4, fp16/bf16 1e-2, fp64 1e-12 and 1e-10.
+fp64 on exactly the same (rounded) values. Tolerances (docs/design.md, Testing) are relative,
+with an absolute floor of the same relative size times the largest reference magnitude (so entries
+that underflow, such as softmax terms of e^-100, are judged against the scale of the result): fp32
+values 1e-5 and gradients 1e-4, fp16/bf16 1e-2, fp64 1e-12 and 1e-10.
 
-Gradients at a target with ``|cos| > 1 - 1e-4`` lie in the guard zone of DESIGN §2 (derivative taken
-at a clamped angle): in fp64 they are compared too (same guard as the reference), in the other
-dtypes they are only checked to be finite, as fp32 cannot resolve ``1 - cos^2`` there.
+Gradients at a target with ``|cos| > 1 - 1e-4`` lie in the guard zone (docs/design.md, Math:
+derivative taken at a clamped angle): in fp64 they are compared too (same guard as the reference),
+in the other dtypes they are only checked to be finite, as fp32 cannot resolve ``1 - cos^2`` there.
 
 When the extension is missing these tests skip with the reason, except in CI
 (``ANGULAR_REQUIRE_EXTENSION=1``), where they fail. ``tests/test_fused_cuda.py`` runs the same checks
@@ -41,7 +41,7 @@ REQUIRE_EXTENSION = os.environ.get("ANGULAR_REQUIRE_EXTENSION", "").strip().lowe
     "yes",
 )
 
-# (m1, m2, m3, lam) of DESIGN §2; SphereFace at the ends and the middle of its lam schedule.
+# (m1, m2, m3, lam) of the presets (docs/design.md, Math); SphereFace at the ends and the middle of its lam schedule.
 PRESETS = {
     "arcface": (1.0, 0.5, 0.0, 0.0),
     "cosface": (1.0, 0.0, 0.35, 0.0),
@@ -58,7 +58,7 @@ TOLERANCE = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (1e-2, 1e-2),
 }
-GUARD_ZONE = 1.0 - 1e-4  # |cos_y| above this: the gradient guard of DESIGN §2 applies
+GUARD_ZONE = 1.0 - 1e-4  # |cos_y| above this: the gradient guard (docs/design.md, Math) applies
 # Target cosines planted in the first rows: exactly +-1, within 1e-6 of +-1, just outside the guard
 # zone, and theta near pi (t > pi for ArcFace; SphereFace has t > pi for most rows anyway).
 HARD_TARGETS = (1.0, -1.0, 1.0 - 1e-7, -(1.0 - 1e-7), 1.0 - 1e-6, 0.999, -0.95, -0.999)

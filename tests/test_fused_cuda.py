@@ -1,6 +1,7 @@
-"""The fused CUDA kernels against the fp64 reference (DESIGN §7), plus what only a GPU shows: row
-splitting for few huge rows, the grid-row loop for many rows, 16-byte packs versus misaligned rows,
-agreement with the CPU kernels, a side stream, opcheck, torch.compile and peak memory.
+"""The fused CUDA kernels against the fp64 reference (docs/design.md, Testing), plus what only a
+GPU shows: row splitting for few huge rows, the grid-row loop for many rows, 16-byte packs versus
+misaligned rows, agreement with the CPU kernels, a side stream, opcheck, torch.compile and peak
+memory.
 
 Marked ``cuda`` and skipped without a GPU; ``benchmarks/gpu_check.sh`` runs them (``pytest -m
 cuda``) on a GPU machine. With a GPU but without CUDA kernels in ``angular._C`` they skip, or fail

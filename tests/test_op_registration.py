@@ -1,4 +1,4 @@
-"""The compiled ops as torch.library ops (DESIGN §3): ``torch.library.opcheck`` (schema, fake
+"""The compiled ops as torch.library ops (docs/design.md, Ops): ``torch.library.opcheck`` (schema, fake
 kernels, autograd registration, AOT dispatch), ``torch.compile(fullgraph=True)`` through a margin
 head, and the memory contract of ``margin_cross_entropy`` (no B x C buffer besides the gradient).
 

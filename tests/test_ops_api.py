@@ -29,7 +29,7 @@ PRESETS = {
     "combined": dict(m1=1.0, m2=0.3, m3=0.2, lam=0.0),
 }
 REDUCTIONS = ("mean", "sum", "none")
-# CUDA cases are marked (DESIGN §7) and skip without a GPU.
+# CUDA cases are marked (docs/design.md, Testing) and skip without a GPU.
 DEVICES = [
     "cpu",
     pytest.param(
@@ -40,7 +40,7 @@ DEVICES = [
         ],
     ),
 ]
-# DESIGN §7: fp32 values 1e-5 and gradients 1e-4 relative; fp16 / bf16 1e-2.
+# docs/design.md, Testing: fp32 values 1e-5 and gradients 1e-4 relative; fp16 / bf16 1e-2.
 TOLERANCE = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 1e-4)}
 LOW_PRECISION_TOLERANCE = (1e-2, 1e-2)
 

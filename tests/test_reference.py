@@ -1,4 +1,4 @@
-"""The Python reference (``angular.reference``) against the math of DESIGN §2.
+"""The Python reference (``angular.reference``) against docs/design.md, Math.
 
 The yardstick here is an independent per-row formula written with the ``math`` module (no torch), so a
 bug in the reference cannot hide behind the same bug in the expected values. Every test draws fresh
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from angular.ops import reference
 
-# (name, m1, m2, m3, lam): the presets of DESIGN §2, SphereFace at three points of its schedule.
+# (name, m1, m2, m3, lam): the presets (docs/design.md, Math), SphereFace at three points of its schedule.
 PRESETS = [
     ("arcface", 1.0, 0.5, 0.0, 0.0),
     ("cosface", 1.0, 0.0, 0.35, 0.0),
@@ -61,7 +61,7 @@ def random_inputs(batch: int, classes: int, dtype=torch.float64):
 
 
 def expected_logits(cos, labels, s, m1, m2, m3, lam) -> list[list[float]]:
-    """The margin logits of DESIGN §2, one row at a time, with the ``math`` module."""
+    """The margin logits of docs/design.md, Math, one row at a time, with the ``math`` module."""
     rows = []
     for cos_row, label in zip(cos.double().tolist(), labels.tolist()):
         z = [s * c for c in cos_row]

@@ -1,4 +1,4 @@
-"""Data: sources, the manifest of splits, image loading and transforms (DESIGN §5 prepare).
+"""Data: sources, the manifest of splits, image loading and transforms (docs/design.md, Pipeline: prepare).
 
 Sources (``data.source``):
 

@@ -1,4 +1,4 @@
-"""Temperature scaling (DESIGN §5 calibrate; Guo et al. 2017).
+"""Temperature scaling (docs/design.md, Pipeline: calibrate; Guo et al. 2017).
 
 One scalar ``T > 0`` divides a head's logits before the softmax. It is fitted on the validation
 split by minimising the negative log-likelihood of ``softmax(logits / T)`` over ``log T``; the

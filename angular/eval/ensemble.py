@@ -1,4 +1,4 @@
-"""Ensembles of margin heads (DESIGN §5 evaluate): combine the calibrated class probabilities of
+"""Ensembles of margin heads (docs/design.md, Pipeline: evaluate): combine the calibrated class probabilities of
 several heads into one prediction, one confidence and one distribution per sample.
 
 Rules (:data:`RULES`):

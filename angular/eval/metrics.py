@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN §5, issues 4 and 7): closed-set, calibration, open-set and verification.
+"""Evaluation metrics (docs/design.md, Pipeline: evaluate): closed-set, calibration, open-set and verification.
 
 Every function takes numpy arrays or torch tensors (anything :func:`numpy.asarray` understands),
 checks shapes, and returns Python floats, numpy arrays or dicts of floats. Bad input raises

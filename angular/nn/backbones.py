@@ -1,4 +1,5 @@
-"""Backbones that map an image batch (B, channels, H, W) to embeddings (B, embedding_dim) (DESIGN §4).
+"""Backbones that map an image batch (B, channels, H, W) to embeddings (B, embedding_dim)
+(docs/design.md, Heads and backbones).
 
 - ``small_cnn``: by default the original repository's network: two 3x3 conv + pool blocks and a
   dense embedding layer (with batch norm, so the embedding is well scaled for the cosine head); more

@@ -1,4 +1,4 @@
-"""Angular-margin classification heads (DESIGN §4).
+"""Angular-margin classification heads (docs/design.md, Heads and backbones).
 
 A :class:`MarginHead` owns the class centres ``W`` (C x D). It computes ``cos = normalize(x) @
 normalize(W).T`` with one matmul and hands it to :mod:`angular.ops`. ``forward(x, labels)`` returns
@@ -38,7 +38,7 @@ class LambdaSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class MarginSpec:
-    """The margin ``(s, m1, m2, m3)`` of DESIGN §2, plus an optional SphereFace ``lam`` schedule."""
+    """The margin ``(s, m1, m2, m3)`` (docs/design.md, Math), plus an optional SphereFace ``lam`` schedule."""
 
     s: float = 64.0
     m1: float = 1.0

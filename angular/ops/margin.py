@@ -1,4 +1,5 @@
-"""Public margin ops (DESIGN §3): one entry point, validated, served by the fused kernels or the reference.
+"""Public margin ops (docs/design.md, Ops): one entry point, validated, served by the fused kernels
+or the reference.
 
 ``margin_logits`` and ``margin_cross_entropy`` check their arguments, then run the compiled
 ``torch.ops.angular.*`` kernels when the extension has one for the tensors' device, and the
@@ -136,8 +137,9 @@ def margin_logits(
     lam: float = 0.0,
     straight_through: bool = False,
 ) -> torch.Tensor:
-    """Margin logits (DESIGN §2): ``s * cos`` with the target column of each row replaced by
-    ``s * f_y``; rows whose label is negative get no margin. Returned in ``cos``'s dtype."""
+    """Margin logits (docs/design.md, Math): ``s * cos`` with the target column of each row
+    replaced by ``s * f_y``; rows whose label is negative get no margin. Returned in ``cos``'s
+    dtype."""
     s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
     _check_tensors(cos, labels)
     if _fused_for(cos.device.type):

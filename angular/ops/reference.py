@@ -1,4 +1,4 @@
-"""The margin math of DESIGN §2 in plain eager PyTorch: the yardstick every kernel is tested against.
+"""The margin math (docs/design.md, Math) in plain eager PyTorch: the yardstick every kernel is tested against.
 
 For a row with target ``y`` and ``theta = acos(cos_y)``::
 

@@ -1,5 +1,5 @@
 """The whole pipeline: repeatable results, and `dvc repro` that reruns exactly what changed and resumes
-training after a SIGKILL (issue 6: determinism, faults lose nothing)."""
+training after a SIGKILL (docs/reliability.md: determinism, faults lose nothing)."""
 
 from __future__ import annotations
 

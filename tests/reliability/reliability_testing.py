@@ -1,4 +1,4 @@
-"""Helpers of the reliability tests (issue 6): stages run as real processes, in temporary projects.
+"""Helpers of the reliability tests (docs/reliability.md): stages run as real processes, in temporary projects.
 
 The pipeline tests' helpers (``tests/pipeline/pipeline_testing.py``: the shipped params made tiny,
 image folders, the prepared-digits fixtures) are reused from here; conftest.py re-exports the

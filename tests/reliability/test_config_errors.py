@@ -1,5 +1,5 @@
-"""Issue 6, point 5: every key of params.yaml is validated (type, range, known names), and an invalid
-file stops each stage with the key and the reason and a non-zero exit status.
+"""Every key of params.yaml is validated (type, range, known names), and an invalid file stops each
+stage with the key and the reason and a non-zero exit status (docs/reliability.md, Config).
 
 The keys come from the shipped ``params.yaml`` itself, so a key added there is covered at once: it
 gets wrong-typed values derived from its shipped value, and must have an entry in ``BAD_VALUES``

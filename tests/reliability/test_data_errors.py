@@ -1,6 +1,6 @@
-"""Issue 6, point 4: bad data is a clear message naming the path or the parameter, before any
-training: the prepare stage (a real ``python -m pipeline.prepare`` process in a temporary project)
-exits 1 with that message and no traceback, and writes no manifest. With
+"""Bad data (docs/reliability.md, Data) is a clear message naming the path or the parameter,
+before any training: the prepare stage (a real ``python -m pipeline.prepare`` process in a
+temporary project) exits 1 with that message and no traceback, and writes no manifest. With
 ``data.skip_bad_images: true`` the bad files and folders are skipped and counted instead.
 
 Rarer cases run in-process through :func:`angular.data.prepare_dataset` (the stage turns its

@@ -1,5 +1,5 @@
-"""Issue 6, point 3: on CPU, two runs of the pipeline with the same params give identical metrics
-and plots files; another seed gives other ones.
+"""On CPU, two runs of the pipeline with the same params give identical metrics and plots files;
+another seed gives other ones (docs/reliability.md, Determinism).
 
 Each stage runs as its own process, as DVC runs it (``python -m pipeline.<stage>``), and the two
 runs use different ``PYTHONHASHSEED`` values, so nothing may depend on the order of a set or on

@@ -19,7 +19,7 @@ from angular import ops
 from angular.ops import reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# DESIGN §7 tolerances (relative): (values, gradients).
+# docs/design.md, Testing: tolerances (relative): (values, gradients).
 TOLERANCE = {
     torch.float64: (1e-9, 1e-8),
     torch.float32: (1e-5, 1e-4),
@@ -27,7 +27,7 @@ TOLERANCE = {
     torch.bfloat16: (1e-2, 1e-2),
 }
 MAX_ELEMENTS = 1 << 17
-# CUDA cases are marked (DESIGN §7) and skip without a GPU.
+# CUDA cases are marked (docs/design.md, Testing) and skip without a GPU.
 DEVICES = [
     "cpu",
     pytest.param(
@@ -193,7 +193,7 @@ def test_every_backend_matches_fp64_reference(device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_more_than_65536_classes(device):
-    """Grid and index limits: C above 65536 (DESIGN §7)."""
+    """Grid and index limits: C above 65536 (docs/design.md, Testing)."""
     seed = torch.seed()
     case = dict(
         seed=seed,

@@ -1,5 +1,5 @@
-"""Issue 6, point 6: an MLflow store that cannot be used never stops training, and never leaves a
-half-written run that breaks ``mlflow ui``.
+"""An MLflow store that cannot be used never stops training, and never leaves a half-written run
+that breaks ``mlflow ui`` (docs/reliability.md, Tracking).
 
 - Unreachable (``MLFLOW_TRACKING_URI`` at a closed localhost port) or unwritable (a SQLite file
   that cannot be created, a read-only folder): the stage completes and says once that tracking

@@ -1,4 +1,4 @@
-"""Issue 6, point 2: training loses nothing to faults.
+"""Training loses nothing to faults (docs/reliability.md, Training).
 
 - A kill in the middle of a checkpoint save (a real process that dies with ``os._exit`` after
   writing half the file) leaves the previous checkpoint; the next run of the stage resumes from it
