@@ -356,22 +356,33 @@ def _format(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
-def train_item(
-    params: Params,
-    item_name: str,
-    manifest: Manifest,
-    paths: TrainPaths,
-    *,
-    run=None,
-    progress: bool | None = None,
-) -> dict:
-    """Train the item ``item_name`` of ``train.items`` on the manifest's train split (validating on
-    val each epoch), resuming from a checkpoint when one fits; write the model, metrics and plots.
+@dataclasses.dataclass
+class _Session:
+    """What one training run holds between its phases (set up, resume, epochs, finish)."""
 
-    ``run`` is an optional :class:`angular.tracking.StageRun` (per-epoch metrics). ``progress``:
-    show a tqdm bar (default: when stderr is a terminal). Returns the final epoch's metrics.
-    """
-    label = f"train@{item_name}"
+    label: str
+    item_name: str
+    item: TrainItem
+    config: TrainConfig
+    device: torch.device
+    model: RecognitionModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    train_loader: DataLoader
+    val_loader: DataLoader
+    descriptions: tuple[dict, dict, dict]  # backbone, heads, image (for the model file)
+    fingerprint: str
+    paths: TrainPaths
+    classes: tuple[str, ...]
+    history: list[dict] = dataclasses.field(default_factory=list)
+    skipped_steps: int = 0
+    start_epoch: int = 0
+
+
+def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths) -> _Session:
+    """Seed everything, build the model, optimizer, schedule and data loaders. The order of the
+    seeded steps is part of the result: changing it changes every trained model."""
     item = params.item(item_name)
     config = params.train
     device = select_device(config.device)
@@ -388,15 +399,38 @@ def train_item(
     smoothing = effective_label_smoothing(
         config.label_smoothing, num_classes, config.label_smoothing_mode
     )
-    backbone_desc, heads_desc, image = describe_model(params, item)
+    descriptions = describe_model(params, item)
+    backbone_desc, heads_desc, _ = descriptions
     model = build_model(backbone_desc, heads_desc, num_classes, label_smoothing=smoothing).to(
         device
     )
     optimizer = _make_optimizer(config, model.parameters())
     scheduler = _make_scheduler(config, optimizer)
+    train_loader, val_loader = _make_loaders(params, manifest, generator)
+    return _Session(
+        label=f"train@{item_name}",
+        item_name=item_name,
+        item=item,
+        config=config,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        descriptions=descriptions,
+        fingerprint=_fingerprint(params, item, manifest, model),
+        paths=paths,
+        classes=tuple(manifest.classes),
+    )
 
+
+def _make_loaders(
+    params: Params, manifest: Manifest, generator: torch.Generator
+) -> tuple[DataLoader, DataLoader]:
+    config, data = params.train, params.data
     augment = build_augmentation(config.augment)  # a bad transform fails here, before training
-    data = params.data
     common = dict(image_size=data.image_size, channels=data.channels, mean=data.mean, std=data.std)
     train_set = ImageDataset(
         manifest.paths("train"),
@@ -418,127 +452,122 @@ def train_item(
         drop_last=len(train_set) % config.batch_size == 1,
     )
     val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 256), shuffle=False)
+    return train_loader, val_loader
 
-    fingerprint = _fingerprint(params, item, manifest, model)
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    skipped_steps = 0
-    start_epoch = 0
-    state = _load_checkpoint(paths.checkpoints, fingerprint, label)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"], generator)
-        history = list(state["history"])
-        skipped_steps = int(state["skipped_steps"])
-        start_epoch = int(state["epoch"])
-        _say(f"{label}: resuming after epoch {start_epoch} of {config.epochs}")
-        if run is not None:
-            for row in history:
-                run.log_metrics(row, step=row["epoch"])
 
-    if progress is None:
-        progress = sys.stderr.isatty()
+def _resume(session: _Session, run) -> None:
+    """Continue from the newest checkpoint this configuration wrote, if there is one."""
+    session.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    state = _load_checkpoint(session.paths.checkpoints, session.fingerprint, session.label)
+    if state is None:
+        return
+    session.model.load_state_dict(state["model"])
+    session.optimizer.load_state_dict(state["optimizer"])
+    session.scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(state["rng"], session.generator)
+    session.history = list(state["history"])
+    session.skipped_steps = int(state["skipped_steps"])
+    session.start_epoch = int(state["epoch"])
+    _say(f"{session.label}: resuming after epoch {session.start_epoch} of {session.config.epochs}")
+    if run is not None:
+        for row in session.history:
+            run.log_metrics(row, step=row["epoch"])
+
+
+def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, dict]:
+    """One pass over the training data; returns the mean loss and each head's accuracy over the
+    steps taken. A non-finite loss or gradient stops training or is skipped
+    (``train.on_nonfinite``)."""
     from tqdm.auto import tqdm
 
-    autocast = config.bf16
-    started = time.perf_counter()
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        model.train()
-        total_loss, seen = 0.0, 0
-        correct = {name: 0 for name in model.heads}
-        bar = tqdm(
-            train_loader,
-            desc=f"{label} epoch {epoch}/{config.epochs}",
-            disable=not progress,
-            leave=False,
-            unit="batch",
-        )
-        for step, (images, labels) in enumerate(bar, start=1):
-            images, labels = images.to(device), labels.to(device)
-            loss, batch_correct = _batch_loss(model, images, labels, autocast, device)
+    config, model, optimizer = session.config, session.model, session.optimizer
+    model.train()
+    total_loss, seen = 0.0, 0
+    correct = {name: 0 for name in model.heads}
+    bar = tqdm(
+        session.train_loader,
+        desc=f"{session.label} epoch {epoch}/{config.epochs}",
+        disable=not progress,
+        leave=False,
+        unit="batch",
+    )
+    for step, (images, labels) in enumerate(bar, start=1):
+        images, labels = images.to(session.device), labels.to(session.device)
+        loss, batch_correct = _batch_loss(model, images, labels, config.bf16, session.device)
+        optimizer.zero_grad(set_to_none=True)
+        problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
+        if problem is None:
+            loss.backward()
+            norm = _gradient_norm(model, config.grad_clip_norm)
+            if not torch.isfinite(norm):
+                problem = f"the gradient norm is {float(norm)} (the loss is finite)"
+        if problem is not None:
+            if config.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"{session.label}: {problem} at epoch {epoch}, step {step}; training stopped "
+                    f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr, set "
+                    "train.grad_clip_norm, or set train.on_nonfinite: skip to skip such steps."
+                )
+            session.skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
-            problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
-            if problem is None:
-                loss.backward()
-                norm = _gradient_norm(model, config.grad_clip_norm)
-                if not torch.isfinite(norm):
-                    problem = f"the gradient norm is {float(norm)} (the loss is finite)"
-            if problem is not None:
-                if config.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"{label}: {problem} at epoch {epoch}, step {step}; training stopped "
-                        f"({_kept_checkpoint(paths.checkpoints)}). Lower train.lr, set "
-                        "train.grad_clip_norm, or set train.on_nonfinite: skip to skip such steps."
-                    )
-                skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(labels)
-            seen += len(labels)
-            for name, value in batch_correct.items():
-                correct[name] += value
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        bar.close()
-        # Finite losses and gradients can still step the weights to inf (a huge learning rate):
-        # such a model is never checkpointed, so the last checkpoint stays a good one.
-        broken = _non_finite_tensors(model)
-        if broken:
-            raise NonFiniteLossError(
-                f"{label}: the weights turned non-finite during epoch {epoch} ({', '.join(broken)}); "
-                f"training stopped ({_kept_checkpoint(paths.checkpoints)}). Lower train.lr or set "
-                "train.grad_clip_norm."
-            )
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        val_loss, val_accuracy = _evaluate(model, val_loader, autocast, device)
-        train_accuracy = {name: value / max(seen, 1) for name, value in correct.items()}
-        train_loss = total_loss / seen if seen else math.nan
-        row = _history_row(
-            epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, item.joint
+            continue
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(labels)
+        seen += len(labels)
+        for name, value in batch_correct.items():
+            correct[name] += value
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    bar.close()
+    # Finite losses and gradients can still step the weights to inf (a huge learning rate):
+    # such a model is never checkpointed, so the last checkpoint stays a good one.
+    broken = _non_finite_tensors(model)
+    if broken:
+        raise NonFiniteLossError(
+            f"{session.label}: the weights turned non-finite during epoch {epoch} "
+            f"({', '.join(broken)}); training stopped "
+            f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr or set "
+            "train.grad_clip_norm."
         )
-        history.append(row)
-        _write_plots(paths, history)
-        atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(generator),
-                "history": history,
-                "skipped_steps": skipped_steps,
-            },
-            _checkpoint_path(paths.checkpoints, epoch),
-        )
-        _prune_checkpoints(paths.checkpoints, config.keep_checkpoints)
-        if run is not None:
-            run.log_metrics({**row, "skipped_steps": skipped_steps}, step=epoch)
-        tqdm.write(
-            f"{label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "
-            f"acc {row['train_accuracy']:.4f} | val loss {val_loss:.4f} "
-            f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)",
-            file=sys.stderr,
-        )
+    train_loss = total_loss / seen if seen else math.nan
+    return train_loss, {name: value / max(seen, 1) for name, value in correct.items()}
 
-    final = dict(history[-1])
-    final["skipped_steps"] = skipped_steps
-    _write_plots(paths, history)
+
+def _save_checkpoint(session: _Session, epoch: int) -> None:
+    atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": session.fingerprint,
+            "epoch": epoch,
+            "model": session.model.state_dict(),
+            "optimizer": session.optimizer.state_dict(),
+            "scheduler": session.scheduler.state_dict(),
+            "rng": _rng_state(session.generator),
+            "history": session.history,
+            "skipped_steps": session.skipped_steps,
+        },
+        _checkpoint_path(session.paths.checkpoints, epoch),
+    )
+    _prune_checkpoints(session.paths.checkpoints, session.config.keep_checkpoints)
+
+
+def _finish(session: _Session) -> dict:
+    """Write the model file, the final metrics and the plots; drop the checkpoints."""
+    config, paths = session.config, session.paths
+    final = dict(session.history[-1])
+    final["skipped_steps"] = session.skipped_steps
+    _write_plots(paths, session.history)
+    backbone_desc, heads_desc, image = session.descriptions
     model_file = model_document(
-        model,
-        item=item_name,
+        session.model,
+        item=session.item_name,
         backbone=backbone_desc,
         heads=heads_desc,
-        classes=manifest.classes,
+        classes=session.classes,
         image=image,
         training={
             "epochs": config.epochs,
             "seed": config.seed,
-            "fingerprint": fingerprint,
+            "fingerprint": session.fingerprint,
             "final": final,
         },
     )
@@ -549,3 +578,48 @@ def train_item(
     # kept, they would let a rerun after a code change "resume" a finished run instead of training.
     _prune_checkpoints(paths.checkpoints, 0)
     return metrics
+
+
+def train_item(
+    params: Params,
+    item_name: str,
+    manifest: Manifest,
+    paths: TrainPaths,
+    *,
+    run=None,
+    progress: bool | None = None,
+) -> dict:
+    """Train the item ``item_name`` of ``train.items`` on the manifest's train split (validating on
+    val each epoch), resuming from a checkpoint when one fits; write the model, metrics and plots.
+
+    ``run`` is an optional :class:`angular.train.tracking.StageRun` (per-epoch metrics).
+    ``progress``: show a tqdm bar (default: when stderr is a terminal). Returns the final epoch's
+    metrics.
+    """
+    session = _set_up(params, item_name, manifest, paths)
+    _resume(session, run)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    config = session.config
+    started = time.perf_counter()
+    for epoch in range(session.start_epoch + 1, config.epochs + 1):
+        train_loss, train_accuracy = _train_epoch(session, epoch, progress)
+        lr = session.optimizer.param_groups[0]["lr"]
+        session.scheduler.step()
+        val_loss, val_accuracy = _evaluate(
+            session.model, session.val_loader, config.bf16, session.device
+        )
+        row = _history_row(
+            epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, session.item.joint
+        )
+        session.history.append(row)
+        _write_plots(paths, session.history)
+        _save_checkpoint(session, epoch)
+        if run is not None:
+            run.log_metrics({**row, "skipped_steps": session.skipped_steps}, step=epoch)
+        _say(
+            f"{session.label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "
+            f"acc {row['train_accuracy']:.4f} | val loss {val_loss:.4f} "
+            f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)"
+        )
+    return _finish(session)
