@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs an NVIDIA GPU, in one run of under 8 minutes (docs/design.md, Benchmarks; `make gpu-check`):
+# Everything that needs an NVIDIA GPU, in one run of under 8 minutes (`make gpu-check`;
+# docs/design.md, Benchmarks):
 #
 #   1. build angular._C with its CUDA kernels, in place (setup.py build_ext --inplace)
 #   2. the CUDA tests: pytest -m cuda tests/test_fused_cuda.py (and the ops API / property suites)
