@@ -102,10 +102,17 @@ def _check_tensors(cos, labels) -> None:
     if labels.device != cos.device:
         raise ValueError(f"labels is on {labels.device} but cos is on {cos.device}")
     # A data-dependent check: skipped while torch.compile traces (it would break the graph).
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return
+    if labels.device.type == "cpu":
         largest = int(labels.max())
         if largest >= classes:
             raise ValueError(f"labels must be < C = {classes}, got a label {largest}")
+    else:
+        # No host sync on a GPU (it would stall every step, break CUDA-graph capture and pad every
+        # timing): a device-side assert, as F.cross_entropy does there. It fires at a later
+        # synchronisation and leaves the CUDA context unusable, like any device-side assert.
+        torch._assert_async((labels < classes).all(), f"labels must be < C = {classes}")
 
 
 # Evaluated once per device type while torch.compile traces (its answer cannot change within a

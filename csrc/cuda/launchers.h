@@ -34,11 +34,13 @@ cudaError_t launch_logits_forward(DType dtype, Rows shape, Matrix cos, const Mar
 cudaError_t launch_logits_backward(DType dtype, Rows shape, Matrix grad, Matrix cos,
                                    const MarginParams& p, void* out, cudaStream_t stream);
 
-// How many blocks share one row in the cross-entropy forward; the caller allocates a workspace of
+// How many blocks share one row in the cross-entropy forward (from the kernel's occupancy on the
+// current device; no synchronisation). When it is above 1 the caller allocates a workspace of
 // rows * splits * 3 elements of the arithmetic type (float, or double for double).
 int64_t cross_entropy_splits(Rows shape, DType dtype);
 
-// loss and lse (rows elements of the arithmetic type) of the margin cross-entropy.
+// loss and lse (rows elements of the arithmetic type) of the margin cross-entropy; workspace may be
+// null when splits is 1.
 cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, const MarginParams& p,
                                          int64_t splits, void* workspace, void* loss, void* lse,
                                          cudaStream_t stream);

@@ -34,6 +34,13 @@ DType dtype_of(const at::Tensor& t) {
 
 Matrix matrix_of(const at::Tensor& t) { return Matrix{t.const_data_ptr(), t.stride(0), t.stride(1)}; }
 
+// A (B, C) operand the kernels stream through, in an order they read well: columns contiguous, or
+// stride 0 (a broadcast). Others, column-major ones above all (cos = (W @ x.T).T has strides
+// (1, B)), would be read B elements apart, one sector per element: one contiguous copy costs less.
+at::Tensor streamable(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 || t.stride(1) == 0 ? t : t.contiguous();
+}
+
 Rows rows_of(const at::Tensor& cos, const at::Tensor& contiguous_labels) {
   return Rows{cos.size(0), cos.size(1), contiguous_labels.const_data_ptr<int64_t>()};
 }
@@ -45,10 +52,11 @@ at::Tensor margin_logits_cuda(const at::Tensor& cos, const at::Tensor& labels, d
   check_cos_labels(cos, labels, "angular::margin_logits");
   const c10::cuda::CUDAGuard guard(cos.device());
   const at::Tensor label_vec = labels.contiguous();
+  const at::Tensor cos_in = streamable(cos);
   at::Tensor out = empty_matrix(cos);
   const MarginParams p{s, m1, m2, m3, lam, 0.0, straight_through};
-  C10_CUDA_CHECK(launch_logits_forward(dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos), p,
-                                       out.mutable_data_ptr(), current_stream()));
+  C10_CUDA_CHECK(launch_logits_forward(dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos_in),
+                                       p, out.mutable_data_ptr(), current_stream()));
   return out;
 }
 
@@ -59,7 +67,7 @@ at::Tensor margin_logits_backward_cuda(const at::Tensor& grad, const at::Tensor&
   check_cos_labels(cos, labels, op);
   check_same_shape(grad, cos, op);
   const c10::cuda::CUDAGuard guard(cos.device());
-  const at::Tensor grad_in = as_dtype(grad, cos.scalar_type());
+  const at::Tensor grad_in = streamable(as_dtype(grad, cos.scalar_type()));  // cos: targets only
   const at::Tensor label_vec = labels.contiguous();
   at::Tensor out = empty_matrix(cos);
   const MarginParams p{s, m1, m2, m3, lam, 0.0, straight_through};
@@ -77,18 +85,23 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
   TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have C >= 1 columns, got ", cos.sizes());
   const c10::cuda::CUDAGuard guard(cos.device());
   const at::Tensor label_vec = labels.contiguous();
+  const at::Tensor cos_in = streamable(cos);
   const auto acc_options = cos.options().dtype(compute_dtype(cos.scalar_type()));
   at::Tensor loss = at::empty({cos.size(0)}, acc_options);
   at::Tensor lse = at::empty({cos.size(0)}, acc_options);
   const Rows shape = rows_of(cos, label_vec);
   const DType dtype = dtype_of(cos);
   const int64_t splits = cross_entropy_splits(shape, dtype);
-  at::Tensor workspace = at::empty({cos.size(0) * splits * 3}, acc_options);  // B x splits, not B x C
+  // B x splits x 3 partial sums, not B x C; none with one split (the kernel writes the loss).
+  at::Tensor workspace;
+  if (splits > 1) {
+    workspace = at::empty({cos.size(0) * splits * 3}, acc_options);
+  }
   const MarginParams p{s, m1, m2, m3, lam, label_smoothing, straight_through};
-  C10_CUDA_CHECK(launch_cross_entropy_forward(dtype, shape, matrix_of(cos), p, splits,
-                                              workspace.mutable_data_ptr(),
-                                              loss.mutable_data_ptr(), lse.mutable_data_ptr(),
-                                              current_stream()));
+  C10_CUDA_CHECK(launch_cross_entropy_forward(
+      dtype, shape, matrix_of(cos_in), p, splits,
+      splits > 1 ? workspace.mutable_data_ptr() : nullptr, loss.mutable_data_ptr(),
+      lse.mutable_data_ptr(), current_stream()));
   return {loss, lse};
 }
 
@@ -105,10 +118,11 @@ at::Tensor margin_cross_entropy_backward_cuda(const at::Tensor& grad_rows, const
   const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
   const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
   const at::Tensor label_vec = labels.contiguous();
+  const at::Tensor cos_in = streamable(cos);
   at::Tensor out = empty_matrix(cos);
   const MarginParams p{s, m1, m2, m3, lam, label_smoothing, straight_through};
   C10_CUDA_CHECK(launch_cross_entropy_backward(
-      dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos), grad_vec.const_data_ptr(),
+      dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos_in), grad_vec.const_data_ptr(),
       grad_vec.stride(0), lse_vec.const_data_ptr(), lse_vec.stride(0), p, out.mutable_data_ptr(),
       current_stream()));
   return out;

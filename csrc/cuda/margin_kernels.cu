@@ -1,21 +1,35 @@
 // CUDA kernels of the angular ops, on raw pointers (tensors and registration: margin_cuda.cpp).
 // The margin math comes from csrc/margin_math.h, shared with the CPU kernels. Arithmetic is fp32
-// for half, bfloat16 and float inputs, fp64 for double. Every kernel runs on the caller's stream.
+// for half, bfloat16 and float inputs, fp64 for double. Every kernel runs on the caller's stream
+// and none synchronises with the host (CUDA-graph capture works).
 //
-// - Elementwise ops (margin_logits, both backwards): grid = (column tiles, rows); each thread
-//   handles 16-byte packs when the row is contiguous and 16-byte aligned, scalars otherwise (any
-//   strides, including 0).
-// - margin_cross_entropy forward: grid = (splits, rows). Each block reduces one column chunk of a
-//   row to a partial (max, sum of exp, sum of z) with an online log-sum-exp (one read of cos, one
-//   exponential per element); a second tiny kernel merges the splits of each row into its loss and
-//   log-sum-exp. Splits are chosen so that the grid fills the GPU even for a few huge rows (e.g.
-//   B = 128, C = 1,000,000). The workspace is rows * splits * 3 numbers, never B x C.
+// Rows are processed by a team of threads: a whole block (256 threads) for rows wider than
+// kWarpRowMaxBytes, a warp (8 rows per block) for narrower ones, so that large B with small C does
+// not leave most threads idle.
+//
+// Reading a row segment (visit_row): when columns are contiguous, a scalar head up to the first
+// 16-byte boundary, then 16-byte packs, then a scalar tail, so any C and any storage offset get
+// vector loads (odd class counts such as 85,742 or 360,232 included). Each thread issues all of its
+// kUnroll loads before computing with any of them, to keep several loads in flight. Other strides
+// (0, or a step) are read as scalars, kUnroll * N of them loaded before use.
+//
+// - Elementwise ops (margin_logits, both backwards): grid = (column tiles, row groups). The output
+//   is contiguous; it is stored in 16-byte packs whenever it has the same alignment as the input
+//   row (always, for a contiguous input), element by element otherwise.
+// - margin_cross_entropy forward: grid = (splits, row groups). Each block reduces one column chunk
+//   of a row to a partial (max, sum of exp, sum of z) with an online log-sum-exp (one read of cos,
+//   one exponential per element). With one split the same kernel writes the loss; otherwise a
+//   second kernel merges the splits of each row, a warp per row. Splits come from the kernel's
+//   measured occupancy, so that the grid is several full waves even for a few huge rows (B = 16,
+//   C = 1,000,000). The workspace is rows * splits * 3 numbers, never B x C.
 // Includes stay lean (no torch/extension.h) so that nvcc compiles this file quickly.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include "cuda/launchers.h"
 #include "margin_math.h"
@@ -23,65 +37,122 @@
 namespace angular::cuda {
 namespace {
 
-constexpr int kThreads = 256;       // threads per block, 8 warps
+constexpr int kThreads = 256;  // threads per block, 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kPacksPerThread = 4;  // elementwise tile: this many 16-byte packs per thread
+// At most 80 registers per thread (3 blocks of 256 per SM). ptxas -v (sm_90): no spills at this
+// bound (at 4 blocks, 64 registers, the cross-entropy backward spilled up to 48 bytes); the 32-40
+// byte stack frames it reports are the local arrays of the trig argument reduction's slow path.
+// 768 threads per SM with kUnroll 16-byte loads each in flight keep HBM busy (Little's law:
+// about 22 KiB per SM at H200 bandwidth and latency; this is 48 KiB).
+constexpr int kMinBlocksPerSM = 3;
+constexpr int kUnroll = 4;  // 16-byte packs a thread loads before using any of them
+// Rows of at most this many bytes are handled by one warp instead of a whole block.
+constexpr int64_t kWarpRowMaxBytes = 2 * 32 * 16 * kUnroll;
 constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxSplits = 1024;
+constexpr int kMinWaves = 4;  // the cross-entropy grid aims for at least this many full waves
 
 C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 C10_HOST_DEVICE inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+C10_HOST_DEVICE inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return ::exp(x); }
 
-// 16 bytes of scalars: one vector load or store.
 template <typename scalar_t>
-struct alignas(16) Pack {
-  static constexpr int size = 16 / sizeof(scalar_t);
-  scalar_t v[size];
-};
-
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+constexpr int pack_of() {
+  return 16 / static_cast<int>(sizeof(scalar_t));
 }
 
-// out[row, j] = op(op.row(...), j, src[row, j]) for every column of every row. Op::Row holds a
-// row's constants (computed once per block and row); Row::zero skips reading the row.
-template <typename scalar_t, typename Op>
-__global__ void __launch_bounds__(kThreads)
-    map_rows_kernel(Rows shape, Matrix src_matrix, scalar_t* out, Op op) {
-  using acc_t = acc_type<scalar_t>;
-  constexpr int N = Pack<scalar_t>::size;
-  const int64_t tile = int64_t(kThreads) * N * kPacksPerThread;
-  const int64_t first = int64_t(blockIdx.x) * tile;
-  const int64_t end = min64(shape.cols, first + tile);
-  for (int64_t row = blockIdx.y; row < shape.rows; row += gridDim.y) {
-    const typename Op::Row r = op.row(row, first, end);
-    scalar_t* dst = out + row * shape.cols;
-    if (r.zero) {
-      for (int64_t j = first + threadIdx.x; j < end; j += kThreads) {
-        dst[j] = static_cast<scalar_t>(acc_t(0));
-      }
-      continue;
-    }
-    const scalar_t* src = static_cast<const scalar_t*>(src_matrix.data) + row * src_matrix.row_stride;
-    int64_t scalar_from = first;
-    if (src_matrix.col_stride == 1 && aligned16(src + first) && aligned16(dst + first)) {
-      const int64_t packs = (end - first) / N;
-      for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
-        const int64_t j = first + p * N;
-        const Pack<scalar_t> in = *reinterpret_cast<const Pack<scalar_t>*>(src + j);
-        Pack<scalar_t> res;
+// One 16-byte load or store, as a single 128-bit instruction (a struct of c10::Half members may be
+// split into several narrower ones).
+template <typename scalar_t>
+__device__ __forceinline__ uint4 raw_pack(const scalar_t* __restrict__ p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void unpack(const uint4& raw,
+                                       acc_type<scalar_t> (&out)[pack_of<scalar_t>()]) {
+  scalar_t v[pack_of<scalar_t>()];
+  memcpy(v, &raw, 16);
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          res.v[k] = static_cast<scalar_t>(op(r, j + k, static_cast<acc_t>(in.v[k])));
-        }
-        *reinterpret_cast<Pack<scalar_t>*>(dst + j) = res;
-      }
-      scalar_from = first + packs * N;
+  for (int k = 0; k < pack_of<scalar_t>(); ++k) {
+    out[k] = static_cast<acc_type<scalar_t>>(v[k]);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* __restrict__ p,
+                                           const acc_type<scalar_t> (&in)[pack_of<scalar_t>()]) {
+  scalar_t v[pack_of<scalar_t>()];
+#pragma unroll
+  for (int k = 0; k < pack_of<scalar_t>(); ++k) {
+    v[k] = static_cast<scalar_t>(in[k]);
+  }
+  uint4 raw;
+  memcpy(&raw, v, 16);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+__device__ __forceinline__ int misalignment(const void* p) {
+  return static_cast<int>(reinterpret_cast<uintptr_t>(p) & 15u);
+}
+
+// Calls on_pack(j, x[N]) for 16-byte packs and on_scalar(j, x) for single elements, covering
+// columns [first, end) of one row exactly once, split over a team of G threads (this one is
+// `lane`). Elements arrive in the arithmetic type.
+template <typename scalar_t, int G, typename PackFn, typename ScalarFn>
+__device__ __forceinline__ void visit_row(const scalar_t* __restrict__ row, int64_t col_stride,
+                                          int64_t first, int64_t end, int lane, PackFn&& on_pack,
+                                          ScalarFn&& on_scalar) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int N = pack_of<scalar_t>();
+  if (col_stride == 1) {
+    // Elements are at least element-aligned, so the head is fewer than N of them.
+    const int off = misalignment(row + first) / static_cast<int>(sizeof(scalar_t));
+    const int64_t body = min64(end, first + (off == 0 ? 0 : N - off));
+    for (int64_t j = first + lane; j < body; j += G) {
+      on_scalar(j, static_cast<acc_t>(row[j]));
     }
-    for (int64_t j = scalar_from + threadIdx.x; j < end; j += kThreads) {
-      dst[j] = static_cast<scalar_t>(op(r, j, static_cast<acc_t>(src[j * src_matrix.col_stride])));
+    const int64_t packs = (end - body) / N;
+    const scalar_t* __restrict__ base = row + body;
+    for (int64_t p0 = lane; p0 < packs; p0 += int64_t(G) * kUnroll) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t p = p0 + int64_t(u) * G;
+        raw[u] = p < packs ? raw_pack(base + p * N) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t p = p0 + int64_t(u) * G;
+        if (p < packs) {
+          acc_t x[N];
+          unpack<scalar_t>(raw[u], x);
+          on_pack(body + p * N, x);
+        }
+      }
+    }
+    for (int64_t j = body + packs * N + lane; j < end; j += G) {
+      on_scalar(j, static_cast<acc_t>(row[j]));
+    }
+    return;
+  }
+  constexpr int kLoads = 2 * kUnroll;  // scalars in flight per thread (more spills registers)
+  for (int64_t j0 = first + lane; j0 < end; j0 += int64_t(G) * kLoads) {
+    acc_t x[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int64_t j = j0 + int64_t(i) * G;
+      x[i] = j < end ? static_cast<acc_t>(row[j * col_stride]) : acc_t(0);
+    }
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int64_t j = j0 + int64_t(i) * G;
+      if (j < end) {
+        on_scalar(j, x[i]);
+      }
     }
   }
 }
@@ -108,19 +179,85 @@ struct Margin {
         straight_through(p.straight_through) {}
 };
 
-// z = s * cos, and s * f_y in the target column. Labels outside [0, C) match no column.
+// Threads [team * G, team * G + G) of the block work on one row; G is 32 or kThreads.
+template <int G>
+struct Team {
+  static constexpr int kRowsPerBlock = kThreads / G;
+  int lane = static_cast<int>(threadIdx.x) % G;
+  int index = static_cast<int>(threadIdx.x) / G;
+};
+
+// out[row, j] = op(r, j == target, src[row, j]) over each block's column tile of every row, with
+// r = op.row(...) the row's constants (computed once per team and row); r.zero skips the read.
+template <typename scalar_t, int G, typename Op>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    map_rows_kernel(Rows shape, Matrix src_matrix, scalar_t* __restrict__ out, int64_t tile,
+                    Op op) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int N = pack_of<scalar_t>();
+  const Team<G> team;
+  const int64_t first = int64_t(blockIdx.x) * tile;
+  const int64_t end = min64(shape.cols, first + tile);
+  for (int64_t row = int64_t(blockIdx.y) * team.kRowsPerBlock + team.index; row < shape.rows;
+       row += int64_t(gridDim.y) * team.kRowsPerBlock) {
+    const typename Op::Row r = op.row(row, first, end);
+    scalar_t* __restrict__ dst = out + row * shape.cols;
+    if (r.zero) {
+      for (int64_t j = first + team.lane; j < end; j += G) {
+        dst[j] = static_cast<scalar_t>(acc_t(0));
+      }
+      continue;
+    }
+    const scalar_t* __restrict__ src =
+        static_cast<const scalar_t*>(src_matrix.data) + row * src_matrix.row_stride;
+    // src and dst reach a 16-byte boundary at the same column: the body's stores are packs too.
+    const bool vector_store = ((reinterpret_cast<uintptr_t>(dst) - reinterpret_cast<uintptr_t>(src))
+                               & 15u) == 0;
+    visit_row<scalar_t, G>(
+        src, src_matrix.col_stride, first, end, team.lane,
+        [&](int64_t j, const acc_t(&x)[N]) {
+          const int64_t target = r.target - j;  // in [0, N) when the target is in this pack
+          acc_t y[N];
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            y[k] = op(r, target == k, x[k]);
+          }
+          if (vector_store) {
+            store_pack<scalar_t>(dst + j, y);
+          } else {
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+              dst[j + k] = static_cast<scalar_t>(y[k]);
+            }
+          }
+        },
+        [&](int64_t j, acc_t x) { dst[j] = static_cast<scalar_t>(op(r, j == r.target, x)); });
+  }
+}
+
+// z = s * cos, and s * f_y (computed once per row) in the target column. Labels outside [0, C)
+// match no column.
 template <typename scalar_t>
 struct LogitsForward {
   using acc_t = acc_type<scalar_t>;
   Margin<acc_t> m;
-  const int64_t* labels;
+  const int64_t* __restrict__ labels;
+  Matrix cos;
   struct Row {
     int64_t target;
+    acc_t target_logit;
     bool zero;
   };
-  __device__ Row row(int64_t row, int64_t, int64_t) const { return Row{labels[row], false}; }
-  __device__ acc_t operator()(const Row& r, int64_t j, acc_t x) const {
-    return j == r.target ? m.s * target_logit(x, m.m1, m.m2, m.m3, m.lam) : m.s * x;
+  __device__ Row row(int64_t row, int64_t first, int64_t end) const {
+    const int64_t y = labels[row];
+    acc_t value = acc_t(0);
+    if (y >= first && y < end) {
+      value = m.s * target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3, m.lam);
+    }
+    return Row{y, value, false};
+  }
+  __device__ acc_t operator()(const Row& r, bool is_target, acc_t x) const {
+    return is_target ? r.target_logit : m.s * x;
   }
 };
 
@@ -129,7 +266,7 @@ template <typename scalar_t>
 struct LogitsBackward {
   using acc_t = acc_type<scalar_t>;
   Margin<acc_t> m;
-  const int64_t* labels;
+  const int64_t* __restrict__ labels;
   Matrix cos;
   struct Row {
     int64_t target;
@@ -145,8 +282,8 @@ struct LogitsBackward {
     }
     return Row{y, factor, false};
   }
-  __device__ acc_t operator()(const Row& r, int64_t j, acc_t g) const {
-    return j == r.target ? g * r.target_factor : m.s * g;
+  __device__ acc_t operator()(const Row& r, bool is_target, acc_t g) const {
+    return is_target ? g * r.target_factor : m.s * g;
   }
 };
 
@@ -156,12 +293,12 @@ template <typename scalar_t>
 struct CrossEntropyBackward {
   using acc_t = acc_type<scalar_t>;
   Margin<acc_t> m;
-  const int64_t* labels;
+  const int64_t* __restrict__ labels;
   int64_t cols;
   Matrix cos;
-  const acc_t* grad_rows;
+  const acc_t* __restrict__ grad_rows;
   int64_t grad_stride;
-  const acc_t* lse;
+  const acc_t* __restrict__ lse;
   int64_t lse_stride;
   struct Row {
     int64_t target;
@@ -187,9 +324,9 @@ struct CrossEntropyBackward {
     }
     return r;
   }
-  __device__ acc_t operator()(const Row& r, int64_t j, acc_t x) const {
-    return j == r.target ? r.target_grad
-                         : math::fma_(r.scale, fast_exp(math::fma_(m.s, x, -r.lse)), r.minus_offset);
+  __device__ acc_t operator()(const Row& r, bool is_target, acc_t x) const {
+    return is_target ? r.target_grad
+                     : math::fma_(r.scale, fast_exp(math::fma_(m.s, x, -r.lse)), r.minus_offset);
   }
 };
 
@@ -236,101 +373,129 @@ __device__ __forceinline__ RowSums<acc_t> warp_reduce(RowSums<acc_t> a) {
   return a;
 }
 
-// Block-wide reduction; the result is valid in thread 0. Every thread of the block must call it.
-template <typename acc_t>
-__device__ RowSums<acc_t> block_reduce(RowSums<acc_t> a) {
-  __shared__ acc_t shared[3][kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  a = warp_reduce(a);
-  if (lane == 0) {
-    shared[0][warp] = a.max;
-    shared[1][warp] = a.sum;
-    shared[2][warp] = a.z_sum;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < kWarps ? RowSums<acc_t>{shared[0][lane], shared[1][lane], shared[2][lane]}
-                      : empty_sums<acc_t>();
+// A team's reduction; the result is valid in its lane 0. Every thread of the team must call it.
+template <int G, typename acc_t>
+__device__ RowSums<acc_t> team_reduce(RowSums<acc_t> a) {
+  if constexpr (G == 32) {
+    return warp_reduce(a);
+  } else {
+    static_assert(G == kThreads, "a team is a warp or the whole block");
+    __shared__ acc_t shared[3][kWarps];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
     a = warp_reduce(a);
+    if (lane == 0) {
+      shared[0][warp] = a.max;
+      shared[1][warp] = a.sum;
+      shared[2][warp] = a.z_sum;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      a = lane < kWarps ? RowSums<acc_t>{shared[0][lane], shared[1][lane], shared[2][lane]}
+                        : empty_sums<acc_t>();
+      a = warp_reduce(a);
+    }
+    __syncthreads();  // shared is reused for the next row
+    return a;
   }
-  __syncthreads();  // shared is reused for the next row
-  return a;
 }
 
-// Partial (max, sum, z_sum) of columns [blockIdx.x * width, +width) of each row with a target.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+// Loss and log-sum-exp of a row from its merged sums and its target cosine.
+template <typename acc_t>
+__device__ __forceinline__ void finish_row(const RowSums<acc_t>& total, acc_t target_value,
+                                           const Margin<acc_t>& m, int64_t cols, acc_t* loss,
+                                           acc_t* lse) {
+  const acc_t row_lse = total.max + math::log_(total.sum);
+  *loss = smoothed_loss(row_lse, m.s * target_value, total.z_sum, acc_t(cols), m.eps);
+  *lse = row_lse;
+}
+
+// Partial (max, sum, z_sum) of columns [blockIdx.x * width, +width) of each row with a target,
+// into partials; with a single split (gridDim.x == 1), the row's loss and log-sum-exp directly.
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     cross_entropy_partial_kernel(Rows shape, Matrix cos, Margin<acc_type<scalar_t>> m,
-                                 int64_t width, int64_t splits, acc_type<scalar_t>* partials) {
+                                 int64_t width, acc_type<scalar_t>* __restrict__ partials,
+                                 acc_type<scalar_t>* __restrict__ loss,
+                                 acc_type<scalar_t>* __restrict__ lse) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int N = Pack<scalar_t>::size;
+  constexpr int N = pack_of<scalar_t>();
+  const Team<G> team;
+  const int64_t splits = gridDim.x;
   const int64_t first = int64_t(blockIdx.x) * width;
   const int64_t end = min64(shape.cols, first + width);
-  for (int64_t row = blockIdx.y; row < shape.rows; row += gridDim.y) {
+  for (int64_t row = int64_t(blockIdx.y) * team.kRowsPerBlock + team.index; row < shape.rows;
+       row += int64_t(gridDim.y) * team.kRowsPerBlock) {
     const int64_t y = shape.labels[row];
-    if (y < 0 || y >= shape.cols) {
-      continue;  // the same for the whole block: no target, nothing to read
-    }
-    const scalar_t* src = static_cast<const scalar_t*>(cos.data) + row * cos.row_stride;
-    const acc_t target_value = (y >= first && y < end)
-                                   ? target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3,
-                                                  m.lam)
-                                   : acc_t(0);
-    RowSums<acc_t> sums = empty_sums<acc_t>();
-    int64_t scalar_from = first;
-    if (cos.col_stride == 1 && aligned16(src + first)) {
-      const int64_t packs = (end - first) / N;
-      for (int64_t p = threadIdx.x; p < packs; p += kThreads) {
-        const int64_t j = first + p * N;
-        const Pack<scalar_t> in = *reinterpret_cast<const Pack<scalar_t>*>(src + j);
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const acc_t x = j + k == y ? target_value : static_cast<acc_t>(in.v[k]);
-          sums.add(m.s * x);
-        }
+    if (y < 0 || y >= shape.cols) {  // the same for the whole team: no target, nothing to read
+      if (splits == 1 && team.lane == 0) {
+        loss[row] = acc_t(0);
+        lse[row] = acc_t(0);
       }
-      scalar_from = first + packs * N;
+      continue;
     }
-    for (int64_t j = scalar_from + threadIdx.x; j < end; j += kThreads) {
-      const acc_t x = j == y ? target_value : static_cast<acc_t>(src[j * cos.col_stride]);
-      sums.add(m.s * x);
-    }
-    sums = block_reduce(sums);
-    if (threadIdx.x == 0) {
-      acc_t* out = partials + (row * splits + blockIdx.x) * 3;
-      out[0] = sums.max;
-      out[1] = sums.sum;
-      out[2] = sums.z_sum;
+    const scalar_t* __restrict__ src = static_cast<const scalar_t*>(cos.data) + row * cos.row_stride;
+    const acc_t target_value =
+        (y >= first && y < end)
+            ? target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3, m.lam)
+            : acc_t(0);
+    RowSums<acc_t> sums = empty_sums<acc_t>();
+    visit_row<scalar_t, G>(
+        src, cos.col_stride, first, end, team.lane,
+        [&](int64_t j, const acc_t(&x)[N]) {
+          const int64_t target = y - j;
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            sums.add(m.s * (target == k ? target_value : x[k]));
+          }
+        },
+        [&](int64_t j, acc_t x) { sums.add(m.s * (j == y ? target_value : x)); });
+    sums = team_reduce<G>(sums);
+    if (team.lane == 0) {
+      if (splits == 1) {
+        finish_row(sums, target_value, m, shape.cols, loss + row, lse + row);
+      } else {
+        acc_t* out = partials + (row * splits + blockIdx.x) * 3;
+        out[0] = sums.max;
+        out[1] = sums.sum;
+        out[2] = sums.z_sum;
+      }
     }
   }
 }
 
-// Merges the splits of each row: loss and log-sum-exp (both 0 for a row without target).
+// Merges the splits of each row, a warp per row: loss and log-sum-exp (both 0 for a row without
+// target).
 template <typename scalar_t>
-__global__ void cross_entropy_combine_kernel(Rows shape, Matrix cos, Margin<acc_type<scalar_t>> m,
-                                             int64_t splits, const acc_type<scalar_t>* partials,
-                                             acc_type<scalar_t>* loss, acc_type<scalar_t>* lse) {
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_combine_kernel(Rows shape, Matrix cos, Margin<acc_type<scalar_t>> m,
+                                 int64_t splits, const acc_type<scalar_t>* __restrict__ partials,
+                                 acc_type<scalar_t>* __restrict__ loss,
+                                 acc_type<scalar_t>* __restrict__ lse) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t step = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < shape.rows;
-       row += step) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int64_t step = int64_t(gridDim.x) * kWarps;
+  for (int64_t row = warp; row < shape.rows; row += step) {
     const int64_t y = shape.labels[row];
     if (y < 0 || y >= shape.cols) {
-      loss[row] = acc_t(0);
-      lse[row] = acc_t(0);
+      if (lane == 0) {
+        loss[row] = acc_t(0);
+        lse[row] = acc_t(0);
+      }
       continue;
     }
     RowSums<acc_t> total = empty_sums<acc_t>();
-    for (int64_t k = 0; k < splits; ++k) {
+    for (int64_t k = lane; k < splits; k += 32) {
       const acc_t* part = partials + (row * splits + k) * 3;
       total.merge_with(RowSums<acc_t>{part[0], part[1], part[2]});
     }
-    const acc_t row_lse = total.max + math::log_(total.sum);
-    const acc_t z_y =
-        m.s * target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3, m.lam);
-    loss[row] = smoothed_loss(row_lse, z_y, total.z_sum, acc_t(shape.cols), m.eps);
-    lse[row] = row_lse;
+    total = warp_reduce(total);
+    if (lane == 0) {
+      const acc_t target_value =
+          target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3, m.lam);
+      finish_row(total, target_value, m, shape.cols, loss + row, lse + row);
+    }
   }
 }
 
@@ -338,52 +503,43 @@ __global__ void cross_entropy_combine_kernel(Rows shape, Matrix cos, Margin<acc_
 // Host side.
 
 template <typename scalar_t>
-dim3 map_grid(const Rows& shape) {
-  const int64_t tile = int64_t(kThreads) * Pack<scalar_t>::size * kPacksPerThread;
-  return dim3(static_cast<unsigned>(ceil_div(shape.cols, tile)),
-              static_cast<unsigned>(min64(shape.rows, kMaxGridY)));
+bool warp_per_row(const Rows& shape) {
+  return shape.cols * int64_t(sizeof(scalar_t)) <= kWarpRowMaxBytes;
+}
+
+// Columns per block of the elementwise kernels: one round of kUnroll packs per thread.
+template <typename scalar_t>
+int64_t block_tile() {
+  return int64_t(kThreads) * pack_of<scalar_t>() * kUnroll;
+}
+
+template <typename scalar_t, typename Op>
+cudaError_t launch_map(const Rows& shape, const Matrix& src, scalar_t* out, const Op& op,
+                       cudaStream_t stream) {
+  if (warp_per_row<scalar_t>(shape)) {
+    const dim3 grid(1u, static_cast<unsigned>(min64(ceil_div(shape.rows, kWarps), kMaxGridY)));
+    map_rows_kernel<scalar_t, 32><<<grid, kThreads, 0, stream>>>(shape, src, out, shape.cols, op);
+  } else {
+    const int64_t tile = block_tile<scalar_t>();
+    const dim3 grid(static_cast<unsigned>(ceil_div(shape.cols, tile)),
+                    static_cast<unsigned>(min64(shape.rows, kMaxGridY)));
+    map_rows_kernel<scalar_t, kThreads><<<grid, kThreads, 0, stream>>>(shape, src, out, tile, op);
+  }
+  return cudaGetLastError();
 }
 
 template <typename scalar_t>
 cudaError_t logits_forward(Rows shape, Matrix cos, const MarginParams& p, void* out,
                            cudaStream_t stream) {
-  const LogitsForward<scalar_t> op{Margin<acc_type<scalar_t>>(p), shape.labels};
-  map_rows_kernel<scalar_t><<<map_grid<scalar_t>(shape), kThreads, 0, stream>>>(
-      shape, cos, static_cast<scalar_t*>(out), op);
-  return cudaGetLastError();
+  const LogitsForward<scalar_t> op{Margin<acc_type<scalar_t>>(p), shape.labels, cos};
+  return launch_map(shape, cos, static_cast<scalar_t*>(out), op, stream);
 }
 
 template <typename scalar_t>
 cudaError_t logits_backward(Rows shape, Matrix grad, Matrix cos, const MarginParams& p, void* out,
                             cudaStream_t stream) {
   const LogitsBackward<scalar_t> op{Margin<acc_type<scalar_t>>(p), shape.labels, cos};
-  map_rows_kernel<scalar_t><<<map_grid<scalar_t>(shape), kThreads, 0, stream>>>(
-      shape, grad, static_cast<scalar_t*>(out), op);
-  return cudaGetLastError();
-}
-
-template <typename scalar_t>
-cudaError_t cross_entropy_forward(Rows shape, Matrix cos, const MarginParams& p, int64_t splits,
-                                  void* workspace, void* loss, void* lse, cudaStream_t stream) {
-  using acc_t = acc_type<scalar_t>;
-  const Margin<acc_t> m(p);
-  constexpr int N = Pack<scalar_t>::size;
-  // Chunks of whole packs, so that every chunk of an aligned row starts aligned.
-  const int64_t width = ceil_div(ceil_div(shape.cols, splits), N) * N;
-  const int64_t used_splits = ceil_div(shape.cols, width);  // <= splits
-  auto* partials = static_cast<acc_t*>(workspace);
-  const dim3 grid(static_cast<unsigned>(used_splits),
-                  static_cast<unsigned>(min64(shape.rows, kMaxGridY)));
-  cross_entropy_partial_kernel<scalar_t>
-      <<<grid, kThreads, 0, stream>>>(shape, cos, m, width, used_splits, partials);
-  cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) {
-    return status;
-  }
-  const int64_t blocks = min64(ceil_div(shape.rows, kThreads), int64_t(1) << 20);
-  cross_entropy_combine_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      shape, cos, m, used_splits, partials, static_cast<acc_t*>(loss), static_cast<acc_t*>(lse));
-  return cudaGetLastError();
+  return launch_map(shape, grad, static_cast<scalar_t*>(out), op, stream);
 }
 
 template <typename scalar_t>
@@ -399,22 +555,106 @@ cudaError_t cross_entropy_backward(Rows shape, Matrix cos, const void* grad_rows
                                           grad_stride,
                                           static_cast<const acc_t*>(lse),
                                           lse_stride};
-  map_rows_kernel<scalar_t><<<map_grid<scalar_t>(shape), kThreads, 0, stream>>>(
-      shape, cos, static_cast<scalar_t*>(out), op);
+  return launch_map(shape, cos, static_cast<scalar_t*>(out), op, stream);
+}
+
+// The width of a cross-entropy chunk: whole packs, so that every chunk of a row starts at the
+// same offset from a 16-byte boundary (one short head per chunk at most).
+template <typename scalar_t>
+int64_t chunk_width(const Rows& shape, int64_t splits) {
+  constexpr int N = pack_of<scalar_t>();
+  return ceil_div(ceil_div(shape.cols, splits), N) * N;
+}
+
+template <typename scalar_t>
+cudaError_t cross_entropy_forward(Rows shape, Matrix cos, const MarginParams& p, int64_t splits,
+                                  void* workspace, void* loss, void* lse, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const Margin<acc_t> m(p);
+  auto* loss_out = static_cast<acc_t*>(loss);
+  auto* lse_out = static_cast<acc_t*>(lse);
+  if (warp_per_row<scalar_t>(shape)) {
+    const dim3 grid(1u, static_cast<unsigned>(min64(ceil_div(shape.rows, kWarps), kMaxGridY)));
+    cross_entropy_partial_kernel<scalar_t, 32><<<grid, kThreads, 0, stream>>>(
+        shape, cos, m, shape.cols, nullptr, loss_out, lse_out);
+    return cudaGetLastError();
+  }
+  const int64_t width = chunk_width<scalar_t>(shape, splits);
+  const int64_t used_splits = ceil_div(shape.cols, width);  // <= splits
+  auto* partials = static_cast<acc_t*>(workspace);
+  const dim3 grid(static_cast<unsigned>(used_splits),
+                  static_cast<unsigned>(min64(shape.rows, kMaxGridY)));
+  cross_entropy_partial_kernel<scalar_t, kThreads>
+      <<<grid, kThreads, 0, stream>>>(shape, cos, m, width, partials, loss_out, lse_out);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess || used_splits == 1) {
+    return status;
+  }
+  const int64_t blocks = min64(ceil_div(shape.rows, kWarps), int64_t(1) << 20);
+  cross_entropy_combine_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      shape, cos, m, used_splits, partials, loss_out, lse_out);
   return cudaGetLastError();
 }
 
-int pack_size(DType dtype) {
-  switch (dtype) {
-    case DType::kHalf:
-    case DType::kBFloat16:
-      return 8;
-    case DType::kFloat:
-      return 4;
-    case DType::kDouble:
-      return 2;
+// Blocks of the block-per-row cross-entropy kernel resident on the whole device at once, from
+// the occupancy calculator; cached per device and dtype (the answer cannot change in a process).
+template <typename scalar_t>
+int64_t resident_blocks(int dtype_index) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices][4];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) {
+    cudaGetLastError();
+    device = -1;
+  } else if (const int known = cache[device][dtype_index].load(std::memory_order_relaxed);
+             known > 0) {
+    return known;
   }
-  return 1;
+  int multiprocessors = 1;
+  int per_sm = 0;
+  if (device < 0 ||
+      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, cross_entropy_partial_kernel<scalar_t, kThreads>, kThreads, 0) != cudaSuccess ||
+      per_sm < 1) {
+    cudaGetLastError();  // clear it: a failure here only costs parallelism
+    return int64_t(multiprocessors > 0 ? multiprocessors : 1) * kMinBlocksPerSM;
+  }
+  const int resident = multiprocessors * per_sm;
+  cache[device][dtype_index].store(resident, std::memory_order_relaxed);
+  return resident;
+}
+
+// The number of column chunks per row. Many rows: one (the grid is already many waves). Otherwise
+// at least kMinWaves full waves of resident blocks where the row is wide enough (each chunk keeps
+// one round of kUnroll packs per thread), choosing among those the split count whose last wave is
+// fullest, counting a small fixed cost per block.
+template <typename scalar_t>
+int64_t splits_for(const Rows& shape, int dtype_index) {
+  if (warp_per_row<scalar_t>(shape) || shape.rows >= kMaxGridY) {
+    return 1;
+  }
+  const int64_t resident = resident_blocks<scalar_t>(dtype_index);
+  if (shape.rows >= int64_t(kMinWaves) * resident) {
+    return 1;
+  }
+  const int64_t min_width = block_tile<scalar_t>();
+  const int64_t max_splits = min64(kMaxSplits, max64(1, shape.cols / min_width));
+  const int64_t least = min64(max_splits, ceil_div(int64_t(kMinWaves) * resident, shape.rows));
+  const int64_t per_block_cost = int64_t(kThreads) * pack_of<scalar_t>();  // in columns
+  int64_t best = least;
+  double best_cost = -1.0;
+  for (int64_t s = least; s <= max_splits; ++s) {
+    const int64_t used = ceil_div(shape.cols, chunk_width<scalar_t>(shape, s));
+    const double waves = double(ceil_div(shape.rows * used, resident));
+    const double cost = waves * double(chunk_width<scalar_t>(shape, s) + per_block_cost);
+    if (best_cost < 0.0 || cost < best_cost) {
+      best_cost = cost;
+      best = s;
+    }
+  }
+  return best;
 }
 
 bool is_empty(const Rows& shape) { return shape.rows <= 0 || shape.cols <= 0; }
@@ -454,20 +694,17 @@ int64_t cross_entropy_splits(Rows shape, DType dtype) {
   if (is_empty(shape)) {
     return 1;
   }
-  int device = 0;
-  int multiprocessors = 1;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) !=
-          cudaSuccess) {
-    cudaGetLastError();  // clear it: a failure here only costs parallelism
-    multiprocessors = 1;
+  switch (dtype) {
+    case DType::kHalf:
+      return splits_for<c10::Half>(shape, 0);
+    case DType::kBFloat16:
+      return splits_for<c10::BFloat16>(shape, 1);
+    case DType::kFloat:
+      return splits_for<float>(shape, 2);
+    case DType::kDouble:
+      return splits_for<double>(shape, 3);
   }
-  const int64_t resident_blocks = int64_t(multiprocessors) * (2048 / kThreads);
-  // Each block gets at least kPacksPerThread packs per thread, so splitting pays off.
-  const int64_t min_width = int64_t(kThreads) * pack_size(dtype) * kPacksPerThread;
-  const int64_t max_splits = shape.cols / min_width > 1 ? shape.cols / min_width : 1;
-  const int64_t wanted = ceil_div(resident_blocks, shape.rows);
-  return wanted < 1 ? 1 : min64(wanted, max_splits);
+  return 1;
 }
 
 cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, const MarginParams& p,
@@ -476,7 +713,7 @@ cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, co
   if (shape.rows <= 0) {
     return cudaSuccess;
   }
-  if (shape.cols <= 0 || splits < 1) {
+  if (shape.cols <= 0 || splits < 1 || (splits > 1 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
   ANGULAR_DISPATCH_DTYPE(dtype, cross_entropy_forward, shape, cos, p, splits, workspace, loss, lse,
