@@ -1,5 +1,5 @@
-"""Ensembles of margin heads (docs/design.md, Pipeline: evaluate): combine the calibrated class probabilities of
-several heads into one prediction, one confidence and one distribution per sample.
+"""Ensembles of margin heads (docs/design.md, Pipeline): combine the calibrated class probabilities
+of several heads into one prediction, one confidence and one distribution per sample.
 
 Rules (:data:`RULES`):
 
@@ -16,8 +16,8 @@ confidence its maximum. For ``vote`` the returned distribution is built to agree
 the winner gets the vote's confidence, and the remaining ``1 - confidence`` is spread over the other
 classes in proportion to their mean probability, each capped just below the winner's share
 (possible because a voter's confidence is at least ``1/K``). So its rows sum to 1, its maximum is
-the vote confidence and its arg-max is the winner, and the metrics of :mod:`angular.metrics` that
-take ``probs`` (ECE, NLL, Brier) measure the vote itself.
+the vote confidence and its arg-max is the winner, and the metrics of :mod:`angular.eval.metrics`
+that take ``probs`` (ECE, NLL, Brier) measure the vote itself.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import special
 
 from angular.eval.metrics import PROB_FLOOR, as_float_array
 
@@ -56,7 +57,7 @@ def _check_heads(probs_per_head) -> np.ndarray:
         if probs.min() < 0.0 or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):
             raise ValueError(
                 f"{name} must hold probabilities: non-negative rows summing to 1 "
-                "(apply angular.metrics.softmax to logits first)"
+                "(apply angular.eval.metrics.softmax to logits first)"
             )
     return np.stack(heads)
 
@@ -112,10 +113,7 @@ def combine(probs_per_head, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if rule == "mean_prob":
         probs = mean_probs
     elif rule == "sum_log_prob":
-        log_probs = np.log(np.clip(heads, PROB_FLOOR, None)).sum(axis=0)
-        log_probs -= log_probs.max(axis=1, keepdims=True)
-        probs = np.exp(log_probs)
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = special.softmax(np.log(np.clip(heads, PROB_FLOOR, None)).sum(axis=0), axis=1)
     elif rule == "max_conf":
         most_confident = heads.max(axis=2).argmax(axis=0)  # (N,): first head on a tie
         probs = heads[most_confident, rows]
