@@ -1,4 +1,4 @@
-"""angular.calibration: temperature scaling recovers a known temperature and never hurts NLL."""
+"""angular.eval.calibration: temperature scaling recovers a known temperature and never hurts NLL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""angular.ensemble: every rule on small hand-made tables, and the invariants of its outputs."""
+"""angular.eval.ensemble: every rule on small hand-made tables, and the invariants of its outputs."""
 
 from __future__ import annotations
 

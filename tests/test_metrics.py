@@ -1,4 +1,4 @@
-"""angular.metrics: hand-computable cases, direct formulas and scikit-learn as yardsticks."""
+"""angular.eval.metrics: hand-computable cases, direct formulas and scikit-learn as yardsticks."""
 
 from __future__ import annotations
 
@@ -412,3 +412,19 @@ def test_read_pairs_file(tmp_path):
         metrics.read_pairs_file(pairs, names)
     with pytest.raises(ValueError, match="missing.txt"):
         metrics.read_pairs_file(tmp_path / "missing.txt", names)
+
+
+def test_brier_score_is_sklearns_multiclass_score_at_every_class_count():
+    rng = np.random.default_rng()
+    for k in (2, 3, 9):
+        probs = metrics.softmax(rng.normal(size=(40, k)) * 3)
+        labels = rng.integers(0, k, size=40)
+        direct = np.mean(np.sum((probs - np.eye(k)[labels]) ** 2, axis=1))
+        assert metrics.brier_score(probs, labels) == pytest.approx(direct, rel=1e-12)
+    # One class: sklearn would read the column as a binary probability; ours is (1 - p)^2.
+    assert metrics.brier_score([[1.0], [0.5]], [0, 0]) == pytest.approx(0.125)
+    # A float32 probability rounded just above 1 counts as 1; rows need not sum to 1.
+    assert metrics.brier_score(np.float32([[1.0000001, 0.0]]), [0]) == 0.0
+    assert metrics.brier_score([[0.5, 0.5], [0.2, 0.2]], [0, 1]) == pytest.approx(
+        (0.5 + 0.64 + 0.04) / 2
+    )

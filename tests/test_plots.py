@@ -1,4 +1,4 @@
-"""angular.plots: each function writes a real PNG and returns its path; bad input is named."""
+"""angular.eval.plots: each function writes a real PNG and returns its path; bad input is named."""
 
 from __future__ import annotations
 
