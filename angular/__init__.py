@@ -15,7 +15,7 @@ from angular.nn import (
     SphereFace,
     build_backbone,
 )
-from angular.ops import backend, margin_cross_entropy, margin_logits
+from angular.ops import backend, linear_margin_cross_entropy, margin_cross_entropy, margin_logits
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "SphereFace",
     "backend",
     "build_backbone",
+    "linear_margin_cross_entropy",
     "margin_cross_entropy",
     "margin_logits",
 ]

@@ -35,6 +35,29 @@ inline void check_cos_labels(const at::Tensor& cos, const at::Tensor& labels, co
               " but cos is on ", cos.device());
 }
 
+// The inputs of the fused linear op (angular/ops/linear.py): x (B, D), weight (C, D), labels (B,).
+inline void check_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must have shape (B, D), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape (C, D), got ", weight.sizes());
+  for (const at::Tensor* t : {&x, &weight}) {
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                    dtype == at::kDouble,
+                op, ": ", t == &x ? "x" : "weight",
+                " must be float16, bfloat16, float32 or float64, got ", dtype);
+  }
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight has D = ", weight.size(1),
+              " columns but x has D = ", x.size(1));
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), op,
+              ": labels must have shape (B,) = (", x.size(0), ",), got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(weight.device() == x.device() && labels.device() == x.device(), op,
+              ": x, weight and labels must be on one device, got ", x.device(), ", ",
+              weight.device(), " and ", labels.device());
+}
+
 // A per-row tensor (loss gradient, log-sum-exp) that goes with cos.
 inline void check_rows(const at::Tensor& rows, const at::Tensor& cos, const char* op,
                        const char* name) {

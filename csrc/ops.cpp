@@ -37,4 +37,16 @@ TORCH_LIBRARY(angular, m) {
       "float s, float m1, float m2, float m3, float lam, float label_smoothing, "
       "bool straight_through) -> Tensor",
       tags);
+  // Fused linear + margin + cross-entropy (angular/ops/linear.py): x (B, D), weight (C, D); the
+  // forward returns the per-row loss, log-sum-exp and |x|, and the per-class |weight|.
+  m.def(
+      "linear_margin_cross_entropy(Tensor x, Tensor weight, Tensor labels, float s, float m1, "
+      "float m2, float m3, float lam, float label_smoothing, bool straight_through) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
+  m.def(
+      "linear_margin_cross_entropy_backward(Tensor grad_rows, Tensor x, Tensor weight, "
+      "Tensor labels, Tensor lse, Tensor x_norm, Tensor weight_norm, float s, float m1, float m2, "
+      "float m3, float lam, float label_smoothing, bool straight_through) -> (Tensor, Tensor)",
+      tags);
 }

@@ -3,6 +3,7 @@
 
 Imports nothing above it: no training, tracking or plotting code."""
 
+from angular.ops.linear import linear_margin_cross_entropy
 from angular.ops.margin import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -19,6 +20,7 @@ __all__ = [
     "backend",
     "check_margin",
     "check_number",
+    "linear_margin_cross_entropy",
     "margin_cross_entropy",
     "margin_logits",
 ]

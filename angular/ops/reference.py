@@ -142,3 +142,35 @@ def margin_cross_entropy(
     )
     per_row = torch.where(has_target, per_row, torch.zeros_like(per_row))
     return reduce_rows(per_row, has_target, reduction)
+
+
+def linear_margin_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    s: float,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    lam: float = 0.0,
+    label_smoothing: float = 0.0,
+    straight_through: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The unfused composition the fused linear op computes: normalise the embeddings ``x`` (B, D)
+    and the class centres ``weight`` (C, D, cast to ``x``'s dtype, as a head does), one matmul for
+    the (B, C) cosines, then :func:`margin_cross_entropy`."""
+    cos = F.linear(F.normalize(x, dim=1), F.normalize(weight.to(x.dtype), dim=1))
+    return margin_cross_entropy(
+        cos,
+        labels,
+        s=s,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        lam=lam,
+        label_smoothing=label_smoothing,
+        straight_through=straight_through,
+        reduction=reduction,
+    )
