@@ -1,4 +1,4 @@
-"""The ``angular`` command: use trained models on new images (see :mod:`angular.predict`).
+"""The ``angular`` command: use trained models on new images (see :mod:`angular.serve.predict`).
 
     angular predict IMAGES... [--project DIR] [--head NAME | --ensemble RULE]
                               [--model PATH ...] [--temperature T] [--threshold X]

@@ -1,7 +1,7 @@
 """End-to-end training throughput (images/s): the fused backend against ``ANGULAR_BACKEND=python``.
 
 The step is the default pipeline's training step: the ``small_cnn`` backbone on digits-sized 1x8x8
-images (embedding 128) and an ArcFace head from :mod:`angular.heads` (s=64, m=0.5, whose ``loss`` is
+images (embedding 128) and an ArcFace head from :mod:`angular.nn.heads` (s=64, m=0.5, whose ``loss`` is
 ``angular.ops.margin_cross_entropy``), Adam, batch 256. Two cases: ``digits`` (10 classes, where the
 head is a small part of the step) and ``large`` (10,000 classes by default, random data, where the
 head matters). Inputs are random: throughput does not depend on their values.

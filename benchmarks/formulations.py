@@ -3,7 +3,7 @@
 ``insightface`` is the eager formulation used by insightface's ``recognition/arcface_torch`` and by the
 original repository this project descends from: ``acos`` of the whole B x C cosine matrix, the margin
 ``cos(m1 * theta + m2) - m3`` evaluated for every entry, a one-hot mask that keeps it only in the target
-column, then ``F.cross_entropy``. It computes the same function as :mod:`angular.reference` wherever
+column, then ``F.cross_entropy``. It computes the same function as :mod:`angular.ops.reference` wherever
 ``t = m1 * theta_y + m2 <= pi`` (CosFace everywhere, ArcFace for ``theta_y + m2 < pi``); past ``pi``
 it has no ``(-1)^k ... - 2k`` extension, exactly like the code it stands for, so SphereFace with
 ``m1 = 4`` computes plain ``cos(4 theta)`` there. Its cost is what matters here: several elementwise
@@ -14,7 +14,7 @@ straight-through gradient), this version is differentiated by autograd end to en
 repository was, so its gradient equals the reference's (``straight_through=False``, the default of
 docs/design.md, Math).
 
-The ``reference`` provider is :mod:`angular.reference` itself (called, not copied), and ``compiled`` is
+The ``reference`` provider is :mod:`angular.ops.reference` itself (called, not copied), and ``compiled`` is
 ``torch.compile`` of it; see ``bench_margin.py``.
 """
 

@@ -25,8 +25,8 @@ template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 constexpr double kPi = 3.14159265358979323846;
-constexpr double kThetaMin = 0.01;              // THETA_MIN in angular/reference.py
-constexpr double kCosMax = 0.9999500004166653;  // cos(kThetaMin), COS_MAX in angular/reference.py
+constexpr double kThetaMin = 0.01;              // THETA_MIN in angular/ops/reference.py
+constexpr double kCosMax = 0.9999500004166653;  // cos(kThetaMin), COS_MAX in angular/ops/reference.py
 
 namespace math {
 // Explicit float/double overloads: the same names resolve on the host (libm) and the device (CUDA

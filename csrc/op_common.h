@@ -1,7 +1,7 @@
 // What the CPU and CUDA front ends share: the defensive input checks and the
 // dtype rules of docs/design.md, Math (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
 //
-// angular/ops.py validates every argument with messages for users first; these checks only make
+// angular/ops/margin.py validates every argument with messages for users first; these checks only make
 // sure no call that bypasses it (torch.ops.angular.* directly) can read out of bounds.
 #pragma once
 

@@ -1,7 +1,7 @@
 """The fused CPU kernels (``angular._C``) against the fp64 reference (docs/design.md, Testing).
 
 Every check draws fresh random cosines (the seed is in each failure message) and compares the fused
-op, called through :mod:`angular.ops` in the input dtype, with :mod:`angular.reference` evaluated in
+op, called through :mod:`angular.ops` in the input dtype, with :mod:`angular.ops.reference` evaluated in
 fp64 on exactly the same (rounded) values. Tolerances (docs/design.md, Testing) are relative,
 with an absolute floor of the same relative size times the largest reference magnitude (so entries
 that underflow, such as softmax terms of e^-100, are judged against the scale of the result): fp32

@@ -1,4 +1,4 @@
-"""Margin heads (``angular.heads``): they learn, their inference logits carry no margin, SphereFace's
+"""Margin heads (``angular.nn.heads``): they learn, their inference logits carry no margin, SphereFace's
 ``lam`` follows its schedule and steps only with training, and bad configuration names its field."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Python reference (``angular.reference``) against docs/design.md, Math.
+"""The Python reference (``angular.ops.reference``) against docs/design.md, Math.
 
 The yardstick here is an independent per-row formula written with the ``math`` module (no torch), so a
 bug in the reference cannot hide behind the same bug in the expected values. Every test draws fresh

@@ -5,7 +5,7 @@ A model file (``torch.save`` of a dict of plain Python values and tensors, loada
 
     format: "angular-model", version: 1
     item:       the train item it came from ("arcface", "joint", ...)
-    backbone:   {"name", "in_channels", "embedding_dim", "options"}     (angular.models.build_backbone)
+    backbone:   {"name", "in_channels", "embedding_dim", "options"}     (angular.nn.backbones.build_backbone)
     heads:      {member name: {"type", "s", "m1", "m2", "m3", "lam_schedule", "straight_through"}}
     classes:    the known identities, in label order
     image:      {"size": [h, w], "channels", "mean", "std"}              (angular.data preprocessing)

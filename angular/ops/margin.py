@@ -3,7 +3,7 @@ or the reference.
 
 ``margin_logits`` and ``margin_cross_entropy`` check their arguments, then run the compiled
 ``torch.ops.angular.*`` kernels when the extension has one for the tensors' device, and the
-pure-PyTorch reference (:mod:`angular.reference`) otherwise, saying so once in a warning.
+pure-PyTorch reference (:mod:`angular.ops.reference`) otherwise, saying so once in a warning.
 
 The compiled ops (schemas in ``csrc/ops.cpp``)::
 
@@ -69,7 +69,7 @@ def check_number(name: str, value, *, low: float | None = None, strict: bool = F
 
 
 def check_margin(s, m1, m2, m3, lam) -> tuple[float, float, float, float, float]:
-    """Validate margin parameters (also used by :class:`angular.heads.MarginSpec`)."""
+    """Validate margin parameters (also used by :class:`angular.nn.heads.MarginSpec`)."""
     return (
         check_number("s", s, low=0.0, strict=True),
         check_number("m1", m1, low=0.0, strict=True),

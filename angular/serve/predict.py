@@ -3,11 +3,11 @@
 The Python API behind the ``angular predict`` and ``angular embed`` commands (:mod:`angular.cli`).
 
 A :class:`Predictor` is one head, or an ensemble of heads combined by a rule of
-:mod:`angular.ensemble`, with each head's temperature (from calibration) and the open-set threshold
+:mod:`angular.eval.ensemble`, with each head's temperature (from calibration) and the open-set threshold
 on confidence (from evaluate). :func:`load_predictor` builds it from a project after ``make repro``
 (or ``dvc repro``), reading what the pipeline wrote there:
 
-    outputs/models/<item>.pt           the trained models (angular.inference.load_model)
+    outputs/models/<item>.pt           the trained models (angular.nn.recognition.load_model)
     outputs/calibration/<item>.json    each head's temperature (calibrate@<item>)
     metrics/evaluate.json              which heads evaluate scored, and the threshold of each head
                                        and ensemble rule (chosen on the validation images)
@@ -373,7 +373,7 @@ def load_predictor(
     """A predictor from a project's pipeline outputs, or from explicit ``model_paths``.
 
     - ``head``: use one head (a member name: ``arcface``, ``joint_cosface``); ``ensemble``: combine
-      every head by this rule (:data:`angular.ensemble.RULES`). Neither: the only head when there
+      every head by this rule (:data:`angular.eval.ensemble.RULES`). Neither: the only head when there
       is one, else the first ensemble rule evaluate scored (``mean_prob`` by default).
     - ``temperature``: the same temperature for every head, instead of the calibrated ones (with
       ``model_paths`` the default is 1, no calibration).

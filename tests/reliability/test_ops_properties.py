@@ -225,7 +225,7 @@ def test_more_than_65536_classes(device):
 
 
 # --------------------------------------------------------------------------------------------------
-# NaN / inf inside cos (documented in angular/reference.py; angular/ops.py says it is not checked
+# NaN / inf inside cos (documented in angular/ops/reference.py; angular/ops/margin.py says it is not checked
 # for). It goes through the arithmetic as F.cross_entropy would take it, row by row:
 #   - NaN anywhere in a row with a target, +inf anywhere, or any non-finite target value: the row's
 #     loss is not finite; a "mean" or "sum" over it is not finite.
