@@ -22,6 +22,7 @@ from test_fused import PRESETS, RecordOps, assert_close, require_fused
 from test_op_registration import allocation_peak
 
 from angular import ops
+from angular.nn import heads
 from angular.ops import linear, reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -366,3 +367,55 @@ def test_bad_input_names_the_argument(change, error, match):
     margin.setdefault("s", 10.0)
     with pytest.raises(error, match=match):
         ops.linear_margin_cross_entropy(args["x"], args["weight"], args["labels"], **margin)
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads
+
+
+@pytest.mark.parametrize("preset", sorted(heads.PRESETS))
+def test_head_fused_linear_matches_the_unfused_head(preset):
+    """Same centres, same batches: loss, grad of x and of the centres, and the lam schedule."""
+    torch.manual_seed(0)
+    unfused = heads.PRESETS[preset](24, 3000, s=32.0, label_smoothing=0.1, fused_linear=False)
+    fused = heads.PRESETS[preset](24, 3000, s=32.0, label_smoothing=0.1, fused_linear=True)
+    fused.load_state_dict(unfused.state_dict())
+    assert fused.fused_linear and not unfused.fused_linear
+    for step in range(2):
+        x = torch.randn(16, 24)
+        labels = torch.randint(0, 3000, (16,))
+        labels[5] = -1
+        results = []
+        for head in (unfused, fused):
+            head.weight.grad = None
+            leaf = x.clone().requires_grad_()
+            loss = head.loss(leaf, labels)
+            loss.backward()
+            results.append((loss, leaf.grad, head.weight.grad))
+        for name, got, want in zip(("loss", "grad_x", "grad_weight"), results[1], results[0]):
+            assert_close(got, want, 1e-5, f"{preset} step {step} {name}")
+    assert int(fused.step) == int(unfused.step) == 2
+
+
+def test_head_chooses_fused_linear_by_class_count():
+    small = heads.ArcFace(8, heads.FUSED_LINEAR_MIN_CLASSES - 1)
+    large = heads.ArcFace(8, heads.FUSED_LINEAR_MIN_CLASSES)
+    assert not small.fused_linear and large.fused_linear
+    assert "fused_linear=True" in repr(large)
+    with RecordOps() as recorded:
+        large.loss(torch.randn(3, 8), torch.tensor([0, 5, -1]))
+    assert "angular.linear_margin_cross_entropy.default" in recorded.names
+    with pytest.raises(TypeError, match="fused_linear"):
+        heads.ArcFace(8, 10, fused_linear="yes")
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 8\)"):
+        large.loss(torch.randn(3, 7), torch.tensor([0, 5, -1]))
+
+
+def test_head_fused_linear_compiles_fullgraph():
+    torch.manual_seed(1)
+    head = heads.CosFace(16, 500, s=32.0, fused_linear=True)
+    x = torch.randn(12, 16)
+    labels = torch.randint(0, 500, (12,))
+    want = head.loss(x, labels)
+    got = torch.compile(head.loss, fullgraph=True, backend="aot_eager")(x, labels)
+    assert_close(got, want, 1e-6, "compiled head loss")

@@ -4,6 +4,10 @@ A :class:`MarginHead` owns the class centres ``W`` (C x D). It computes ``cos = 
 normalize(W).T`` with one matmul and hands it to :mod:`angular.ops`. ``forward(x, labels)`` returns
 margin logits, ``loss(x, labels)`` the fused margin cross-entropy, ``logits(x)`` plain ``s * cos`` for
 inference. ``ArcFace``, ``CosFace``, ``SphereFace`` and ``CombinedMargin`` are presets.
+
+With ``fused_linear=True`` (the default from ``FUSED_LINEAR_MIN_CLASSES`` classes on), ``loss`` never
+forms the (B, C) cosines: :func:`angular.ops.linear_margin_cross_entropy` fuses the matmul with the
+margin and the cross-entropy, chunk by chunk over the classes (same function, same gradients).
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from torch import nn
 
 from angular import ops
 from angular.nn.backbones import check_size
+
+# From this many classes on, a head's loss uses the fused linear op by default: at C = 100,000,
+# B = 256, D = 512 on CPU it is faster than the matmul + fused margin op and holds no B x C buffer
+# (BENCHMARKS.md, "Fused linear + margin + cross-entropy").
+FUSED_LINEAR_MIN_CLASSES = 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +90,10 @@ class MarginSpec:
 
 class MarginHead(nn.Module):
     """Class centres plus an angular margin. ``step`` (a buffer, saved in checkpoints) drives the
-    SphereFace ``lam`` schedule; it advances once per :meth:`loss` call in training mode."""
+    SphereFace ``lam`` schedule; it advances once per :meth:`loss` call in training mode.
+
+    ``fused_linear``: whether :meth:`loss` uses the fused linear + margin + cross-entropy op (no
+    (B, C) buffer); ``None`` (default) turns it on from ``FUSED_LINEAR_MIN_CLASSES`` classes."""
 
     def __init__(
         self,
@@ -91,6 +103,7 @@ class MarginHead(nn.Module):
         *,
         label_smoothing: float = 0.0,
         straight_through: bool = False,
+        fused_linear: bool | None = None,
     ):
         super().__init__()
         embedding_dim = check_size("embedding_dim", embedding_dim)
@@ -105,6 +118,11 @@ class MarginHead(nn.Module):
         self.margin = margin
         self.label_smoothing = label_smoothing
         self.straight_through = straight_through
+        if fused_linear is not None and not isinstance(fused_linear, bool):
+            raise TypeError(f"fused_linear must be True, False or None, got {fused_linear!r}")
+        self.fused_linear = (
+            num_classes >= FUSED_LINEAR_MIN_CLASSES if fused_linear is None else fused_linear
+        )
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
@@ -113,10 +131,13 @@ class MarginHead(nn.Module):
     def lam(self) -> float:
         return self.margin.lam(int(self.step))
 
-    def cosine(self, x: torch.Tensor) -> torch.Tensor:
-        """``cos`` of each embedding with each class centre: (B, D) -> (B, C)."""
+    def _check_x(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.embedding_dim:
             raise ValueError(f"x must have shape (B, {self.embedding_dim}), got {tuple(x.shape)}")
+
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        """``cos`` of each embedding with each class centre: (B, D) -> (B, C)."""
+        self._check_x(x)
         weight = self.weight.to(x.dtype) if x.dtype != self.weight.dtype else self.weight
         return F.linear(F.normalize(x, dim=1), F.normalize(weight, dim=1))
 
@@ -132,13 +153,25 @@ class MarginHead(nn.Module):
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Fused margin cross-entropy; advances the ``lam`` schedule in training mode."""
-        loss = ops.margin_cross_entropy(
-            self.cosine(x),
-            labels,
-            label_smoothing=self.label_smoothing,
-            reduction=reduction,
-            **self._margin_args(),
-        )
+        if self.fused_linear:
+            self._check_x(x)
+            # The centres keep their dtype (the op converts them chunk by chunk).
+            loss = ops.linear_margin_cross_entropy(
+                x,
+                self.weight,
+                labels,
+                label_smoothing=self.label_smoothing,
+                reduction=reduction,
+                **self._margin_args(),
+            )
+        else:
+            loss = ops.margin_cross_entropy(
+                self.cosine(x),
+                labels,
+                label_smoothing=self.label_smoothing,
+                reduction=reduction,
+                **self._margin_args(),
+            )
         if self.training:
             self.step += 1
         return loss
@@ -151,7 +184,8 @@ class MarginHead(nn.Module):
         m = self.margin
         return (
             f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
-            f"s={m.s}, m1={m.m1}, m2={m.m2}, m3={m.m3}, lam_schedule={m.lam_schedule}"
+            f"s={m.s}, m1={m.m1}, m2={m.m2}, m3={m.m3}, lam_schedule={m.lam_schedule}, "
+            f"fused_linear={self.fused_linear}"
         )
 
 
