@@ -129,6 +129,8 @@ class MarginHead(nn.Module):
 
     @property
     def lam(self) -> float:
+        if self.margin.lam_schedule is None:  # no read of the step: on a GPU that would sync
+            return 0.0
         return self.margin.lam(int(self.step))
 
     def _check_x(self, x: torch.Tensor) -> None:
