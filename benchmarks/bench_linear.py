@@ -1,0 +1,314 @@
+"""Benchmark of the fused linear + margin + cross-entropy op against the unfused head path.
+
+Providers, both forward + backward of an ArcFace loss (mean reduction) from embeddings ``x`` (B, D)
+and centres ``weight`` (C, D), gradients of both by ``torch.autograd.grad``:
+
+- ``fused_linear``: ``angular.ops.linear_margin_cross_entropy`` (no (B, C) buffer).
+- ``unfused``: what a head does without it: ``F.linear(F.normalize(x), F.normalize(weight))`` then
+  the fused ``angular.ops.margin_cross_entropy`` (the matmul + fused margin CE).
+
+Memory, "peak extra": everything the call holds at its peak beyond x, weight and grad_weight.
+- CPU: each (provider, C) runs in a fresh subprocess; after the inputs exist (and are touched), the
+  peak resident set size is reset (``/proc/self/clear_refs``), the call runs once, and the extra is
+  ``VmHWM - VmRSS before - bytes of grad_weight``. This counts every thread and every allocator, and
+  also one-time costs of a first call (thread pools, BLAS buffers), so it errs on the high side.
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
+  allocated before the call, minus grad_weight.
+
+Time: median of ``--repeats`` calls after ``--warmup`` calls; CPU wall clock, with the two providers
+alternating in one process so that both see the same machine load; CUDA events on GPU. Out of
+memory is recorded as such (not as a failure of the run).
+
+    python benchmarks/bench_linear.py                   # CPU: C=100,000 timing + C=1,000,000 memory
+    python benchmarks/bench_linear.py --device cuda     # GPU: B=512, D=512, bf16, C=1M and 10M
+
+Writes ``OUT/bench_linear.json`` and ``OUT/bench_linear.md`` (``--out``, default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from angular import ops  # noqa: E402
+from angular.ops import linear  # noqa: E402
+
+PROVIDERS = ("fused_linear", "unfused")
+MARGIN = dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, label_smoothing=0.1)  # ArcFace, smoothing 0.1
+MIB = 2**20
+CPU_MEMORY_TARGET_MIB = 64
+CPU_SPEED_TARGET = 0.8
+
+
+def loss_of(provider: str, x, weight, labels):
+    if provider == "fused_linear":
+        return ops.linear_margin_cross_entropy(x, weight, labels, **MARGIN)
+    cos = F.linear(F.normalize(x, dim=1), F.normalize(weight.to(x.dtype), dim=1))
+    return ops.margin_cross_entropy(cos, labels, **MARGIN)
+
+
+def make_inputs(batch, dim, classes, dtype, device, seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, dim, generator=generator, device=device, dtype=dtype)
+    weight = torch.randn(classes, dim, generator=generator, device=device, dtype=dtype)
+    labels = torch.randint(0, classes, (batch,), generator=generator, device=device)
+    return x.requires_grad_(), weight.requires_grad_(), labels
+
+
+def step(provider, x, weight, labels):
+    return torch.autograd.grad(loss_of(provider, x, weight, labels), (x, weight))
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU memory: one subprocess per measurement.
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_memory(provider: str, batch: int, dim: int, classes: int) -> dict:
+    """Runs in the subprocess: peak RSS growth of one call, beyond grad_weight."""
+    x, weight, labels = make_inputs(batch, dim, classes, torch.float32, "cpu")
+    before = _status_kib("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    start = time.perf_counter()
+    grads = step(provider, x, weight, labels)
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM") * 1024
+    grad_weight = grads[1].numel() * grads[1].element_size()
+    return dict(
+        peak_extra_bytes=peak - before - grad_weight,
+        grad_weight_bytes=grad_weight,
+        first_call_s=seconds,
+    )
+
+
+def cpu_memory(provider, batch, dim, classes, threads) -> dict:
+    command = [
+        sys.executable, __file__, "--child-memory", provider,
+        "--B", str(batch), "--D", str(dim), "--C", str(classes), "--threads", str(threads),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        return dict(status="error", reason=done.stderr.strip().splitlines()[-1:])
+    return dict(status="ok", **json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing.
+
+
+def cpu_times(batch, dim, classes, warmup, repeats, providers) -> dict:
+    x, weight, labels = make_inputs(batch, dim, classes, torch.float32, "cpu")
+    times = {provider: [] for provider in providers}
+    for _ in range(warmup):
+        for provider in providers:
+            step(provider, x, weight, labels)
+    for _ in range(repeats):
+        for provider in providers:  # alternating: both see the same load
+            start = time.perf_counter()
+            step(provider, x, weight, labels)
+            times[provider].append(time.perf_counter() - start)
+    return {provider: statistics.median(values) * 1e3 for provider, values in times.items()}
+
+
+def cuda_case(provider, batch, dim, classes, dtype, warmup, repeats) -> dict:
+    torch.cuda.empty_cache()
+    try:
+        x, weight, labels = make_inputs(batch, dim, classes, dtype, "cuda")
+    except torch.OutOfMemoryError:
+        return dict(status="out of memory (inputs)")
+    grad_weight = weight.numel() * weight.element_size()
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = step(provider, x, weight, labels)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before - grad_weight
+        del grads
+        for _ in range(warmup):
+            step(provider, x, weight, labels)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(provider, x, weight, labels)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    except torch.OutOfMemoryError as error:
+        return dict(status="out of memory", reason=str(error).splitlines()[0])
+    finally:
+        del x, weight
+        torch.cuda.empty_cache()
+    return dict(status="ok", median_ms=statistics.median(times), peak_extra_bytes=peak)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    info = dict(
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        backend=ops.backend(),
+        fused_linear_kernel_cpu=linear._has_kernel("cpu"),
+    )
+    try:
+        info["git"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=_HERE
+        ).stdout.strip()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["fused_linear_kernel_cuda"] = linear._has_kernel("cuda")
+    return info
+
+
+def run_cpu(args) -> dict:
+    results = dict(machine=machine(), device="cpu", B=args.B, D=args.D, speed=[], memory=[])
+    for classes in args.speed_C:
+        times = cpu_times(args.B, args.D, classes, args.warmup, args.repeats, PROVIDERS)
+        ratio = times["unfused"] / times["fused_linear"]
+        results["speed"].append(dict(C=classes, median_ms=times, speedup=ratio))
+        print(f"C={classes}: {times} fused speed-up {ratio:.2f}x", flush=True)
+    for classes in args.memory_C:
+        for provider in PROVIDERS:
+            if provider == "unfused" and args.skip_unfused_memory:
+                continue
+            measured = cpu_memory(provider, args.B, args.D, classes, torch.get_num_threads())
+            results["memory"].append(dict(C=classes, provider=provider, **measured))
+            print(f"memory C={classes} {provider}: {measured}", flush=True)
+    return results
+
+
+def run_cuda(args) -> dict:
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
+    results = dict(machine=machine(), device="cuda", B=args.B, D=args.D, dtype=args.dtype, cases=[])
+    for classes in args.cuda_C:
+        for provider in PROVIDERS:
+            measured = cuda_case(
+                provider, args.B, args.D, classes, dtype, args.warmup, args.repeats
+            )
+            results["cases"].append(dict(C=classes, provider=provider, **measured))
+            print(f"C={classes} {provider}: {measured}", flush=True)
+    return results
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"## bench_linear ({results['device']}, B={results['B']}, D={results['D']})",
+        "",
+        f"{m['date']}, git {m.get('git')}, torch {m['torch']}, {m['threads']} threads, "
+        f"load average {m['load_average']}, {m.get('gpu', m['processor'])}",
+        "",
+    ]
+    if results["device"] == "cpu":
+        lines += [
+            "| C | fused_linear ms | unfused ms | fused speed vs unfused | target |",
+            "|---|---|---|---|---|",
+        ]
+        for row in results["speed"]:
+            t = row["median_ms"]
+            lines.append(
+                f"| {row['C']:,} | {t['fused_linear']:.0f} | {t['unfused']:.0f} | "
+                f"{row['speedup']:.2f}x | >= {CPU_SPEED_TARGET}x: "
+                f"{'met' if row['speedup'] >= CPU_SPEED_TARGET else 'MISSED'} |"
+            )
+        lines += [
+            "",
+            "| C | provider | peak extra MiB (beyond x, weight, grad_weight) | target |",
+            "|---|---|---|---|",
+        ]
+        for row in results["memory"]:
+            if row["status"] != "ok":
+                lines.append(f"| {row['C']:,} | {row['provider']} | {row['status']} | |")
+                continue
+            extra = row["peak_extra_bytes"] / MIB
+            target = ""
+            if row["provider"] == "fused_linear":
+                met = extra <= CPU_MEMORY_TARGET_MIB
+                target = f"<= {CPU_MEMORY_TARGET_MIB} MiB: {'met' if met else 'MISSED'}"
+            lines.append(f"| {row['C']:,} | {row['provider']} | {extra:.1f} | {target} |")
+    else:
+        lines += [
+            f"dtype {results['dtype']}",
+            "",
+            "| C | provider | median ms | peak extra MiB (beyond x, weight, grad_weight) |",
+            "|---|---|---|---|",
+        ]
+        for row in results["cases"]:
+            if row["status"] != "ok":
+                lines.append(f"| {row['C']:,} | {row['provider']} | {row['status']} | |")
+                continue
+            lines.append(
+                f"| {row['C']:,} | {row['provider']} | {row['median_ms']:.1f} | "
+                f"{row['peak_extra_bytes'] / MIB:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_linear.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--B", type=int, default=None, help="batch (CPU 256, CUDA 512)")
+    parser.add_argument("--D", type=int, default=512)
+    parser.add_argument("--C", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--speed-C", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--memory-C", type=int, nargs="*", default=[1_000_000])
+    parser.add_argument("--cuda-C", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--skip-unfused-memory", action="store_true")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=_HERE / "results")
+    parser.add_argument("--child-memory", choices=PROVIDERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.B is None:
+        args.B = 512 if args.device == "cuda" else 256
+    if args.child_memory:
+        print(json.dumps(child_memory(args.child_memory, args.B, args.D, args.C)))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_linear: --device cuda but no GPU is available", file=sys.stderr)
+        return 2
+    results = run_cuda(args) if args.device == "cuda" else run_cpu(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_linear.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (args.out / "bench_linear.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
