@@ -1,8 +1,9 @@
-"""The one typed, validated loader of ``params.yaml`` (DESIGN §5).
+"""The one typed, validated loader of ``params.yaml`` (docs/design.md, Pipeline).
 
-:func:`load_params` reads the file and returns a frozen :class:`Params`. Every key is required (the
-shipped ``params.yaml`` is the single place where the experiment's numbers live, and DVC needs each
-key a stage reads to exist there), except a head's ``straight_through`` (default ``false``) and
+:func:`load_params` reads the file as DVC does (YAML 1.2) and validates it with the pydantic models
+below, one per section, into a frozen :class:`Params`. Every key is required (the shipped
+``params.yaml`` is the single place where the experiment's numbers live, and DVC needs each key a
+stage reads to exist there), except a head's ``straight_through`` (default ``false``) and
 ``evaluate.verification.pairs_file`` (default ``null``) and ``flip_test`` (default ``false``). An
 unknown key, a missing key or a bad value raises :class:`ConfigError`, whose message starts with
 the dotted key, e.g. ``train.epochs: must be an integer >= 1, got 0``.
@@ -10,47 +11,49 @@ the dotted key, e.g. ``train.epochs: must be an integer >= 1, got 0``.
 Sections: ``data`` (read by prepare, and the image format by train), ``model``, ``heads``
 (``heads.<name>`` is a margin head, or a ``joint`` group of heads sharing one backbone), ``train``,
 ``calibrate``, ``evaluate``, ``tracking``. ``params.yaml`` documents each key.
+
+Adding a key: one line in its section's model, typed with a helper that states the rule and the
+wording of its error, e.g. ``patience: integer(low=1)``, ``on_collapse: choice("stop", "warn")``,
+``margin: number(0.0, 1.0, high_open=True)``, ``name: text(optional=True)``, ``enabled: flag()``
+(``= default`` only for a key older files may lack). A rule between keys goes in the model's
+``@model_validator(mode="after")`` and raises ``_problem("must be ...", "key")``. Then give the key
+its value (and a comment) in ``params.yaml`` and ``experiments/faces/params.yaml``, regenerate the
+JSON schema editors check the file with (``python -m angular.config --schema >
+params.schema.json``), and list its bad values in tests/reliability/test_config_errors.py.
 """
 
-from __future__ import annotations
-
 import dataclasses
+import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import PydanticCustomError
 
 from angular.eval.ensemble import RULES
 from angular.nn.backbones import BACKBONES
 from angular.nn.heads import PRESETS, LambdaSchedule, MarginSpec
-
-__all__ = [
-    "ConfigError",
-    "Params",
-    "DataConfig",
-    "ModelConfig",
-    "HeadConfig",
-    "TrainItem",
-    "AugmentSpec",
-    "TrainConfig",
-    "CalibrateConfig",
-    "VerificationConfig",
-    "EvaluateConfig",
-    "TrackingConfig",
-    "load_params",
-    "read_yaml",
-    "parse_params",
-    "SOURCES",
-    "OPTIMIZERS",
-    "SCHEDULES",
-    "SMOOTHING_MODES",
-    "NONFINITE_POLICIES",
-    "DEVICES",
-    "CALIBRATION_METHODS",
-]
 
 SOURCES = ("digits", "imagefolder")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -62,7 +65,7 @@ CALIBRATION_METHODS = ("fit", "fixed")
 HEAD_TYPES = tuple(PRESETS)  # arcface, cosface, sphereface, combined
 JOINT = "joint"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_MISSING = object()
+SCHEMA_FILE = "params.schema.json"
 
 
 class ConfigError(ValueError):
@@ -75,279 +78,255 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading one mapping: each accessor validates one key and marks it as known.
+# Field types. Each helper is the type pydantic checks (and writes into the JSON schema) plus the
+# plain words of its error, so that a message reads `train.epochs: must be an integer >= 1, got 0`
+# rather than pydantic's own.
 
 
 def _describe(value) -> str:
     return f"{value!r} ({type(value).__name__})" if isinstance(value, str) else repr(value)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class _Section:
-    def __init__(self, mapping, prefix: str):
-        if not isinstance(mapping, Mapping):
-            raise ConfigError(prefix or "params", f"must be a mapping, got {_describe(mapping)}")
-        for key in mapping:
-            if not isinstance(key, str):
-                raise ConfigError(prefix or "params", f"keys must be strings, got {key!r}")
-        self.mapping = mapping
-        self.prefix = prefix
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def raw(self, name: str, default=_MISSING):
-        self.seen.add(name)
-        if name not in self.mapping:
-            if default is _MISSING:
-                raise ConfigError(self.key(name), "missing (every key of params.yaml is required)")
-            return default
-        return self.mapping[name]
-
-    def integer(self, name: str, *, low: int | None = None, optional: bool = False) -> int | None:
-        value = self.raw(name)
-        if value is None and optional:
-            return None
-        if not _is_int(value) or (low is not None and value < low):
-            bound = f" >= {low}" if low is not None else ""
-            none = " (or null)" if optional else ""
-            raise ConfigError(
-                self.key(name), f"must be an integer{bound}{none}, got {_describe(value)}"
-            )
-        return int(value)
-
-    def number(
-        self,
-        name: str,
-        *,
-        low: float | None = None,
-        high: float | None = None,
-        low_open: bool = False,
-        high_open: bool = False,
-        optional: bool = False,
-    ) -> float | None:
-        value = self.raw(name)
-        if value is None and optional:
-            return None
-        ok = _is_number(value) and math.isfinite(value)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if not ok:
-            raise ConfigError(
-                self.key(name),
-                f"must be {_range_text(low, high, low_open, high_open)}"
-                f"{' (or null)' if optional else ''}, got {_describe(value)}",
-            )
-        return float(value)
-
-    def boolean(self, name: str, default=_MISSING) -> bool:
-        value = self.raw(name, default)
-        if not isinstance(value, bool):
-            raise ConfigError(self.key(name), f"must be true or false, got {_describe(value)}")
-        return value
-
-    def choice(self, name: str, choices: tuple[str, ...]) -> str:
-        value = self.raw(name)
-        if value not in choices:
-            raise ConfigError(
-                self.key(name), f"must be one of {', '.join(choices)}, got {_describe(value)}"
-            )
-        return value
-
-    def string(self, name: str, *, optional: bool = False, default=_MISSING) -> str | None:
-        value = self.raw(name, default)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            none = " (or null)" if optional else ""
-            raise ConfigError(self.key(name), f"must be a non-empty string{none}, got {value!r}")
-        return value
-
-    def section(self, name: str) -> _Section:
-        return _Section(self.raw(name), self.key(name))
-
-    def finish(self) -> None:
-        unknown = [key for key in self.mapping if key not in self.seen]
-        if unknown:
-            known = ", ".join(sorted(self.seen))
-            raise ConfigError(self.key(unknown[0]), f"unknown key (known keys here: {known})")
+def _problem(text: str, *at: str | int) -> PydanticCustomError:
+    """An error with our wording; ``at`` names the key below the one being validated, if any."""
+    return PydanticCustomError("params", "{text}", {"text": text, "at": at})
 
 
-def _range_text(low, high, low_open, high_open) -> str:
+def _must(base: Any, requirement: str, *, optional: bool = False, show=_describe) -> Any:
+    """``base``, where any failure reads ``must be <requirement>, got <value>``."""
+    if optional:
+        base, requirement = base | None, f"{requirement} (or null)"
+
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise _problem(f"must be {requirement}, got {show(value)}") from None
+
+    return Annotated[base, WrapValidator(check)]
+
+
+def integer(low: int | None = None, *, optional: bool = False) -> Any:
+    """An int (not a bool, not 2.0)."""
+    bound = "" if low is None else f" >= {low}"
+    strict = Annotated[int, Field(strict=True, ge=low)]
+    return _must(strict, f"an integer{bound}", optional=optional)
+
+
+def number(low=None, high=None, *, low_open=False, high_open=False, optional=False) -> Any:
+    """A finite int or float (not a bool, not a string) in the range; stored as a float."""
+    bounds = {"gt" if low_open else "ge": low, "lt" if high_open else "le": high}
+    strict = Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
     if low is not None and high is not None:
-        return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if low is not None:
-        return f"a number {'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f"a number {'<' if high_open else '<='} {high:g}"
-    return "a finite number"
-
-
-def _check_name(key: str, name: str, what: str) -> None:
-    if not _NAME.match(name):
-        raise ConfigError(
-            key, f"{what} {name!r} must start with a letter and use only letters, digits, _ and -"
+        words = (
+            f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         )
+    elif low is not None:
+        words = f"a number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        words = f"a number {'<' if high_open else '<='} {high:g}"
+    else:
+        words = "a finite number"
+    return _must(strict, words, optional=optional)
+
+
+def flag() -> Any:
+    """true or false (YAML 1.2: not yes/no/on/off, not 0/1)."""
+    return _must(Annotated[bool, Field(strict=True)], "true or false")
+
+
+def text(*, optional: bool = False) -> Any:
+    """A string with something besides blanks."""
+    strict = Annotated[str, Field(strict=True, pattern=r"\S")]
+    return _must(strict, "a non-empty string", optional=optional, show=repr)
+
+
+def choice(*options, requirement: str | None = None) -> Any:
+    """One of ``options``, of the same type (``channels: true`` is not 1)."""
+    requirement = requirement or f"one of {', '.join(map(str, options))}"
+
+    def check(value, handler):
+        if not any(type(value) is type(option) and value == option for option in options):
+            raise _problem(f"must be {requirement}, got {_describe(value)}")
+        return handler(value)
+
+    return Annotated[Literal[options], WrapValidator(check)]
+
+
+_UNIQUE = Field(json_schema_extra={"uniqueItems": True})
+_HEAD_NAMES = Field(
+    json_schema_extra={"propertyNames": {"pattern": _NAME.pattern}, "minProperties": 1}
+)
+
+
+def _unique(what: str):
+    def check(values):
+        if len(set(values)) != len(values):
+            raise _problem(f"lists {what} twice: {list(values)}")
+        return values
+
+    return AfterValidator(check)
+
+
+class _Section(BaseModel):
+    """A mapping of params.yaml: frozen, with only the keys its model declares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping_of_known_keys(cls, value):
+        # Checked before the fields (pydantic's extra="forbid" alone would not list the known keys).
+        if not isinstance(value, Mapping):
+            raise _problem(f"must be a mapping, got {_describe(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise _problem(f"keys must be strings, got {key!r}")
+            if key not in cls.model_fields:
+                known = ", ".join(sorted(cls.model_fields))
+                raise _problem(f"unknown key (known keys here: {known})", key)
+        return value
 
 
 # --------------------------------------------------------------------------------------------------
-# Sections.
+# data
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    source: str
-    path: str | None
-    test_path: str | None
-    unknown_identities: int | float | tuple[str, ...]
-    val_fraction: float
-    test_fraction: float
-    min_images_per_class: int
-    skip_bad_images: bool
-    seed: int
-    image_size: tuple[int, int]
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def _per_channel(section: _Section, name: str, channels: int, *, positive: bool):
-    value = section.raw(name)
-    values = value if isinstance(value, list) else [value]
-    good = all(_is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in values)
-    if not good or len(values) not in (1, channels):
-        kind = "a positive number" if positive else "a number"
-        raise ConfigError(
-            section.key(name),
-            f"must be {kind} or a list of {channels} (one per channel), got {value!r}",
-        )
-    return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
-
-
-def _parse_data(section: _Section) -> DataConfig:
-    source = section.choice("source", SOURCES)
-    path = section.string("path", optional=True)
-    test_path = section.string("test_path", optional=True)
-    if source == "imagefolder" and path is None:
-        raise ConfigError(section.key("path"), "required when data.source is imagefolder")
-    if source != "imagefolder":
-        for name, value in (("path", path), ("test_path", test_path)):
-            if value is not None:
-                raise ConfigError(
-                    section.key(name),
-                    f"only used when data.source is imagefolder (it is {source}); set it to null",
-                )
-
-    unknown = section.raw("unknown_identities")
-    key = section.key("unknown_identities")
-    if _is_int(unknown):
-        if unknown < 0:
-            raise ConfigError(key, f"a count must be >= 0, got {unknown}")
-    elif _is_number(unknown):
-        if not 0.0 < unknown < 1.0:
-            raise ConfigError(key, f"a fraction must lie in (0, 1), got {unknown}")
-    elif isinstance(unknown, list) and all(isinstance(n, str) and n for n in unknown):
-        if len(set(unknown)) != len(unknown):
-            raise ConfigError(key, f"lists an identity twice: {unknown}")
-        unknown = tuple(unknown)
-    else:
-        raise ConfigError(
-            key,
+def _unknown_identities(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _problem(f"a count must be >= 0, got {value}")
+    elif _is_number(value):
+        if not 0.0 < value < 1.0:
+            raise _problem(f"a fraction must lie in (0, 1), got {value}")
+    elif not (isinstance(value, list) and all(isinstance(n, str) and n for n in value)):
+        raise _problem(
             "must be a count (integer >= 0), a fraction in (0, 1) or a list of identity names, "
-            f"got {unknown!r}",
+            f"got {value!r}"
         )
+    elif len(set(value)) != len(value):
+        raise _problem(f"lists an identity twice: {value}")
+    return value
 
-    val_fraction = section.number("val_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
-    test_fraction = section.number("test_fraction", low=0.0, high=1.0, high_open=True)
-    if val_fraction + test_fraction >= 1.0:
-        raise ConfigError(
-            section.key("test_fraction"),
-            f"val_fraction + test_fraction must be < 1 (training needs images), got "
-            f"{val_fraction} + {test_fraction}",
-        )
-    if test_path is not None and test_fraction != 0.0:
-        raise ConfigError(
-            section.key("test_fraction"),
-            "must be 0 when data.test_path is set (the test images come from data.test_path)",
-        )
-    if test_path is None and test_fraction == 0.0:
-        raise ConfigError(
-            section.key("test_fraction"),
-            "must be > 0 (the test split is drawn from data.path unless data.test_path is set)",
-        )
-    min_images = section.integer("min_images_per_class", low=1)
-    skip_bad = section.boolean("skip_bad_images")
-    seed = section.integer("seed", low=0)
 
-    size = section.raw("image_size")
-    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)):
-        raise ConfigError(
-            section.key("image_size"), f"must be [height, width], two integers >= 1, got {size!r}"
-        )
-    channels = section.raw("channels")
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise ConfigError(
-            section.key("channels"), f"must be 1 (grey) or 3 (RGB), got {_describe(channels)}"
-        )
-    mean = _per_channel(section, "mean", channels, positive=False)
-    std = _per_channel(section, "std", channels, positive=True)
-    section.finish()
-    return DataConfig(
-        source=source,
-        path=path,
-        test_path=test_path,
-        unknown_identities=unknown,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        min_images_per_class=min_images,
-        skip_bad_images=skip_bad,
-        seed=seed,
-        image_size=(int(size[0]), int(size[1])),
-        channels=int(channels),
-        mean=mean,
-        std=std,
+def _per_channel_schema(low: dict) -> WithJsonSchema:
+    one = {"type": "number", **low}
+    return WithJsonSchema({"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]})
+
+
+class DataConfig(_Section):
+    """``data``: the images, their split and format (prepare; the format also train)."""
+
+    source: choice(*SOURCES)
+    path: text(optional=True)
+    test_path: text(optional=True)
+    unknown_identities: Annotated[
+        Annotated[int, Field(strict=True, ge=0)]  # a count,
+        | Annotated[float, Field(strict=True, gt=0, lt=1)]  # a fraction or names
+        | Annotated[tuple[Annotated[str, Field(min_length=1)], ...], _UNIQUE],
+        BeforeValidator(_unknown_identities),
+    ]
+    val_fraction: number(0.0, 1.0, low_open=True, high_open=True)
+    test_fraction: number(0.0, 1.0, high_open=True)
+    min_images_per_class: integer(1)
+    skip_bad_images: flag()
+    seed: integer(0)
+    image_size: _must(
+        tuple[Annotated[int, Field(strict=True, ge=1)], Annotated[int, Field(strict=True, ge=1)]],
+        "[height, width], two integers >= 1",
+        show=repr,
     )
+    channels: choice(1, 3, requirement="1 (grey) or 3 (RGB)")
+    # A number or one per channel; stored as one per channel.
+    mean: Annotated[tuple[float, ...], _per_channel_schema({})]
+    std: Annotated[tuple[float, ...], _per_channel_schema({"exclusiveMinimum": 0})]
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _one_per_channel(cls, value, info: ValidationInfo):
+        channels = info.data.get("channels", 1)  # absent when bad: its own error comes first
+        positive = info.field_name == "std"
+        values = value if isinstance(value, list) else [value]
+        good = all(_is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in values)
+        if not good or len(values) not in (1, channels):
+            kind = "a positive number" if positive else "a number"
+            raise _problem(
+                f"must be {kind} or a list of {channels} (one per channel), got {value!r}"
+            )
+        return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
+
+    @model_validator(mode="after")
+    def _sources_and_splits_agree(self):
+        if self.source == "imagefolder" and self.path is None:
+            raise _problem("required when data.source is imagefolder", "path")
+        for name in ("path", "test_path"):
+            if self.source != "imagefolder" and getattr(self, name) is not None:
+                raise _problem(
+                    f"only used when data.source is imagefolder (it is {self.source}); "
+                    "set it to null",
+                    name,
+                )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise _problem(
+                "val_fraction + test_fraction must be < 1 (training needs images), got "
+                f"{self.val_fraction} + {self.test_fraction}",
+                "test_fraction",
+            )
+        if self.test_path is not None and self.test_fraction != 0.0:
+            raise _problem(
+                "must be 0 when data.test_path is set (the test images come from data.test_path)",
+                "test_fraction",
+            )
+        if self.test_path is None and self.test_fraction == 0.0:
+            raise _problem(
+                "must be > 0 (the test split is drawn from data.path unless data.test_path is set)",
+                "test_fraction",
+            )
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    backbone: str
-    embedding_dim: int
-    options: dict[str, Any]  # keyword arguments of the backbone (small_cnn: width, dropout)
+# --------------------------------------------------------------------------------------------------
+# model
+
+
+class SmallCnnOptions(_Section):
+    """``model.small_cnn``: options of the small_cnn backbone (present, unused, for the resnets)."""
+
+    width: integer(1)
+    dropout: number(0.0, 1.0, high_open=True)
+    blocks: integer(1)
+    convs_per_block: integer(1)
+
+
+class ModelConfig(_Section):
+    """``model``: the backbone that maps an image to its embedding."""
+
+    backbone: choice(*BACKBONES)
+    embedding_dim: integer(1)
+    small_cnn: SmallCnnOptions
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of the backbone (none for the resnets)."""
+        return self.small_cnn.model_dump() if self.backbone == "small_cnn" else {}
 
     def backbone_kwargs(self) -> dict[str, Any]:
         return dict(self.options)
 
 
-def _parse_model(section: _Section) -> ModelConfig:
-    backbone = section.choice("backbone", BACKBONES)
-    embedding_dim = section.integer("embedding_dim", low=1)
-    small = section.section("small_cnn")
-    width = small.integer("width", low=1)
-    dropout = small.number("dropout", low=0.0, high=1.0, high_open=True)
-    blocks = small.integer("blocks", low=1)
-    convs_per_block = small.integer("convs_per_block", low=1)
-    small.finish()
-    section.finish()
-    options = {}
-    if backbone == "small_cnn":
-        options = dict(width=width, dropout=dropout, blocks=blocks, convs_per_block=convs_per_block)
-    return ModelConfig(backbone=backbone, embedding_dim=embedding_dim, options=options)
+# --------------------------------------------------------------------------------------------------
+# heads: in the file, each ``heads.<name>`` is a head (its fields depend on its ``type``) or a joint
+# group; validated, :attr:`Params.heads` holds one :class:`TrainItem` per name.
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadConfig:
+class HeadConfig(BaseModel):
     """One margin head: its preset ``type`` and the resolved margin ``(s, m1, m2, m3, lam)``."""
+
+    model_config = ConfigDict(frozen=True)
 
     name: str
     type: str
@@ -355,321 +334,371 @@ class HeadConfig:
     straight_through: bool
 
     def to_dict(self) -> dict[str, Any]:
-        m = self.margin
-        schedule = None if m.lam_schedule is None else dataclasses.asdict(m.lam_schedule)
-        return {
-            "type": self.type,
-            "s": m.s,
-            "m1": m.m1,
-            "m2": m.m2,
-            "m3": m.m3,
-            "lam_schedule": schedule,
-            "straight_through": self.straight_through,
-        }
+        m, lam = self.margin, self.margin.lam_schedule
+        schedule = None if lam is None else dataclasses.asdict(lam)
+        margin = {"s": m.s, "m1": m.m1, "m2": m.m2, "m3": m.m3, "lam_schedule": schedule}
+        return {"type": self.type, **margin, "straight_through": self.straight_through}
 
 
-def _parse_head(section: _Section, name: str) -> HeadConfig:
-    kind = section.choice("type", HEAD_TYPES)
-    s = section.number("s", low=0.0, low_open=True)
-    if kind == "arcface":
-        margin = MarginSpec.arcface(s, section.number("m", low=0.0))
-    elif kind == "cosface":
-        margin = MarginSpec.cosface(s, section.number("m", low=0.0))
-    elif kind == "sphereface":
-        m = section.number("m", low=0.0, low_open=True)
-        lam = section.section("lam")
-        schedule = LambdaSchedule(
-            lam_base=lam.number("base", low=0.0),
-            gamma=lam.number("gamma", low=0.0),
-            power=lam.number("power", low=0.0),
-            lam_min=lam.number("min", low=0.0),
-        )
-        lam.finish()
-        margin = MarginSpec.sphereface(s, m, schedule)
-    else:
-        margin = MarginSpec.combined(
-            s,
-            section.number("m1", low=0.0, low_open=True),
-            section.number("m2", low=0.0),
-            section.number("m3"),
-        )
-    straight_through = section.boolean("straight_through", default=False)
-    section.finish()
-    return HeadConfig(name=name, type=kind, margin=margin, straight_through=straight_through)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainItem:
+class TrainItem(BaseModel):
     """What one ``train@<name>`` stage trains: one backbone with one head, or (``joint``) several
     heads on one shared backbone with their losses summed. ``heads`` maps each ensemble member's
     name to its head: the item's own name for a single head, ``<item>_<head>`` in a joint group."""
+
+    model_config = ConfigDict(frozen=True)
 
     name: str
     joint: bool
     heads: dict[str, HeadConfig]
 
 
-def _parse_heads(section: _Section) -> dict[str, TrainItem]:
-    items: dict[str, TrainItem] = {}
-    if not section.mapping:
-        raise ConfigError(section.prefix, "must define at least one head")
-    for name in section.mapping:
-        key = section.key(name)
-        _check_name(key, name, "a head name")
-        entry = section.section(name)
-        if entry.mapping.get("type") != JOINT:
-            items[name] = TrainItem(name, False, {name: _parse_head(entry, name)})
-            continue
-        entry.raw("type")
-        members = entry.section("heads")
-        if not members.mapping:
-            raise ConfigError(members.prefix, "a joint group needs at least one head")
-        heads = {}
-        for head_name in members.mapping:
-            _check_name(members.key(head_name), head_name, "a head name")
-            head_section = members.section(head_name)
-            if head_section.mapping.get("type") == JOINT:
-                raise ConfigError(head_section.key("type"), "a joint group cannot contain a joint")
-            heads[f"{name}_{head_name}"] = _parse_head(head_section, head_name)
-        members.finish()
-        entry.finish()
-        items[name] = TrainItem(name, True, heads)
-    section.finish()
+class _Head(_Section):
+    type: str
+    s: number(0.0, low_open=True)
+    straight_through: flag() = False  # d f_y / d cos_y = 1
+
+    def config(self, name: str) -> HeadConfig:
+        return HeadConfig(
+            name=name, type=self.type, margin=self.margin(), straight_through=self.straight_through
+        )
+
+
+class ArcFaceHead(_Head):
+    """cos(theta + m)."""
+
+    type: Literal["arcface"]
+    m: number(0.0)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.arcface(self.s, self.m)
+
+
+class CosFaceHead(_Head):
+    """cos(theta) - m."""
+
+    type: Literal["cosface"]
+    m: number(0.0)
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.cosface(self.s, self.m)
+
+
+class SphereFaceLambda(_Section):
+    """lam = max(min, base (1 + gamma step)^-power)."""
+
+    base: number(0.0)
+    gamma: number(0.0)
+    power: number(0.0)
+    min: number(0.0)
+
+
+class SphereFaceHead(_Head):
+    """cos(m theta), annealed by lam."""
+
+    type: Literal["sphereface"]
+    m: number(0.0, low_open=True)
+    lam: SphereFaceLambda
+
+    def margin(self) -> MarginSpec:
+        lam = self.lam
+        schedule = LambdaSchedule(lam.base, lam.gamma, lam.power, lam.min)
+        return MarginSpec.sphereface(self.s, self.m, schedule)
+
+
+class CombinedHead(_Head):
+    """cos(m1 theta + m2) - m3."""
+
+    type: Literal["combined"]
+    m1: number(0.0, low_open=True)
+    m2: number(0.0)
+    m3: number()
+
+    def margin(self) -> MarginSpec:
+        return MarginSpec.combined(self.s, self.m1, self.m2, self.m3)
+
+
+_TAG = "type="  # pydantic puts the chosen union member's tag into an error's location: not a key
+
+
+def _by_type(value) -> str | None:
+    return f"{_TAG}{value['type']}" if isinstance(value, Mapping) and "type" in value else None
+
+
+def _typed(types: tuple[str, ...]) -> BeforeValidator:
+    """A mapping whose ``type`` is one of ``types`` (checked before the member is picked by it)."""
+
+    def check(value):
+        if not isinstance(value, Mapping):
+            raise _problem(f"must be a mapping, got {_describe(value)}")
+        if "type" not in value:
+            raise _problem("missing (every key of params.yaml is required)", "type")
+        if value["type"] == JOINT and JOINT not in types:
+            raise _problem("a joint group cannot contain a joint", "type")
+        if value["type"] not in types:
+            raise _problem(
+                f"must be one of {', '.join(types)}, got {_describe(value['type'])}", "type"
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
+def _head_names(empty: str) -> BeforeValidator:
+    def check(value):
+        if not isinstance(value, Mapping):
+            raise _problem(f"must be a mapping, got {_describe(value)}")
+        if not value:
+            raise _problem(empty)
+        for name in value:
+            if not (isinstance(name, str) and _NAME.match(name)):
+                raise _problem(
+                    f"a head name {name!r} must start with a letter and use only letters, "
+                    "digits, _ and -",
+                    name,
+                )
+        return value
+
+    return BeforeValidator(check)
+
+
+_MARGIN_HEADS = (
+    Annotated[ArcFaceHead, Tag(f"{_TAG}arcface")]
+    | Annotated[CosFaceHead, Tag(f"{_TAG}cosface")]
+    | Annotated[SphereFaceHead, Tag(f"{_TAG}sphereface")]
+    | Annotated[CombinedHead, Tag(f"{_TAG}combined")]
+)
+MarginHeadSpec = Annotated[_MARGIN_HEADS, Discriminator(_by_type), _typed(HEAD_TYPES)]
+
+
+class JointGroup(_Section):
+    """Heads trained together on one shared backbone (losses summed); each joins the ensemble as
+    ``<group>_<head>``."""
+
+    type: Literal["joint"]
+    heads: Annotated[
+        dict[str, MarginHeadSpec], _head_names("a joint group needs at least one head"), _HEAD_NAMES
+    ]
+
+
+HeadSpec = Annotated[
+    _MARGIN_HEADS | Annotated[JointGroup, Tag(f"{_TAG}{JOINT}")],
+    Discriminator(_by_type),
+    _typed((*HEAD_TYPES, JOINT)),
+]
+
+
+def _train_items(entries: dict[str, Any]) -> dict[str, TrainItem]:
+    items = {}
+    for name, entry in entries.items():
+        if isinstance(entry, JointGroup):
+            heads = {
+                f"{name}_{member}": head.config(member) for member, head in entry.heads.items()
+            }
+        else:
+            heads = {name: entry.config(name)}
+        items[name] = TrainItem(name=name, joint=isinstance(entry, JointGroup), heads=heads)
     return items
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentSpec:
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+class AugmentSpec(BaseModel):
     """One torchvision transform (``torchvision.transforms.v2.<name>(**kwargs)``), applied to each
     training image. Built (and its arguments checked) when training starts."""
+
+    model_config = ConfigDict(frozen=True)
 
     name: str
     kwargs: dict[str, Any]
     key: str  # its place in params.yaml, for error messages
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    items: tuple[str, ...]
-    epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    schedule: str
-    step_size: int
-    gamma: float
-    label_smoothing: float
-    label_smoothing_mode: str
-    grad_clip_norm: float | None
-    augment: tuple[AugmentSpec, ...]
-    bf16: bool
-    device: str
-    seed: int
-    deterministic: bool
-    num_threads: int
-    num_workers: int
-    preload_images: bool
-    on_nonfinite: str
-    keep_checkpoints: int
-
-
-def _parse_augment(section: _Section) -> tuple[AugmentSpec, ...]:
-    value = section.raw("augment")
-    key = section.key("augment")
+def _augment(value) -> tuple[AugmentSpec, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ConfigError(key, f"must be a list of transforms ({{name: ..., ...}}), got {value!r}")
+        raise _problem(f"must be a list of transforms ({{name: ..., ...}}), got {value!r}")
     specs = []
     for index, entry in enumerate(value):
-        entry_key = f"{key}[{index}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
-            raise ConfigError(
-                entry_key,
-                f"must be a mapping with a transform name, e.g. {{name: RandomAffine, degrees: 10}}; "
+            raise _problem(
+                "must be a mapping with a transform name, e.g. {name: RandomAffine, degrees: 10}; "
                 f"got {entry!r}",
+                index,
             )
         kwargs = {k: v for k, v in entry.items() if k != "name"}
-        specs.append(AugmentSpec(name=entry["name"], kwargs=kwargs, key=entry_key))
+        specs.append(AugmentSpec(name=entry["name"], kwargs=kwargs, key=f"train.augment[{index}]"))
     return tuple(specs)
 
 
-def _parse_train(section: _Section, heads: dict[str, TrainItem]) -> TrainConfig:
-    items = section.raw("items")
-    key = section.key("items")
-    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
-        raise ConfigError(key, f"must be a non-empty list of head names, got {items!r}")
-    for name in items:
-        if name not in heads:
-            raise ConfigError(key, f"{name!r} is not a head defined in heads ({', '.join(heads)})")
-    if len(set(items)) != len(items):
-        raise ConfigError(key, f"lists an item twice: {items}")
-    members = [member for name in items for member in heads[name].heads]
-    duplicates = sorted({m for m in members if members.count(m) > 1})
-    if duplicates:
-        raise ConfigError(key, f"two items give an ensemble member the same name: {duplicates}")
-
-    config = TrainConfig(
-        items=tuple(items),
-        epochs=section.integer("epochs", low=1),
-        batch_size=section.integer("batch_size", low=1),
-        optimizer=section.choice("optimizer", OPTIMIZERS),
-        lr=section.number("lr", low=0.0, low_open=True),
-        weight_decay=section.number("weight_decay", low=0.0),
-        momentum=section.number("momentum", low=0.0, high=1.0, high_open=True),
-        schedule=section.choice("schedule", SCHEDULES),
-        step_size=section.integer("step_size", low=1),
-        gamma=section.number("gamma", low=0.0, high=1.0, low_open=True),
-        label_smoothing=section.number("label_smoothing", low=0.0, high=1.0, high_open=True),
-        label_smoothing_mode=section.choice("label_smoothing_mode", SMOOTHING_MODES),
-        grad_clip_norm=section.number("grad_clip_norm", low=0.0, low_open=True, optional=True),
-        augment=_parse_augment(section),
-        bf16=section.boolean("bf16"),
-        device=section.choice("device", DEVICES),
-        seed=section.integer("seed", low=0),
-        deterministic=section.boolean("deterministic"),
-        num_threads=section.integer("num_threads", low=0),
-        num_workers=section.integer("num_workers", low=0),
-        preload_images=section.boolean("preload_images"),
-        on_nonfinite=section.choice("on_nonfinite", NONFINITE_POLICIES),
-        keep_checkpoints=section.integer("keep_checkpoints", low=1),
-    )
-    section.finish()
-    return config
+_TRANSFORM = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
 
-@dataclasses.dataclass(frozen=True)
-class CalibrateConfig:
-    method: str
-    temperature: float
-    n_bins: int
-    max_iter: int
-    batch_size: int
-    num_threads: int
+class TrainConfig(_Section):
+    """``train``: which items train (one stage each) and how."""
+
+    items: Annotated[
+        _must(
+            Annotated[tuple[Annotated[str, Field(strict=True)], ...], Field(min_length=1)],
+            "a non-empty list of head names",
+            show=repr,
+        ),
+        _unique("an item"),
+        _UNIQUE,
+    ]
+    epochs: integer(1)
+    batch_size: integer(1)
+    optimizer: choice(*OPTIMIZERS)
+    lr: number(0.0, low_open=True)
+    weight_decay: number(0.0)
+    momentum: number(0.0, 1.0, high_open=True)
+    schedule: choice(*SCHEDULES)
+    step_size: integer(1)
+    gamma: number(0.0, 1.0, low_open=True)
+    label_smoothing: number(0.0, 1.0, high_open=True)
+    label_smoothing_mode: choice(*SMOOTHING_MODES)
+    grad_clip_norm: number(0.0, low_open=True, optional=True)
+    augment: Annotated[
+        tuple[AugmentSpec, ...],
+        BeforeValidator(_augment),
+        WithJsonSchema({"anyOf": [{"type": "array", "items": _TRANSFORM}, {"type": "null"}]}),
+    ]
+    bf16: flag()
+    device: choice(*DEVICES)
+    seed: integer(0)
+    deterministic: flag()
+    num_threads: integer(0)
+    num_workers: integer(0)
+    preload_images: flag()
+    on_nonfinite: choice(*NONFINITE_POLICIES)
+    keep_checkpoints: integer(1)
 
 
-def _parse_calibrate(section: _Section) -> CalibrateConfig:
-    config = CalibrateConfig(
-        method=section.choice("method", CALIBRATION_METHODS),
-        temperature=section.number("temperature", low=0.0, low_open=True),
-        n_bins=section.integer("n_bins", low=1),
-        max_iter=section.integer("max_iter", low=1),
-        batch_size=section.integer("batch_size", low=1),
-        num_threads=section.integer("num_threads", low=0),
-    )
-    section.finish()
-    return config
+# --------------------------------------------------------------------------------------------------
+# calibrate, evaluate, tracking
 
 
-@dataclasses.dataclass(frozen=True)
-class VerificationConfig:
-    impostors_per_genuine: float | None  # None: every impostor pair (up to max_impostors)
-    max_impostors: int | None
-    folds: int
-    seed: int
+class CalibrateConfig(_Section):
+    """``calibrate``: the softmax temperature of each member."""
+
+    method: choice(*CALIBRATION_METHODS)
+    temperature: number(0.0, low_open=True)
+    n_bins: integer(1)
+    max_iter: integer(1)
+    batch_size: integer(1)
+    num_threads: integer(0)
+
+
+class VerificationConfig(_Section):
+    """``evaluate.verification``: pairs of test images and of unknown images."""
+
+    impostors_per_genuine: number(0.0, low_open=True, optional=True)  # null: every impostor pair
+    max_impostors: integer(1, optional=True)
+    folds: integer(2)
+    seed: integer(0)
     # An LFW-style pairs.txt (relative to the folder the stage runs in): its pairs of test and
     # unknown images are scored besides the drawn ones (None: only the drawn pairs).
-    pairs_file: str | None = None
+    pairs_file: text(optional=True) = None
     # Embed each image and its horizontal mirror and add the two normalised embeddings.
-    flip_test: bool = False
+    flip_test: flag() = False
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    rules: tuple[str, ...]
-    threshold: float | None  # None: chosen on the validation split (threshold: val)
-    known_rate: float
-    n_bins: int
-    batch_size: int
-    num_threads: int
-    embedding_plot: bool
+def _rules(value):
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+        raise _problem(f"must be a list of ensemble rules ({', '.join(RULES)}), got {value!r}")
+    for rule in value:
+        if rule not in RULES:
+            raise _problem(f"unknown ensemble rule {rule!r}; known: {', '.join(RULES)}")
+    return value
+
+
+def _threshold(value):
+    if value == "val":
+        return None
+    if not (_is_number(value) and 0.0 <= value <= 1.0):
+        raise _problem(
+            f"must be val (chosen on the validation split) or a confidence in [0, 1], got {value!r}"
+        )
+    return float(value)
+
+
+class EvaluateConfig(_Section):
+    """``evaluate``: the ensemble rules, the open-set threshold and verification."""
+
+    rules: Annotated[
+        tuple[Literal[RULES], ...], BeforeValidator(_rules), _unique("a rule"), _UNIQUE
+    ]
+    # None: chosen on the validation split (threshold: val)
+    threshold: Annotated[
+        float | None,
+        BeforeValidator(_threshold),
+        WithJsonSchema(
+            {"anyOf": [{"const": "val"}, {"type": "number", "minimum": 0, "maximum": 1}]}
+        ),
+    ]
+    known_rate: number(0.0, 1.0, low_open=True)
+    n_bins: integer(1)
+    batch_size: integer(1)
+    num_threads: integer(0)
+    embedding_plot: flag()
     verification: VerificationConfig
 
 
-def _parse_evaluate(section: _Section) -> EvaluateConfig:
+class TrackingConfig(_Section):
+    """``tracking``: MLflow (not a parameter of any stage)."""
 
-    rules = section.raw("rules")
-    key = section.key("rules")
-    if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
-        raise ConfigError(
-            key, f"must be a list of ensemble rules ({', '.join(RULES)}), got {rules!r}"
-        )
-    for rule in rules:
-        if rule not in RULES:
-            raise ConfigError(key, f"unknown ensemble rule {rule!r}; known: {', '.join(RULES)}")
-    if len(set(rules)) != len(rules):
-        raise ConfigError(key, f"lists a rule twice: {rules}")
-
-    threshold = section.raw("threshold")
-    if threshold == "val":
-        threshold = None
-    elif not (_is_number(threshold) and 0.0 <= threshold <= 1.0):
-        raise ConfigError(
-            section.key("threshold"),
-            f"must be val (chosen on the validation split) or a confidence in [0, 1], "
-            f"got {threshold!r}",
-        )
-    known_rate = section.number("known_rate", low=0.0, high=1.0, low_open=True)
-    n_bins = section.integer("n_bins", low=1)
-    batch_size = section.integer("batch_size", low=1)
-    num_threads = section.integer("num_threads", low=0)
-    embedding_plot = section.boolean("embedding_plot")
-    verification = section.section("verification")
-    verification_config = VerificationConfig(
-        impostors_per_genuine=verification.number(
-            "impostors_per_genuine", low=0.0, low_open=True, optional=True
-        ),
-        max_impostors=verification.integer("max_impostors", low=1, optional=True),
-        folds=verification.integer("folds", low=2),
-        seed=verification.integer("seed", low=0),
-        pairs_file=verification.string("pairs_file", optional=True, default=None),
-        flip_test=verification.boolean("flip_test", default=False),
-    )
-    verification.finish()
-    section.finish()
-    return EvaluateConfig(
-        rules=tuple(rules),
-        threshold=None if threshold is None else float(threshold),
-        known_rate=known_rate,
-        n_bins=n_bins,
-        batch_size=batch_size,
-        num_threads=num_threads,
-        embedding_plot=embedding_plot,
-        verification=verification_config,
-    )
+    enabled: flag()
+    uri: text(optional=True)  # None: $MLFLOW_TRACKING_URI, else the SQLite store in the project
+    experiment: text()
+    required: flag()
 
 
-@dataclasses.dataclass(frozen=True)
-class TrackingConfig:
-    enabled: bool
-    uri: str | None  # None: $MLFLOW_TRACKING_URI, else the SQLite store in the project
-    experiment: str
-    required: bool
+# --------------------------------------------------------------------------------------------------
+# The whole file.
 
 
-def _parse_tracking(section: _Section) -> TrackingConfig:
-    config = TrackingConfig(
-        enabled=section.boolean("enabled"),
-        uri=section.string("uri", optional=True),
-        experiment=section.string("experiment"),
-        required=section.boolean("required"),
-    )
-    section.finish()
-    return config
+class Params(_Section):
+    """params.yaml of the angular project (angular/config.py validates it; every key is required
+    unless marked optional)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class Params:
     data: DataConfig
     model: ModelConfig
-    heads: dict[str, TrainItem]
+    # The file's heads.<name> entries; validated, one TrainItem per name.
+    heads: Annotated[
+        dict[str, HeadSpec],
+        _head_names("must define at least one head"),
+        _HEAD_NAMES,
+        AfterValidator(_train_items),
+    ]
     train: TrainConfig
     calibrate: CalibrateConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
-    raw: dict[str, Any]  # the file as read (for logging the parameters to MLflow)
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _items_are_heads(self):
+        items = self.train.items
+        for name in items:
+            if name not in self.heads:
+                defined = ", ".join(self.heads)
+                raise _problem(
+                    f"{name!r} is not a head defined in heads ({defined})", "train", "items"
+                )
+        members = [member for name in items for member in self.heads[name].heads]
+        duplicates = sorted({m for m in members if members.count(m) > 1})
+        if duplicates:
+            raise _problem(
+                f"two items give an ensemble member the same name: {duplicates}", "train", "items"
+            )
+        return self
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The file as read (for logging the parameters to MLflow)."""
+        return self._raw
 
     def item(self, name: str) -> TrainItem:
         """A train item by name; a clear error when it is not in ``train.items``."""
@@ -688,21 +717,53 @@ class Params:
         }
 
 
-SECTIONS = ("data", "model", "heads", "train", "calibrate", "evaluate", "tracking")
+SECTIONS = tuple(Params.model_fields)
+
+
+def _dotted(parts) -> str:
+    key = ""
+    for part in parts:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif part != "[key]" and not part.startswith(_TAG):
+            key += f".{part}" if key else part
+    return key
+
+
+def _config_error(error: ValidationError) -> ConfigError:
+    """The first of pydantic's errors as a :class:`ConfigError` naming its dotted key."""
+    first = error.errors(include_url=False)[0]
+    parts = list(first["loc"])
+    if first["type"] == "params":
+        parts += first["ctx"]["at"]
+        problem = first["ctx"]["text"]
+    elif first["type"] == "missing":
+        problem = "missing (every key of params.yaml is required)"
+    else:  # a check without a helper's wording (should not happen)
+        problem = f"{first['msg']}, got {_describe(first['input'])}"
+    return ConfigError(_dotted(parts) or "params", problem)
 
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Validate an already-parsed ``params.yaml`` mapping."""
-    top = _Section(raw, "")
-    data = _parse_data(top.section("data"))
-    model = _parse_model(top.section("model"))
-    heads = _parse_heads(top.section("heads"))
-    train = _parse_train(top.section("train"), heads)
-    calibrate = _parse_calibrate(top.section("calibrate"))
-    evaluate = _parse_evaluate(top.section("evaluate"))
-    tracking = _parse_tracking(top.section("tracking"))
-    top.finish()
-    return Params(data, model, heads, train, calibrate, evaluate, tracking, dict(raw))
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as error:
+        raise _config_error(error) from None
+    params._raw = dict(raw)
+    return params
+
+
+class _Schema(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema) -> bool:
+        return False  # "title": "Epochs" next to "epochs" says nothing
+
+
+def params_schema() -> str:
+    """The JSON schema of params.yaml (``params.schema.json``), as text."""
+    schema = Params.model_json_schema(schema_generator=_Schema)
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return json.dumps(schema, indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -809,3 +870,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is None:
         raise ConfigError("", f"{path} is empty")
     return parse_params(raw)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--schema"]:
+        sys.exit("usage: python -m angular.config --schema > params.schema.json")
+    sys.stdout.write(params_schema())

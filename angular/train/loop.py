@@ -166,7 +166,7 @@ def _fingerprint(
     changed since the checkpoint was written)."""
     backbone, heads, image = describe_model(params, item)
     architecture = [(name, list(tensor.shape)) for name, tensor in model.state_dict().items()]
-    train = dataclasses.asdict(params.train)
+    train = params.train.model_dump()
     for key in ("items", "keep_checkpoints", "preload_images"):
         train.pop(key)
     data = [

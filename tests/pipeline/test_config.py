@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
+import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,14 @@ from pipeline_testing import (
     write_params,
 )
 
-from angular.config import ConfigError, load_params, parse_params
+from angular.config import (
+    SCHEMA_FILE,
+    ConfigError,
+    load_params,
+    params_schema,
+    parse_params,
+    read_yaml,
+)
 from angular.data import build_augmentation
 from angular.eval.ensemble import RULES
 from angular.nn.backbones import BACKBONES
@@ -251,3 +260,107 @@ def test_a_stage_with_a_bad_params_file_exits_non_zero_naming_the_key(tmp_path):
     assert result.returncode == 2
     assert "train.epochs: must be an integer >= 1, got 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# params.schema.json: generated from the models, so editors complete and check params.yaml.
+
+
+def schema_validator():
+    jsonschema = pytest.importorskip("jsonschema")  # a dev dependency (pyproject.toml)
+    schema = json.loads((REPO / SCHEMA_FILE).read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_the_committed_schema_is_the_generated_one():
+    committed = (REPO / SCHEMA_FILE).read_text(encoding="utf-8")
+    assert committed == params_schema(), (
+        "params.schema.json is stale: run `python -m angular.config --schema > params.schema.json`"
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "schema"),
+    [
+        (SHIPPED_PARAMS, "params.schema.json"),
+        (REPO / "experiments" / "faces" / "params.yaml", "../../params.schema.json"),
+    ],
+)
+def test_params_files_name_the_schema_and_satisfy_it(path, schema):
+    text = path.read_text(encoding="utf-8")
+    assert text.splitlines()[0] == f"# yaml-language-server: $schema={schema}"
+    assert (path.parent / schema).resolve() == (REPO / SCHEMA_FILE).resolve()
+    errors = list(schema_validator().iter_errors(read_yaml(text, path)))
+    assert not errors, [error.message for error in errors]
+
+
+# The schema says what the loader says for keys, types and ranges (rules between keys are the
+# loader's alone: the (0, 1) share of val_fraction + test_fraction, train.items naming heads).
+SCHEMA_CASES = [
+    ("extra", 1),
+    ("train.epoch", 1),
+    ("heads.arcface.margin", 1),
+    ("heads.sphereface.lam.max", 1),
+    ("heads.joint.heads.arcface.k", 1),
+    ("train.epochs", 0),
+    ("train.epochs", 2.5),
+    ("train.epochs", True),
+    ("train.lr", "fast"),
+    ("train.optimizer", "rmsprop"),
+    ("train.bf16", "no"),
+    ("train.items", []),
+    ("train.items", ["arcface", "arcface"]),
+    ("train.augment", [{"degrees": 3}]),
+    ("heads.arcface.type", "magface"),
+    ("heads.arcface.m", -0.5),
+    ("heads.joint.heads.cosface.type", "joint"),
+    ("heads.sphereface.lam", [1, 2]),
+    ("data.image_size", [8]),
+    ("data.std", 0),
+    ("data.unknown_identities", 1.5),
+    ("data.unknown_identities", ["3", "3"]),
+    ("evaluate.threshold", "auto"),
+    ("evaluate.rules", ["median"]),
+    ("tracking.experiment", ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), SCHEMA_CASES, ids=[f"{k}={v!r}" for k, v in SCHEMA_CASES]
+)
+def test_the_schema_rejects_what_the_loader_rejects(key, value):
+    raw = shipped_raw()
+    set_key(raw, key, value)
+    with pytest.raises(ConfigError):
+        parse_params(raw)
+    assert not schema_validator().is_valid(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("data.path", None),
+        ("train.augment", None),
+        ("evaluate.threshold", 0.9),
+        ("data.mean", [0.5]),
+        ("data.unknown_identities", ["a", "b"]),
+        ("heads.arcface.straight_through", True),
+    ],
+)
+def test_the_schema_accepts_what_the_loader_accepts(key, value):
+    raw = shipped_raw()
+    set_key(raw, key, value)
+    parse_params(raw)
+    assert schema_validator().is_valid(raw)
+
+
+def test_config_objects_are_frozen_pydantic_models():
+    params = load_params(SHIPPED_PARAMS)
+    with pytest.raises(pydantic.ValidationError):
+        params.train.epochs = 3
+    with pytest.raises(pydantic.ValidationError):
+        params.heads["arcface"].heads["arcface"].straight_through = True
+    changed = params.train.model_copy(update={"epochs": 3})
+    assert changed.epochs == 3 and params.train.epochs == 12
+    assert params.train.model_dump()["augment"][0]["name"] == "RandomAffine"

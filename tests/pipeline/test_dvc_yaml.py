@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -93,10 +92,10 @@ def test_params_are_the_keys_the_stages_read():
     assert stage("calibrate")["params"] == list(calibrate.PARAM_KEYS)
     assert stage("evaluate")["params"] == list(evaluate.PARAM_KEYS)
     # Every key of the data and train sections is read by exactly one of prepare and train.
-    data_keys = {f"data.{f.name}" for f in dataclasses.fields(DataConfig)}
+    data_keys = {f"data.{name}" for name in DataConfig.model_fields}
     read = [k for k in prepare.PARAM_KEYS + train.PARAM_KEYS if k.startswith("data.")]
     assert sorted(read) == sorted(data_keys)
-    train_keys = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)} - {"train.items"}
+    train_keys = {f"train.{name}" for name in TrainConfig.model_fields} - {"train.items"}
     assert {k for k in train.PARAM_KEYS if k.startswith("train.")} == train_keys
 
 
