@@ -145,6 +145,20 @@ def assert_gradients(got, want, cos, labels, rtol, context):
     assert_close(got[mask], want[mask], rtol, context)
 
 
+def with_grad_in_layout(cos: torch.Tensor) -> torch.Tensor:
+    """A tensor with ``cos``'s values, strides and storage offset whose ``.grad`` fills in on
+    backward. ``clone()`` would make a step-sliced or offset view contiguous, and then the
+    non-contiguous kernels would go untested."""
+    base = cos._base
+    if base is None or not base.is_contiguous() or base.storage_offset() != 0:
+        return cos.detach().clone().requires_grad_()
+    leaf = base.detach().clone().requires_grad_()
+    view = leaf.as_strided(cos.size(), cos.stride(), cos.storage_offset())
+    view.retain_grad()
+    assert view.stride() == cos.stride() and view.storage_offset() == cos.storage_offset()
+    return view
+
+
 def check_against_reference(cos, labels, *, s, m1, m2, m3, lam, eps, straight_through, context):
     """margin_logits and margin_cross_entropy (every reduction), values and gradients, through
     angular.ops on cos's dtype and device, against the fp64 reference on the same values."""
@@ -153,7 +167,7 @@ def check_against_reference(cos, labels, *, s, m1, m2, m3, lam, eps, straight_th
     context = f"{context} s={s} m=({m1}, {m2}, {m3}) lam={lam} eps={eps} st={straight_through}"
     generator = torch.Generator().manual_seed(zlib.crc32(context.encode()))
 
-    got_cos = cos.detach().clone().requires_grad_()
+    got_cos = with_grad_in_layout(cos)
     ref_cos = cos.detach().double().requires_grad_()
     got = ops.margin_logits(got_cos, labels, **margin)
     want = reference.margin_logits(ref_cos, labels, **margin)
@@ -166,7 +180,7 @@ def check_against_reference(cos, labels, *, s, m1, m2, m3, lam, eps, straight_th
 
     loss_dtype = reference.compute_dtype(cos.dtype)
     for reduction in ("none", "mean", "sum"):
-        got_cos = cos.detach().clone().requires_grad_()
+        got_cos = with_grad_in_layout(cos)
         ref_cos = cos.detach().double().requires_grad_()
         ce = dict(label_smoothing=eps, reduction=reduction, **margin)
         got = ops.margin_cross_entropy(got_cos, labels, **ce)
