@@ -18,7 +18,7 @@ import zlib
 
 import pytest
 import torch
-from test_fused import PRESETS, RecordOps, assert_close, require_fused
+from test_fused import PRESETS, REQUIRE_EXTENSION, RecordOps, assert_close, require_fused
 from test_op_registration import allocation_peak
 
 from angular import ops
@@ -97,7 +97,7 @@ def check_against_reference(x, weight, labels, *, rtol=None, atol=0.0, context, 
             assert (got[labels < 0] == 0).all(), f"{where}: rows without target have loss 0"
             weights = torch.rand(x.shape[0], generator=generator, dtype=torch.float64)
             (got * weights.to(got)).sum().backward()
-            (want * weights).sum().backward()
+            (want * weights.to(want)).sum().backward()
         else:
             got.backward()
             want.backward()
@@ -419,3 +419,55 @@ def test_head_fused_linear_compiles_fullgraph():
     want = head.loss(x, labels)
     got = torch.compile(head.loss, fullgraph=True, backend="aot_eager")(x, labels)
     assert_close(got, want, 1e-6, "compiled head loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA (benchmarks/gpu_check.sh runs `pytest -m cuda`; skipped without a GPU)
+
+
+def require_cuda_kernel():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not linear._has_kernel("cuda"):
+        message = "angular._C has no CUDA linear_margin_cross_entropy kernel"
+        if REQUIRE_EXTENSION:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_cuda_matches_reference(seed, dtype):
+    """B = 2048 makes the CUDA chunks 4096 (fp32) or 8192 (bf16/fp16) columns: C = 9000 is
+    several chunks, the last one partial."""
+    require_cuda_kernel()
+    x, weight, labels = make_inputs(2048, 37, 9000, dtype, seed, device="cuda")
+    for preset in ("arcface", "sphereface-lam5", "combined"):
+        m1, m2, m3, lam = PRESETS[preset]
+        check_against_reference(
+            x, weight, labels, s=64.0, m1=m1, m2=m2, m3=m3, lam=lam, label_smoothing=0.1,
+            context=f"seed={seed} cuda {preset} {dtype}",
+        )  # fmt: skip
+    x, weight, labels = make_inputs(9, 20, 1500, torch.bfloat16, seed, weight_dtype=torch.float32)
+    check_against_reference(
+        x.cuda(), weight.cuda(), labels.cuda(), s=64.0, m2=0.5, label_smoothing=0.1,
+        context=f"seed={seed} cuda bf16 x, fp32 weight",
+    )  # fmt: skip
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
+    require_cuda_kernel()
+    x, weight, labels = make_inputs(6, 11, 1100, torch.float32, 5, device="cuda")
+    args = (x.requires_grad_(), weight.requires_grad_(), labels, 16.0, 1.0, 0.5, 0.0, 0.0, 0.1)
+    torch.library.opcheck(torch.ops.angular.linear_margin_cross_entropy, (*args, False))
+    fn = torch.compile(
+        lambda a, b, y: ops.linear_margin_cross_entropy(a, b, y, s=16.0, m2=0.5),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    got = fn(x, weight, labels)
+    want = reference.linear_margin_cross_entropy(
+        x.double(), weight.double(), labels, s=16.0, m2=0.5
+    )
+    assert_close(got, want, 1e-5, "cuda compiled loss")

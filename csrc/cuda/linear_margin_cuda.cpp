@@ -1,0 +1,168 @@
+// CUDA implementation of angular::linear_margin_cross_entropy and its backward (schemas in
+// csrc/ops.cpp; Python side in angular/ops/linear.py): cuBLAS GEMMs (at::mm) on class chunks, plus
+// the row kernels of csrc/cuda/linear_margin_kernels.cu on each chunk's cosine tile.
+//
+// Per chunk of columns [first, first + n):
+//   wh    = normalize(weight rows), in the GEMM dtype (x's dtype; tensor cores for bf16/fp16)
+//   tile  = normalize(x) @ wh^T                      (rows x n, x's dtype, fp32 accumulation)
+//   forward:  tile_lse merges the tile into per-row online log-sum-exp states (the margin on the
+//             target column); the loss comes from the states at the end.
+//   backward: tile_grad turns the tile into G = d loss / d cos in place; then
+//             grad_xh += G @ wh (fp32 accumulator), A = G^T @ normalize(x), and the chunk's rows of
+//             grad_weight = (A - wh (wh . A)) / |w| (docs/design.md, "Normalisation inside a fused
+//             linear op"), written into grad_weight directly.
+// Memory beyond the inputs and grad_weight: one tile of rows x chunk (chunk chosen so it is about
+// 32 MiB), the chunk's normalised weight rows and A (chunk x D), and O(rows + classes) vectors.
+// The tile does go through global memory (a tiled kernel keeping it on chip would not).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "cuda/linear_launchers.h"
+#include "op_common.h"
+
+namespace angular::cuda::linear {
+namespace {
+
+constexpr double kNormEps = 1e-12;  // F.normalize's eps
+
+TileType tile_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return TileType::kHalf;
+    case at::kBFloat16:
+      return TileType::kBFloat16;
+    case at::kDouble:
+      return TileType::kDouble;
+    default:
+      return TileType::kFloat;
+  }
+}
+
+int64_t chunk_columns(int64_t rows, int64_t classes, int64_t element_size) {
+  constexpr int64_t kTileBytes = int64_t(32) << 20;
+  int64_t chunk = kTileBytes / std::max<int64_t>(1, rows * element_size);
+  chunk = std::max<int64_t>(1024, chunk / 256 * 256);
+  return std::min(chunk, classes);
+}
+
+MarginParams params_of(double s, double m1, double m2, double m3, double lam, double eps,
+                       bool straight_through) {
+  return MarginParams{s, m1, m2, m3, lam, eps, straight_through};
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The chunk's weight rows divided by their norms (F.normalize), in the arithmetic dtype.
+at::Tensor normalized_rows(const at::Tensor& rows, const at::Tensor& norm, at::ScalarType acc) {
+  return rows.to(acc) / norm.clamp_min(kNormEps).unsqueeze(1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_entropy_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
+    double m2, double m3, double lam, double label_smoothing, bool straight_through) {
+  const char* op = "angular::linear_margin_cross_entropy";
+  check_linear_inputs(x, weight, labels, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType acc = compute_dtype(x.scalar_type());
+  const at::ScalarType gemm = x.scalar_type();
+  const int64_t rows = x.size(0), classes = weight.size(0);
+  const auto options = x.options().dtype(acc);
+  const at::Tensor xa = x.to(acc);
+  const at::Tensor x_norm = at::linalg_vector_norm(xa, 2, {1});
+  const at::Tensor xh = (xa / x_norm.clamp_min(kNormEps).unsqueeze(1)).to(gemm).contiguous();
+  const at::Tensor label_vec = labels.contiguous();
+  at::Tensor w_norm = at::empty({classes}, options);
+  at::Tensor state = at::zeros({rows, 4}, options);
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor lse = at::empty({rows}, options);
+  if (rows == 0 || classes == 0) {
+    return {loss.zero_(), lse.zero_(), x_norm, w_norm.zero_()};
+  }
+  const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
+  const int64_t chunk = chunk_columns(rows, classes, at::elementSize(gemm));
+  for (int64_t first = 0; first < classes; first += chunk) {
+    const int64_t n = std::min(chunk, classes - first);
+    const at::Tensor wc = weight.narrow(0, first, n);
+    at::Tensor norm = w_norm.narrow(0, first, n);
+    norm.copy_(at::linalg_vector_norm(wc, 2, {1}, false, acc));
+    const at::Tensor tile = at::mm(xh, normalized_rows(wc, norm, acc).to(gemm).t()).contiguous();
+    C10_CUDA_CHECK(launch_tile_lse(tile_type(gemm), tile.const_data_ptr(), rows, n, first, classes,
+                                   label_vec.const_data_ptr<int64_t>(), p, state.mutable_data_ptr(),
+                                   current_stream()));
+  }
+  C10_CUDA_CHECK(launch_finish(acc == at::kDouble, state.const_data_ptr(), rows, classes,
+                               label_vec.const_data_ptr<int64_t>(), p, loss.mutable_data_ptr(),
+                               lse.mutable_data_ptr(), current_stream()));
+  return {loss, lse, x_norm, w_norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
+    const at::Tensor& w_norm, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, bool straight_through) {
+  const char* op = "angular::linear_margin_cross_entropy_backward";
+  check_linear_inputs(x, weight, labels, op);
+  check_rows(grad_rows, x, op, "grad_rows");
+  check_rows(lse, x, op, "lse");
+  check_rows(x_norm, x, op, "x_norm");
+  check_rows(w_norm, weight, op, "weight_norm");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType acc = compute_dtype(x.scalar_type());
+  const at::ScalarType gemm = x.scalar_type();
+  const int64_t rows = x.size(0), dim = x.size(1), classes = weight.size(0);
+  const auto options = x.options().dtype(acc);
+  at::Tensor grad_weight =
+      at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  if (rows == 0 || classes == 0 || dim == 0) {
+    return {at::zeros_like(x, at::MemoryFormat::Contiguous), grad_weight.zero_()};
+  }
+  const at::Tensor x_norm_acc = as_dtype(x_norm, acc);
+  const at::Tensor x_denom = x_norm_acc.clamp_min(kNormEps).unsqueeze(1);
+  const at::Tensor xh_acc = x.to(acc) / x_denom;
+  const at::Tensor xh = xh_acc.to(gemm).contiguous();
+  const at::Tensor grad_vec = as_dtype(grad_rows, acc).contiguous();
+  const at::Tensor lse_vec = as_dtype(lse, acc).contiguous();
+  const at::Tensor w_norm_acc = as_dtype(w_norm, acc);
+  const at::Tensor label_vec = labels.contiguous();
+  const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
+  at::Tensor grad_xh = at::zeros({rows, dim}, options);
+  const int64_t chunk = chunk_columns(rows, classes, at::elementSize(gemm));
+  for (int64_t first = 0; first < classes; first += chunk) {
+    const int64_t n = std::min(chunk, classes - first);
+    const at::Tensor norm = w_norm_acc.narrow(0, first, n);
+    const at::Tensor wh_acc = normalized_rows(weight.narrow(0, first, n), norm, acc);
+    const at::Tensor wh = wh_acc.to(gemm);
+    at::Tensor tile = at::mm(xh, wh.t()).contiguous();
+    C10_CUDA_CHECK(launch_tile_grad(tile_type(gemm), tile.mutable_data_ptr(), rows, n, first,
+                                    classes, label_vec.const_data_ptr<int64_t>(),
+                                    grad_vec.const_data_ptr(), lse_vec.const_data_ptr(), p,
+                                    current_stream()));
+    grad_xh.add_(at::mm(tile, wh));
+    const at::Tensor a = at::mm(tile.t(), xh).to(acc);
+    // Through normalize(w): (A - wh (wh . A)) / |w|; below eps the map is w / eps (no projection).
+    const at::Tensor dot = at::where(norm.unsqueeze(1) > kNormEps,
+                                     (wh_acc * a).sum(1, /*keepdim=*/true), 0);
+    grad_weight.narrow(0, first, n)
+        .copy_((a - wh_acc * dot) / norm.clamp_min(kNormEps).unsqueeze(1));
+  }
+  const at::Tensor dot =
+      at::where(x_norm_acc.unsqueeze(1) > kNormEps, (xh_acc * grad_xh).sum(1, true), 0);
+  const at::Tensor grad_x = (grad_xh - xh_acc * dot) / x_denom;
+  return {grad_x.to(x.scalar_type()).contiguous(), grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(angular, CUDA, m) {
+  m.impl("linear_margin_cross_entropy", &linear_margin_cross_entropy_cuda);
+  m.impl("linear_margin_cross_entropy_backward", &linear_margin_cross_entropy_backward_cuda);
+}
+
+}  // namespace angular::cuda::linear
