@@ -4,6 +4,7 @@
 below, one per section, into a frozen :class:`Params`. Every key is required (the shipped
 ``params.yaml`` is the single place where the experiment's numbers live, and DVC needs each key a
 stage reads to exist there), except a head's ``straight_through`` (default ``false``) and
+``fused_linear`` (default ``null``), and
 ``evaluate.verification.pairs_file`` (default ``null``) and ``flip_test`` (default ``false``). An
 unknown key, a missing key or a bad value raises :class:`ConfigError`, whose message starts with
 the dotted key, e.g. ``train.epochs: must be an integer >= 1, got 0``.
@@ -332,12 +333,18 @@ class HeadConfig(BaseModel):
     type: str
     margin: MarginSpec
     straight_through: bool
+    fused_linear: bool | None = None  # None: MarginHead decides by the class count
 
     def to_dict(self) -> dict[str, Any]:
         m, lam = self.margin, self.margin.lam_schedule
         schedule = None if lam is None else dataclasses.asdict(lam)
         margin = {"s": m.s, "m1": m.m1, "m2": m.m2, "m3": m.m3, "lam_schedule": schedule}
-        return {"type": self.type, **margin, "straight_through": self.straight_through}
+        return {
+            "type": self.type,
+            **margin,
+            "straight_through": self.straight_through,
+            "fused_linear": self.fused_linear,
+        }
 
 
 class TrainItem(BaseModel):
@@ -356,10 +363,17 @@ class _Head(_Section):
     type: str
     s: number(0.0, low_open=True)
     straight_through: flag() = False  # d f_y / d cos_y = 1
+    # The loss by angular.ops.linear_margin_cross_entropy (no B x C buffer); null: from
+    # angular.nn.heads.FUSED_LINEAR_MIN_CLASSES classes on.
+    fused_linear: _must(Annotated[bool, Field(strict=True)], "true or false", optional=True) = None
 
     def config(self, name: str) -> HeadConfig:
         return HeadConfig(
-            name=name, type=self.type, margin=self.margin(), straight_through=self.straight_through
+            name=name,
+            type=self.type,
+            margin=self.margin(),
+            straight_through=self.straight_through,
+            fused_linear=self.fused_linear,
         )
 
 

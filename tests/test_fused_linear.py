@@ -471,3 +471,28 @@ def test_cuda_opcheck_and_compile():
         x.double(), weight.double(), labels, s=16.0, m2=0.5
     )
     assert_close(got, want, 1e-5, "cuda compiled loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline's key: heads.<name>.fused_linear (params.yaml)
+
+
+def test_params_yaml_key_reaches_the_head():
+    from pathlib import Path
+
+    import yaml
+
+    from angular import config
+    from angular.nn.recognition import build_model
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    for value in (True, False, None):
+        raw["heads"]["arcface"]["fused_linear"] = value
+        head = config.parse_params(raw).heads["arcface"].heads["arcface"]
+        assert head.fused_linear is value and head.to_dict()["fused_linear"] is value
+        backbone = dict(name="small_cnn", in_channels=1, embedding_dim=8, options={})
+        model = build_model(backbone, {"arcface": head.to_dict()}, num_classes=5)
+        assert model.heads["arcface"].fused_linear is bool(value)  # None: 5 classes, off
+    raw["heads"]["arcface"]["fused_linear"] = "yes"
+    with pytest.raises(config.ConfigError, match="heads.arcface.fused_linear: must be true or"):
+        config.parse_params(raw)

@@ -6,7 +6,7 @@ A model file (``torch.save`` of a dict of plain Python values and tensors, loada
     format: "angular-model", version: 1
     item:       the train item it came from ("arcface", "joint", ...)
     backbone:   {"name", "in_channels", "embedding_dim", "options"}     (angular.nn.backbones.build_backbone)
-    heads:      {member name: {"type", "s", "m1", "m2", "m3", "lam_schedule", "straight_through"}}
+    heads:      {member name: {"type", "s", "m1", "m2", "m3", "lam_schedule", "straight_through", "fused_linear"}}
     classes:    the known identities, in label order
     image:      {"size": [h, w], "channels", "mean", "std"}              (angular.data preprocessing)
     state_dict: the RecognitionModel's state dict (backbone.* and heads.<member>.*)
@@ -94,6 +94,7 @@ def build_model(
             _margin_from_dict(spec),
             label_smoothing=label_smoothing,
             straight_through=bool(spec.get("straight_through", False)),
+            fused_linear=spec.get("fused_linear"),
         )
         for name, spec in heads.items()
     }
