@@ -52,7 +52,7 @@ from pydantic import (
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
-from angular.eval.ensemble import RULES
+from angular.eval.ensemble import MEMBER_RULES, RULES
 from angular.nn.backbones import BACKBONES
 from angular.nn.heads import PRESETS, LambdaSchedule, MarginSpec
 
@@ -61,6 +61,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 SMOOTHING_MODES = ("all", "others")
 NONFINITE_POLICIES = ("stop", "skip")
+COLLAPSE_POLICIES = ("stop", "warn")
 DEVICES = ("auto", "cpu", "cuda")
 CALIBRATION_METHODS = ("fit", "fixed")
 HEAD_TYPES = tuple(PRESETS)  # arcface, cosface, sphereface, combined
@@ -550,6 +551,14 @@ def _augment(value) -> tuple[AugmentSpec, ...]:
 _TRANSFORM = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
 
+class CollapseConfig(_Section):
+    """``train.collapse``: when a head counts as collapsed (docs/design.md, Collapse)."""
+
+    max_centre_cosine: number(-1.0, 1.0)
+    max_accuracy_drop: number(0.0, 1.0, low_open=True, high_open=True)
+    min_room: number(0.0)
+
+
 class TrainConfig(_Section):
     """``train``: which items train (one stage each) and how."""
 
@@ -587,6 +596,8 @@ class TrainConfig(_Section):
     num_workers: integer(0)
     preload_images: flag()
     on_nonfinite: choice(*NONFINITE_POLICIES)
+    on_collapse: choice(*COLLAPSE_POLICIES)
+    collapse: CollapseConfig
     keep_checkpoints: integer(1)
 
 
@@ -638,6 +649,13 @@ def _threshold(value):
     return float(value)
 
 
+class MembersConfig(_Section):
+    """``evaluate.members``: which heads join the ensembles, judged on the validation split."""
+
+    rule: choice(*MEMBER_RULES)
+    threshold: number(0.0, 1.0)
+
+
 class EvaluateConfig(_Section):
     """``evaluate``: the ensemble rules, the open-set threshold and verification."""
 
@@ -657,6 +675,7 @@ class EvaluateConfig(_Section):
     batch_size: integer(1)
     num_threads: integer(0)
     embedding_plot: flag()
+    members: MembersConfig
     verification: VerificationConfig
 
 

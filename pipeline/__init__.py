@@ -6,11 +6,12 @@ Each stage is thin: it reads ``params.yaml`` through :func:`angular.config.load_
 
     data/prepared/                       prepare: manifest.csv, classes.json (+ images/ for digits)
     metrics/prepare.json                 prepare: split counts
-    outputs/models/<item>.pt             train@<item>: the model (angular.inference.load_model)
+    outputs/models/<item>.pt             train@<item>: the model (angular.nn.recognition.load_model)
     outputs/checkpoints/<item>/          train@<item>: per-epoch checkpoints (kept for resuming)
     metrics/train/<item>.json            train@<item>: the last epoch's loss and accuracy
     plots/loss/<item>.tsv                train@<item>: train and val loss per epoch
     plots/accuracy/<item>.tsv            train@<item>: train and val accuracy per epoch
+    plots/collapse/<item>.tsv            train@<item>: centre cosine and embedding spread per epoch
     outputs/calibration/<item>.json      calibrate@<item>: the temperature of each head
     metrics/calibrate/<item>.json        calibrate@<item>: NLL, ECE, Brier before and after
     outputs/plots/calibrate/<item>/      calibrate@<item>: reliability diagrams
@@ -18,7 +19,7 @@ Each stage is thin: it reads ``params.yaml`` through :func:`angular.config.load_
     metrics/evaluate.json                evaluate: every metric of every head and ensemble rule
     outputs/plots/evaluate/              evaluate: ROC, reliability, confusion, embeddings
 
-A bad ``params.yaml``, bad data, a non-finite loss or a required but unusable tracking store ends
+A bad ``params.yaml``, bad data, a non-finite loss, a collapsed head or a required but unusable tracking store ends
 the stage with a one-line message naming the cause and a non-zero exit status (no traceback).
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from angular.config import ConfigError
 from angular.data import DataError
+from angular.train.collapse import CollapseError
 from angular.train.loop import NonFiniteLossError
 from angular.train.tracking import TrackingError
 
@@ -42,6 +44,7 @@ CHECKPOINTS_DIR = Path("outputs/checkpoints")
 TRAIN_METRICS_DIR = Path("metrics/train")
 LOSS_PLOTS_DIR = Path("plots/loss")
 ACCURACY_PLOTS_DIR = Path("plots/accuracy")
+COLLAPSE_PLOTS_DIR = Path("plots/collapse")
 CALIBRATION_DIR = Path("outputs/calibration")
 CALIBRATE_METRICS_DIR = Path("metrics/calibrate")
 CALIBRATE_PLOTS_DIR = Path("outputs/plots/calibrate")
@@ -78,7 +81,13 @@ def run_stage(
     except ConfigError as error:
         print(f"error in params.yaml: {error}" if error.key else f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DataError, NonFiniteLossError, TrackingError, FileNotFoundError) as error:
+    except (
+        DataError,
+        NonFiniteLossError,
+        CollapseError,
+        TrackingError,
+        FileNotFoundError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return 0

@@ -2,7 +2,7 @@
 
 ``python -m pipeline.train arcface``. Writes ``outputs/models/<item>.pt``, per-epoch checkpoints
 (a rerun after an interruption resumes from the newest), ``metrics/train/<item>.json``,
-``plots/train/<item>.tsv`` and an MLflow run (see :mod:`angular.training`).
+``plots/{loss,accuracy,collapse}/<item>.tsv`` and an MLflow run (see :mod:`angular.train.loop`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from angular.train.tracking import StageRun
 from pipeline import (
     ACCURACY_PLOTS_DIR,
     CHECKPOINTS_DIR,
+    COLLAPSE_PLOTS_DIR,
     LOSS_PLOTS_DIR,
     PREPARED_DIR,
     TRAIN_METRICS_DIR,
@@ -54,6 +55,8 @@ PARAM_KEYS = (
     "train.num_workers",
     "train.preload_images",
     "train.on_nonfinite",
+    "train.on_collapse",
+    "train.collapse",
     "train.keep_checkpoints",
 )
 
@@ -65,6 +68,7 @@ def paths_for(item: str) -> TrainPaths:
         metrics=TRAIN_METRICS_DIR / f"{item}.json",
         loss_plot=LOSS_PLOTS_DIR / f"{item}.tsv",
         accuracy_plot=ACCURACY_PLOTS_DIR / f"{item}.tsv",
+        collapse_plot=COLLAPSE_PLOTS_DIR / f"{item}.tsv",
     )
 
 
@@ -95,7 +99,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         tags={"ops_backend": ops.backend()},
     ) as run:
         metrics = train_item(params, args.item, manifest, paths, run=run)
-        for path in (paths.model, paths.metrics, paths.loss_plot, paths.accuracy_plot):
+        for path in (
+            paths.model,
+            paths.metrics,
+            paths.loss_plot,
+            paths.accuracy_plot,
+            paths.collapse_plot,
+        ):
             run.log_artifact(path)
     print(
         f"{stage}: val accuracy {metrics['val_accuracy']:.4f} after {metrics['epoch']} epochs; "

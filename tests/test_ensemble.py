@@ -134,3 +134,25 @@ def test_one_head_is_itself(rule):
 def test_bad_input_names_the_argument(heads, rule, message):
     with pytest.raises(ValueError, match=message):
         ensemble.combine(heads, rule)
+
+
+def test_members_far_below_the_best_on_validation_are_left_out():
+    accuracy = {"arcface": 0.09, "cosface": 0.53, "sphereface": 0.50}
+    chosen = ensemble.select_members(accuracy, "relative_val_accuracy", 0.8)
+    assert chosen == {"arcface": False, "cosface": True, "sphereface": True}
+    assert all(ensemble.select_members(accuracy, "none", 0.8).values())
+    # The best member always stays, even at threshold 1; ties at the threshold stay in.
+    assert ensemble.select_members(accuracy, "relative_val_accuracy", 1.0) == {
+        "arcface": False,
+        "cosface": True,
+        "sphereface": False,
+    }
+    assert ensemble.select_members({"a": 0.4, "b": 0.5}, "relative_val_accuracy", 0.8)["a"]
+    for bad, match in (
+        (dict(rule="best"), "rule must be one of"),
+        (dict(threshold=1.5), "threshold must be in"),
+        (dict(val_accuracy={}), "at least one head"),
+    ):
+        args = dict(val_accuracy=accuracy, rule="relative_val_accuracy", threshold=0.8) | bad
+        with pytest.raises(ValueError, match=match):
+            ensemble.select_members(**args)

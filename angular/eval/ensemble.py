@@ -29,7 +29,7 @@ from scipy import special
 
 from angular.eval.metrics import PROB_FLOOR, as_float_array
 
-__all__ = ["RULES", "combine"]
+__all__ = ["MEMBER_RULES", "RULES", "combine", "select_members"]
 
 RULES = ("mean_prob", "vote", "sum_log_prob", "max_conf")
 
@@ -134,3 +134,24 @@ def combine(probs_per_head, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
         )
 
     return probs.argmax(axis=1).astype(np.int64), probs.max(axis=1), probs
+
+
+MEMBER_RULES = ("none", "relative_val_accuracy")
+
+
+def select_members(val_accuracy: dict[str, float], rule: str, threshold: float) -> dict[str, bool]:
+    """Which heads join the ensemble, from their validation accuracy (never the test split's).
+
+    ``relative_val_accuracy``: a head is left out when its accuracy is below ``threshold`` times
+    the best head's, which keeps a collapsed head (near chance) from dragging the ensemble down;
+    the best head always stays. ``none``: every head joins."""
+    if rule not in MEMBER_RULES:
+        raise ValueError(f"rule must be one of {MEMBER_RULES}, got {rule!r}")
+    if not val_accuracy:
+        raise ValueError("val_accuracy must name at least one head")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if rule == "none":
+        return {name: True for name in val_accuracy}
+    best = max(val_accuracy.values())
+    return {name: value >= threshold * best for name, value in val_accuracy.items()}

@@ -1,4 +1,4 @@
-"""Training one ``train@<item>`` (DESIGN §5): a backbone and its head(s), checkpoints and resume.
+"""Training one ``train@<item>`` (docs/design.md, Pipeline): a backbone and its head(s), checkpoints and resume.
 
 - The loss is ``head.loss`` (the fused margin cross-entropy of :mod:`angular.ops`); a joint item sums
   the losses of its heads on one shared backbone (the original's combined mode).
@@ -39,6 +39,14 @@ from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
 from angular.files import atomic_save, atomic_write_text
 from angular.nn.recognition import RecognitionModel, build_model, model_document
+from angular.train.collapse import (
+    REMEDY,
+    CollapseError,
+    CollapseMonitor,
+    centre_cosine,
+    collapse_room,
+    embedding_spread,
+)
 
 __all__ = [
     "TrainPaths",
@@ -52,6 +60,7 @@ __all__ = [
 
 CHECKPOINT_PATTERN = "epoch-*.pt"
 CHECKPOINT_FORMAT = "angular-checkpoint"
+COLLAPSE_COLUMNS = ("centre_cosine", "embedding_spread")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +74,7 @@ class TrainPaths:
     metrics: Path  # JSON: final epoch's metrics
     loss_plot: Path  # TSV: train and val loss per epoch (DVC plots)
     accuracy_plot: Path  # TSV: train and val accuracy per epoch (DVC plots)
+    collapse_plot: Path | None = None  # TSV: centre cosine and embedding spread per epoch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +304,11 @@ def _batch_loss(model: RecognitionModel, images, labels, autocast: bool, device:
     """Summed margin loss of the heads, and each head's count of correct arg-max predictions."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         embeddings = model(images)
+    return _loss_of_embeddings(model, embeddings, labels, autocast, device)
+
+
+def _loss_of_embeddings(model: RecognitionModel, embeddings, labels, autocast: bool, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         losses = [head.loss(embeddings, labels) for head in model.heads.values()]
     with torch.no_grad():
         detached = embeddings.detach().float()
@@ -305,23 +320,31 @@ def _batch_loss(model: RecognitionModel, images, labels, autocast: bool, device:
 
 
 @torch.no_grad()
-def _evaluate(model: RecognitionModel, loader, autocast: bool, device) -> tuple[float, dict]:
+def _evaluate(model: RecognitionModel, loader, autocast: bool, device) -> tuple[float, dict, float]:
+    """Validation loss, each head's accuracy, and the spread of the validation embeddings."""
     model.eval()
     total_loss, count = 0.0, 0
     correct = {name: 0 for name in model.heads}
+    embeddings = []
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        loss, batch_correct = _batch_loss(model, images, labels, autocast, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            batch_embeddings = model(images)
+        loss, batch_correct = _loss_of_embeddings(model, batch_embeddings, labels, autocast, device)
+        embeddings.append(batch_embeddings.float())
         total_loss += float(loss) * len(labels)
         count += len(labels)
         for name, value in batch_correct.items():
             correct[name] += value
-    return total_loss / max(count, 1), {
-        name: value / max(count, 1) for name, value in correct.items()
-    }
+    spread = embedding_spread(torch.cat(embeddings)) if embeddings else math.nan
+    accuracy = {name: value / max(count, 1) for name, value in correct.items()}
+    return total_loss / max(count, 1), accuracy, spread
 
 
-def _history_row(epoch, lr, train_loss, train_acc, val_loss, val_acc, joint) -> dict:
+def _history_row(
+    epoch, lr, train_loss, train_acc, val_loss, val_acc, model: RecognitionModel, spread, joint
+) -> dict:
+    centres = {name: centre_cosine(head.weight) for name, head in model.heads.items()}
     row = {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -329,11 +352,14 @@ def _history_row(epoch, lr, train_loss, train_acc, val_loss, val_acc, joint) -> 
         "val_loss": val_loss,
         "val_accuracy": sum(val_acc.values()) / len(val_acc),
         "lr": lr,
+        "centre_cosine": max(centres.values()),  # the worst head's
+        "embedding_spread": spread,
     }
-    if joint:  # one accuracy column per head as well
+    if joint:  # one accuracy and centre column per head as well
         for name in train_acc:
             row[f"train_accuracy_{name}"] = train_acc[name]
             row[f"val_accuracy_{name}"] = val_acc[name]
+            row[f"centre_cosine_{name}"] = centres[name]
     return row
 
 
@@ -350,6 +376,9 @@ def _write_plots(paths: TrainPaths, history: list[dict]) -> None:
     accuracy = ["epoch"] + [c for c in columns if "_accuracy" in c]
     atomic_write_text(paths.loss_plot, _tsv(history, loss))
     atomic_write_text(paths.accuracy_plot, _tsv(history, accuracy))
+    if paths.collapse_plot is not None:
+        collapse = ["epoch"] + [c for c in columns if c.startswith(COLLAPSE_COLUMNS)]
+        atomic_write_text(paths.collapse_plot, _tsv(history, collapse))
 
 
 def _format(value) -> str:
@@ -378,6 +407,8 @@ class _Session:
     history: list[dict] = dataclasses.field(default_factory=list)
     skipped_steps: int = 0
     start_epoch: int = 0
+    collapse_epoch: int = 0  # the first epoch the monitor flagged (on_collapse: warn); 0: none
+    collapse_room: float | None = None  # the smallest room of the item's heads (None: no bound)
 
 
 def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths) -> _Session:
@@ -407,6 +438,7 @@ def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPath
     optimizer = _make_optimizer(config, model.parameters())
     scheduler = _make_scheduler(config, optimizer)
     train_loader, val_loader = _make_loaders(params, manifest, generator)
+    room = _check_room(model, config, f"train@{item_name}")
     return _Session(
         label=f"train@{item_name}",
         item_name=item_name,
@@ -423,7 +455,27 @@ def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPath
         fingerprint=_fingerprint(params, item, manifest, model),
         paths=paths,
         classes=tuple(manifest.classes),
+        collapse_room=room,
     )
+
+
+def _check_room(model: RecognitionModel, config: TrainConfig, label: str) -> float | None:
+    """Warn about heads whose collapsed state sits less than ``train.collapse.min_room`` nats above
+    chance: such a head can settle there (docs/design.md, Collapse). Returns the smallest room."""
+    rooms = {}
+    for name, head in model.heads.items():
+        room = collapse_room(head.margin, head.num_classes, head.label_smoothing)
+        if room is None:
+            continue
+        rooms[name] = room
+        if room < config.collapse.min_room:
+            _say(
+                f"{label}: warning: {name}'s collapsed state (all centres on one direction) has a "
+                f"loss only {room:.2f} nats above chance (log C = {math.log(head.num_classes):.2f}; "
+                f"train.collapse.min_room is {config.collapse.min_room}); the head may collapse. "
+                + REMEDY
+            )
+    return min(rooms.values()) if rooms else None
 
 
 def _make_loaders(
@@ -468,6 +520,7 @@ def _resume(session: _Session, run) -> None:
     session.history = list(state["history"])
     session.skipped_steps = int(state["skipped_steps"])
     session.start_epoch = int(state["epoch"])
+    session.collapse_epoch = int(state.get("collapse_epoch", 0))
     _say(f"{session.label}: resuming after epoch {session.start_epoch} of {session.config.epochs}")
     if run is not None:
         for row in session.history:
@@ -532,6 +585,28 @@ def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, 
     return train_loss, {name: value / max(seen, 1) for name, value in correct.items()}
 
 
+def _watch_collapse(session: _Session, epoch: int) -> None:
+    """Apply ``train.collapse`` to the history: stop before this epoch's checkpoint (the last good
+    one stays), or warn once and go on (``train.on_collapse``)."""
+    config = session.config
+    monitor = CollapseMonitor(
+        max_centre_cosine=config.collapse.max_centre_cosine,
+        max_accuracy_drop=config.collapse.max_accuracy_drop,
+    )
+    verdict = monitor.verdict(session.history, len(session.classes))
+    if verdict is None:
+        return
+    message = f"{session.label}: collapse at epoch {epoch}: {verdict}."
+    if config.on_collapse == "stop":
+        raise CollapseError(
+            f"{message} Training stopped ({_kept_checkpoint(session.paths.checkpoints)}). "
+            f"{REMEDY}; or set train.on_collapse: warn to train on."
+        )
+    if session.collapse_epoch == 0:
+        session.collapse_epoch = epoch
+        _say(f"{message} Training goes on (train.on_collapse: warn). {REMEDY}.")
+
+
 def _save_checkpoint(session: _Session, epoch: int) -> None:
     atomic_save(
         {
@@ -544,6 +619,7 @@ def _save_checkpoint(session: _Session, epoch: int) -> None:
             "rng": _rng_state(session.generator),
             "history": session.history,
             "skipped_steps": session.skipped_steps,
+            "collapse_epoch": session.collapse_epoch,
         },
         _checkpoint_path(session.paths.checkpoints, epoch),
     )
@@ -555,6 +631,9 @@ def _finish(session: _Session) -> dict:
     config, paths = session.config, session.paths
     final = dict(session.history[-1])
     final["skipped_steps"] = session.skipped_steps
+    final["collapse_epoch"] = session.collapse_epoch
+    if session.collapse_room is not None:
+        final["collapse_room"] = session.collapse_room
     _write_plots(paths, session.history)
     backbone_desc, heads_desc, image = session.descriptions
     model_file = model_document(
@@ -606,13 +685,22 @@ def train_item(
         train_loss, train_accuracy = _train_epoch(session, epoch, progress)
         lr = session.optimizer.param_groups[0]["lr"]
         session.scheduler.step()
-        val_loss, val_accuracy = _evaluate(
+        val_loss, val_accuracy, spread = _evaluate(
             session.model, session.val_loader, config.bf16, session.device
         )
         row = _history_row(
-            epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, session.item.joint
+            epoch,
+            lr,
+            train_loss,
+            train_accuracy,
+            val_loss,
+            val_accuracy,
+            session.model,
+            spread,
+            session.item.joint,
         )
         session.history.append(row)
+        _watch_collapse(session, epoch)
         _write_plots(paths, session.history)
         _save_checkpoint(session, epoch)
         if run is not None:

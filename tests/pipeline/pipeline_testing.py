@@ -114,6 +114,7 @@ def paths_in(folder: Path) -> TrainPaths:
         metrics=folder / "metrics.json",
         loss_plot=folder / "loss.tsv",
         accuracy_plot=folder / "accuracy.tsv",
+        collapse_plot=folder / "collapse.tsv",
     )
 
 

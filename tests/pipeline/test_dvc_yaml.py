@@ -128,6 +128,7 @@ def test_outputs_are_where_the_stages_write():
             paths_for.checkpoints,
             paths_for.loss_plot,
             paths_for.accuracy_plot,
+            paths_for.collapse_plot,
         )
     }
     assert resolved(stage("train")["metrics"]) == {paths_for.metrics.as_posix()}
@@ -154,6 +155,7 @@ def test_outputs_are_where_the_stages_write():
     assert plots == {
         pipeline.LOSS_PLOTS_DIR.as_posix(),
         pipeline.ACCURACY_PLOTS_DIR.as_posix(),
+        pipeline.COLLAPSE_PLOTS_DIR.as_posix(),
         pipeline.CALIBRATE_PLOTS_DIR.as_posix(),
         pipeline.EVALUATE_PLOTS_DIR.as_posix(),
     }

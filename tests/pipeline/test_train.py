@@ -23,6 +23,7 @@ from angular.nn.heads import MarginHead
 from angular.nn.recognition import load_model
 from angular.serve.inference import run_model
 from angular.train import loop as training
+from angular.train.collapse import CollapseError
 from angular.train.loop import train_item
 from pipeline import run_stage
 from pipeline import train as train_stage
@@ -67,13 +68,21 @@ def test_one_epoch_through_the_stage_writes_a_model_loadable_without_params(proj
         "val_loss",
         "val_accuracy",
         "skipped_steps",
+        "centre_cosine",
+        "embedding_spread",
+        "collapse_epoch",
+        "collapse_room",
     }
     assert metrics["epoch"] == 1 and metrics["skipped_steps"] == 0
+    assert metrics["collapse_epoch"] == 0 and -1.0 <= metrics["centre_cosine"] < 0.5
+    assert 0.0 < metrics["embedding_spread"] < 1.0 and metrics["collapse_room"] > 1.0
     assert 0.3 < metrics["val_accuracy"] <= 1.0  # well above chance (1/8) after one epoch
     loss = (project / "plots" / "loss" / "arcface.tsv").read_text().splitlines()
     accuracy = (project / "plots" / "accuracy" / "arcface.tsv").read_text().splitlines()
     assert loss[0] == "epoch\ttrain_loss\tval_loss" and len(loss) == 2
     assert accuracy[0] == "epoch\ttrain_accuracy\tval_accuracy" and len(accuracy) == 2
+    collapse = (project / "plots" / "collapse" / "arcface.tsv").read_text().splitlines()
+    assert collapse[0] == "epoch\tcentre_cosine\tembedding_spread" and len(collapse) == 2
     # A finished run leaves no checkpoint behind (the model file holds the result).
     assert list((project / "outputs" / "checkpoints" / "arcface").iterdir()) == []
 
@@ -276,3 +285,63 @@ def test_an_item_not_listed_is_a_config_error(project):
     params = parse_params(tiny_raw())
     with pytest.raises(ConfigError, match=r"^train\.items: 'combined' is not listed"):
         train_item(params, "combined", read_manifest("data/prepared"), paths_in(project))
+
+
+def centres_collapse_at_epoch(monkeypatch, epoch: int) -> None:
+    """The centres' mean cosine as the monitor sees it: 0 until ``epoch``, 0.97 from then on (the
+    measure itself and a real collapse are tested in tests/test_collapse.py)."""
+    calls = {"n": 0}
+
+    def scripted(weight):
+        calls["n"] += 1
+        return 0.97 if calls["n"] >= epoch else 0.0
+
+    monkeypatch.setattr(training, "centre_cosine", scripted)
+
+
+def test_a_collapse_stops_training_keeping_the_last_good_checkpoint(project, monkeypatch):
+    params = parse_params(tiny_raw(train__epochs=3, train__keep_checkpoints=3))
+    paths = paths_in(project / "stopped")
+    centres_collapse_at_epoch(monkeypatch, 2)
+    with pytest.raises(CollapseError) as raised:
+        train_item(params, "arcface", read_manifest("data/prepared"), paths)
+    message = str(raised.value)
+    assert "collapse at epoch 2: the class centres of the head collapsed" in message
+    assert "0.970 > train.collapse.max_centre_cosine 0.5" in message
+    assert "epoch-0001.pt is kept" in message and "train.on_collapse: warn" in message
+    assert [p.name for p in paths.checkpoints.iterdir()] == ["epoch-0001.pt"]
+    assert not paths.model.exists()
+
+
+def test_a_collapse_with_warn_trains_on_and_is_recorded(project, monkeypatch, capsys):
+    params = parse_params(tiny_raw(train__epochs=3, train__on_collapse="warn"))
+    manifest = read_manifest("data/prepared")
+    plain = paths_in(project / "plain")
+    train_item(params, "arcface", manifest, plain)
+    assert json.loads(plain.metrics.read_text())["collapse_epoch"] == 0
+    warned = paths_in(project / "warned")
+    centres_collapse_at_epoch(monkeypatch, 2)
+    capsys.readouterr()
+    train_item(params, "arcface", manifest, warned)
+    metrics = json.loads(warned.metrics.read_text())
+    assert metrics["collapse_epoch"] == 2 and metrics["epoch"] == 3
+    err = capsys.readouterr().err
+    assert err.count("collapse at epoch") == 1 and "Training goes on" in err
+    # A warning changes nothing in training: the same weights as the run that was not flagged.
+    assert_same_state(model_state(plain.model), model_state(warned.model))
+
+
+def test_a_margin_with_little_room_is_warned_about_at_the_start(project, capsys):
+    raw = tiny_raw(train__epochs=1)
+    raw["heads"]["arcface"].update(s=8.0, m=0.2)  # room 2 s (1 - cos 0.1) ~ 0.16 nats
+    train_item(
+        parse_params(raw), "arcface", read_manifest("data/prepared"), paths_in(project / "r")
+    )
+    err = capsys.readouterr().err
+    assert "arcface's collapsed state" in err and "may collapse" in err
+    raw["heads"]["arcface"].update(s=64.0, m=0.5)
+    capsys.readouterr()
+    train_item(
+        parse_params(raw), "arcface", read_manifest("data/prepared"), paths_in(project / "q")
+    )
+    assert "may collapse" not in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""Watching a margin head for collapse (docs/design.md, Collapse).
+
+A margin head collapses when its class centres fall onto one direction and the embeddings onto
+that direction or its opposite: every class then gets the same logit except the target's margin
+penalty, a state whose loss can be lower than what the discriminative solution has reached. For
+ArcFace the penalty shrinks towards the ends: ``s (1 - cos m)`` at ``theta = 0`` and ``pi``, and
+least, ``2 s (1 - cos(m / 2))`` (about ``s m^2 / 4``), at ``theta = pi - m / 2``, where the
+monotone extension turns; a collapsed ArcFace head keeps a loss of about ``log C + (1 - eps) d``
+with that least penalty ``d`` while its accuracy falls to chance.
+
+- :func:`centre_cosine` and :func:`embedding_spread` measure it each epoch;
+- :func:`collapsed_loss` is the loss of the collapsed state for a margin, and
+  :func:`collapse_room` its height above chance (``log C``), checked when training starts;
+- :class:`CollapseMonitor` applies the thresholds of ``train.collapse`` to the history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from angular.nn.heads import MarginSpec
+from angular.ops import reference
+
+__all__ = [
+    "CollapseError",
+    "CollapseMonitor",
+    "centre_cosine",
+    "collapse_room",
+    "collapsed_loss",
+    "embedding_spread",
+]
+
+
+class CollapseError(RuntimeError):
+    """A head collapsed during training (``train.on_collapse: stop``)."""
+
+
+@torch.no_grad()
+def centre_cosine(weight: torch.Tensor) -> float:
+    """The mean cosine between the C class centres (rows of ``weight``), over all pairs i != j.
+
+    ``|sum_i w_i|^2 = C + sum_{i != j} cos_ij`` for unit rows: one pass, no C x C matrix.
+    Near ``-1 / (C - 1)`` or 0 for spread centres, 1 for collapsed ones; nan for one class."""
+    rows = weight.shape[0]
+    if rows < 2:
+        return math.nan
+    unit = F.normalize(weight.detach().double(), dim=1)
+    total = unit.sum(dim=0).pow(2).sum()
+    return float((total - rows) / (rows * (rows - 1)))
+
+
+@torch.no_grad()
+def embedding_spread(embeddings: torch.Tensor) -> float:
+    """The share of the normalised embeddings' second moment off its main axis:
+    ``1 - lambda_max(E[e e^T])`` for unit ``e`` (the eigenvalues sum to 1).
+
+    0 when every embedding lies on one line (the collapsed state: ``+-w``), up to ``1 - 1/D`` when
+    they fill the sphere evenly; nan for fewer than 2 embeddings."""
+    if embeddings.shape[0] < 2:
+        return math.nan
+    unit = F.normalize(embeddings.detach().double(), dim=1)
+    moment = unit.T @ unit / unit.shape[0]
+    return float(1.0 - torch.linalg.eigvalsh(moment)[-1])
+
+
+def _least_penalty(margin: MarginSpec, lam: float) -> float:
+    """``min over theta of s (cos theta - f(cos theta))``: the smallest margin penalty any angle
+    leaves, evaluated by the one Python definition of the margin (:mod:`angular.ops.reference`)."""
+    theta = torch.linspace(0.0, math.pi, 20001, dtype=torch.float64)
+    cos = torch.cos(theta)
+    f = reference.target_logit(cos, m1=margin.m1, m2=margin.m2, m3=margin.m3, lam=lam)
+    return float(margin.s * (cos - f).min().clamp_min(0.0))
+
+
+def _lam_at_rest(margin: MarginSpec) -> float:
+    """SphereFace's ``lam`` once annealed (its floor); 0 without a schedule."""
+    return 0.0 if margin.lam_schedule is None else margin.lam_schedule.lam_min
+
+
+def collapsed_loss(margin: MarginSpec, num_classes: int, label_smoothing: float = 0.0) -> float:
+    """The cross-entropy of the collapsed state: every logit ``s c`` but the target's ``s f(c)``,
+    at the angle where the penalty ``d = s (c - f(c))`` is smallest. With PyTorch's smoothing
+    ``eps`` over all C classes::
+
+        log(C - 1 + exp(-d)) + (1 - eps + eps / C) d      ~  log C + (1 - eps) d
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    d = _least_penalty(margin, _lam_at_rest(margin))
+    eps, c = label_smoothing, num_classes
+    return math.log(c - 1 + math.exp(-d)) + (1.0 - eps + eps / c) * d
+
+
+def collapse_room(
+    margin: MarginSpec, num_classes: int, label_smoothing: float = 0.0
+) -> float | None:
+    """How far (in nats) the collapsed state's loss sits above chance, ``log C``; the smaller, the
+    more easily a head trapped there stays (the ArcFace recipe that collapsed had 1.3).
+
+    None for a purely multiplicative margin (SphereFace: ``m2 = m3 = 0``): its penalty is 0 at
+    ``theta = 0``, so a collapsed head scores exactly chance, which training leaves behind in its
+    first steps; the bound then says nothing and the monitor alone watches it."""
+    if margin.m2 == 0.0 and margin.m3 == 0.0:
+        return None
+    return collapsed_loss(margin, num_classes, label_smoothing) - math.log(num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseMonitor:
+    """The collapse rule of ``train.collapse``, applied after each epoch.
+
+    A head has collapsed when its centres' mean pairwise cosine exceeds ``max_centre_cosine``, or
+    when its train accuracy has fallen below ``(1 - max_accuracy_drop)`` of its best epoch's while
+    the loss kept falling below that epoch's (a discriminative run loses accuracy only with its
+    loss rising). The accuracy rule waits until the best accuracy is at least twice chance."""
+
+    max_centre_cosine: float
+    max_accuracy_drop: float
+
+    def verdict(self, history: list[dict], num_classes: int) -> str | None:
+        """What collapsed, in words, or None. ``history`` rows as training writes them."""
+        row = history[-1]
+        # A joint item has a column per head (centre_cosine_<head>): name the head that collapsed.
+        keys = [k for k in row if k.startswith("centre_cosine_")] or ["centre_cosine"]
+        for key in keys:
+            value = row[key]
+            if value > self.max_centre_cosine:
+                head = key.removeprefix("centre_cosine").lstrip("_") or "the head"
+                return (
+                    f"the class centres of {head} collapsed onto one direction (mean pairwise "
+                    f"cosine {value:.3f} > train.collapse.max_centre_cosine "
+                    f"{self.max_centre_cosine})"
+                )
+        best = max(history, key=lambda r: r["train_accuracy"])
+        chance = 1.0 / max(num_classes, 1)
+        floor = (1.0 - self.max_accuracy_drop) * best["train_accuracy"]
+        if (
+            best is not row
+            and best["train_accuracy"] >= 2.0 * chance
+            and row["train_accuracy"] < floor
+            and row["train_loss"] < best["train_loss"]
+        ):
+            return (
+                f"train accuracy fell to {row['train_accuracy']:.3f} from "
+                f"{best['train_accuracy']:.3f} at epoch {best['epoch']} while the loss kept "
+                f"falling ({best['train_loss']:.3f} -> {row['train_loss']:.3f}): the head is "
+                "trading accuracy for a collapsed state"
+            )
+        return None
+
+
+REMEDY = (
+    "Remedies: a margin with a penalty at every angle (CosFace, or combined with m3 > 0), a smaller "
+    "train.lr, or a larger margin room (heads.<name>.s); see docs/design.md, Collapse"
+)
