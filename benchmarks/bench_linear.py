@@ -12,6 +12,7 @@ Memory, "peak extra": everything the call holds at its peak beyond x, weight and
   peak resident set size is reset (``/proc/self/clear_refs``), the call runs once, and the extra is
   ``VmHWM - VmRSS before - bytes of grad_weight``. This counts every thread and every allocator, and
   also one-time costs of a first call (thread pools, BLAS buffers), so it errs on the high side.
+  The time of that single (first) call is reported with it ("one call, s").
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
   allocated before the call, minus grad_weight.
 
@@ -243,19 +244,22 @@ def markdown(results: dict) -> str:
             )
         lines += [
             "",
-            "| C | provider | peak extra MiB (beyond x, weight, grad_weight) | target |",
-            "|---|---|---|---|",
+            "| C | provider | peak extra MiB (beyond x, weight, grad_weight) | one call, s | target |",
+            "|---|---|---|---|---|",
         ]
         for row in results["memory"]:
             if row["status"] != "ok":
-                lines.append(f"| {row['C']:,} | {row['provider']} | {row['status']} | |")
+                lines.append(f"| {row['C']:,} | {row['provider']} | {row['status']} | | |")
                 continue
             extra = row["peak_extra_bytes"] / MIB
             target = ""
             if row["provider"] == "fused_linear":
                 met = extra <= CPU_MEMORY_TARGET_MIB
                 target = f"<= {CPU_MEMORY_TARGET_MIB} MiB: {'met' if met else 'MISSED'}"
-            lines.append(f"| {row['C']:,} | {row['provider']} | {extra:.1f} | {target} |")
+            lines.append(
+                f"| {row['C']:,} | {row['provider']} | {extra:.1f} | {row['first_call_s']:.1f} | "
+                f"{target} |"
+            )
     else:
         lines += [
             f"dtype {results['dtype']}",

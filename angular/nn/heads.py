@@ -21,10 +21,11 @@ from torch import nn
 from angular import ops
 from angular.nn.backbones import check_size
 
-# From this many classes on, a head's loss uses the fused linear op by default: at C = 100,000,
-# B = 256, D = 512 on CPU it is faster than the matmul + fused margin op and holds no B x C buffer
-# (BENCHMARKS.md, "Fused linear + margin + cross-entropy").
-FUSED_LINEAR_MIN_CLASSES = 32768
+# From this many classes on, a head's loss uses the fused linear op by default. On CPU (B = 256,
+# D = 512, fp32, 2 threads) it ran 1.0x the matmul + fused margin op at C = 2048, 1.8x at 8192 and
+# 1.9x at 32768 and 100,000, and it holds no B x C buffer (BENCHMARKS.md, "Fused linear + margin +
+# cross-entropy"); on GPU it has not been measured yet.
+FUSED_LINEAR_MIN_CLASSES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
