@@ -5,6 +5,15 @@
                               [--device auto|cpu|cuda] [--json]
     angular embed IMAGES... --out FILE.npz|.npy|.csv [--project DIR] [--item NAME]
                               [--model PATH ...] [--flip-test] [--device ...]
+    angular export MODEL.pt --onnx OUT.onnx [--probabilities [--head NAME]
+                              [--temperature T | --calibration FILE]] [--project DIR]
+
+    angular enroll MODEL FOLDER --gallery G.npz [--flip-test] [--device ...]
+    angular identify MODEL IMAGES... --gallery G.npz [--threshold X | --far F]
+                              [--project DIR] [--json]
+
+``--model`` of ``predict`` and ``embed`` (and MODEL of ``enroll`` / ``identify``) also takes an
+``.onnx`` file written by ``export``.
 
 IMAGES are image files or folders (searched recursively). ``predict`` prints one line per image:
 its path, the identity (or ``unknown`` when the confidence is below the threshold), the
@@ -101,7 +110,87 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the embedding of each image's horizontal mirror",
     )
+
+    export = commands.add_parser(
+        "export",
+        help="export a model to ONNX",
+        description="Export a trained model (.pt) to ONNX: input `images` (B, C, H, W), "
+        "preprocessed as in training, with a dynamic batch; output `embeddings` (B, D), and "
+        "with --probabilities a head's calibrated class probabilities (B, classes).",
+    )
+    export.add_argument(
+        "model", metavar="MODEL", help="a model file, e.g. outputs/models/arcface.pt"
+    )
+    export.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write")
+    export.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also output softmax(logits / T) of one head, T fitted by calibration",
+    )
+    export.add_argument("--head", metavar="NAME", help="the head (needed for a joint model)")
+    temperature = export.add_mutually_exclusive_group()
+    temperature.add_argument("--temperature", type=float, help="T instead of the fitted one")
+    temperature.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibrate's file with the fitted T (default: "
+        "<project>/outputs/calibration/<MODEL's name>.json)",
+    )
+    export.add_argument(
+        "--project", default=".", metavar="DIR", help="the project (default: the current folder)"
+    )
+
+    enroll = commands.add_parser(
+        "enroll",
+        help="add people to a gallery (no retraining)",
+        description="Enroll the people of FOLDER (one sub-folder of images per person) into a "
+        "gallery: one template per person, the normalised mean of their unit embeddings. New "
+        "people are added, people already enrolled are replaced. The gallery is written "
+        "atomically.",
+    )
+    enroll.add_argument("model", metavar="MODEL", help="a model file (.pt or exported .onnx)")
+    enroll.add_argument("folder", metavar="FOLDER", help="one sub-folder of images per person")
+    _gallery_options(enroll)
+    enroll.add_argument(
+        "--flip-test",
+        action="store_true",
+        help="add the embedding of each image's mirror (as evaluate with "
+        "evaluate.verification.flip_test; identify then does the same)",
+    )
+
+    identify = commands.add_parser(
+        "identify",
+        help="the enrolled person in each image, or unknown",
+        description="Print the most similar enrolled person of each image and the cosine "
+        "similarity, or unknown below the threshold (default: evaluate's verification threshold "
+        "at the false accept rate evaluate.verification.gallery_far of params.yaml).",
+    )
+    identify.add_argument("model", metavar="MODEL", help="the model that enrolled the gallery")
+    identify.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    _gallery_options(identify)
+    threshold = identify.add_mutually_exclusive_group()
+    threshold.add_argument("--threshold", type=float, help="cosine similarity threshold")
+    threshold.add_argument(
+        "--far",
+        type=float,
+        help="use evaluate's threshold at this false accept rate (default: params.yaml's)",
+    )
+    identify.add_argument(
+        "--project",
+        default=".",
+        metavar="DIR",
+        help="the project whose metrics/evaluate.json and params.yaml give the threshold",
+    )
+    identify.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
+
+
+def _gallery_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gallery", required=True, metavar="G", help="the gallery file (.npz)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
 
 
 def _run_predict(args) -> None:
@@ -164,16 +253,121 @@ def _run_embed(args) -> None:
     )
 
 
+def _run_export(args) -> None:
+    from pathlib import Path
+
+    from angular.serve.export import export_onnx
+    from angular.serve.predict import CALIBRATION_DIR
+
+    calibration = args.calibration
+    if args.probabilities and args.temperature is None and calibration is None:
+        calibration = Path(args.project) / CALIBRATION_DIR / f"{Path(args.model).stem}.json"
+    out = export_onnx(
+        args.model,
+        args.onnx,
+        probabilities=args.probabilities,
+        head=args.head,
+        temperature=args.temperature,
+        calibration=calibration,
+    )
+    print(f"angular export: {args.model} -> {out} (checked against PyTorch)", file=sys.stderr)
+
+
+def _run_enroll(args) -> None:
+    from angular.serve.gallery import enroll
+
+    gallery, added, replaced = enroll(
+        args.model,
+        args.folder,
+        args.gallery,
+        device=args.device,
+        batch_size=args.batch_size,
+        flip_test=args.flip_test,
+    )
+    print(
+        f"angular enroll: {len(added)} added, {len(replaced)} replaced; {args.gallery} holds "
+        f"{len(gallery)} people ({gallery.item}, embeddings of size {gallery.embedding_dim})",
+        file=sys.stderr,
+    )
+
+
+def _gallery_far(project: str) -> tuple[float, str]:
+    """``evaluate.verification.gallery_far`` of the project's params.yaml (1e-2 without it)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(project) / "params.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        far = raw["evaluate"]["verification"]["gallery_far"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return 1e-2, "default"
+    return float(far), f"{path}: evaluate.verification.gallery_far"
+
+
+def _run_identify(args) -> None:
+    from angular.serve.gallery import default_threshold, identify, load_gallery
+    from angular.serve.predict import find_images
+
+    images = find_images(args.images)  # path mistakes first, before loading any model
+    threshold, source = args.threshold, "given"
+    if threshold is None:
+        far, far_source = (
+            (args.far, "given") if args.far is not None else _gallery_far(args.project)
+        )
+        item = load_gallery(args.gallery).item
+        threshold, source = default_threshold(args.project, item, far)
+        source = f"{source} (FAR {far:g}, {far_source})"
+    results = identify(
+        args.model,
+        args.gallery,
+        images,
+        threshold=threshold,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        document = {
+            "gallery": str(args.gallery),
+            "threshold": threshold,
+            "threshold_source": source,
+            "identifications": [r.to_dict() for r in results],
+        }
+        print(json.dumps(document, indent=2))
+        return
+    print(f"angular identify: threshold {threshold:.4f} ({source})", file=sys.stderr)
+    print("path\tidentity\tsimilarity\tclosest")
+    for r in results:
+        print(f"{r.path}\t{r.identity if r.known else 'unknown'}\t{r.similarity:.4f}\t{r.closest}")
+    unknown = sum(not r.known for r in results)
+    print(
+        f"angular identify: {len(results)} image(s), {len(results) - unknown} identified, "
+        f"{unknown} unknown",
+        file=sys.stderr,
+    )
+
+
+COMMANDS = {
+    "predict": _run_predict,
+    "embed": _run_embed,
+    "export": _run_export,
+    "enroll": _run_enroll,
+    "identify": _run_identify,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a malformed command line: usage and exit status 2
     name = f"angular {args.command}"
     try:
+        from angular.serve.export import ExportError
         from angular.serve.predict import PredictError
 
         try:
-            (_run_predict if args.command == "predict" else _run_embed)(args)
-        except PredictError as error:
+            COMMANDS[args.command](args)
+        except (PredictError, ExportError) as error:
             print(f"{name}: error: {error}", file=sys.stderr)
             return EXIT_ERROR
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text"]
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_text"]
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -52,3 +52,7 @@ def atomic_save(obj, path: str | Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(data))

@@ -12,7 +12,10 @@ on confidence (from evaluate). :func:`load_predictor` builds it from a project a
     metrics/evaluate.json              which heads evaluate scored, and the threshold of each head
                                        and ensemble rule (chosen on the validation images)
 
-or from explicit model files with a temperature and a threshold given by the caller.
+or from explicit model files with a temperature and a threshold given by the caller. A model file
+may also be an ONNX file written by ``angular export`` (:mod:`angular.serve.export`), run by
+onnxruntime: for ``embed`` any export, for ``predict`` one exported with ``--probabilities`` (its
+probabilities already hold the fitted temperature, so ``--temperature`` does not apply).
 
 An image is predicted as the head's (or rule's) most probable known identity when its calibrated
 confidence is at least the threshold, and as unknown otherwise (evaluate's open-set rule).
@@ -246,10 +249,17 @@ class Predictor:
         )
 
     def _outputs(self, images: _ImageCache, *, flip_test: bool = False):
+        from angular.serve.export import OnnxModel
         from angular.serve.inference import run_batches
 
         outputs = {}
         for loaded in self.models:
+            if isinstance(loaded, OnnxModel):
+                outputs[loaded.item] = loaded.run_batches(
+                    (batch.numpy() for batch in images.batches(loaded, self.batch_size)),
+                    flip_test=flip_test,
+                )
+                continue
             outputs[loaded.item] = run_batches(
                 loaded,
                 images.batches(loaded, self.batch_size),
@@ -295,6 +305,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _load(path: Path) -> LoadedModel:
+    if Path(path).suffix.lower() == ".onnx":
+        from angular.serve.export import ExportError, load_onnx
+
+        try:
+            return load_onnx(path)
+        except ExportError as error:
+            raise PredictError(f"--model {error}") from None
     from angular.nn.recognition import load_model
 
     try:
@@ -425,6 +442,17 @@ def load_predictor(
                 "they cannot be combined"
             )
     member_of = {member: loaded for loaded in models for member in loaded.members}
+    for loaded in models:
+        if not loaded.members:  # an ONNX export without probabilities
+            raise PredictError(
+                f"--model {loaded.path}: exported without --probabilities, it gives embeddings "
+                "only (use `angular embed`, or export it again with --probabilities)"
+            )
+        if getattr(loaded, "temperature", None) is not None and temperature is not None:
+            raise PredictError(
+                f"--temperature: {loaded.path} already applies its fitted temperature "
+                f"{loaded.temperature:.4g} to its probabilities"
+            )
 
     if head is not None:
         if head not in member_of:
@@ -474,7 +502,8 @@ def load_predictor(
         sources["threshold"] = f"from {project / EVALUATE_METRICS}"
 
     for loaded in models:
-        loaded.model.to(torch_device)
+        if hasattr(loaded, "model"):  # ONNX models run on onnxruntime's CPU provider
+            loaded.model.to(torch_device)
     return Predictor(
         models=models,
         heads=heads,
