@@ -628,6 +628,9 @@ class VerificationConfig(_Section):
     pairs_file: text(optional=True) = None
     # Embed each image and its horizontal mirror and add the two normalised embeddings.
     flip_test: flag() = False
+    # The false accept rate whose threshold (threshold@far=F of each embedding, on these pairs)
+    # `angular identify` uses by default to reject people who are not in the gallery.
+    gallery_far: number(0.0, 1.0, low_open=True, high_open=True) = 1e-2
 
 
 def _rules(value):

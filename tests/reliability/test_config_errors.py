@@ -119,6 +119,7 @@ BAD_VALUES: dict[str, list] = {
     "evaluate.verification.folds": [1, 0],
     "evaluate.verification.seed": [-1],
     "evaluate.verification.pairs_file": [""],
+    "evaluate.verification.gallery_far": [0.0, 1.0, -0.1, "1e-2"],
     "tracking.uri": [""],
     "tracking.experiment": [""],
 }
@@ -238,7 +239,11 @@ def test_a_section_that_is_not_a_mapping_names_its_key(key):
 
 
 # Keys that may be left out (older params files): their default (angular/config.py's docstring).
-OPTIONAL = {"evaluate.verification.pairs_file": None, "evaluate.verification.flip_test": False}
+OPTIONAL = {
+    "evaluate.verification.pairs_file": None,
+    "evaluate.verification.flip_test": False,
+    "evaluate.verification.gallery_far": 0.01,
+}
 
 
 @pytest.mark.parametrize("key", list(SHIPPED))
