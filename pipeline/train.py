@@ -55,6 +55,7 @@ PARAM_KEYS = (
     "train.num_workers",
     "train.preload_images",
     "train.on_nonfinite",
+    "train.centre_init",
     "train.on_collapse",
     "train.collapse",
     "train.keep_checkpoints",

@@ -1,6 +1,6 @@
 """Collapse of margin heads: the measures against brute force, the bound against the loss it bounds,
 the monitor's rule, and a collapse reproduced in seconds on synthetic data, which the monitor
-catches and the default centre initialisation avoids."""
+catches and unit-norm centres (``train.centre_init: unit``) avoid."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from angular import config
 from angular.nn.heads import LambdaSchedule, MarginHead, MarginSpec
 from angular.ops import reference
 from angular.train.collapse import (
+    CENTRE_INITS,
     CollapseMonitor,
     centre_cosine,
     collapse_room,
     collapsed_loss,
     embedding_spread,
+    init_centres,
 )
 
 
@@ -110,11 +113,26 @@ def test_the_monitor_rule():
     assert monitor.verdict(chance, 80) is None
 
 
-def _synthetic_run(seed: int, s: float, m: float, init_std: float | None, epochs: int = 6):
+def test_unit_centres_keep_their_directions_and_draw_nothing():
+    assert config.CENTRE_INITS == CENTRE_INITS  # the params' choices are the library's
+    torch.manual_seed(3)
+    head = MarginHead(16, 10, MarginSpec.arcface())
+    before = head.weight.detach().clone()
+    state = torch.get_rng_state()
+    init_centres(head, "normal")
+    assert torch.equal(head.weight, before)
+    init_centres(head, "unit")
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(10))
+    torch.testing.assert_close(F.normalize(before, dim=1), head.weight.detach())
+    with pytest.raises(ValueError, match="centre init must be one of"):
+        init_centres(head, "xavier")
+
+
+def _synthetic_run(seed: int, s: float, m: float, centre_init: str, epochs: int = 6):
     """ArcFace on 80 Gaussian classes too noisy to separate well (chance 1/80), Adam at 3e-3 with
     label smoothing 0.1, as the faces recipe: the setting where ArcFace heads collapse. Returns the
-    monitor's history. ``init_std``: the centres' old initialisation N(0, 0.01); None: the head's
-    default."""
+    monitor's history."""
     generator = torch.Generator().manual_seed(1234)
     classes, per_class, features = 80, 100, 32
     centres = torch.randn(classes, features, generator=generator)
@@ -129,8 +147,7 @@ def _synthetic_run(seed: int, s: float, m: float, init_std: float | None, epochs
         nn.BatchNorm1d(32),
     )
     head = MarginHead(32, classes, MarginSpec.arcface(s, m), label_smoothing=0.1)
-    if init_std is not None:
-        nn.init.normal_(head.weight, std=init_std)
+    init_centres(head, centre_init)
     optimizer = torch.optim.Adam(
         [*net.parameters(), *head.parameters()], lr=3e-3, weight_decay=5e-4
     )
@@ -159,15 +176,16 @@ def _synthetic_run(seed: int, s: float, m: float, init_std: float | None, epochs
 
 
 @pytest.mark.slow
-def test_a_collapse_in_seconds_is_caught_and_the_default_initialisation_avoids_it():
+def test_a_collapse_in_seconds_is_caught_and_unit_centres_avoid_it():
     torch.set_num_threads(1)
     monitor = CollapseMonitor(max_centre_cosine=0.5, max_accuracy_drop=0.5)
-    collapsed = _synthetic_run(0, s=16.0, m=0.2, init_std=0.01)
+    collapsed = _synthetic_run(0, s=16.0, m=0.3, centre_init="normal")
     verdicts = [monitor.verdict(collapsed[: i + 1], 80) for i in range(len(collapsed))]
     assert any(verdicts), collapsed
-    assert collapsed[-1]["centre_cosine"] > 0.9 and collapsed[-1]["train_accuracy"] < 0.05
+    best = max(row["train_accuracy"] for row in collapsed)
+    assert collapsed[-1]["centre_cosine"] > 0.9 and collapsed[-1]["train_accuracy"] < best
     for seed in (0, 1):
-        healthy = _synthetic_run(seed, s=16.0, m=0.2, init_std=None)
+        healthy = _synthetic_run(seed, s=16.0, m=0.3, centre_init="unit")
         assert not any(monitor.verdict(healthy[: i + 1], 80) for i in range(len(healthy))), healthy
         assert healthy[-1]["centre_cosine"] < 0.1
         assert healthy[-1]["train_accuracy"] > healthy[0]["train_accuracy"]

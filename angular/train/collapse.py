@@ -26,6 +26,7 @@ from angular.nn.heads import MarginSpec
 from angular.ops import reference
 
 __all__ = [
+    "CENTRE_INITS",
     "CollapseError",
     "CollapseMonitor",
     "centre_cosine",
@@ -35,8 +36,26 @@ __all__ = [
 ]
 
 
+CENTRE_INITS = ("normal", "unit")
+
+
 class CollapseError(RuntimeError):
     """A head collapsed during training (``train.on_collapse: stop``)."""
+
+
+@torch.no_grad()
+def init_centres(head, how: str) -> None:
+    """``normal``: leave the head's N(0, 0.01) centres. ``unit``: scale each centre to norm 1,
+    keeping its random direction (no new random draws, so the rest of a seeded run is unchanged).
+
+    Only a centre's direction enters the cosine, so Adam's steps (about ``lr`` per coordinate,
+    whatever the gradient's scale) turn a centre of norm r by about ``lr / r``: small centres turn
+    ten times faster, which helps a run start but lets noisy early gradients throw every centre
+    onto one direction on hard data (docs/design.md, Collapse)."""
+    if how not in CENTRE_INITS:
+        raise ValueError(f"centre init must be one of {CENTRE_INITS}, got {how!r}")
+    if how == "unit":
+        head.weight.div_(head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ from angular.train.collapse import (
     centre_cosine,
     collapse_room,
     embedding_spread,
+    init_centres,
 )
 
 __all__ = [
@@ -435,6 +436,8 @@ def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPath
     model = build_model(backbone_desc, heads_desc, num_classes, label_smoothing=smoothing).to(
         device
     )
+    for head in model.heads.values():
+        init_centres(head, config.centre_init)
     optimizer = _make_optimizer(config, model.parameters())
     scheduler = _make_scheduler(config, optimizer)
     train_loader, val_loader = _make_loaders(params, manifest, generator)

@@ -345,3 +345,11 @@ def test_a_margin_with_little_room_is_warned_about_at_the_start(project, capsys)
         parse_params(raw), "arcface", read_manifest("data/prepared"), paths_in(project / "q")
     )
     assert "may collapse" not in capsys.readouterr().err
+
+
+def test_unit_centre_init_reaches_the_heads(project, monkeypatch):
+    seen = []
+    monkeypatch.setattr(training, "init_centres", lambda head, how: seen.append((head, how)))
+    params = parse_params(tiny_raw(train__epochs=1, train__centre_init="unit"))
+    train_item(params, "arcface", read_manifest("data/prepared"), paths_in(project / "unit"))
+    assert [(type(head).__name__, how) for head, how in seen] == [("MarginHead", "unit")]

@@ -96,6 +96,7 @@ BAD_VALUES: dict[str, list] = {
     "train.num_workers": [-1],
     "train.on_nonfinite": ["ignore", "raise"],
     "train.on_collapse": ["skip", "STOP"],
+    "train.centre_init": ["xavier", "Unit"],
     "train.collapse.max_centre_cosine": [-1.5, 1.01, math.nan],
     "train.collapse.max_accuracy_drop": [0.0, 1.0, -0.1],
     "train.collapse.min_room": [-1.0, math.inf],
