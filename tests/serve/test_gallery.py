@@ -221,3 +221,19 @@ def test_bad_input_is_a_clear_error_and_leaves_the_gallery_as_it_was(
     result = run_cli("enroll", str(model), str(empty), "--gallery", str(gallery), cwd=tmp_path)
     assert result.returncode == 1 and "nobody: no image files" in result.stderr
     assert gallery.read_bytes() == before
+
+
+def test_the_threshold_at_a_far_is_the_lowest_that_keeps_it():
+    from pipeline.evaluate import thresholds_at_far
+
+    rng = np.random.default_rng(3)
+    similarity = rng.uniform(-1, 1, 1000)
+    similarity[:10] = similarity[10]  # ties
+    same = rng.random(1000) < 0.3
+    impostor = similarity[~same]
+    for far, threshold in zip(
+        (0.1, 0.01, 0.001), thresholds_at_far(similarity, same, (0.1, 0.01, 0.001)).values()
+    ):
+        assert np.mean(impostor >= threshold) <= far
+        below = np.nextafter(threshold, -np.inf)
+        assert np.mean(impostor >= below) > far
