@@ -113,11 +113,12 @@ has = torch._C._dispatch_has_kernel_for_dispatch_key
 missing = [
     f"{op}/{key}"
     for op in ("margin_logits", "margin_logits_backward", "margin_cross_entropy",
-               "margin_cross_entropy_backward")
+               "margin_cross_entropy_backward", "linear_margin_cross_entropy",
+               "linear_margin_cross_entropy_backward")
     for key in ("CPU", "CUDA")
     if not has(f"angular::{op}", key)
 ]
 if missing:
     sys.exit(f"cuda-check: FAILED: no kernel registered for {', '.join(missing)}")
 PY
-echo "cuda-check: OK: built $(basename "$so") ($(du -h "$so" | cut -f1)) with CPU and CUDA kernels for sm_${TORCH_CUDA_ARCH_LIST//./} in ${elapsed} s; it loads and registers all 4 ops on CPU and CUDA"
+echo "cuda-check: OK: built $(basename "$so") ($(du -h "$so" | cut -f1)) with CPU and CUDA kernels for sm_${TORCH_CUDA_ARCH_LIST//./} in ${elapsed} s; it loads and registers all 6 ops on CPU and CUDA"
