@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from angular import ops
 from angular.config import load_params
 from angular.data import read_manifest
+from angular.serve.mlflow_model import log_mlflow_model
 from angular.train.loop import TrainPaths, train_item
 from angular.train.tracking import StageRun
 from pipeline import (
@@ -108,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             paths.collapse_plot,
         ):
             run.log_artifact(path)
+        # The model as an MLflow model too: `mlflow models predict` serves it (T = 1 here;
+        # calibration comes later).
+        run.call(
+            lambda client, run_id: log_mlflow_model(client, run_id, paths.model),
+            "logging the MLflow model",
+        )
     print(
         f"{stage}: val accuracy {metrics['val_accuracy']:.4f} after {metrics['epoch']} epochs; "
         f"model {paths.model}",

@@ -200,7 +200,9 @@ def test_training_logs_every_epoch_and_the_model(project, empty_store):
     final = json.loads((project / "metrics" / "train" / "arcface.json").read_text())
     assert history[-1].value == pytest.approx(final["val_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
-    assert artifacts == {"arcface.pt", "arcface.json", "arcface.tsv"}
+    assert artifacts == {"arcface.pt", "arcface.json", "arcface.tsv", "model"}
+    # The MLflow model (angular.serve.mlflow_model), with its signature.
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(logged.info.run_id, "model")}
 
 
 def test_training_completes_when_the_store_is_unreachable(project, capsys):
