@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,20 @@ try:  # mlflow is a dependency of the project, but keep `angular.serve` importab
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover
     PythonModel = object
+
+
+# MLflow warns, when the class is defined, that `predict` has no type hints; the signature below
+# describes the tensors instead (type hints cannot say their shapes). Not a warning for the user,
+# and one MLflow shows whatever the filters say, so it is dropped where it would be shown.
+_show = warnings.showwarning
+
+
+def _without_type_hint_note(message, *args, **kwargs):
+    if "type hints to the `predict` method" not in str(message):
+        _show(message, *args, **kwargs)
+
+
+warnings.showwarning = _without_type_hint_note
 
 
 class AngularPyfunc(PythonModel):
@@ -55,6 +70,9 @@ class AngularPyfunc(PythonModel):
             logits = self.loaded.model.heads[self.head].logits(embeddings)
             probabilities = torch.softmax(logits.float() / self.temperature, dim=1)
         return {"embeddings": embeddings.numpy(), "probabilities": probabilities.numpy()}
+
+
+warnings.showwarning = _show
 
 
 def signature_for(loaded):
