@@ -1,7 +1,7 @@
 """Stage ``evaluate``: every trained head and every ensemble rule on the test and unknown images.
 
 ``python -m pipeline.evaluate``. For each head (with its calibrated temperature) and each rule of
-``evaluate.rules`` (:mod:`angular.ensemble`):
+``evaluate.rules`` (:mod:`angular.eval.ensemble`):
 
 - ``closed_set_accuracy``: top-1 on the test images (known identities);
 - ``open_set_accuracy``: the original's rule on test + unknown images at ``threshold`` (fixed, or
@@ -9,7 +9,7 @@
 - ``open_set_auroc`` (known vs unknown by confidence) and ``oscr``;
 - ``ece`` (and ``nll``) of the calibrated probabilities on test; heads also ``ece_uncalibrated``.
 
-Verification (LFW protocol, :func:`angular.metrics.verification_metrics`: 10-fold accuracy with the
+Verification (LFW protocol, :func:`angular.eval.metrics.verification_metrics`: 10-fold accuracy with the
 threshold chosen on the other folds, ROC AUC, EER, TAR at FAR 1e-1, 1e-2, 1e-3, flagged when the
 impostor pairs are too few to resolve a FAR) on pairs of unknown images and pairs of test images
 (every genuine pair and a seeded sample of impostor pairs, ``evaluate.verification``), and on the
@@ -38,7 +38,7 @@ from angular.config import ConfigError, EvaluateConfig, load_params
 from angular.data import read_manifest
 from angular.eval import metrics as M
 from angular.eval import plots
-from angular.eval.ensemble import combine
+from angular.eval.ensemble import combine, select_members
 from angular.files import atomic_write_text
 from angular.nn.recognition import load_model
 from angular.serve.inference import SplitOutputs, run_model
@@ -270,7 +270,22 @@ def evaluate(params, manifest, *, run=None) -> dict:
             }
             raw_probs_test[member] = M.softmax(outputs[item]["test"].logits[member])
 
-    results: dict = {"heads": {}, "ensembles": {}}
+    # Members far below the best on validation (a collapsed head) stay out of the ensembles; the
+    # test split plays no part in this choice.
+    val_accuracy = {
+        name: float(np.mean(probs["val"].argmax(axis=1) == labels["val"]))
+        for name, probs in member_probs.items()
+    }
+    included = select_members(val_accuracy, config.members.rule, config.members.threshold)
+    ensemble_members = [name for name in member_probs if included[name]]
+    results: dict = {
+        "heads": {},
+        "ensembles": {},
+        "members": {
+            name: {"val_accuracy": val_accuracy[name], "in_ensemble": included[name]}
+            for name in member_probs
+        },
+    }
     roc_curves = {}
     has_unknown = len(labels["unknown"]) > 0
     candidates = {name: probs for name, probs in member_probs.items()}
@@ -282,7 +297,7 @@ def evaluate(params, manifest, *, run=None) -> dict:
                 stacked[split] = (np.zeros((0, len(classes))), empty.astype(np.int64), empty)
                 continue
             predicted, confidence, probs = combine(
-                [member_probs[m][split] for m in member_probs], rule
+                [member_probs[m][split] for m in ensemble_members], rule
             )
             stacked[split] = (probs, predicted, confidence)
         candidates[f"ensemble_{rule}"] = stacked
@@ -336,11 +351,15 @@ def evaluate(params, manifest, *, run=None) -> dict:
             for item in params.train.items
         }
         pair_sets["pairs_file"] = (embeddings, file_pairs, config.verification.pairs_file)
+    # The ensemble's embedding concatenates the items that kept a member in the ensemble.
+    owner = {member: item for member, (item, _) in params.members().items()}
+    kept_items = [
+        item for item in params.train.items if any(owner[m] == item for m in ensemble_members)
+    ]
     for split, (embeddings, pairs, description) in pair_sets.items():
         if len(embeddings) > 1:
-            embeddings = embeddings | {
-                "ensemble": np.concatenate([_normalised(e) for e in embeddings.values()], axis=1)
-            }
+            kept = [_normalised(embeddings[item]) for item in kept_items]
+            embeddings = embeddings | {"ensemble": np.concatenate(kept, axis=1)}
         found, curves = _verification(embeddings, pairs, config)
         results["verification"][split] = found
         plots.roc_plot(
@@ -393,6 +412,14 @@ def report_table(results: dict) -> str:
             cells = [values.get(c) for c in columns]
             text = ["" if c is None else f"{c:.4f}" for c in cells]
             lines.append(f"| {prefix}{name} | " + " | ".join(text) + " |")
+    members = results.get("members", {})
+    if members:
+        cells = [
+            f"{name} {values['val_accuracy']:.4f}"
+            + ("" if values["in_ensemble"] else " (left out)")
+            for name, values in members.items()
+        ]
+        lines += ["", "Ensemble members by validation accuracy: " + ", ".join(cells) + "."]
     unresolvable = False
     for split, entries in results.get("verification", {}).items():
         what = (

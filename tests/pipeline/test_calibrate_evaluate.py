@@ -349,9 +349,13 @@ def test_evaluate_with_flip_test_and_a_pairs_file(evaluated, tmp_path, monkeypat
     expected = M.verification_metrics(
         M.cosine_similarity_pairs(embeddings, index_a, index_b), same, folds=10, seed=0
     )
-    assert found["arcface"] == pytest.approx(
+    # Besides verification_metrics', evaluate adds the thresholds at each FAR (threshold@far=...).
+    assert {k: found["arcface"][k] for k in expected} == pytest.approx(
         {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in expected.items()}
     )
+    assert set(found["arcface"]) - set(expected) == {
+        k for k in found["arcface"] if k.startswith("threshold@")
+    }
     assert found["arcface"]["n_genuine"] == same.sum() and found["arcface"]["n_impostor"] == 20
     assert (copy / "outputs" / "plots" / "evaluate" / "verification_roc_pairs_file.png").is_file()
 
@@ -418,3 +422,37 @@ def test_verification_options_default_to_off():
     verification = parse_params(raw).evaluate.verification
     assert verification.flip_test is True and verification.pairs_file == "pairs.txt"
     assert verification.impostors_per_genuine is None
+
+
+def test_evaluate_leaves_out_members_far_below_the_best_on_validation(
+    evaluated, tmp_path, monkeypatch
+):
+    shipped = json.loads((evaluated / "metrics" / "evaluate.json").read_text())["members"]
+    assert all(v["in_ensemble"] for v in shipped.values())  # threshold 0.8: all trained alike
+    accuracy = {name: v["val_accuracy"] for name, v in shipped.items()}
+    best, worst = max(accuracy.values()), min(accuracy.values())
+    assert worst < best, accuracy
+    threshold = (worst / best + 1.0) / 2.0  # leaves out the worst member at least
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    members = {"rule": "relative_val_accuracy", "threshold": threshold}
+    write_params(copy, tiny_raw(train__items=ITEMS, evaluate__members=members))
+    assert run_stage(evaluate.main, []) == 0
+    results = json.loads((copy / "metrics" / "evaluate.json").read_text())
+    kept = [m for m in MEMBERS if accuracy[m] >= threshold * best]
+    assert [m for m in MEMBERS if results["members"][m]["in_ensemble"]] == kept
+    assert len(kept) < len(MEMBERS)
+    # The mean-probability ensemble is that of the kept members' calibrated test probabilities.
+    manifest = read_manifest("data/prepared")
+    probs = []
+    for member in kept:
+        item = "arcface" if member == "arcface" else "joint"
+        logits = np.load(copy / "outputs" / "evaluate" / f"{item}.npz")[f"test_logits_{member}"]
+        temperature = json.loads((copy / "outputs" / "calibration" / f"{item}.json").read_text())
+        probs.append(M.softmax(logits, temperature["temperatures"][member]))
+    predicted, _, _ = combine(probs, "mean_prob")
+    expected = float(np.mean(predicted == np.asarray(manifest.labels("test"))))
+    assert results["ensembles"]["mean_prob"]["closed_set_accuracy"] == pytest.approx(expected)
+    report = (copy / "outputs" / "evaluate" / "report.md").read_text()
+    assert "(left out)" in report and "Ensemble members by validation accuracy" in report
