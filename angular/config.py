@@ -62,7 +62,6 @@ SCHEDULES = ("cosine", "step", "constant")
 SMOOTHING_MODES = ("all", "others")
 NONFINITE_POLICIES = ("stop", "skip")
 COLLAPSE_POLICIES = ("stop", "warn")
-CENTRE_INITS = ("normal", "unit")  # angular.train.collapse.init_centres
 DEVICES = ("auto", "cpu", "cuda")
 CALIBRATION_METHODS = ("fit", "fixed")
 HEAD_TYPES = tuple(PRESETS)  # arcface, cosface, sphereface, combined
@@ -597,7 +596,7 @@ class TrainConfig(_Section):
     num_workers: integer(0)
     preload_images: flag()
     on_nonfinite: choice(*NONFINITE_POLICIES)
-    centre_init: choice(*CENTRE_INITS)
+    centre_norm: number(0.0, low_open=True, optional=True)  # null: keep N(0, 0.01) centres
     on_collapse: choice(*COLLAPSE_POLICIES)
     collapse: CollapseConfig
     keep_checkpoints: integer(1)

@@ -56,7 +56,7 @@ PARAM_KEYS = (
     "train.num_workers",
     "train.preload_images",
     "train.on_nonfinite",
-    "train.centre_init",
+    "train.centre_norm",
     "train.on_collapse",
     "train.collapse",
     "train.keep_checkpoints",

@@ -1,6 +1,6 @@
 """Collapse of margin heads: the measures against brute force, the bound against the loss it bounds,
 the monitor's rule, and a collapse reproduced in seconds on synthetic data, which the monitor
-catches and unit-norm centres (``train.centre_init: unit``) avoid."""
+catches and larger centres (``train.centre_norm``) avoid."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from angular import config
 from angular.nn.heads import LambdaSchedule, MarginHead, MarginSpec
 from angular.ops import reference
 from angular.train.collapse import (
-    CENTRE_INITS,
     CollapseMonitor,
     centre_cosine,
     collapse_room,
@@ -116,23 +114,23 @@ def test_the_monitor_rule():
     assert monitor.verdict(chance, 80) is None
 
 
-def test_unit_centres_keep_their_directions_and_draw_nothing():
-    assert config.CENTRE_INITS == CENTRE_INITS  # the params' choices are the library's
+def test_rescaled_centres_keep_their_directions_and_draw_nothing():
     torch.manual_seed(3)
     head = MarginHead(16, 10, MarginSpec.arcface())
     before = head.weight.detach().clone()
     state = torch.get_rng_state()
-    init_centres(head, "normal")
+    init_centres(head, None)
     assert torch.equal(head.weight, before)
-    init_centres(head, "unit")
+    init_centres(head, 4.0)
     assert torch.equal(torch.get_rng_state(), state)
-    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(10))
-    torch.testing.assert_close(F.normalize(before, dim=1), head.weight.detach())
-    with pytest.raises(ValueError, match="centre init must be one of"):
-        init_centres(head, "xavier")
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.full((10,), 4.0))
+    torch.testing.assert_close(F.normalize(before, dim=1), F.normalize(head.weight.detach(), dim=1))
+    for bad in (0.0, -1.0, math.nan, math.inf, "4"):
+        with pytest.raises(ValueError, match="norm must be a finite number > 0 or None"):
+            init_centres(head, bad)
 
 
-def _synthetic_run(seed: int, s: float, m: float, centre_init: str, epochs: int = 6):
+def _synthetic_run(seed: int, s: float, m: float, centre_norm: float | None, epochs: int = 6):
     """ArcFace on 80 Gaussian classes too noisy to separate well (chance 1/80), Adam at 3e-3 with
     label smoothing 0.1, as the faces recipe: the setting where ArcFace heads collapse. Returns the
     monitor's history."""
@@ -150,7 +148,7 @@ def _synthetic_run(seed: int, s: float, m: float, centre_init: str, epochs: int 
         nn.BatchNorm1d(32),
     )
     head = MarginHead(32, classes, MarginSpec.arcface(s, m), label_smoothing=0.1)
-    init_centres(head, centre_init)
+    init_centres(head, centre_norm)
     optimizer = torch.optim.Adam(
         [*net.parameters(), *head.parameters()], lr=3e-3, weight_decay=5e-4
     )
@@ -179,16 +177,16 @@ def _synthetic_run(seed: int, s: float, m: float, centre_init: str, epochs: int 
 
 
 @pytest.mark.slow
-def test_a_collapse_in_seconds_is_caught_and_unit_centres_avoid_it():
+def test_a_collapse_in_seconds_is_caught_and_larger_centres_avoid_it():
     torch.set_num_threads(1)
     monitor = CollapseMonitor(max_centre_cosine=0.9, max_accuracy_drop=0.5)
-    collapsed = _synthetic_run(0, s=16.0, m=0.3, centre_init="normal")
+    collapsed = _synthetic_run(0, s=16.0, m=0.3, centre_norm=None)
     verdicts = [monitor.verdict(collapsed[: i + 1], 80) for i in range(len(collapsed))]
     assert any(verdicts), collapsed
     best = max(row["train_accuracy"] for row in collapsed)
     assert collapsed[-1]["centre_cosine"] > 0.9 and collapsed[-1]["train_accuracy"] < best
-    for seed in (0, 1):
-        healthy = _synthetic_run(seed, s=16.0, m=0.3, centre_init="unit")
+    for seed in (0, 1):  # centres of norm sqrt(D) (as N(0, 1) would give), twice as many epochs
+        healthy = _synthetic_run(seed, s=16.0, m=0.3, centre_norm=32**0.5, epochs=12)
         assert not any(monitor.verdict(healthy[: i + 1], 80) for i in range(len(healthy))), healthy
         assert healthy[-1]["centre_cosine"] < 0.1
         assert healthy[-1]["train_accuracy"] > healthy[0]["train_accuracy"]

@@ -26,7 +26,6 @@ from angular.nn.heads import MarginSpec
 from angular.ops import reference
 
 __all__ = [
-    "CENTRE_INITS",
     "CollapseError",
     "CollapseMonitor",
     "centre_cosine",
@@ -36,26 +35,25 @@ __all__ = [
 ]
 
 
-CENTRE_INITS = ("normal", "unit")
-
-
 class CollapseError(RuntimeError):
     """A head collapsed during training (``train.on_collapse: stop``)."""
 
 
 @torch.no_grad()
-def init_centres(head, how: str) -> None:
-    """``normal``: leave the head's N(0, 0.01) centres. ``unit``: scale each centre to norm 1,
-    keeping its random direction (no new random draws, so the rest of a seeded run is unchanged).
+def init_centres(head, norm: float | None) -> None:
+    """``None``: leave the head's N(0, 0.01) centres. A number: scale each centre to that norm,
+    keeping its random direction (no new random draws, so the rest of a seeded run is unchanged);
+    ``sqrt(D)`` is the norm N(0, 1) centres would have.
 
     Only a centre's direction enters the cosine, so Adam's steps (about ``lr`` per coordinate,
     whatever the gradient's scale) turn a centre of norm r by about ``lr / r``: small centres turn
     ten times faster, which helps a run start but lets noisy early gradients throw every centre
     onto one direction on hard data (docs/design.md, Collapse)."""
-    if how not in CENTRE_INITS:
-        raise ValueError(f"centre init must be one of {CENTRE_INITS}, got {how!r}")
-    if how == "unit":
-        head.weight.div_(head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    if norm is None:
+        return
+    if not (isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0):
+        raise ValueError(f"norm must be a finite number > 0 or None, got {norm!r}")
+    head.weight.mul_(norm / head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()
@@ -173,6 +171,7 @@ class CollapseMonitor:
 
 
 REMEDY = (
-    "Remedies: train.centre_init: unit (centres that turn about ten times slower under Adam), a "
-    "smaller train.lr, or CosFace (a margin penalty at every angle); see docs/design.md, Collapse"
+    "Remedies: train.centre_norm (larger centres turn more slowly under Adam; e.g. the square root "
+    "of model.embedding_dim), a smaller train.lr, or CosFace (a margin penalty at every angle); see "
+    "docs/design.md, Collapse"
 )

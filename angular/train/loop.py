@@ -437,7 +437,7 @@ def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPath
         device
     )
     for head in model.heads.values():
-        init_centres(head, config.centre_init)
+        init_centres(head, config.centre_norm)
     optimizer = _make_optimizer(config, model.parameters())
     scheduler = _make_scheduler(config, optimizer)
     train_loader, val_loader = _make_loaders(params, manifest, generator)

@@ -347,9 +347,9 @@ def test_a_margin_with_little_room_is_warned_about_at_the_start(project, capsys)
     assert "may collapse" not in capsys.readouterr().err
 
 
-def test_unit_centre_init_reaches_the_heads(project, monkeypatch):
+def test_the_centre_norm_reaches_the_heads(project, monkeypatch):
     seen = []
-    monkeypatch.setattr(training, "init_centres", lambda head, how: seen.append((head, how)))
-    params = parse_params(tiny_raw(train__epochs=1, train__centre_init="unit"))
+    monkeypatch.setattr(training, "init_centres", lambda head, norm: seen.append((head, norm)))
+    params = parse_params(tiny_raw(train__epochs=1, train__centre_norm=4.0))
     train_item(params, "arcface", read_manifest("data/prepared"), paths_in(project / "unit"))
-    assert [(type(head).__name__, how) for head, how in seen] == [("MarginHead", "unit")]
+    assert [(type(head).__name__, norm) for head, norm in seen] == [("MarginHead", 4.0)]

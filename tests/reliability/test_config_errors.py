@@ -96,7 +96,7 @@ BAD_VALUES: dict[str, list] = {
     "train.num_workers": [-1],
     "train.on_nonfinite": ["ignore", "raise"],
     "train.on_collapse": ["skip", "STOP"],
-    "train.centre_init": ["xavier", "Unit"],
+    "train.centre_norm": [0.0, -1.0, math.inf, math.nan],
     "train.collapse.max_centre_cosine": [-1.5, 1.01, math.nan],
     "train.collapse.max_accuracy_drop": [0.0, 1.0, -0.1],
     "train.collapse.min_room": [-1.0, math.inf],
@@ -127,6 +127,7 @@ BAD_VALUES: dict[str, list] = {
 # Keys whose documented value may be null (a wrong-typed null is tested for every other key).
 NULLABLE = {
     "data.path",
+    "train.centre_norm",
     "data.test_path",
     "train.grad_clip_norm",
     "train.augment",
@@ -174,10 +175,13 @@ def wrong_types(value) -> list:
     return [5, True, {}, [1]]
 
 
+# Keys shipped as null whose other values are numbers: wrong types are those of a number.
+NUMBER_OR_NULL = {"train.centre_norm": 1.0}
+
 WRONG = [
     (key, bad)
     for key, value in SHIPPED.items()
-    for bad in wrong_types(value)
+    for bad in wrong_types(NUMBER_OR_NULL.get(key, value))
     if not (bad is None and key in NULLABLE)
 ]
 RANGE = [(key, bad) for key, values in BAD_VALUES.items() for bad in values]
