@@ -5,7 +5,8 @@ below, one per section, into a frozen :class:`Params`. Every key is required (th
 ``params.yaml`` is the single place where the experiment's numbers live, and DVC needs each key a
 stage reads to exist there), except a head's ``straight_through`` (default ``false``) and
 ``fused_linear`` (default ``null``), and
-``evaluate.verification.pairs_file`` (default ``null``) and ``flip_test`` (default ``false``). An
+``evaluate.verification.pairs_file`` (default ``null``) and ``flip_test`` (default ``false``), and
+``tracking.register_model`` (default ``null``). An
 unknown key, a missing key or a bad value raises :class:`ConfigError`, whose message starts with
 the dotted key, e.g. ``train.epochs: must be an integer >= 1, got 0``.
 
@@ -690,6 +691,9 @@ class TrackingConfig(_Section):
     uri: text(optional=True)  # None: $MLFLOW_TRACKING_URI, else the SQLite store in the project
     experiment: text()
     required: flag()
+    # The evaluate stage registers its best model under this name in MLflow's model registry
+    # (None: no registration).
+    register_model: text(optional=True) = None
 
 
 # --------------------------------------------------------------------------------------------------

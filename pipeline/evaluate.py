@@ -42,6 +42,7 @@ from angular.eval.ensemble import combine, select_members
 from angular.files import atomic_write_text
 from angular.nn.recognition import load_model
 from angular.serve.inference import SplitOutputs, run_model
+from angular.serve.mlflow_model import log_mlflow_model, register_model
 from angular.train.loop import limit_threads
 from angular.train.tracking import StageRun
 from pipeline import (
@@ -462,7 +463,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         },
     ) as run:
         results = evaluate(params, manifest, run=run)
+        if params.tracking.register_model is not None:
+            register_best(params, results["members"], run)
     print(report_table(results), file=sys.stderr)
+
+
+def register_best(params, members: dict, run) -> None:
+    """Log the best head (highest validation accuracy; the first on a tie) as an MLflow model of
+    this run, with its fitted temperature, and register it under ``tracking.register_model``."""
+    best = max(members, key=lambda name: members[name]["val_accuracy"])
+    item = params.members()[best][0]
+    temperature = _load_temperatures(item)[best]
+    name = params.tracking.register_model
+
+    def register(client, run_id):
+        logged = log_mlflow_model(
+            client,
+            run_id,
+            model_path(item),
+            temperatures={best: temperature},
+            artifact_prefix="best",
+        )
+        artifact = logged[0] if len(logged) == 1 else f"best_{best}"
+        version = register_model(client, run_id, artifact, name)
+        print(
+            f"evaluate: registered {best} (T = {temperature:.3f}) as {name} version {version}",
+            file=sys.stderr,
+        )
+
+    run.call(register, "registering the best model")
 
 
 if __name__ == "__main__":

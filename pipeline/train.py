@@ -101,14 +101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         tags={"ops_backend": ops.backend()},
     ) as run:
         metrics = train_item(params, args.item, manifest, paths, run=run)
-        for path in (
-            paths.model,
-            paths.metrics,
-            paths.loss_plot,
-            paths.accuracy_plot,
-            paths.collapse_plot,
-        ):
+        for path in (paths.model, paths.metrics):
             run.log_artifact(path)
+        # The plots share the item's file name: each keeps its folder (plots/loss/arcface.tsv).
+        for path in (paths.loss_plot, paths.accuracy_plot, paths.collapse_plot):
+            run.log_artifact(path, path.parent.as_posix())
         # The model as an MLflow model too: `mlflow models predict` serves it (T = 1 here;
         # calibration comes later).
         run.call(

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from pipeline_testing import tiny_raw, write_params
+from pipeline_testing import create_empty_store, tiny_raw, write_params
 
 from angular.config import parse_params
 from angular.data import prepare_dataset, read_manifest
@@ -456,3 +456,28 @@ def test_evaluate_leaves_out_members_far_below_the_best_on_validation(
     assert results["ensembles"]["mean_prob"]["closed_set_accuracy"] == pytest.approx(expected)
     report = (copy / "outputs" / "evaluate" / "report.md").read_text()
     assert "(left out)" in report and "Ensemble members by validation accuracy" in report
+
+
+def test_evaluate_registers_its_best_head_when_asked(evaluated, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    store = create_empty_store(copy)
+    raw = tiny_raw(train__items=ITEMS)
+    raw["tracking"].update(
+        enabled=True, uri=f"sqlite:///{store}", experiment="tests", register_model="digits-best"
+    )
+    write_params(copy, raw)
+    assert run_stage(evaluate.main, []) == 0
+    members = json.loads((copy / "metrics" / "evaluate.json").read_text())["members"]
+    best = max(members, key=lambda name: members[name]["val_accuracy"])
+    client = MlflowClient(f"sqlite:///{store}")
+    (version,) = client.search_model_versions("name='digits-best'")
+    assert str(version.version) == "1" and version.source.endswith(
+        "/best" if best == "arcface" else f"/best_{best}"
+    )
+    logged = client.get_run(version.run_id)
+    assert logged.data.tags["stage"] == "evaluate"
+    assert f"registered {best} (T = " in capsys.readouterr().err

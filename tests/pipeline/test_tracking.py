@@ -200,7 +200,13 @@ def test_training_logs_every_epoch_and_the_model(project, empty_store):
     final = json.loads((project / "metrics" / "train" / "arcface.json").read_text())
     assert history[-1].value == pytest.approx(final["val_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
-    assert artifacts == {"arcface.pt", "arcface.json", "arcface.tsv", "model"}
+    assert artifacts == {"arcface.pt", "arcface.json", "plots", "model"}
+    plots = {
+        a.path
+        for folder in client.list_artifacts(logged.info.run_id, "plots")
+        for a in client.list_artifacts(logged.info.run_id, folder.path)
+    }  # each plot keeps its folder: the three share the file name arcface.tsv
+    assert plots == {f"plots/{kind}/arcface.tsv" for kind in ("loss", "accuracy", "collapse")}
     # The MLflow model (angular.serve.mlflow_model), with its signature.
     assert "model/MLmodel" in {a.path for a in client.list_artifacts(logged.info.run_id, "model")}
 

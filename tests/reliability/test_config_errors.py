@@ -120,6 +120,7 @@ BAD_VALUES: dict[str, list] = {
     "evaluate.verification.folds": [1, 0],
     "evaluate.verification.seed": [-1],
     "evaluate.verification.pairs_file": [""],
+    "tracking.register_model": ["", "  "],
     "evaluate.verification.gallery_far": [0.0, 1.0, -0.1, "1e-2"],
     "tracking.uri": [""],
     "tracking.experiment": [""],
@@ -134,6 +135,7 @@ NULLABLE = {
     "evaluate.verification.impostors_per_genuine",
     "evaluate.verification.max_impostors",
     "evaluate.verification.pairs_file",
+    "tracking.register_model",
     "tracking.uri",
 }
 
@@ -248,6 +250,7 @@ OPTIONAL = {
     "evaluate.verification.pairs_file": None,
     "evaluate.verification.flip_test": False,
     "evaluate.verification.gallery_far": 0.01,
+    "tracking.register_model": None,
 }
 
 
@@ -260,8 +263,10 @@ def test_a_misspelt_or_missing_key_names_it(key):
         node = node[part]
     value = node.pop(last)
     if key in OPTIONAL:
-        parsed = parse_params(raw)
-        assert getattr(parsed.evaluate.verification, last) == OPTIONAL[key]
+        section = parse_params(raw)
+        for part in parents:
+            section = getattr(section, part)
+        assert getattr(section, last) == OPTIONAL[key]
     else:
         with pytest.raises(ConfigError) as caught:
             parse_params(raw)
