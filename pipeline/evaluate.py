@@ -185,22 +185,10 @@ def _verification(embeddings: dict[str, np.ndarray], pairs, config: EvaluateConf
             similarity, same, folds=config.verification.folds, seed=config.verification.seed
         )
         fars = sorted({*M.DEFAULT_FARS, config.verification.gallery_far}, reverse=True)
-        results[name].update(thresholds_at_far(similarity, same, fars))
+        results[name].update(M.thresholds_at_far(similarity, same, fars))
         fpr, tpr, _ = M.roc_curve(similarity, same)
         curves[name] = (fpr, tpr)
     return results, curves
-
-
-def thresholds_at_far(similarity, same, fars) -> dict[str, float]:
-    """``threshold@far=F``: the lowest similarity threshold that accepts at most a fraction F of
-    the impostor pairs (the default of ``angular identify``, angular.serve.gallery)."""
-    impostor = np.sort(np.asarray(similarity, np.float64)[~np.asarray(same, bool)])[::-1]
-    found = {}
-    for far in fars:
-        allowed = int(math.floor(far * len(impostor) + 1e-9))  # impostors that may pass
-        # Just above the first impostor that must be rejected (ties with it are rejected too).
-        found[f"threshold@{M.far_key(far)}"] = float(np.nextafter(impostor[allowed], np.inf))
-    return found
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

@@ -650,3 +650,23 @@ def verification_metrics(
     result["n_genuine"] = float(n_genuine)
     result["n_impostor"] = float(n_impostor)
     return result
+
+
+def thresholds_at_far(similarity, same, fars: Sequence[float]) -> dict[str, float]:
+    """``threshold@far=F``: the lowest similarity threshold that accepts at most a fraction F of
+    the impostor pairs (the default threshold of ``angular identify``, angular.serve.gallery)."""
+    similarity = as_float_array(similarity, "similarity", ndim=1)
+    same = as_bool_array(same, "same")
+    check_same_length(similarity=similarity, same=same)
+    impostor = np.sort(similarity[~same])[::-1]
+    if len(impostor) == 0:
+        raise ValueError("same has no impostor pair (False): no threshold at a FAR can be chosen")
+    found = {}
+    for far in fars:
+        allowed = int(math.floor(far * len(impostor) + 1e-9))  # impostors that may pass
+        if allowed >= len(impostor):  # every impostor may pass: accept everything
+            found[f"threshold@{far_key(far)}"] = float(impostor[-1])
+            continue
+        # Just above the first impostor that must be rejected (ties with it are rejected too).
+        found[f"threshold@{far_key(far)}"] = float(np.nextafter(impostor[allowed], np.inf))
+    return found

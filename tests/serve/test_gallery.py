@@ -17,6 +17,7 @@ import torch
 from serve_testing import ORL
 from test_export import run_cli
 
+from angular.eval import metrics as M
 from angular.serve.gallery import (
     APPROXIMATE_MIN_SIZE,
     Gallery,
@@ -224,16 +225,22 @@ def test_bad_input_is_a_clear_error_and_leaves_the_gallery_as_it_was(
 
 
 def test_the_threshold_at_a_far_is_the_lowest_that_keeps_it():
-    from pipeline.evaluate import thresholds_at_far
-
     rng = np.random.default_rng(3)
     similarity = rng.uniform(-1, 1, 1000)
     similarity[:10] = similarity[10]  # ties
     same = rng.random(1000) < 0.3
     impostor = similarity[~same]
     for far, threshold in zip(
-        (0.1, 0.01, 0.001), thresholds_at_far(similarity, same, (0.1, 0.01, 0.001)).values()
+        (0.1, 0.01, 0.001), M.thresholds_at_far(similarity, same, (0.1, 0.01, 0.001)).values()
     ):
         assert np.mean(impostor >= threshold) <= far
         below = np.nextafter(threshold, -np.inf)
         assert np.mean(impostor >= below) > far
+
+
+def test_thresholds_at_far_need_an_impostor_pair():
+    with pytest.raises(ValueError, match="no impostor pair"):
+        M.thresholds_at_far(np.array([0.5, 0.7]), np.array([True, True]), (0.1,))
+    # FAR 1 accepts every impostor.
+    found = M.thresholds_at_far(np.array([0.5, 0.7, 0.1]), np.array([True, False, False]), (1.0,))
+    assert found["threshold@far=1e0"] <= 0.1
