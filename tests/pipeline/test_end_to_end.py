@@ -52,6 +52,8 @@ def test_the_same_params_give_identical_metrics_and_another_seed_does_not(tmp_pa
         "metrics/train/cosface.json",
         "plots/accuracy/arcface.tsv",
         "plots/accuracy/cosface.tsv",
+        "plots/collapse/arcface.tsv",
+        "plots/collapse/cosface.tsv",
         "plots/loss/arcface.tsv",
         "plots/loss/cosface.tsv",
     ]

@@ -42,6 +42,7 @@ def test_the_same_params_give_identical_files_and_another_seed_other_ones(tmp_pa
         "metrics/prepare.json",
         "metrics/train/arcface.json",
         "plots/accuracy/arcface.tsv",
+        "plots/collapse/arcface.tsv",
         "plots/loss/arcface.tsv",
     ]
     second = run_pipeline(tmp_path / "second", raw, hash_seed="2")
@@ -63,6 +64,7 @@ def test_the_same_params_give_identical_files_and_another_seed_other_ones(tmp_pa
     assert sorted(reseeded) == [
         "metrics/train/arcface.json",
         "plots/accuracy/arcface.tsv",
+        "plots/collapse/arcface.tsv",
         "plots/loss/arcface.tsv",
     ]
     for name in reseeded:
