@@ -560,6 +560,18 @@ class CollapseConfig(_Section):
     min_room: number(0.0)
 
 
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class DistributedConfig(_Section):
+    """``train.distributed``: data-parallel training over torchrun workers (README, Scaling out)."""
+
+    world_size: integer(1)  # 1: one process, today's path
+    backend: choice(*BACKENDS)  # auto: nccl with CUDA, else gloo
+    sample_rate: number(0.0, 1.0, low_open=True)  # share of each shard's centres per step
+    timeout_s: number(0.0, low_open=True)  # a collective waiting longer fails the stage
+
+
 class TrainConfig(_Section):
     """``train``: which items train (one stage each) and how."""
 
@@ -601,6 +613,7 @@ class TrainConfig(_Section):
     on_collapse: choice(*COLLAPSE_POLICIES)
     collapse: CollapseConfig
     keep_checkpoints: integer(1)
+    distributed: DistributedConfig
 
 
 # --------------------------------------------------------------------------------------------------

@@ -180,6 +180,14 @@ def _fingerprint(
     train = params.train.model_dump()
     for key in ("items", "keep_checkpoints", "preload_images"):
         train.pop(key)
+    # One process: the section plays no part (and the fingerprints of earlier runs stay). Several:
+    # the world size is checked on its own (angular.train.distributed), the timeout changes nothing.
+    distributed = train.pop("distributed")
+    if distributed["world_size"] > 1:
+        train["distributed"] = {
+            "backend": distributed["backend"],
+            "sample_rate": distributed["sample_rate"],
+        }
     data = [
         (r.path, r.md5, r.label, r.split) for r in manifest.records if r.split in ("train", "val")
     ]
