@@ -79,6 +79,64 @@ def check_margin(s, m1, m2, m3, lam) -> tuple[float, float, float, float, float]
     )
 
 
+ROW_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_row_values(
+    name: str, value, cos: torch.Tensor, *, low: float | None = None, strict: bool = False
+):
+    """A margin parameter: a float (as :func:`check_number`) or a (B,) float32/float64 tensor of
+    per-row values on ``cos``'s device, finite and within the same bounds; else an error naming it."""
+    if not isinstance(value, torch.Tensor):
+        return check_number(name, value, low=low, strict=strict)
+    batch = cos.shape[0]
+    if value.dim() != 1 or value.shape[0] != batch:
+        raise ValueError(
+            f"{name} must be a float or a (B,) tensor with B = {batch}, got shape "
+            f"{tuple(value.shape)}"
+        )
+    if value.dtype not in ROW_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 per-row values, got {value.dtype}")
+    if value.device != cos.device:
+        raise ValueError(f"{name} is on {value.device} but cos is on {cos.device}")
+    if torch.compiler.is_compiling():
+        return value  # data-dependent checks would break the graph; eager calls check every value
+    values = value.detach()
+    finite = torch.isfinite(values).all()
+    in_range = (
+        (values > low).all() if strict else (values >= low).all() if low is not None else None
+    )
+    if values.device.type == "cpu":
+        if not finite:
+            bad = values[~torch.isfinite(values)][0].item()
+            raise ValueError(f"{name} must be finite in every row, got {bad}")
+        if in_range is not None and not in_range:
+            raise ValueError(
+                f"{name} must be {'>' if strict else '>='} {low} in every row, got "
+                f"{values.min().item()}"
+            )
+    else:
+        # No host sync on a GPU (see labels in _check_tensors): a device-side assert.
+        torch._assert_async(finite, f"{name} must be finite in every row")
+        if in_range is not None:
+            torch._assert_async(in_range, f"{name} must be {'>' if strict else '>='} {low}")
+    return value
+
+
+def _check_margins(cos, m1, m2, m3, lam) -> tuple:
+    """Per-row or scalar ``m1, m2, m3, lam`` with the bounds of :func:`check_margin`."""
+    return (
+        _check_row_values("m1", m1, cos, low=0.0, strict=True),
+        _check_row_values("m2", m2, cos, low=0.0),
+        _check_row_values("m3", m3, cos),
+        _check_row_values("lam", lam, cos, low=0.0),
+    )
+
+
+def _check_negative_t(negative_t) -> float | None:
+    return None if negative_t is None else check_number("negative_t", negative_t)
+
+
 def _check_tensors(cos, labels) -> None:
     if not isinstance(cos, torch.Tensor):
         raise TypeError(f"cos must be a torch.Tensor, got {type(cos).__name__}")
@@ -138,23 +196,39 @@ def margin_logits(
     labels: torch.Tensor,
     *,
     s: float,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    lam: float = 0.0,
+    m1: float | torch.Tensor = 1.0,
+    m2: float | torch.Tensor = 0.0,
+    m3: float | torch.Tensor = 0.0,
+    lam: float | torch.Tensor = 0.0,
     straight_through: bool = False,
+    negative_t: float | None = None,
 ) -> torch.Tensor:
     """Margin logits (docs/design.md, Math): ``s * cos`` with the target column of each row
     replaced by ``s * f_y``; rows whose label is negative get no margin. Returned in ``cos``'s
-    dtype."""
-    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    dtype.
+
+    ``m1``, ``m2``, ``m3``, ``lam``: a float, or a (B,) float32/float64 tensor of per-row values
+    (gradients flow to it when it requires grad). ``negative_t``: None, or CurricularFace's ``t``
+    (docs/design.md, Per-row margins and negative modulation)."""
+    s = check_number("s", s, low=0.0, strict=True)
+    negative_t = _check_negative_t(negative_t)
     _check_tensors(cos, labels)
-    if _fused_for(cos.device.type):
+    m1, m2, m3, lam = _check_margins(cos, m1, m2, m3, lam)
+    per_row = negative_t is not None or _any_tensor(m1, m2, m3, lam)
+    if not per_row and _fused_for(cos.device.type):
         return torch.ops.angular.margin_logits(
             cos, labels, s, m1, m2, m3, lam, bool(straight_through)
         )
     return reference.margin_logits(
-        cos, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through
+        cos,
+        labels,
+        s=s,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        lam=lam,
+        straight_through=straight_through,
+        negative_t=negative_t,
     )
 
 
@@ -163,27 +237,32 @@ def margin_cross_entropy(
     labels: torch.Tensor,
     *,
     s: float,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    lam: float = 0.0,
+    m1: float | torch.Tensor = 1.0,
+    m2: float | torch.Tensor = 0.0,
+    m3: float | torch.Tensor = 0.0,
+    lam: float | torch.Tensor = 0.0,
     label_smoothing: float = 0.0,
     straight_through: bool = False,
     reduction: str = "mean",
+    negative_t: float | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(margin_logits(cos, labels), labels, label_smoothing=...)`` in one fused pass.
 
     Rows with a negative label have loss 0 and gradient 0 and are not counted by ``"mean"`` (a batch
-    with no target at all has mean loss 0). The loss is fp32 (fp64 for fp64 ``cos``).
+    with no target at all has mean loss 0). The loss is fp32 (fp64 for fp64 ``cos``). Per-row
+    margins and ``negative_t`` as in :func:`margin_logits`.
     """
-    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    s = check_number("s", s, low=0.0, strict=True)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
     if label_smoothing > 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    negative_t = _check_negative_t(negative_t)
     _check_tensors(cos, labels)
-    if not _fused_for(cos.device.type):
+    m1, m2, m3, lam = _check_margins(cos, m1, m2, m3, lam)
+    per_row = negative_t is not None or _any_tensor(m1, m2, m3, lam)
+    if per_row or not _fused_for(cos.device.type):
         return reference.margin_cross_entropy(
             cos,
             labels,
@@ -195,11 +274,16 @@ def margin_cross_entropy(
             label_smoothing=label_smoothing,
             straight_through=straight_through,
             reduction=reduction,
+            negative_t=negative_t,
         )
     per_row, _ = torch.ops.angular.margin_cross_entropy(
         cos, labels, s, m1, m2, m3, lam, label_smoothing, bool(straight_through)
     )
     return reference.reduce_rows(per_row, labels >= 0, reduction)
+
+
+def _any_tensor(*values) -> bool:
+    return any(isinstance(value, torch.Tensor) for value in values)
 
 
 # --------------------------------------------------------------------------------------------------

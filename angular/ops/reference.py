@@ -20,6 +20,15 @@ arithmetic like any value, as ``F.cross_entropy`` would take them: NaN or +inf a
 a target, or a non-finite target cosine, makes that row's logits and loss non-finite; -inf at a
 non-target column gives that class probability 0 (finite loss without smoothing, +inf with it). Other
 rows are unaffected, and a row without a target has loss 0 and gradient 0 whatever it holds.
+
+Per-row margins and negative modulation (docs/design.md, Per-row margins and negative modulation).
+``m1``, ``m2``, ``m3`` and ``lam`` may each be a float or a (B,) tensor of per-row values: they
+broadcast inside :func:`target_logit`, and autograd gives ``d loss / d m`` per row (the derivative of
+the forward value, at the exact angle: the gradient guard concerns ``d / d cos`` only). With
+``negative_t = t`` (CurricularFace), every non-target entry of a row with a target whose cosine is
+strictly above that row's ``f_y`` becomes ``cos_j * (t + cos_j)`` (derivative ``t + 2 cos_j``); an entry
+equal to ``f_y`` is left as it is. ``t`` is a constant: it gets no gradient, and neither does the
+threshold ``f_y`` through the comparison.
 """
 
 from __future__ import annotations
@@ -39,7 +48,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def psi_of_theta(theta: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+# A margin parameter: one float for every row, or a (B,) tensor of per-row values.
+Margin = float | torch.Tensor
+
+
+def psi_of_theta(theta: torch.Tensor, m1: Margin, m2: Margin, m3: Margin) -> torch.Tensor:
     """The margin-extended target cosine ``(-1)^k cos(t) - 2k - m3`` with ``t = m1 theta + m2``."""
     t = m1 * theta + m2
     k = torch.floor(t / math.pi).detach()
@@ -47,29 +60,55 @@ def psi_of_theta(theta: torch.Tensor, m1: float, m2: float, m3: float) -> torch.
     return sign * torch.cos(t) - 2.0 * k - m3
 
 
+def _in_dtype(value: Margin, dtype: torch.dtype) -> Margin:
+    """A per-row tensor in the arithmetic dtype (autograd casts its gradient back); a float as is."""
+    return value.to(dtype) if isinstance(value, torch.Tensor) else value
+
+
+def _detached(value: Margin) -> Margin:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
 def target_logit(
     cos_y: torch.Tensor,
     *,
-    m1: float,
-    m2: float,
-    m3: float,
-    lam: float,
+    m1: Margin,
+    m2: Margin,
+    m3: Margin,
+    lam: Margin,
     straight_through: bool = False,
 ) -> torch.Tensor:
-    """``f_y`` for target cosines ``cos_y`` (any shape), differentiable by autograd with the guard above.
+    """``f_y`` for target cosines ``cos_y``, differentiable by autograd with the guard above.
 
-    ``straight_through=True`` keeps the value but makes ``d f_y / d cos_y = 1``.
+    Per-row tensors broadcast with ``cos_y`` (a (B,) tensor with (B,) margins). The value and the
+    margin gradients come from the exact angle; ``d f_y / d cos_y`` from the clamped one, and is 1
+    with ``straight_through=True`` (the margin gradients stay those of the value).
     """
-    theta_exact = torch.acos(cos_y.detach().clamp(-1.0, 1.0))
-    # Clamp the angle for the gradient only: c_safe has cos_y's gradient (a plain clamp would zero it
-    # at the bounds) but a value inside +-COS_MAX, where acos has a finite derivative.
-    c_safe = cos_y - (cos_y - cos_y.clamp(-COS_MAX, COS_MAX)).detach()
-    psi_safe = psi_of_theta(torch.acos(c_safe), m1, m2, m3)
-    psi = psi_safe + (psi_of_theta(theta_exact, m1, m2, m3) - psi_safe).detach()
-    f_y = (lam * cos_y + psi) / (1.0 + lam)
+    m1, m2, m3, lam = (_in_dtype(m, cos_y.dtype) for m in (m1, m2, m3, lam))
+    c = cos_y.detach()
+    psi = psi_of_theta(torch.acos(c.clamp(-1.0, 1.0)), m1, m2, m3)
+    f_exact = (lam * c + psi) / (1.0 + lam)  # the value; gradients for the margins only
     if straight_through:
-        f_y = cos_y + (f_y - cos_y).detach()
-    return f_y
+        return f_exact + (cos_y - c)
+    # Clamp the angle for the cos gradient only: c_safe has cos_y's gradient (a plain clamp would
+    # zero it at the bounds) but a value inside +-COS_MAX, where acos has a finite derivative.
+    c_safe = cos_y - (cos_y - cos_y.clamp(-COS_MAX, COS_MAX)).detach()
+    m1, m2, m3, lam = (_detached(m) for m in (m1, m2, m3, lam))
+    f_safe = (lam * cos_y + psi_of_theta(torch.acos(c_safe), m1, m2, m3)) / (1.0 + lam)
+    return f_exact + (f_safe - f_safe.detach())
+
+
+def modulate_negatives(
+    work: torch.Tensor, f_y: torch.Tensor, has_target: torch.Tensor, t: float
+) -> torch.Tensor:
+    """CurricularFace's negative modulation of a (B, C) cosine matrix: ``cos_j (t + cos_j)`` where
+    ``cos_j > f_y`` of its row (strictly) and the row has a target. The caller overwrites the
+    target column afterwards."""
+    hard = (work > f_y.detach().unsqueeze(1)) & has_target.unsqueeze(1)
+    # Modulate a copy that is 0 off the hard entries, so that an inf there cannot reach the
+    # gradient as 0 * inf through the unused branch.
+    picked = torch.where(hard, work, 0.0)
+    return torch.where(hard, picked * (t + picked), work)
 
 
 def margin_logits(
@@ -77,18 +116,20 @@ def margin_logits(
     labels: torch.Tensor,
     *,
     s: float,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    lam: float = 0.0,
+    m1: Margin = 1.0,
+    m2: Margin = 0.0,
+    m3: Margin = 0.0,
+    lam: Margin = 0.0,
     straight_through: bool = False,
+    negative_t: float | None = None,
 ) -> torch.Tensor:
-    """``z = s * cos`` with the margin applied to each row's target column; rows with a negative
-    label get no margin. Computed in fp32 (fp64 for fp64 input); returned in the input dtype."""
+    """``z = s * cos`` with the margin applied to each row's target column (and, with
+    ``negative_t``, the hard negatives modulated); rows with a negative label get neither. Computed
+    in fp32 (fp64 for fp64 input); returned in the input dtype."""
     work = cos.to(compute_dtype(cos.dtype))
-    has_target = (labels >= 0).unsqueeze(1)
+    has_target = labels >= 0
     safe_labels = labels.clamp(min=0).unsqueeze(1)
-    cos_y = work.gather(1, safe_labels)
+    cos_y = work.gather(1, safe_labels).squeeze(1)
     # Rows without a target hand the margin a harmless 0: the unused branch of the where then has a
     # finite derivative, so a NaN in such a row cannot reach the gradient as 0 * NaN.
     f_y = target_logit(
@@ -100,7 +141,9 @@ def margin_logits(
         straight_through=straight_through,
     )
     f_y = torch.where(has_target, f_y, cos_y)
-    logits = (s * work).scatter(1, safe_labels, s * f_y)
+    if negative_t is not None:
+        work = modulate_negatives(work, f_y, has_target, negative_t)
+    logits = (s * work).scatter(1, safe_labels, (s * f_y).unsqueeze(1))
     return logits.to(cos.dtype)
 
 
@@ -119,13 +162,14 @@ def margin_cross_entropy(
     labels: torch.Tensor,
     *,
     s: float,
-    m1: float = 1.0,
-    m2: float = 0.0,
-    m3: float = 0.0,
-    lam: float = 0.0,
+    m1: Margin = 1.0,
+    m2: Margin = 0.0,
+    m3: Margin = 0.0,
+    lam: Margin = 0.0,
     label_smoothing: float = 0.0,
     straight_through: bool = False,
     reduction: str = "mean",
+    negative_t: float | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy`` of the margin logits (smoothing mass spread over all C classes). Rows with a
     negative label contribute loss 0 and gradient 0 and are not counted by ``mean``. The loss is fp32
@@ -135,7 +179,15 @@ def margin_cross_entropy(
     # their loss and gradient are exactly 0, as in the fused kernels, which skip them.
     work = torch.where(has_target.unsqueeze(1), cos.to(compute_dtype(cos.dtype)), 0.0)
     logits = margin_logits(
-        work, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through
+        work,
+        labels,
+        s=s,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        lam=lam,
+        straight_through=straight_through,
+        negative_t=negative_t,
     )
     per_row = F.cross_entropy(
         logits, labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing

@@ -1,0 +1,297 @@
+"""Per-row margins and negative modulation (docs/design.md, Per-row margins and negative modulation).
+
+The reference (:mod:`angular.ops.reference`) is held against independent formulations: row-by-row
+scalar calls, the closed-form margin derivatives, and CurricularFace's published forward. The public
+ops (:mod:`angular.ops`, fused where the extension serves the device) are held against the fp64
+reference with the tolerances of tests/test_fused.py: values, the gradient of ``cos`` and the
+gradient of every per-row margin tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from test_fused import (
+    DTYPES,
+    TOLERANCE,
+    assert_close,
+    assert_gradients,
+    make_inputs,
+    with_grad_in_layout,
+)
+
+from angular import ops
+from angular.ops import reference
+
+MARGIN_NAMES = ("m1", "m2", "m3", "lam")
+
+
+@pytest.fixture
+def seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def row_margins(batch, seed, *, dtype=torch.float64, m1=(1.0, 1.0), m2=(0.2, 0.6), lam=(0.0, 0.0)):
+    """Per-row (m1, m2, m3, lam) drawn uniformly from the given ranges (m3 from [-0.2, 0.4])."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return (
+            low + (high - low) * torch.rand(batch, generator=generator, dtype=torch.float64)
+        ).to(dtype)
+
+    return dict(m1=draw(*m1), m2=draw(*m2), m3=draw(-0.2, 0.4), lam=draw(*lam))
+
+
+def leaves(margins, device="cpu", dtype=None):
+    """Fresh leaf copies of the tensor margins (requiring grad), floats as they are."""
+    return {
+        name: value.detach().to(device=device, dtype=dtype or value.dtype).requires_grad_()
+        if isinstance(value, torch.Tensor)
+        else value
+        for name, value in margins.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference against independent formulations.
+
+
+def test_reference_rows_equal_scalar_calls_row_by_row(seed):
+    cos, labels = make_inputs(10, 40, torch.float64, seed)
+    margins = row_margins(10, seed, m1=(1.0, 4.0), lam=(0.0, 5.0))
+    got = reference.margin_cross_entropy(
+        cos, labels, s=8.0, label_smoothing=0.1, reduction="none", negative_t=0.2, **margins
+    )
+    for row in range(10):
+        scalars = {name: float(value[row]) for name, value in margins.items()}
+        want = reference.margin_cross_entropy(
+            cos[row : row + 1],
+            labels[row : row + 1],
+            s=8.0,
+            label_smoothing=0.1,
+            reduction="none",
+            negative_t=0.2,
+            **scalars,
+        )
+        assert_close(got[row : row + 1], want, 1e-12, f"seed={seed} row {row}")
+
+
+def test_reference_margin_gradients_are_the_closed_form(seed):
+    """d f_y / d m1, m2, m3, lam per row against the derivative written out by hand."""
+    generator = torch.Generator().manual_seed(seed)
+    cos_y = torch.rand(64, generator=generator, dtype=torch.float64) * 2 - 1
+    cos_y[:4] = torch.tensor([1.0, -1.0, 0.9999999, -0.9999999], dtype=torch.float64)
+    margins = leaves(row_margins(64, seed, m1=(1.0, 4.0), m2=(0.0, 2.0), lam=(0.0, 5.0)))
+    reference.target_logit(cos_y, **margins).sum().backward()
+    m1, m2, m3, lam = (margins[name].detach() for name in MARGIN_NAMES)
+    theta = torch.acos(cos_y)
+    t = m1 * theta + m2
+    sign = torch.where(torch.floor(t / math.pi) % 2 == 0, 1.0, -1.0)
+    psi = sign * torch.cos(t) - 2 * torch.floor(t / math.pi) - m3
+    want = {
+        "m1": -sign * torch.sin(t) * theta / (1 + lam),
+        "m2": -sign * torch.sin(t) / (1 + lam),
+        "m3": -1 / (1 + lam),
+        "lam": (cos_y - psi) / (1 + lam) ** 2,
+    }
+    for name in MARGIN_NAMES:
+        assert_close(
+            margins[name].grad, want[name].expand(64), 1e-12, f"seed={seed} d f / d {name}"
+        )
+
+
+def curricularface_logits(cos, labels, *, s, m, t):
+    """CurricularFace's published forward (its head's ``forward``), restricted to targets with
+    ``theta_y + m < pi``, where its ``target - mm`` branch is not taken."""
+    cos_theta = cos.clamp(-1, 1).clone()
+    target_logit = cos_theta[torch.arange(cos.shape[0]), labels].view(-1, 1)
+    sin_theta = torch.sqrt(1.0 - target_logit**2)
+    cos_theta_m = target_logit * math.cos(m) - sin_theta * math.sin(m)
+    mask = cos_theta > cos_theta_m
+    hard_example = cos_theta[mask]
+    cos_theta[mask] = hard_example * (t + hard_example)
+    cos_theta.scatter_(1, labels.view(-1, 1), cos_theta_m)
+    return cos_theta * s
+
+
+def test_reference_modulation_is_curricularfaces_forward(seed):
+    generator = torch.Generator().manual_seed(seed)
+    cos = torch.rand(16, 200, generator=generator, dtype=torch.float64) * 2 - 1
+    labels = torch.randint(0, 200, (16,), generator=generator)
+    cos[torch.arange(16), labels] = (
+        torch.rand(16, generator=generator, dtype=torch.float64) * 1.5 - 0.5
+    )
+    got = reference.margin_logits(cos, labels, s=64.0, m2=0.5, negative_t=0.3)
+    want = curricularface_logits(cos, labels, s=64.0, m=0.5, t=0.3)
+    assert_close(got, want, 1e-12, f"seed={seed}")
+
+
+def test_reference_modulation_leaves_ties_and_rows_without_target(seed):
+    cos, labels = make_inputs(10, 30, torch.float64, seed, hard=False)
+    labels[3] = -1
+    f_y = reference.target_logit(cos[0, labels[0]].view(1), m1=1.0, m2=0.5, m3=0.0, lam=0.0)
+    other = (labels[0] + 1) % 30
+    cos[0, other] = f_y[0]  # exactly at the threshold: not modulated (strict comparison)
+    got = reference.margin_logits(cos, labels, s=2.0, m2=0.5, negative_t=0.7)
+    plain = reference.margin_logits(cos, labels, s=2.0, m2=0.5)
+    assert got[0, other] == plain[0, other]
+    assert torch.equal(got[3], plain[3])
+
+
+# --------------------------------------------------------------------------------------------------
+# The public ops against the fp64 reference.
+
+
+def check_rows_against_reference(
+    cos, labels, margins, *, s, eps, straight_through, negative_t, context
+):
+    """margin_logits and margin_cross_entropy ("none" and "mean"): values, cos gradient and the
+    gradient of every tensor margin, through angular.ops, against the fp64 reference."""
+    value_tol, grad_tol = TOLERANCE[cos.dtype]
+    options = dict(s=s, straight_through=straight_through, negative_t=negative_t)
+    context = f"{context} s={s} eps={eps} st={straight_through} t={negative_t}"
+    generator = torch.Generator().manual_seed(len(context))
+    for kind in ("logits", "none", "mean"):
+        where = f"{context}: {kind}"
+        got_cos, ref_cos = with_grad_in_layout(cos), cos.detach().double().requires_grad_()
+        got_m, ref_m = leaves(margins, cos.device), leaves(margins, "cpu", torch.float64)
+        if kind == "logits":
+            got = ops.margin_logits(got_cos, labels, **got_m, **options)
+            want = reference.margin_logits(ref_cos, labels.cpu(), **ref_m, **options)
+            assert got.dtype == cos.dtype, where
+            weights = torch.randn(cos.shape, generator=generator, dtype=torch.float64)
+        else:
+            ce = dict(label_smoothing=eps, reduction=kind, **options)
+            got = ops.margin_cross_entropy(got_cos, labels, **got_m, **ce)
+            want = reference.margin_cross_entropy(ref_cos, labels.cpu(), **ref_m, **ce)
+            assert got.dtype == reference.compute_dtype(cos.dtype), where
+            weights = torch.rand(want.shape, generator=generator, dtype=torch.float64)
+        assert_close(got, want, value_tol, where)
+        (got * weights.to(got)).sum().backward()
+        (want * weights).sum().backward()
+        assert_gradients(got_cos.grad, ref_cos.grad, cos, labels, grad_tol, f"{where} grad cos")
+        for name, value in got_m.items():
+            if isinstance(value, torch.Tensor):
+                assert value.grad.dtype == value.dtype, f"{where} grad {name} dtype"
+                # A float32 margin gets its gradient in float32: never judged finer than that.
+                tol = max(grad_tol, TOLERANCE[value.dtype][1])
+                assert_close(value.grad, ref_m[name].grad, tol, f"{where} grad {name}")
+
+
+CONFIGS = {
+    # name: (per-row ranges for row_margins, negative_t, straight_through, label_smoothing)
+    "arcface-rows": (dict(m2=(0.2, 0.6)), None, False, 0.0),
+    "adaface-rows": (dict(m2=(0.0, 0.8)), None, False, 0.1),
+    "sphereface-lam-rows": (dict(m1=(1.5, 4.0), m2=(0.0, 0.0), lam=(0.0, 5.0)), None, False, 0.0),
+    "curricular": (dict(m2=(0.5, 0.5)), 0.3, False, 0.0),
+    "curricular-rows-smoothed": (dict(m1=(1.0, 3.0), m2=(0.2, 0.6)), 0.6, False, 0.1),
+    "straight-through-rows": (dict(m2=(0.2, 0.6)), 0.1, True, 0.0),
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_match_reference(seed, config, dtype):
+    ranges, negative_t, straight_through, eps = CONFIGS[config]
+    cos, labels = make_inputs(12, 300, dtype, seed)
+    margins = row_margins(12, seed, **ranges)
+    if config == "curricular":
+        margins = dict(m2=0.5)  # scalar margins with modulation
+    elif config == "adaface-rows":
+        margins["m1"], margins["lam"] = 1.0, 0.0  # AdaFace: per-row m2 and m3 only, in float32
+        margins["m2"], margins["m3"] = margins["m2"].float(), margins["m3"].float()
+    check_rows_against_reference(
+        cos,
+        labels,
+        margins,
+        s=32.0,
+        eps=eps,
+        straight_through=straight_through,
+        negative_t=negative_t,
+        context=f"seed={seed} {config} {dtype}",
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_rows_single_row_non_contiguous_and_wide_rows(seed, batch):
+    cos, labels = make_inputs(batch, 70000, torch.float32, seed, hard=False)
+    labels[-1] = -1 if batch > 1 else labels[-1]
+    view = cos.t().contiguous().t()  # column-major
+    margins = row_margins(batch, seed, m1=(1.0, 2.0))
+    check_rows_against_reference(
+        view,
+        labels,
+        margins,
+        s=64.0,
+        eps=0.0,
+        straight_through=False,
+        negative_t=0.2,
+        context=f"seed={seed} B={batch} column-major",
+    )
+
+
+def test_gradcheck_fp64_rows():
+    """Exact-mode gradcheck in fp64: cos and every per-row margin, with and without modulation."""
+    generator = torch.Generator().manual_seed(4321)
+    cos = (torch.rand(4, 7, generator=generator, dtype=torch.float64) * 1.9 - 0.95).requires_grad_()
+    labels = torch.tensor([1, -1, 6, 0])
+    m1, m2, m3, lam = (
+        value.requires_grad_()
+        for value in row_margins(4, 5, m1=(1.0, 3.0), lam=(0.0, 2.0)).values()
+    )
+    for negative_t in (None, 0.4):
+        for straight_through in (False, True):
+            options = dict(s=3.0, negative_t=negative_t, straight_through=straight_through)
+
+            def logits(c, a, b, d, e, options=options):
+                return ops.margin_logits(c, labels, m1=a, m2=b, m3=d, lam=e, **options)
+
+            def loss(c, a, b, d, e, options=options):
+                return ops.margin_cross_entropy(
+                    c,
+                    labels,
+                    m1=a,
+                    m2=b,
+                    m3=d,
+                    lam=e,
+                    label_smoothing=0.1,
+                    reduction="none",
+                    **options,
+                )
+
+            # Straight-through replaces d / d cos by 1 (not a derivative): check the margins only.
+            inputs = (cos.detach() if straight_through else cos, m1, m2, m3, lam)
+            for fn in (logits, loss):
+                assert torch.autograd.gradcheck(fn, inputs, fast_mode=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad per-row arguments: an error naming the argument.
+
+
+@pytest.mark.parametrize(
+    "name, bad, error, match",
+    [
+        ("m1", torch.ones(5), ValueError, r"m1 must be a float or a \(B,\) tensor with B = 4"),
+        ("m2", torch.zeros(4, 1), ValueError, r"m2 must be a float or a \(B,\) tensor"),
+        ("m3", torch.zeros(4, dtype=torch.float16), TypeError, "m3 must be float32 or float64"),
+        ("lam", torch.zeros(4, dtype=torch.int64), TypeError, "lam must be float32 or float64"),
+        ("m2", torch.tensor([0.1, float("nan"), 0.2, 0.3]), ValueError, "m2 must be finite"),
+        ("m3", torch.tensor([0.1, float("inf"), 0.2, 0.3]), ValueError, "m3 must be finite"),
+        ("m1", torch.tensor([1.0, 0.0, 1.0, 1.0]), ValueError, "m1 must be > 0.0"),
+        ("m2", torch.tensor([0.1, -0.1, 0.2, 0.3]), ValueError, "m2 must be >= 0.0"),
+        ("lam", torch.tensor([0.0, -1.0, 0.0, 0.0]), ValueError, "lam must be >= 0.0"),
+        ("m2", torch.zeros(4, device="meta"), ValueError, "m2 is on meta but cos is on cpu"),
+        ("negative_t", float("nan"), ValueError, "negative_t must be finite"),
+        ("negative_t", torch.tensor(0.5), TypeError, "negative_t must be a real number"),
+    ],
+)
+def test_bad_per_row_arguments_name_the_argument(name, bad, error, match):
+    cos, labels = make_inputs(4, 9, torch.float32, 0)
+    for op in (ops.margin_logits, ops.margin_cross_entropy):
+        with pytest.raises(error, match=match):
+            op(cos, labels, s=8.0, **{name: bad})
