@@ -54,7 +54,7 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
 from angular.eval.ensemble import MEMBER_RULES, RULES
-from angular.nn.backbones import BACKBONES
+from angular.nn.backbones import BACKBONES, FACE_BACKBONES, MIN_FACE_INPUT
 from angular.nn.heads import PRESETS, LambdaSchedule, MarginSpec
 
 SOURCES = ("digits", "imagefolder")
@@ -305,19 +305,46 @@ class SmallCnnOptions(_Section):
     convs_per_block: integer(1)
 
 
+class MobileFaceNetOptions(_Section):
+    """``model.mobilefacenet``: options of the mobilefacenet backbone."""
+
+    scale: integer(1)  # channel width multiplier: 1 is the paper's ~1M parameters
+
+
+class IResNetOptions(_Section):
+    """``model.iresnet``: options of the iresnet18/34/50 backbones."""
+
+    dropout: number(0.0, 1.0, high_open=True)  # before the embedding FC (arcface_torch: 0)
+
+
 class ModelConfig(_Section):
     """``model``: the backbone that maps an image to its embedding."""
 
     backbone: choice(*BACKBONES)
     embedding_dim: integer(1)
     small_cnn: SmallCnnOptions
+    # Optional: files older than the face backbones lack them.
+    mobilefacenet: MobileFaceNetOptions = MobileFaceNetOptions(scale=1)
+    iresnet: IResNetOptions = IResNetOptions(dropout=0.0)
 
     @property
     def options(self) -> dict[str, Any]:
-        """Keyword arguments of the backbone (none for the resnets)."""
-        return self.small_cnn.model_dump() if self.backbone == "small_cnn" else {}
+        """Keyword arguments of the backbone from this section (none for the torchvision resnets)."""
+        if self.backbone == "small_cnn":
+            return self.small_cnn.model_dump()
+        if self.backbone == "mobilefacenet":
+            return self.mobilefacenet.model_dump()
+        if self.backbone.startswith("iresnet"):
+            return self.iresnet.model_dump()
+        return {}
 
-    def backbone_kwargs(self) -> dict[str, Any]:
+    def backbone_kwargs(self, image_size=None) -> dict[str, Any]:
+        """:attr:`options`, plus the ``input_size`` (``data.image_size``) a face backbone's
+        embedding layer is built for."""
+        if self.backbone in FACE_BACKBONES:
+            if image_size is None:
+                raise ValueError(f"image_size: required by the {self.backbone} backbone")
+            return {**self.options, "input_size": list(image_size)}
         return dict(self.options)
 
 
@@ -746,6 +773,18 @@ class Params(_Section):
         if duplicates:
             raise _problem(
                 f"two items give an ensemble member the same name: {duplicates}", "train", "items"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _face_backbone_fits_the_images(self):
+        if self.model.backbone in FACE_BACKBONES and min(self.data.image_size) < MIN_FACE_INPUT:
+            raise _problem(
+                f"{self.model.backbone} needs data.image_size of at least "
+                f"[{MIN_FACE_INPUT}, {MIN_FACE_INPUT}] (four stride-2 stages), got "
+                f"{list(self.data.image_size)}; use small_cnn, resnet18 or resnet34",
+                "model",
+                "backbone",
             )
         return self
 

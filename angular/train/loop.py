@@ -157,7 +157,7 @@ def describe_model(params: Params, item: TrainItem) -> tuple[dict, dict, dict]:
         "name": params.model.backbone,
         "in_channels": data.channels,
         "embedding_dim": params.model.embedding_dim,
-        "options": params.model.backbone_kwargs(),
+        "options": params.model.backbone_kwargs(data.image_size),
     }
     heads = {member: head.to_dict() for member, head in item.heads.items()}
     image = {

@@ -44,6 +44,8 @@ BAD_VALUES: dict[str, list] = {
     "model.small_cnn.dropout": [1.0, -0.1],
     "model.small_cnn.blocks": [0, 1.5, "3"],
     "model.small_cnn.convs_per_block": [0, -1, True],
+    "model.mobilefacenet.scale": [0, 1.5, True],
+    "model.iresnet.dropout": [1.0, -0.1, "0"],
     "heads.arcface.type": HEAD_TYPES,
     "heads.arcface.s": [0.0, -64.0, math.inf],
     "heads.arcface.m": [-0.5, math.nan],

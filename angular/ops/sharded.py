@@ -1,0 +1,402 @@
+"""The margin cross-entropy over class centres sharded across processes (docs/design.md, "Sharded
+softmax"): the ops under :class:`angular.nn.sharded.ShardedMarginHead`.
+
+Every process (rank) holds the cosines of the *whole gathered batch* against its own block of
+classes, ``cos`` (B, C_local). Per row it computes partial statistics over its columns, the ranks
+all-reduce them (the maximum, then the rescaled sums), and each rank gets the global log-sum-exp
+and loss of every row without the (B, C) matrix ever being gathered: the communication is 4 B
+numbers per step whatever C is.
+
+The compiled ops (schemas in ``csrc/sharded_ops.cpp``; CPU kernel ``csrc/cpu/sharded_margin_cpu.cpp``,
+CUDA ``csrc/cuda/sharded_margin_cuda.cpp``)::
+
+    sharded_margin_partials(cos, labels, s, m1, m2, m3, lam)
+        -> (max, sum_exp, target, logit_sum), each (B,)
+    sharded_margin_cross_entropy_backward(grad_rows, cos, labels, lse, s, m1, m2, m3, lam,
+                                          label_smoothing, num_classes, straight_through)
+        -> grad_cos (B, C_local)
+
+``labels`` are *local* column indices: the target's column when this shard owns it, -1 when the
+target lives in another shard or the row has none. Per row, over the shard's logits ``z`` (the margin
+on the local target, ``s * cos`` elsewhere): ``max = max_j z_j``, ``sum_exp = sum_j exp(z_j - max)``,
+``target = z_y`` (0 when the shard does not own y), ``logit_sum = sum_j z_j``; all in fp32 (fp64 for
+fp64 ``cos``). The backward takes the global log-sum-exp and the global class count ``num_classes``
+(label smoothing spreads over it) and returns ``s g (p_j - eps / C)`` off target and the margin's
+chain rule on the local target; a row whose upstream gradient ``g`` is 0 gets 0 whatever it holds.
+When the extension lacks the ops, the eager reference below computes the same function, built on
+:func:`angular.ops.reference.margin_logits` (the one Python margin formula).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+from angular.ops import _extension, reference
+from angular.ops.margin import REDUCTIONS, check_margin, check_number
+
+__all__ = [
+    "count_communication",
+    "gather_rows",
+    "sharded_margin_cross_entropy",
+    "sharded_margin_partials",
+    "sharded_margin_cross_entropy_backward",
+    "shard_range",
+]
+
+PARTIALS_OP = "angular::sharded_margin_partials"
+BACKWARD_OP = "angular::sharded_margin_cross_entropy_backward"
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(class_start, class_count)`` of ``rank``: contiguous blocks, the first ``C % W`` ranks one
+    class more (``C // W + (rank < C % W)``)."""
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Communication: every collective goes through these, so that a benchmark can count its bytes.
+
+_counters: list[dict] = []
+
+
+@contextlib.contextmanager
+def count_communication():
+    """Count the bytes of the collectives run inside the block: ``{"bytes": n, "calls": k}``. A
+    collective counts its result buffer on this rank (all-gather: W times the input; all-reduce:
+    the tensor), the payload whatever algorithm the backend uses."""
+    counter = {"bytes": 0, "calls": 0}
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.remove(counter)
+
+
+def _count(nbytes: int) -> None:
+    for counter in _counters:
+        counter["bytes"] += nbytes
+        counter["calls"] += 1
+
+
+def world_of(group) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialised")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    _count(tensor.numel() * tensor.element_size())
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def all_gather_equal(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    """All-gather of same-shaped tensors (the only kind gloo gathers)."""
+    _, world = world_of(group)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    _count(world * tensor.numel() * tensor.element_size())
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows; the backward sums every rank's gradient of this rank's rows
+    with an all-reduce (gloo has no reduce-scatter) and multiplies it by W, so that DDP's average
+    over the ranks gives the gradient of the whole-batch loss (docs/design.md, "Sharded softmax")."""
+
+    @staticmethod
+    def forward(ctx, rows, group):
+        ctx.group = group
+        ctx.rank, ctx.world = world_of(group)
+        ctx.batch = rows.shape[0]
+        return torch.cat(all_gather_equal(rows, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = _all_reduce(grad.contiguous().clone(), dist.ReduceOp.SUM, ctx.group)
+        mine = grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+        return mine * ctx.world, None
+
+
+def gather_rows(x: torch.Tensor, labels: torch.Tensor, group=None):
+    """All-gather embeddings (differentiably, see :class:`_GatherRows`) and labels of every rank,
+    in rank order. Every rank must hold the same number of rows: a clear error on every rank
+    otherwise (the sizes are gathered first)."""
+    rank, world = world_of(group)
+    if world == 1:
+        return x, labels
+    sizes = all_gather_equal(torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device), group)
+    sizes = [int(size) for size in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            "every rank must hold the same batch size for the sharded head, got "
+            + ", ".join(f"rank {r}: {size}" for r, size in enumerate(sizes))
+        )
+    return _GatherRows.apply(x, group), torch.cat(all_gather_equal(labels, group))
+
+
+# --------------------------------------------------------------------------------------------------
+# The two ops: compiled when the extension has them, else the eager reference.
+
+
+def _has_kernel(device_type: str) -> bool:
+    loaded, _ = _extension.load()
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if not loaded or key is None or not hasattr(torch.ops.angular, "sharded_margin_partials"):
+        return False  # an extension built before these ops existed
+    return torch._C._dispatch_has_kernel_for_dispatch_key(PARTIALS_OP, key)
+
+
+def _fused_for(device_type: str) -> bool:
+    if _has_kernel(device_type):
+        _register_fake_impls()
+        return True
+    loaded, reason = _extension.load()
+    if loaded:
+        reason = f"the extension has no sharded margin kernel for {device_type} tensors"
+    _extension.warn_fallback_once(reason)
+    return False
+
+
+def _check_local(cos, labels) -> None:
+    if not isinstance(cos, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("cos and labels must be torch.Tensors")
+    if cos.dim() != 2 or cos.shape[0] == 0 or cos.shape[1] == 0:
+        raise ValueError(
+            f"cos must have shape (B, C_local) with B, C_local >= 1, got {tuple(cos.shape)}"
+        )
+    if cos.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"cos must be float16, bfloat16, float32 or float64, got {cos.dtype}")
+    if labels.dtype != torch.int64 or labels.shape != (cos.shape[0],):
+        raise ValueError(
+            f"labels must be int64 of shape ({cos.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if labels.device != cos.device:
+        raise ValueError(f"labels is on {labels.device} but cos is on {cos.device}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(labels.max()) >= cos.shape[1]:
+            raise ValueError(
+                f"labels are local columns: each must be < C_local = {cos.shape[1]} or -1, "
+                f"got {int(labels.max())}"
+            )
+
+
+def reference_partials(cos, labels, *, s, m1, m2, m3, lam):
+    """Eager :func:`sharded_margin_partials`."""
+    z = reference.margin_logits(
+        cos.to(reference.compute_dtype(cos.dtype)), labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam
+    )
+    row_max = z.max(dim=1).values
+    sum_exp = torch.exp(z - row_max.unsqueeze(1)).sum(dim=1)
+    own = labels >= 0
+    target = torch.where(own, z.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    return row_max, sum_exp, target, z.sum(dim=1)
+
+
+def reference_backward(
+    grad_rows,
+    cos,
+    labels,
+    lse,
+    *,
+    s,
+    m1,
+    m2,
+    m3,
+    lam,
+    label_smoothing,
+    num_classes,
+    straight_through,
+):
+    """Eager :func:`sharded_margin_cross_entropy_backward`: autograd of ``sum_j g (p_j - q_j) z_j``
+    with ``p`` held constant, whose derivative in ``z_j`` is ``g (p_j - q_j)``."""
+    dtype = reference.compute_dtype(cos.dtype)
+    grad_rows = grad_rows.to(dtype)
+    live = (grad_rows != 0).unsqueeze(1)
+    # Rows with g = 0 are zeroed first, so that whatever they hold their gradient is exactly 0.
+    work = torch.where(live, cos.detach().to(dtype), 0.0).requires_grad_()
+    with torch.enable_grad():
+        z = reference.margin_logits(
+            work, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=straight_through
+        )
+        p = torch.exp(z.detach() - lse.to(dtype).unsqueeze(1))
+        q = torch.full_like(p, label_smoothing / num_classes)
+        own = labels >= 0
+        q[own, labels[own]] += 1.0 - label_smoothing
+        surrogate = (torch.where(live, grad_rows.unsqueeze(1) * (p - q), 0.0) * z).sum()
+        (grad,) = torch.autograd.grad(surrogate, work)
+    return grad.to(cos.dtype)
+
+
+def sharded_margin_partials(cos, labels, *, s, m1=1.0, m2=0.0, m3=0.0, lam=0.0):
+    """Per-row ``(max, sum_exp, target, logit_sum)`` of one shard (module docstring)."""
+    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    _check_local(cos, labels)
+    if _fused_for(cos.device.type):
+        return torch.ops.angular.sharded_margin_partials(cos, labels, s, m1, m2, m3, lam)
+    return reference_partials(cos, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam)
+
+
+def sharded_margin_cross_entropy_backward(
+    grad_rows,
+    cos,
+    labels,
+    lse,
+    *,
+    s,
+    m1=1.0,
+    m2=0.0,
+    m3=0.0,
+    lam=0.0,
+    label_smoothing=0.0,
+    num_classes: int,
+    straight_through=False,
+):
+    """``d loss / d cos`` of one shard, given every row's global log-sum-exp (module docstring)."""
+    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    _check_local(cos, labels)
+    for name, rows in (("grad_rows", grad_rows), ("lse", lse)):
+        if rows.shape != (cos.shape[0],):
+            raise ValueError(f"{name} must have shape ({cos.shape[0]},), got {tuple(rows.shape)}")
+    if int(num_classes) < cos.shape[1]:
+        raise ValueError(f"num_classes must be >= C_local = {cos.shape[1]}, got {num_classes}")
+    args = (s, m1, m2, m3, lam, float(label_smoothing), int(num_classes), bool(straight_through))
+    if _fused_for(cos.device.type):
+        return torch.ops.angular.sharded_margin_cross_entropy_backward(
+            grad_rows, cos, labels, lse, *args
+        )
+    return reference_backward(
+        grad_rows,
+        cos,
+        labels,
+        lse,
+        s=s,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        lam=lam,
+        label_smoothing=float(label_smoothing),
+        num_classes=int(num_classes),
+        straight_through=bool(straight_through),
+    )
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """Per-row losses of the gathered batch; partial statistics all-reduced in the forward, the
+    shard's gradient from the backward op (no communication in the backward)."""
+
+    @staticmethod
+    def forward(ctx, cos, labels, has_target, margin, label_smoothing, num_classes, group):
+        s, m1, m2, m3, lam, straight_through = margin
+        row_max, sum_exp, target, logit_sum = sharded_margin_partials(
+            cos, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam
+        )
+        _, world = world_of(group)
+        if world > 1:
+            global_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
+            sums = torch.stack([sum_exp * torch.exp(row_max - global_max), target, logit_sum])
+            sum_exp, target, logit_sum = _all_reduce(sums, dist.ReduceOp.SUM, group)
+            row_max = global_max
+        lse = row_max + torch.log(sum_exp)
+        # F.cross_entropy with smoothing eps over num_classes (csrc/margin_math.h, smoothed_loss).
+        loss = lse - target
+        if label_smoothing != 0.0:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (
+                lse - logit_sum / num_classes
+            )
+        loss = torch.where(has_target, loss, torch.zeros_like(loss))
+        ctx.save_for_backward(cos, labels, lse, has_target)
+        ctx.args = dict(
+            s=s,
+            m1=m1,
+            m2=m2,
+            m3=m3,
+            lam=lam,
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+            straight_through=straight_through,
+        )
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        cos, labels, lse, has_target = ctx.saved_tensors
+        grad_rows = torch.where(has_target, grad_rows.to(lse.dtype), 0.0)
+        grad_cos = sharded_margin_cross_entropy_backward(grad_rows, cos, labels, lse, **ctx.args)
+        return grad_cos, None, None, None, None, None, None
+
+
+def sharded_margin_cross_entropy(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    has_target: torch.Tensor,
+    *,
+    num_classes: int,
+    s: float,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    lam: float = 0.0,
+    label_smoothing: float = 0.0,
+    straight_through: bool = False,
+    reduction: str = "mean",
+    group=None,
+) -> torch.Tensor:
+    """The margin cross-entropy of the gathered batch, this rank holding the columns ``cos``
+    (B, C_local) of ``num_classes`` in all (label smoothing spreads over ``num_classes``).
+
+    ``labels``: local columns (-1 where another shard owns the target or the row has none);
+    ``has_target`` (B,) bool: whether the row has a target in any shard (rows without one have loss 0
+    and are not counted by ``"mean"``). Every rank returns the same loss (``"none"``: the B per-row
+    losses); the gradient reaches this rank's ``cos`` only. Collective: every rank of ``group`` must
+    call it with the same B.
+    """
+    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if has_target.dtype != torch.bool or has_target.shape != labels.shape:
+        raise ValueError(f"has_target must be bool of shape {tuple(labels.shape)}")
+    margin = (s, m1, m2, m3, lam, bool(straight_through))
+    per_row = _ShardedCrossEntropy.apply(
+        cos, labels, has_target, margin, label_smoothing, int(num_classes), group
+    )
+    return reference.reduce_rows(per_row, has_target, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake (meta) implementations of the compiled ops, for torch.compile and opcheck.
+
+_registered = False
+
+
+def _register_fake_impls() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    @torch.library.register_fake(PARTIALS_OP)
+    def _(cos, labels, s, m1, m2, m3, lam):
+        rows = cos.new_empty(cos.shape[0], dtype=reference.compute_dtype(cos.dtype))
+        return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+
+    @torch.library.register_fake(BACKWARD_OP)
+    def _(grad_rows, cos, labels, lse, *params):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format)
+
+
+def ceil_sample(sample_rate: float, class_count: int) -> int:
+    """How many classes a shard of ``class_count`` samples at ``sample_rate`` (before positives)."""
+    # round() first: 0.7 * 10 is 7.000000000000001 in floating point, and must give 7.
+    return min(class_count, max(1, math.ceil(round(sample_rate * class_count, 9))))
