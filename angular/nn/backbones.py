@@ -7,10 +7,20 @@
 - ``resnet18`` / ``resnet34``: torchvision ResNets adapted to small and greyscale inputs: a 3x3 stride-1
   stem without the max-pool (so 8x8 digits or 64x64 faces keep their resolution), ``in_channels``
   input planes, and the classifier replaced by a linear embedding with batch norm.
+- ``mobilefacenet``: MobileFaceNet (Chen et al., 2018; insightface's ``mbf``): inverted residual
+  bottlenecks with PReLU and a global depthwise conv (GDC) embedding; about 1M parameters.
+- ``iresnet18`` / ``iresnet34`` / ``iresnet50``: the improved ResNets of insightface's arcface_torch
+  (BN-conv-BN-PReLU-conv-BN blocks, a BN-Dropout-FC-BN embedding layer).
+
+The face backbones divide the input by 16 (four stride-2 stages) and their embedding layer reads the
+whole final map (the GDC's kernel, the FC's input), so they are built for one ``input_size``
+(``params.yaml``'s ``data.image_size``; 112x112 as published) and need at least
+:data:`MIN_FACE_INPUT` pixels a side (a 2x2 final map); another size is a clear error.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -31,6 +41,11 @@ def _check_images(images: torch.Tensor, in_channels: int) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != in_channels:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must have shape (B, {in_channels}, H, W), got {shape}")
+
+
+def _check_dropout(dropout) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
 
 class SmallCNN(nn.Module):
@@ -57,12 +72,7 @@ class SmallCNN(nn.Module):
         check_size("width", width)
         check_size("blocks", blocks)
         check_size("convs_per_block", convs_per_block)
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout < 1
-        ):
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        _check_dropout(dropout)
         layers: list[nn.Module] = []
         channels = in_channels
         for block in range(blocks):
@@ -117,19 +127,229 @@ class ResNetEmbedding(nn.Module):
         return self.net(images)
 
 
-BACKBONES = ("small_cnn", "resnet18", "resnet34")
+# Four stride-2 stages: a side of MIN_FACE_INPUT pixels leaves a 2x2 map for the embedding layer.
+FACE_STRIDE = 16
+MIN_FACE_INPUT = 32
+
+
+def check_input_size(value) -> tuple[int, int]:
+    """``input_size`` of a face backbone: ``(height, width)``, each >= :data:`MIN_FACE_INPUT`."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)
+    ):
+        raise TypeError(f"input_size must be (height, width), two ints, got {value!r}")
+    if min(value) < MIN_FACE_INPUT:
+        raise ValueError(
+            f"input_size must be at least {MIN_FACE_INPUT}x{MIN_FACE_INPUT} for the face backbones "
+            f"(four stride-2 stages leave a 2x2 map), got {value[0]}x{value[1]}"
+        )
+    return int(value[0]), int(value[1])
+
+
+def _final_map(input_size: tuple[int, int]) -> tuple[int, int]:
+    # A 3x3 stride-2 conv with padding 1 maps n pixels to ceil(n / 2).
+    return tuple(math.ceil(side / FACE_STRIDE) for side in input_size)
+
+
+class _FaceBackbone(nn.Module):
+    """Shared input checks: channels, and the size the embedding layer was built for."""
+
+    def __init__(self, in_channels: int, embedding_dim: int, input_size):
+        super().__init__()
+        self.in_channels = check_size("in_channels", in_channels)
+        self.embedding_dim = check_size("embedding_dim", embedding_dim)
+        self.input_size = check_input_size(input_size)
+
+    def _check(self, images: torch.Tensor) -> None:
+        _check_images(images, self.in_channels)
+        if tuple(images.shape[2:]) != self.input_size:
+            height, width = self.input_size
+            raise ValueError(
+                f"images must be {height}x{width} (the input_size this backbone was built for), "
+                f"got {images.shape[2]}x{images.shape[3]}"
+            )
+
+
+def _conv_bn(in_c: int, out_c: int, kernel: int, stride: int, groups: int = 1, act: bool = True):
+    """Conv (no bias), BN and, unless linear, PReLU: MobileFaceNet's unit."""
+    layers = [
+        nn.Conv2d(in_c, out_c, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_c),
+    ]
+    if act:
+        layers.append(nn.PReLU(out_c))
+    return nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """MobileNetV2's inverted residual with PReLU: 1x1 expand, 3x3 depthwise, linear 1x1 project;
+    a shortcut when the shape is kept."""
+
+    def __init__(self, in_c: int, out_c: int, expansion: int, stride: int):
+        super().__init__()
+        hidden = in_c * expansion
+        self.residual = stride == 1 and in_c == out_c
+        self.layers = nn.Sequential(
+            _conv_bn(in_c, hidden, 1, 1),
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            _conv_bn(hidden, out_c, 1, 1, act=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x) if self.residual else self.layers(x)
+
+
+class MobileFaceNet(_FaceBackbone):
+    """MobileFaceNet as the paper's Table 1 (insightface ``mbf`` with ``scale`` 1): a 3x3 stride-2
+    conv, a depthwise 3x3, bottlenecks (expansion t, channels c, repeats n, first stride s) of
+    (2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1), a 1x1 conv to 512,
+    then the linear global depthwise conv over the whole final map (7x7 at 112x112) and a linear
+    layer with BN to the embedding. ``scale`` multiplies the 64/128 channel widths (insightface's
+    default ``mbf`` is ``scale=2``)."""
+
+    SETTINGS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        embedding_dim: int = 128,
+        input_size=(112, 112),
+        scale: int = 1,
+    ):
+        super().__init__(in_channels, embedding_dim, input_size)
+        scale = check_size("scale", scale)
+        width = 64 * scale
+        layers = [
+            _conv_bn(in_channels, width, 3, 2),
+            _conv_bn(width, width, 3, 1, groups=width),
+        ]
+        channels = width
+        for expansion, out_c, repeats, stride in self.SETTINGS:
+            for index in range(repeats):
+                out = out_c * scale
+                layers.append(Bottleneck(channels, out, expansion, stride if index == 0 else 1))
+                channels = out
+        layers.append(_conv_bn(channels, 512, 1, 1))
+        self.features = nn.Sequential(*layers)
+        self.embedding = nn.Sequential(
+            # GDC: one weight per channel and final-map position, no padding -> 1x1.
+            nn.Conv2d(512, 512, _final_map(self.input_size), groups=512, bias=False),
+            nn.BatchNorm2d(512),
+            nn.Flatten(),
+            nn.Linear(512, embedding_dim, bias=False),
+            nn.BatchNorm1d(embedding_dim),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._check(images)
+        return self.embedding(self.features(images))
+
+
+class IBasicBlock(nn.Module):
+    """arcface_torch's block: BN, 3x3 conv, BN, PReLU, 3x3 conv (the stride), BN; plus the
+    shortcut (a 1x1 conv with BN when the shape changes)."""
+
+    def __init__(self, in_c: int, out_c: int, stride: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.BatchNorm2d(in_c, eps=1e-5),
+            nn.Conv2d(in_c, out_c, 3, 1, padding=1, bias=False),
+            nn.BatchNorm2d(out_c, eps=1e-5),
+            nn.PReLU(out_c),
+            nn.Conv2d(out_c, out_c, 3, stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_c, eps=1e-5),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and in_c == out_c
+            else nn.Sequential(
+                nn.Conv2d(in_c, out_c, 1, stride, bias=False), nn.BatchNorm2d(out_c, eps=1e-5)
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x) + self.shortcut(x)
+
+
+class IResNet(_FaceBackbone):
+    """insightface's IResNet (arcface_torch ``iresnet.py``): a 3x3 stride-1 stem with BN and PReLU,
+    four stages of :class:`IBasicBlock` (64, 128, 256, 512 channels, each starting with stride 2),
+    then the embedding layer BN - Dropout - FC (over the whole 7x7 map at 112x112) - BN, whose BN
+    scale is fixed at 1 as there."""
+
+    LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3)}
+
+    def __init__(
+        self,
+        depth: int,
+        in_channels: int = 1,
+        embedding_dim: int = 128,
+        input_size=(112, 112),
+        dropout: float = 0.0,
+    ):
+        super().__init__(in_channels, embedding_dim, input_size)
+        if depth not in self.LAYERS:
+            raise ValueError(f"depth must be one of {sorted(self.LAYERS)}, got {depth}")
+        _check_dropout(dropout)
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, 64, 3, 1, padding=1, bias=False),
+            nn.BatchNorm2d(64, eps=1e-5),
+            nn.PReLU(64),
+        ]
+        channels = 64
+        for stage, repeats in enumerate(self.LAYERS[depth]):
+            out_c = 64 * 2**stage
+            for index in range(repeats):
+                layers.append(IBasicBlock(channels, out_c, 2 if index == 0 else 1))
+                channels = out_c
+        self.features = nn.Sequential(*layers)
+        height, width = _final_map(self.input_size)
+        self.embedding = nn.Sequential(
+            nn.BatchNorm2d(512, eps=1e-5),
+            nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(512 * height * width, embedding_dim),
+            nn.BatchNorm1d(embedding_dim, eps=1e-5),
+        )
+        # arcface_torch keeps the embedding BN's scale at 1 (only its shift learns).
+        nn.init.constant_(self.embedding[-1].weight, 1.0)
+        self.embedding[-1].weight.requires_grad = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._check(images)
+        return self.embedding(self.features(images))
+
+
+BACKBONES = (
+    "small_cnn",
+    "resnet18",
+    "resnet34",
+    "mobilefacenet",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+)
+FACE_BACKBONES = ("mobilefacenet", "iresnet18", "iresnet34", "iresnet50")
 
 
 def build_backbone(
     name: str, *, in_channels: int = 1, embedding_dim: int = 128, **options
 ) -> nn.Module:
     """Backbone by its name in ``params.yaml``: one of :data:`BACKBONES`. ``options`` go to
-    :class:`SmallCNN` (``width``, ``dropout``, ``blocks``, ``convs_per_block``); the ResNets take
-    none."""
+    :class:`SmallCNN` (``width``, ``dropout``, ``blocks``, ``convs_per_block``), to
+    :class:`MobileFaceNet` (``input_size``, ``scale``) or to :class:`IResNet` (``input_size``,
+    ``dropout``); the torchvision ResNets take none."""
     if name not in BACKBONES:
         raise ValueError(f"name: unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     if name == "small_cnn":
         return SmallCNN(in_channels=in_channels, embedding_dim=embedding_dim, **options)
+    if name == "mobilefacenet":
+        return MobileFaceNet(in_channels=in_channels, embedding_dim=embedding_dim, **options)
+    if name.startswith("iresnet"):
+        depth = int(name[len("iresnet") :])
+        return IResNet(depth, in_channels=in_channels, embedding_dim=embedding_dim, **options)
     if options:
         raise TypeError(f"options: backbone {name!r} takes no options, got {sorted(options)}")
     return ResNetEmbedding(int(name[6:]), in_channels=in_channels, embedding_dim=embedding_dim)
