@@ -7,12 +7,18 @@ The layers, each importing only those before it: ``ops`` -> ``nn`` -> ``data``, 
 """
 
 from angular.nn import (
+    AdaFace,
     ArcFace,
     CombinedMargin,
     CosFace,
+    CurricularFace,
+    ElasticArcFace,
+    ElasticCosFace,
+    MagFace,
     MarginHead,
     MarginSpec,
     SphereFace,
+    SubCenterArcFace,
     build_backbone,
 )
 from angular.ops import backend, linear_margin_cross_entropy, margin_cross_entropy, margin_logits
@@ -20,12 +26,18 @@ from angular.ops import backend, linear_margin_cross_entropy, margin_cross_entro
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
+    "ElasticArcFace",
+    "ElasticCosFace",
+    "MagFace",
     "MarginHead",
     "MarginSpec",
     "SphereFace",
+    "SubCenterArcFace",
     "backend",
     "build_backbone",
     "linear_margin_cross_entropy",

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import (
     AfterValidator,
@@ -54,6 +55,7 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
 from angular.eval.ensemble import MEMBER_RULES, RULES
+from angular.nn.adaptive import ADAPTIVE_HEADS, build_adaptive_head
 from angular.nn.backbones import BACKBONES, FACE_BACKBONES, MIN_FACE_INPUT
 from angular.nn.heads import PRESETS, LambdaSchedule, MarginSpec
 
@@ -65,7 +67,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 COLLAPSE_POLICIES = ("stop", "warn")
 DEVICES = ("auto", "cpu", "cuda")
 CALIBRATION_METHODS = ("fit", "fixed")
-HEAD_TYPES = tuple(PRESETS)  # arcface, cosface, sphereface, combined
+HEAD_TYPES = (*PRESETS, *ADAPTIVE_HEADS)  # arcface, cosface, sphereface, combined, adaface, ...
 JOINT = "joint"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 SCHEMA_FILE = "params.schema.json"
@@ -363,6 +365,7 @@ class HeadConfig(BaseModel):
     margin: MarginSpec
     straight_through: bool
     fused_linear: bool | None = None  # None: MarginHead decides by the class count
+    options: dict[str, Any] = {}  # an adaptive head's other arguments (angular.nn.adaptive)
 
     def to_dict(self) -> dict[str, Any]:
         m, lam = self.margin, self.margin.lam_schedule
@@ -373,6 +376,7 @@ class HeadConfig(BaseModel):
             **margin,
             "straight_through": self.straight_through,
             "fused_linear": self.fused_linear,
+            **({"options": dict(self.options)} if self.options else {}),
         }
 
 
@@ -403,7 +407,11 @@ class _Head(_Section):
             margin=self.margin(),
             straight_through=self.straight_through,
             fused_linear=self.fused_linear,
+            options=self.options(),
         )
+
+    def options(self) -> dict[str, Any]:
+        return {}
 
 
 class ArcFaceHead(_Head):
@@ -504,11 +512,99 @@ def _head_names(empty: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+class _AdaptiveHead(_Head):
+    """A head of angular.nn.adaptive: its fields besides type, s, straight_through and
+    fused_linear are its constructor's options, which it checks itself (e.g. MagFace's lambda_g
+    bound)."""
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"type", "s", "straight_through", "fused_linear"})
+
+    def margin(self) -> MarginSpec:
+        return ADAPTIVE_HEADS[self.type].margin_spec(self.s, self.options())
+
+    @model_validator(mode="after")
+    def _head_accepts(self):
+        if self.fused_linear:
+            raise _problem(
+                "must be false or null for an adaptive head (its per-row margins need the "
+                "(B, C) cosines), got True",
+                "fused_linear",
+            )
+        options = self.options()
+        try:
+            with torch.random.fork_rng(devices=[]):  # ElasticFace seeds itself from torch's RNG
+                build_adaptive_head(self.type, 1, 1, s=self.s, options=options)
+        except (TypeError, ValueError) as error:
+            key, _, problem = str(error).partition(" ")
+            raise _problem(problem, key) if key in options else _problem(str(error)) from None
+        return self
+
+
+class AdaFaceHead(_AdaptiveHead):
+    """cos(theta - m ms) - (m + m ms), ms = clip(h (|x| - mean) / (std + 1e-3), -1, 1)."""
+
+    type: Literal["adaface"]
+    m: number(0.0)
+    h: number(0.0)
+    t_alpha: number(0.0, 1.0)
+
+
+class ElasticArcFaceHead(_AdaptiveHead):
+    """cos(theta + m_i), m_i ~ N(m, std) per sample."""
+
+    type: Literal["elasticface_arc"]
+    m: number(0.0)
+    std: number(0.0)
+    plus: flag()
+
+
+class ElasticCosFaceHead(_AdaptiveHead):
+    """cos(theta) - m_i, m_i ~ N(m, std) per sample."""
+
+    type: Literal["elasticface_cos"]
+    m: number(0.0)
+    std: number(0.0)
+    plus: flag()
+
+
+class MagFaceHead(_AdaptiveHead):
+    """cos(theta + m(a)) + lambda_g g(a), a = clamp(|x|, l_a, u_a)."""
+
+    type: Literal["magface"]
+    l_a: number(0.0, low_open=True)
+    u_a: number(0.0, low_open=True)
+    l_m: number(0.0)
+    u_m: number(0.0)
+    lambda_g: number(0.0)
+
+
+class CurricularFaceHead(_AdaptiveHead):
+    """cos(theta + m); hard negatives cos_j (t + cos_j)."""
+
+    type: Literal["curricularface"]
+    m: number(0.0)
+
+
+class SubCenterArcFaceHead(_AdaptiveHead):
+    """cos(theta + m) on the max over k sub-centres per class."""
+
+    type: Literal["subcenter_arcface"]
+    m: number(0.0)
+    k: integer(1)
+
+
 _MARGIN_HEADS = (
     Annotated[ArcFaceHead, Tag(f"{_TAG}arcface")]
     | Annotated[CosFaceHead, Tag(f"{_TAG}cosface")]
     | Annotated[SphereFaceHead, Tag(f"{_TAG}sphereface")]
     | Annotated[CombinedHead, Tag(f"{_TAG}combined")]
+    | Annotated[AdaFaceHead, Tag(f"{_TAG}adaface")]
+    | Annotated[ElasticArcFaceHead, Tag(f"{_TAG}elasticface_arc")]
+    | Annotated[ElasticCosFaceHead, Tag(f"{_TAG}elasticface_cos")]
+    | Annotated[MagFaceHead, Tag(f"{_TAG}magface")]
+    | Annotated[CurricularFaceHead, Tag(f"{_TAG}curricularface")]
+    | Annotated[SubCenterArcFaceHead, Tag(f"{_TAG}subcenter_arcface")]
 )
 MarginHeadSpec = Annotated[_MARGIN_HEADS, Discriminator(_by_type), _typed(HEAD_TYPES)]
 
@@ -599,6 +695,18 @@ class DistributedConfig(_Section):
     timeout_s: number(0.0, low_open=True)  # a collective waiting longer fails the stage
 
 
+SAMPLERS = ("uniform", "prioritized")
+
+
+class PrioritizedConfig(_Section):
+    """``train.prioritized``: the prioritized sampler (angular.train.sampler): priority
+    ``(loss + eps)^alpha``, importance weight ``(N P)^-beta`` over its largest."""
+
+    alpha: number(0.0)
+    beta: number(0.0, 1.0)
+    eps: number(0.0, low_open=True)
+
+
 class TrainConfig(_Section):
     """``train``: which items train (one stage each) and how."""
 
@@ -641,6 +749,18 @@ class TrainConfig(_Section):
     collapse: CollapseConfig
     keep_checkpoints: integer(1)
     distributed: DistributedConfig
+    sampler: choice(*SAMPLERS)
+    prioritized: PrioritizedConfig  # sampler: prioritized only
+
+    @model_validator(mode="after")
+    def _sampler_runs_in_one_process(self):
+        if self.sampler == "prioritized" and self.distributed.world_size > 1:
+            raise _problem(
+                "must be uniform when train.distributed.world_size > 1 (the prioritized "
+                "sampler runs in one process), got 'prioritized'",
+                "sampler",
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------------

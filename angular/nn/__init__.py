@@ -4,6 +4,15 @@ recognition model with its file format (:mod:`angular.nn.recognition`).
 Depends only on :mod:`angular.ops` and PyTorch, so the heads can go into any training code without
 DVC, MLflow or matplotlib."""
 
+from angular.nn.adaptive import (
+    ADAPTIVE_HEADS,
+    AdaFace,
+    CurricularFace,
+    ElasticArcFace,
+    ElasticCosFace,
+    MagFace,
+    SubCenterArcFace,
+)
 from angular.nn.backbones import BACKBONES, build_backbone
 from angular.nn.heads import (
     PRESETS,
@@ -17,14 +26,21 @@ from angular.nn.heads import (
 )
 
 __all__ = [
+    "ADAPTIVE_HEADS",
     "BACKBONES",
     "PRESETS",
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
+    "ElasticArcFace",
+    "ElasticCosFace",
     "LambdaSchedule",
+    "MagFace",
     "MarginHead",
     "MarginSpec",
     "SphereFace",
+    "SubCenterArcFace",
     "build_backbone",
 ]

@@ -7,6 +7,7 @@ A model file (``torch.save`` of a dict of plain Python values and tensors, loada
     item:       the train item it came from ("arcface", "joint", ...)
     backbone:   {"name", "in_channels", "embedding_dim", "options"}     (angular.nn.backbones.build_backbone)
     heads:      {member name: {"type", "s", "m1", "m2", "m3", "lam_schedule", "straight_through", "fused_linear"}}
+                (an adaptive head, angular.nn.adaptive, adds "options": its constructor's other arguments)
     classes:    the known identities, in label order
     image:      {"size": [h, w], "channels", "mean", "std"}              (angular.data preprocessing)
     state_dict: the RecognitionModel's state dict (backbone.* and heads.<member>.*)
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from angular.nn.adaptive import ADAPTIVE_HEADS, build_adaptive_head
 from angular.nn.backbones import build_backbone
 from angular.nn.heads import LambdaSchedule, MarginHead, MarginSpec
 
@@ -88,17 +90,23 @@ def build_model(
         **backbone.get("options", {}),
     )
     margin_heads = {
-        name: MarginHead(
-            backbone["embedding_dim"],
-            num_classes,
-            _margin_from_dict(spec),
-            label_smoothing=label_smoothing,
-            straight_through=bool(spec.get("straight_through", False)),
-            fused_linear=spec.get("fused_linear"),
-        )
+        name: _build_head(spec, backbone["embedding_dim"], num_classes, label_smoothing)
         for name, spec in heads.items()
     }
     return RecognitionModel(net, margin_heads)
+
+
+def _build_head(spec: Mapping, embedding_dim: int, num_classes: int, label_smoothing: float):
+    common = dict(
+        label_smoothing=label_smoothing,
+        straight_through=bool(spec.get("straight_through", False)),
+        fused_linear=spec.get("fused_linear"),
+    )
+    if spec["type"] in ADAPTIVE_HEADS:  # rebuilt from its options; the margin follows from them
+        return build_adaptive_head(
+            spec["type"], embedding_dim, num_classes, s=spec["s"], options=spec["options"], **common
+        )
+    return MarginHead(embedding_dim, num_classes, _margin_from_dict(spec), **common)
 
 
 def model_document(

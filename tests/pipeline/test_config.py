@@ -56,10 +56,11 @@ def test_shipped_params_load_with_the_documented_defaults():
     assert list(params.members()) == ["arcface", "cosface", "sphereface"]
 
 
-def test_head_types_are_the_presets_of_angular_heads():
+def test_head_types_are_the_presets_and_adaptive_heads_of_angular_nn():
     from angular.config import HEAD_TYPES
+    from angular.nn.adaptive import ADAPTIVE_HEADS
 
-    assert set(HEAD_TYPES) == set(PRESETS)
+    assert set(HEAD_TYPES) == set(PRESETS) | set(ADAPTIVE_HEADS)
 
 
 def test_the_original_repositorys_settings_are_expressible():
@@ -115,7 +116,7 @@ BAD_VALUES = [
     ("model.backbone", "vgg16", f"model.backbone: must be one of {', '.join(BACKBONES)}"),
     ("model.embedding_dim", 0, "model.embedding_dim: must be an integer >= 1"),
     ("model.small_cnn.dropout", 1.0, "model.small_cnn.dropout: must be a number in [0, 1)"),
-    ("heads.arcface.type", "magface", "heads.arcface.type: must be one of"),
+    ("heads.arcface.type", "sphereface2", "heads.arcface.type: must be one of"),
     ("heads.arcface.s", 0, "heads.arcface.s: must be a number > 0"),
     ("heads.arcface.m", -0.5, "heads.arcface.m: must be a number >= 0"),
     ("heads.sphereface.lam.gamma", -1, "heads.sphereface.lam.gamma: must be a number >= 0"),
@@ -312,7 +313,7 @@ SCHEMA_CASES = [
     ("train.items", []),
     ("train.items", ["arcface", "arcface"]),
     ("train.augment", [{"degrees": 3}]),
-    ("heads.arcface.type", "magface"),
+    ("heads.arcface.type", "sphereface2"),
     ("heads.arcface.m", -0.5),
     ("heads.joint.heads.cosface.type", "joint"),
     ("heads.sphereface.lam", [1, 2]),

@@ -22,7 +22,7 @@ from pipeline import EXIT_CONFIG, run_stage
 from pipeline import prepare as prepare_stage
 from pipeline import train as train_stage
 
-HEAD_TYPES = ["magface", "ArcFace", ""]  # unknown names (the presets are lower-case)
+HEAD_TYPES = ["sphereface2", "ArcFace", ""]  # unknown names (the presets are lower-case)
 
 # Right-typed values that are still wrong: out of range, an unknown name, a bad combination.
 BAD_VALUES: dict[str, list] = {
@@ -64,6 +64,33 @@ BAD_VALUES: dict[str, list] = {
     "heads.combined.m1": [0.0, -1.0],
     "heads.combined.m2": [-0.3],
     "heads.combined.m3": [math.inf, -math.inf, math.nan],  # any finite number is allowed
+    "heads.adaface.type": HEAD_TYPES,
+    "heads.adaface.s": [0.0],
+    "heads.adaface.m": [-0.4],
+    "heads.adaface.h": [-0.1, math.inf],
+    "heads.adaface.t_alpha": [-0.01, 1.5],
+    "heads.elasticface_arc.type": HEAD_TYPES,
+    "heads.elasticface_arc.s": [0.0],
+    "heads.elasticface_arc.m": [-0.5],
+    "heads.elasticface_arc.std": [-0.05, math.nan],
+    "heads.elasticface_cos.type": HEAD_TYPES,
+    "heads.elasticface_cos.s": [-1.0],
+    "heads.elasticface_cos.m": [-0.35],
+    "heads.elasticface_cos.std": [-1.0],
+    "heads.magface.type": HEAD_TYPES,
+    "heads.magface.s": [0.0],
+    "heads.magface.l_a": [0.0, -10.0],
+    "heads.magface.u_a": [0.0, 5.0],  # u_a <= l_a
+    "heads.magface.l_m": [-0.1],
+    "heads.magface.u_m": [-0.8, 0.4],  # u_m < l_m
+    "heads.magface.lambda_g": [-1.0, 20.0],  # below MagFace's bound (22.6 at s = 64)
+    "heads.curricularface.type": HEAD_TYPES,
+    "heads.curricularface.s": [0.0],
+    "heads.curricularface.m": [-0.5],
+    "heads.subcenter_arcface.type": HEAD_TYPES,
+    "heads.subcenter_arcface.s": [0.0],
+    "heads.subcenter_arcface.m": [-0.5],
+    "heads.subcenter_arcface.k": [0, -3],
     "heads.joint.type": HEAD_TYPES,
     "heads.joint.heads.arcface.type": HEAD_TYPES + ["joint"],
     "heads.joint.heads.arcface.s": [0.0],
@@ -107,6 +134,10 @@ BAD_VALUES: dict[str, list] = {
     "train.distributed.backend": ["mpi", "NCCL"],
     "train.distributed.sample_rate": [0.0, 1.5, -0.1, math.nan],
     "train.distributed.timeout_s": [0.0, -1.0, math.inf],
+    "train.sampler": ["priority", "Uniform", ""],
+    "train.prioritized.alpha": [-0.6, math.inf],
+    "train.prioritized.beta": [-0.1, 1.5],
+    "train.prioritized.eps": [0.0, -1e-6],
     "calibrate.method": ["isotonic"],
     "calibrate.temperature": [0.0, -1.0],
     "calibrate.n_bins": [0],
