@@ -4,7 +4,8 @@
 below, one per section, into a frozen :class:`Params`. Every key is required (the shipped
 ``params.yaml`` is the single place where the experiment's numbers live, and DVC needs each key a
 stage reads to exist there), except a head's ``straight_through`` (default ``false``) and
-``fused_linear`` (default ``null``), and
+``fused_linear`` (default ``null``), ``data.max_images_per_class`` and ``data.crop`` (default
+``null``), and
 ``evaluate.verification.pairs_file`` (default ``null``) and ``flip_test`` (default ``false``), and
 ``tracking.register_model`` (default ``null``). An
 unknown key, a missing key or a bad value raises :class:`ConfigError`, whose message starts with
@@ -218,6 +219,60 @@ def _unknown_identities(value):
     return value
 
 
+class Crop(_Section):
+    """``data.crop``: the region of each source image kept, before resizing: a ``box`` (left, top,
+    right, bottom in source pixels, right and bottom exclusive) or the ``central`` fraction of its
+    width and height."""
+
+    box: tuple[int, int, int, int] | None = None
+    central: float | None = None
+
+
+_CROP_WORDS = (
+    "null, a box [left, top, right, bottom] in source pixels (integers >= 0, left < right, "
+    "top < bottom) or {central: f} with 0 < f <= 1"
+)
+
+
+def _crop(value):
+    if value is None:
+        return None
+    if isinstance(value, list):
+        whole = len(value) == 4 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        if not whole or min(value) < 0 or value[0] >= value[2] or value[1] >= value[3]:
+            raise _problem(f"must be {_CROP_WORDS}, got {value!r}")
+        return {"box": tuple(value)}
+    if isinstance(value, Mapping) and set(value) == {"central"}:
+        fraction = value["central"]
+        if not (_is_number(fraction) and 0.0 < fraction <= 1.0):
+            raise _problem(f"central must be a fraction in (0, 1], got {fraction!r}")
+        return {"central": float(fraction)}
+    raise _problem(f"must be {_CROP_WORDS}, got {_describe(value)}")
+
+
+_CROP_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "null"},
+            {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "minItems": 4,
+                "maxItems": 4,
+            },
+            {
+                "type": "object",
+                "properties": {"central": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+                "required": ["central"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+)
+
+
 def _per_channel_schema(low: dict) -> WithJsonSchema:
     one = {"type": "number", **low}
     return WithJsonSchema({"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]})
@@ -240,6 +295,10 @@ class DataConfig(_Section):
     min_images_per_class: integer(1)
     skip_bad_images: flag()
     seed: integer(0)
+    # A seeded choice of at most this many images of each identity, known or unknown, made before
+    # splitting (None: every image).
+    max_images_per_class: integer(1, optional=True) = None
+    crop: Annotated[Crop | None, BeforeValidator(_crop), _CROP_SCHEMA] = None  # before resizing
     image_size: _must(
         tuple[Annotated[int, Field(strict=True, ge=1)], Annotated[int, Field(strict=True, ge=1)]],
         "[height, width], two integers >= 1",

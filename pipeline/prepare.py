@@ -27,6 +27,8 @@ PARAM_KEYS = (
     "data.min_images_per_class",
     "data.skip_bad_images",
     "data.seed",
+    "data.max_images_per_class",
+    "data.crop",
 )
 
 

@@ -7,20 +7,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from angular.config import AugmentSpec, ConfigError
-from angular.data.manifest import DataError
+from angular.config import AugmentSpec, ConfigError, Crop
+from angular.data.manifest import DataError, crop_region
 
 __all__ = ["load_image", "normalize", "ImageDataset", "build_augmentation"]
 
 
-def load_image(path: str | Path, *, image_size: Sequence[int], channels: int) -> torch.Tensor:
-    """An image as a (channels, height, width) uint8 tensor, resized (bilinear) to ``image_size``."""
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greys (PNG, TIFF) scaled to 8 bits; PIL's own conversion clips them to white."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def load_image(
+    path: str | Path, *, image_size: Sequence[int], channels: int, crop: Crop | None = None
+) -> torch.Tensor:
+    """An image as a (channels, height, width) uint8 tensor: upright (as its EXIF orientation
+    says), cropped to ``crop`` (``data.crop``), converted to grey (``channels`` 1) or RGB (3)
+    whatever the source's colours, and resized (bilinear) to ``image_size``."""
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = ImageOps.exif_transpose(image)
+            if crop is not None:
+                region = crop_region(crop, *image.size)
+                if region is None:
+                    raise DataError(
+                        f"{path}: data.crop {list(crop.box)} lies outside the image "
+                        f"({image.width}x{image.height})"
+                    )
+                image = image.crop(region)
+            image = _eight_bit(image).convert("L" if channels == 1 else "RGB")
             height, width = image_size
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)

@@ -35,9 +35,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from angular.config import DataConfig
+from angular.config import Crop, DataConfig
 
 __all__ = [
     "SPLITS",
@@ -48,11 +48,13 @@ __all__ = [
     "Manifest",
     "prepare_dataset",
     "read_manifest",
+    "crop_region",
 ]
 
 SPLITS = ("train", "val", "test", "unknown")
 MANIFEST_FILE = "manifest.csv"
 CLASSES_FILE = "classes.json"
+CROPPED_DIR = "cropped"  # data.crop: the cropped images, inside the prepared folder
 MANIFEST_COLUMNS = ("path", "identity", "label", "split", "md5")
 MAX_LISTED_PROBLEMS = 20
 
@@ -210,6 +212,71 @@ def _export_digits(images_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
+# Capping and cropping, before splitting.
+
+
+def _cap_images(scan: _Scan, cap: int | None, seed: int) -> dict[str, int]:
+    """Keep a seeded choice of at most ``cap`` images of each identity (in place); returns the
+    image counts of the identities that were capped."""
+    if cap is None:
+        return {}
+    rng = np.random.default_rng([seed, cap])  # its own stream: the split's draws stay unchanged
+    capped = {}
+    for name, files in scan.images.items():
+        if len(files) > cap:
+            capped[name] = len(files)
+            keep = sorted(rng.choice(len(files), size=cap, replace=False))
+            scan.images[name] = [files[i] for i in keep]
+    return capped
+
+
+def crop_region(crop: Crop, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """``(left, top, right, bottom)`` of ``data.crop`` in an image of ``width`` x ``height``, or
+    None when the box does not fit inside it."""
+    if crop.box is not None:
+        left, top, right, bottom = crop.box
+        return crop.box if right <= width and bottom <= height else None
+    keep_width = max(1, round(width * crop.central))
+    keep_height = max(1, round(height * crop.central))
+    left, top = (width - keep_width) // 2, (height - keep_height) // 2
+    return left, top, left + keep_width, top + keep_height
+
+
+def _crop_images(scan: _Scan, crop: Crop | None, out_dir: Path, param: str) -> None:
+    """Write the ``data.crop`` region of each image of ``scan`` (upright, as EXIF says) as a PNG
+    file in ``out_dir`` and point ``scan`` at those files. A box outside an image is an error naming
+    the images it does not fit."""
+    if crop is None:
+        return
+    problems = []
+    for name, files in scan.images.items():
+        cropped = []
+        for path, _ in files:
+            with Image.open(path) as image:
+                image = ImageOps.exif_transpose(image)
+                region = crop_region(crop, *image.size)
+                if region is None:
+                    problems.append(f"{path} ({image.width}x{image.height})")
+                    continue
+                image = image.crop(region)
+                if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+                    image = image.convert("RGB")  # e.g. CMYK, which PNG cannot hold
+                target = out_dir / name / f"{path.name}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                image.save(target)
+            cropped.append((target, hashlib.md5(target.read_bytes()).hexdigest()))
+        scan.images[name] = cropped
+    if problems:
+        listed = ", ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise DataError(
+            f"data.crop: the box {list(crop.box)} (left, top, right, bottom) lies outside "
+            f"{len(problems)} image(s) of {param}: {listed}"
+            + (f" and {more} more" if more > 0 else "")
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # Splitting.
 
 
@@ -271,6 +338,11 @@ def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
         test_scan = _scan_folder(
             Path(config.test_path), "data.test_path", skip_bad=config.skip_bad_images, min_images=1
         )
+    capped = _cap_images(scan, config.max_images_per_class, config.seed)
+    _crop_images(scan, config.crop, out_dir / CROPPED_DIR / "path", param)
+    if test_scan is not None:
+        capped |= _cap_images(test_scan, config.max_images_per_class, config.seed)
+        _crop_images(test_scan, config.crop, out_dir / CROPPED_DIR / "test_path", "data.test_path")
 
     identities = sorted(scan.images)
     unknown = _choose_unknown(identities, config.unknown_identities, config.seed)
@@ -315,6 +387,8 @@ def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
                 f"raise {param_name} or add images"
             )
 
+    # Cropped images live in the prepared folder: always relative to it.
+    absolute = absolute and config.crop is None
     records = tuple(
         Record(_relative(path, out_dir, absolute), identity, label, split, digest)
         for path, identity, label, split, digest in rows
@@ -327,6 +401,11 @@ def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
         "unknown_identities": len(unknown),
         "skipped": skipped,
         "ignored": scan.ignored + (test_scan.ignored if test_scan else []),
+        # How the images were chosen and cut: a change rewrites the manifest (and reruns what
+        # depends on it) even where no path or checksum changes.
+        "crop": None if config.crop is None else config.crop.model_dump(exclude_none=True),
+        "max_images_per_class": config.max_images_per_class,
+        "capped": capped,  # identity -> its image count before the cap
     }
     _write_manifest(out_dir, records, known, sorted(unknown), info)
     return Manifest(out_dir, records, tuple(known), tuple(sorted(unknown)), info)

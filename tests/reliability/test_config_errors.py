@@ -34,6 +34,15 @@ BAD_VALUES: dict[str, list] = {
     "data.test_fraction": [0.0, 1.0, -0.1, 0.9],
     "data.min_images_per_class": [0, -2],
     "data.seed": [-1],
+    "data.max_images_per_class": [0, -3],
+    "data.crop": [
+        [3, 1, 2, 4],
+        [0, 0, 8],
+        [0, -1, 4, 4],
+        {"central": 0},
+        {"central": 1.5},
+        {"box": [0, 0, 4, 4]},
+    ],
     "data.image_size": [[0, 8], [8], [8, 8, 8], [-8, 8]],
     "data.channels": [2, 0, 4],
     "data.mean": [math.inf, math.nan, [0.5, 0.5]],
@@ -165,6 +174,8 @@ BAD_VALUES: dict[str, list] = {
 # Keys whose documented value may be null (a wrong-typed null is tested for every other key).
 NULLABLE = {
     "data.path",
+    "data.max_images_per_class",
+    "data.crop",
     "train.centre_norm",
     "data.test_path",
     "train.grad_clip_norm",
@@ -215,7 +226,7 @@ def wrong_types(value) -> list:
 
 
 # Keys shipped as null whose other values are numbers: wrong types are those of a number.
-NUMBER_OR_NULL = {"train.centre_norm": 1.0}
+NUMBER_OR_NULL = {"train.centre_norm": 1.0, "data.max_images_per_class": 30}
 
 WRONG = [
     (key, bad)
@@ -284,6 +295,8 @@ def test_a_section_that_is_not_a_mapping_names_its_key(key):
 
 # Keys that may be left out (older params files): their default (angular/config.py's docstring).
 OPTIONAL = {
+    "data.max_images_per_class": None,
+    "data.crop": None,
     "evaluate.verification.pairs_file": None,
     "evaluate.verification.flip_test": False,
     "evaluate.verification.gallery_far": 0.01,
