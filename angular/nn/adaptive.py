@@ -62,7 +62,7 @@ class AdaptiveMarginHead(MarginHead):
         self,
         embedding_dim: int,
         num_classes: int,
-        margin: MarginSpec,
+        s: float,
         options: dict[str, Any],
         *,
         fused_linear: bool | None = None,
@@ -73,8 +73,14 @@ class AdaptiveMarginHead(MarginHead):
                 f"fused_linear must be false or null for {type(self).__name__}: its per-row "
                 "margins need the (B, C) cosines (the fused linear op takes scalar margins)"
             )
+        margin = self.margin_spec(s, options)
         super().__init__(embedding_dim, num_classes, margin, fused_linear=False, **kw)
         self.options = dict(options)
+
+    @classmethod
+    def margin_spec(cls, s: float, options: dict[str, Any]) -> MarginSpec:
+        """The head's representative scalar margin (see the module doc): ArcFace ``m`` here."""
+        return MarginSpec.arcface(s, options["m"])
 
     def _per_row(
         self, x: torch.Tensor, cos: torch.Tensor, labels: torch.Tensor, update: bool
@@ -123,6 +129,10 @@ class AdaFace(AdaptiveMarginHead):
     type_name = "adaface"
     EPS = 1e-3
 
+    @classmethod
+    def margin_spec(cls, s, options):
+        return MarginSpec.cosface(s, options["m"])  # ms = 0: no angular part
+
     def __init__(
         self,
         embedding_dim: int,
@@ -139,7 +149,7 @@ class AdaFace(AdaptiveMarginHead):
         if t_alpha > 1.0:
             raise ValueError(f"t_alpha must be in [0, 1], got {t_alpha}")
         options = {"m": m, "h": h, "t_alpha": t_alpha}
-        super().__init__(embedding_dim, num_classes, MarginSpec.cosface(s, m), options, **kw)
+        super().__init__(embedding_dim, num_classes, s, options, **kw)
         self.m, self.h, self.t_alpha = m, h, t_alpha
         self.register_buffer("batch_mean", torch.full((), 20.0))
         self.register_buffer("batch_std", torch.full((), 100.0))
@@ -190,8 +200,8 @@ class _ElasticFace(AdaptiveMarginHead):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
-        spec = MarginSpec.arcface(s, m) if self.margin_key == "m2" else MarginSpec.cosface(s, m)
-        super().__init__(embedding_dim, num_classes, spec, {"m": m, "std": std, "plus": plus}, **kw)
+        options = {"m": m, "std": std, "plus": plus}
+        super().__init__(embedding_dim, num_classes, s, options, **kw)
         self.m, self.std, self.plus = m, std, plus
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -234,6 +244,10 @@ class ElasticCosFace(_ElasticFace):
     type_name = "elasticface_cos"
     margin_key = "m3"
 
+    @classmethod
+    def margin_spec(cls, s, options):
+        return MarginSpec.cosface(s, options["m"])
+
     def __init__(self, embedding_dim, num_classes, s=64.0, m=0.35, std=0.05, plus=False, **kw):
         super().__init__(embedding_dim, num_classes, s, m, std, plus, **kw)
 
@@ -254,6 +268,10 @@ class MagFace(AdaptiveMarginHead):
     BatchNorm1d, as insightface's). A ``lambda_g`` below :func:`magface_min_lambda_g` is refused."""
 
     type_name = "magface"
+
+    @classmethod
+    def margin_spec(cls, s, options):
+        return MarginSpec.arcface(s, options["u_m"])  # its largest margin
 
     def __init__(
         self,
@@ -286,7 +304,7 @@ class MagFace(AdaptiveMarginHead):
                 f"unique), got {lambda_g}"
             )
         options = {"l_a": l_a, "u_a": u_a, "l_m": l_m, "u_m": u_m, "lambda_g": lambda_g}
-        super().__init__(embedding_dim, num_classes, MarginSpec.arcface(s, u_m), options, **kw)
+        super().__init__(embedding_dim, num_classes, s, options, **kw)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = l_a, u_a, l_m, u_m, lambda_g
 
     def _per_row(self, x, cos, labels, update):
@@ -307,7 +325,7 @@ class CurricularFace(AdaptiveMarginHead):
 
     def __init__(self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5, **kw):
         m = ops.check_number("m", m, low=0.0)
-        super().__init__(embedding_dim, num_classes, MarginSpec.arcface(s, m), {"m": m}, **kw)
+        super().__init__(embedding_dim, num_classes, s, {"m": m}, **kw)
         self.register_buffer("t", torch.zeros(()))
 
     def _per_row(self, x, cos, labels, update):
@@ -342,9 +360,7 @@ class SubCenterArcFace(AdaptiveMarginHead):
         m = ops.check_number("m", m, low=0.0)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        super().__init__(
-            embedding_dim, num_classes, MarginSpec.arcface(s, m), {"m": m, "k": k}, **kw
-        )
+        super().__init__(embedding_dim, num_classes, s, {"m": m, "k": k}, **kw)
         self.k = k
         self.weight = torch.nn.Parameter(torch.empty(num_classes * k, self.embedding_dim))
         torch.nn.init.normal_(self.weight, std=0.01)
