@@ -93,6 +93,44 @@ C10_HOST_DEVICE inline T target_logit_grad(T cos_y, T m1, T m2, T lam, bool stra
   return (lam + dpsi) / (T(1) + lam);
 }
 
+// The margin parameters of one row (per-row margins: docs/design.md, Per-row margins and negative
+// modulation), or their gradients.
+template <typename T>
+struct RowMargin {
+  T m1;
+  T m2;
+  T m3;
+  T lam;
+};
+
+// (d f_y / d m1, d m2, d m3, d lam) at the exact angle (the gradient guard concerns d / d cos only;
+// k is piecewise constant): with dpsi = -(-1)^k sin(t),
+//   d f / d m1 = dpsi theta / (1 + lam),  d f / d m2 = dpsi / (1 + lam),  d f / d m3 = -1 / (1 + lam),
+//   d f / d lam = (cos_y - psi) / (1 + lam)^2.
+template <typename T>
+C10_HOST_DEVICE inline RowMargin<T> target_logit_margin_grad(T cos_y, const RowMargin<T>& m) {
+  const T theta = math::acos_(math::clamp_(cos_y, T(-1), T(1)));
+  const MarginAngle<T> a = margin_angle(theta, m.m1, m.m2);
+  const T psi = a.sign * math::cos_(a.t) - T(2) * a.k - m.m3;
+  const T inv = T(1) / (T(1) + m.lam);
+  const T dpsi = -a.sign * math::sin_(a.t) * inv;
+  return RowMargin<T>{dpsi * theta, dpsi, -inv, (cos_y - psi) * inv * inv};
+}
+
+// CurricularFace's negative modulation of one non-target cosine x of a row whose target cosine
+// after the margin is `threshold` (f_y): x (t + x) when x > threshold, strictly (x == f_y, and so
+// the target column itself, whose value is f_y, is left as it is; NaN compares false).
+template <typename T>
+C10_HOST_DEVICE inline T modulate_negative(T x, T threshold, T t) {
+  return x > threshold ? x * (t + x) : x;
+}
+
+// d modulate_negative / d x: t + 2x on the modulated entries, 1 elsewhere.
+template <typename T>
+C10_HOST_DEVICE inline T modulate_negative_grad(T x, T threshold, T t) {
+  return x > threshold ? t + T(2) * x : T(1);
+}
+
 // A log-sum-exp in progress: sum = sum_j exp(z_j - max). An empty one has sum == 0; a non-empty
 // one has sum >= 1 (its largest term is exp(0)), or NaN, which then propagates.
 template <typename T>
@@ -125,14 +163,22 @@ C10_HOST_DEVICE inline T smoothed_loss(T lse, T z_target, T z_sum, T num_classes
   return eps == T(0) ? nll : (T(1) - eps) * nll + eps * (lse - z_sum / num_classes);
 }
 
+// d loss / d z_y of a row with upstream gradient grad_row: grad_row (p_y - eps / C - (1 - eps)),
+// p_y = exp(s * f_y - lse).
+template <typename T>
+C10_HOST_DEVICE inline T target_logit_upstream(T f_y, T lse, T grad_row, T s, T eps,
+                                               T num_classes) {
+  return grad_row * (math::exp_(s * f_y - lse) - eps / num_classes - (T(1) - eps));
+}
+
 // d loss / d cos_y for the target column: s * g * (p_y - eps / C - (1 - eps)) * d f_y / d cos_y,
 // with p_y = exp(s * f_y - lse). (Other columns: s * g * (p_j - eps / C).)
 template <typename T>
 C10_HOST_DEVICE inline T target_cos_grad(
     T cos_y, T lse, T grad_row, T s, T m1, T m2, T m3, T lam, T eps, T num_classes,
     bool straight_through) {
-  const T p_y = math::exp_(s * target_logit(cos_y, m1, m2, m3, lam) - lse);
-  const T dz = grad_row * (p_y - eps / num_classes - (T(1) - eps));
+  const T dz = target_logit_upstream(target_logit(cos_y, m1, m2, m3, lam), lse, grad_row, s, eps,
+                                     num_classes);
   return s * dz * target_logit_grad(cos_y, m1, m2, lam, straight_through);
 }
 

@@ -12,6 +12,13 @@ struct MarginParams {
   double lam;
   double label_smoothing;  // 0 for the logits ops
   bool straight_through;
+  // Per-row margins (docs/design.md, Per-row margins and negative modulation): when not null, a
+  // contiguous (4, B) array of the arithmetic type (rows m1, m2, m3, lam) that replaces the four
+  // scalars above.
+  const void* row_margins = nullptr;
+  // Negative modulation (CurricularFace): hard negatives x become x (negative_t + x).
+  bool modulate = false;
+  double negative_t = 0.0;
 };
 
 }  // namespace angular

@@ -69,6 +69,20 @@ inline void check_rows(const at::Tensor& rows, const at::Tensor& cos, const char
               " must be floating point, got ", rows.scalar_type());
 }
 
+// The per-row margins of the *_rows ops: (4, B) in the arithmetic type of cos (rows m1, m2, m3,
+// lam), on cos's device; returned contiguous.
+inline at::Tensor checked_row_margins(const at::Tensor& margins, const at::Tensor& cos,
+                                      const char* op) {
+  TORCH_CHECK(margins.dim() == 2 && margins.size(0) == 4 && margins.size(1) == cos.size(0), op,
+              ": margins must have shape (4, B) = (4, ", cos.size(0), "), got ", margins.sizes());
+  TORCH_CHECK(margins.scalar_type() == compute_dtype(cos.scalar_type()), op, ": margins must be ",
+              compute_dtype(cos.scalar_type()), " for ", cos.scalar_type(), " cos, got ",
+              margins.scalar_type());
+  TORCH_CHECK(margins.device() == cos.device(), op, ": margins is on ", margins.device(),
+              " but cos is on ", cos.device());
+  return margins.contiguous();
+}
+
 // The upstream gradient of margin_logits, same shape as cos.
 inline void check_same_shape(const at::Tensor& grad, const at::Tensor& cos, const char* op) {
   TORCH_CHECK(grad.sizes() == cos.sizes(), op, ": grad must have the shape of cos ", cos.sizes(),

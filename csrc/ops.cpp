@@ -37,6 +37,26 @@ TORCH_LIBRARY(angular, m) {
       "float s, float m1, float m2, float m3, float lam, float label_smoothing, "
       "bool straight_through) -> Tensor",
       tags);
+  // Per-row margins and negative modulation (docs/design.md, Per-row margins and negative
+  // modulation): margins is (4, B) in the arithmetic dtype (rows m1, m2, m3, lam); negative_t None
+  // means no modulation. The backwards also return d loss / d margins, (4, B).
+  m.def(
+      "margin_logits_rows(Tensor cos, Tensor labels, Tensor margins, float s, "
+      "bool straight_through, float? negative_t) -> Tensor",
+      tags);
+  m.def(
+      "margin_logits_rows_backward(Tensor grad, Tensor cos, Tensor labels, Tensor margins, "
+      "float s, bool straight_through, float? negative_t) -> (Tensor, Tensor)",
+      tags);
+  m.def(
+      "margin_cross_entropy_rows(Tensor cos, Tensor labels, Tensor margins, float s, "
+      "float label_smoothing, bool straight_through, float? negative_t) -> (Tensor, Tensor)",
+      tags);
+  m.def(
+      "margin_cross_entropy_rows_backward(Tensor grad_rows, Tensor cos, Tensor labels, Tensor lse, "
+      "Tensor margins, float s, float label_smoothing, bool straight_through, float? negative_t) "
+      "-> (Tensor, Tensor)",
+      tags);
   // Fused linear + margin + cross-entropy (angular/ops/linear.py): x (B, D), weight (C, D); the
   // forward returns the per-row loss, log-sum-exp and |x|, and the per-class |weight|.
   m.def(

@@ -9,17 +9,27 @@ gradient of every per-row margin tensor.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from test_fused import (
+    CAPABILITY_ORDER,
     DTYPES,
     TOLERANCE,
+    RecordOps,
     assert_close,
     assert_gradients,
     make_inputs,
+    non_contiguous_views,
+    require_fused,
     with_grad_in_layout,
 )
 
@@ -216,8 +226,19 @@ def test_rows_match_reference(seed, config, dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_non_contiguous_cos(seed, dtype):
+    cos, labels = make_inputs(12, 130, dtype, seed)
+    margins = row_margins(12, seed, m1=(1.0, 2.0), lam=(0.0, 1.0))
+    for name, view in non_contiguous_views(cos):
+        check_rows_against_reference(
+            view, labels, margins, s=16.0, eps=0.1, straight_through=False, negative_t=0.5,
+            context=f"seed={seed} {name} {dtype}",
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("batch", [1, 9])
-def test_rows_single_row_non_contiguous_and_wide_rows(seed, batch):
+def test_rows_single_row_column_major_and_wide_rows(seed, batch):
     cos, labels = make_inputs(batch, 70000, torch.float32, seed, hard=False)
     labels[-1] = -1 if batch > 1 else labels[-1]
     view = cos.t().contiguous().t()  # column-major
@@ -295,3 +316,117 @@ def test_bad_per_row_arguments_name_the_argument(name, bad, error, match):
     for op in (ops.margin_logits, ops.margin_cross_entropy):
         with pytest.raises(error, match=match):
             op(cos, labels, s=8.0, **{name: bad})
+
+
+def test_fused_linear_refuses_per_row_margins_and_modulation():
+    x, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(TypeError, match="m2 must be a real number"):
+        ops.linear_margin_cross_entropy(x, weight, labels, s=8.0, m2=torch.full((4,), 0.5))
+    with pytest.raises(TypeError, match="negative_t"):
+        ops.linear_margin_cross_entropy(x, weight, labels, s=8.0, negative_t=0.3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused kernels serve them (skipped without the extension, failed in CI, as tests/test_fused.py).
+
+
+def test_per_row_and_modulated_calls_dispatch_to_the_rows_kernels():
+    require_fused("cpu")
+    cos, labels = make_inputs(6, 50, torch.float32, 0)
+    m2 = torch.full((6,), 0.5, requires_grad=True)
+    with RecordOps() as recorded:
+        ops.margin_cross_entropy(cos.requires_grad_(), labels, s=8.0, m2=m2).backward()
+        ops.margin_logits(cos, labels, s=8.0, negative_t=0.2).sum().backward()
+        ops.margin_logits(cos, labels, s=8.0, m2=0.5).sum().backward()
+    angular = [name for name in recorded.names if name.startswith("angular.")]
+    assert angular == [
+        "angular.margin_cross_entropy_rows.default",
+        "angular.margin_cross_entropy_rows_backward.default",
+        "angular.margin_logits_rows.default",
+        "angular.margin_logits_rows_backward.default",
+        "angular.margin_logits.default",  # floats without modulation: the scalar kernels
+        "angular.margin_logits_backward.default",
+    ]
+
+
+@pytest.mark.slow
+def test_opcheck_rows_ops():
+    """Schema, fake kernels, autograd registration of the *_rows ops."""
+    require_fused("cpu")
+    for index, (dtype, negative_t) in enumerate([(torch.float32, None), (torch.float64, 0.3)]):
+        cos, labels = make_inputs(6, 37, dtype, 200 + index)
+        labels[1] = -1
+        cos.requires_grad_()
+        margins = torch.stack(list(row_margins(6, index, lam=(0.0, 1.0)).values())).to(
+            reference.compute_dtype(dtype)
+        )
+        margins.requires_grad_()
+        loss, lse = torch.ops.angular.margin_cross_entropy_rows(
+            cos, labels, margins, 8.0, 0.1, False, negative_t
+        )
+        rows_args = (margins.detach(), 8.0)
+        for op, args in [
+            (torch.ops.angular.margin_logits_rows, (cos, labels, margins, 8.0, False, negative_t)),
+            (
+                torch.ops.angular.margin_cross_entropy_rows,
+                (cos, labels, margins, 8.0, 0.1, False, negative_t),
+            ),
+            (
+                torch.ops.angular.margin_logits_rows_backward,
+                (torch.randn_like(cos), cos.detach(), labels, *rows_args, False, negative_t),
+            ),
+            (
+                torch.ops.angular.margin_cross_entropy_rows_backward,
+                (torch.rand_like(loss), cos.detach(), labels, lse.detach(), *rows_args, 0.1,
+                 False, negative_t),
+            ),
+        ]:  # fmt: skip
+            torch.library.opcheck(op, args)
+
+
+def test_rows_kernels_check_their_margins_argument():
+    """Called directly (bypassing angular.ops), a bad margins tensor is an error, not a bad read."""
+    require_fused("cpu")
+    cos, labels = make_inputs(4, 9, torch.float32, 0)
+    for margins, match in [
+        (torch.zeros(4, 3), r"margins must have shape \(4, B\) = \(4, 4\)"),
+        (torch.zeros(4, 4, dtype=torch.float64), "margins must be Float for Float cos"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.angular.margin_logits_rows(cos, labels, margins, 8.0, False, None)
+
+
+CAPABILITY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    import test_adaptive_ops as t
+    seed = int(sys.argv[2])
+    for dtype in t.DTYPES:
+        cos, labels = t.make_inputs(9, 1030, dtype, seed)
+        t.check_rows_against_reference(
+            cos.t().contiguous().t(), labels, t.row_margins(9, seed, lam=(0.0, 2.0)), s=32.0,
+            eps=0.1, straight_through=False, negative_t=0.4, context=f"seed={seed} {dtype}")
+    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability()}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_rows_other_cpu_capabilities(seed, capability):
+    """The modulated vector kernels of each CPU capability, in subprocesses (see test_fused.py)."""
+    require_fused("cpu")
+    native = torch.backends.cpu.get_cpu_capability()
+    if native not in CAPABILITY_ORDER or native == capability:
+        pytest.skip(f"{capability} is this process's capability ({native}), tested above")
+    if CAPABILITY_ORDER.index(capability) > CAPABILITY_ORDER.index(native):
+        pytest.skip(f"this CPU does not support {capability} (it has {native})")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", CAPABILITY_SCRIPT, str(Path(__file__).parent), str(seed)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, f"seed={seed} {capability}:\n{done.stdout}\n{done.stderr[-4000:]}"
+    assert json.loads(done.stdout.strip().splitlines()[-1])["capability"] == capability

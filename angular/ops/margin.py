@@ -214,10 +214,14 @@ def margin_logits(
     negative_t = _check_negative_t(negative_t)
     _check_tensors(cos, labels)
     m1, m2, m3, lam = _check_margins(cos, m1, m2, m3, lam)
-    per_row = negative_t is not None or _any_tensor(m1, m2, m3, lam)
-    if not per_row and _fused_for(cos.device.type):
-        return torch.ops.angular.margin_logits(
-            cos, labels, s, m1, m2, m3, lam, bool(straight_through)
+    if _fused_for(cos.device.type):
+        if negative_t is None and not _any_tensor(m1, m2, m3, lam):
+            return torch.ops.angular.margin_logits(
+                cos, labels, s, m1, m2, m3, lam, bool(straight_through)
+            )
+        margins = _margin_rows(cos, m1, m2, m3, lam)
+        return torch.ops.angular.margin_logits_rows(
+            cos, labels, margins, s, bool(straight_through), negative_t
         )
     return reference.margin_logits(
         cos,
@@ -261,8 +265,7 @@ def margin_cross_entropy(
     negative_t = _check_negative_t(negative_t)
     _check_tensors(cos, labels)
     m1, m2, m3, lam = _check_margins(cos, m1, m2, m3, lam)
-    per_row = negative_t is not None or _any_tensor(m1, m2, m3, lam)
-    if per_row or not _fused_for(cos.device.type):
+    if not _fused_for(cos.device.type):
         return reference.margin_cross_entropy(
             cos,
             labels,
@@ -276,14 +279,40 @@ def margin_cross_entropy(
             reduction=reduction,
             negative_t=negative_t,
         )
-    per_row, _ = torch.ops.angular.margin_cross_entropy(
-        cos, labels, s, m1, m2, m3, lam, label_smoothing, bool(straight_through)
-    )
+    if negative_t is None and not _any_tensor(m1, m2, m3, lam):
+        per_row, _ = torch.ops.angular.margin_cross_entropy(
+            cos, labels, s, m1, m2, m3, lam, label_smoothing, bool(straight_through)
+        )
+    else:
+        per_row, _ = torch.ops.angular.margin_cross_entropy_rows(
+            cos,
+            labels,
+            _margin_rows(cos, m1, m2, m3, lam),
+            s,
+            label_smoothing,
+            bool(straight_through),
+            negative_t,
+        )
     return reference.reduce_rows(per_row, labels >= 0, reduction)
 
 
 def _any_tensor(*values) -> bool:
     return any(isinstance(value, torch.Tensor) for value in values)
+
+
+def _margin_rows(cos: torch.Tensor, *margins) -> torch.Tensor:
+    """The (4, B) per-row margins of the *_rows ops, in the arithmetic dtype of ``cos``: tensors
+    cast (autograd casts their gradient back), floats repeated over the rows."""
+    dtype = reference.compute_dtype(cos.dtype)
+    batch = cos.shape[0]
+    return torch.stack(
+        [
+            value.to(dtype)
+            if isinstance(value, torch.Tensor)
+            else torch.full((batch,), value, dtype=dtype, device=cos.device)
+            for value in margins
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,6 +345,27 @@ def _register_python_parts() -> None:
     def _(grad_rows, cos, labels, lse, s, m1, m2, m3, lam, label_smoothing, straight_through):
         return torch.empty_like(cos, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("angular::margin_logits_rows")
+    def _(cos, labels, margins, s, straight_through, negative_t):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("angular::margin_logits_rows_backward")
+    def _(grad, cos, labels, margins, s, straight_through, negative_t):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format), torch.empty_like(
+            margins, memory_format=torch.contiguous_format
+        )
+
+    @torch.library.register_fake("angular::margin_cross_entropy_rows")
+    def _(cos, labels, margins, s, label_smoothing, straight_through, negative_t):
+        rows = cos.new_empty(cos.shape[0], dtype=reference.compute_dtype(cos.dtype))
+        return rows, torch.empty_like(rows)
+
+    @torch.library.register_fake("angular::margin_cross_entropy_rows_backward")
+    def _(grad_rows, cos, labels, lse, margins, s, label_smoothing, straight_through, negative_t):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format), torch.empty_like(
+            margins, memory_format=torch.contiguous_format
+        )
+
     def logits_setup(ctx, inputs, output):
         cos, labels, *params = inputs
         ctx.save_for_backward(cos, labels)
@@ -342,4 +392,37 @@ def _register_python_parts() -> None:
 
     torch.library.register_autograd(
         "angular::margin_cross_entropy", ce_backward, setup_context=ce_setup
+    )
+
+    # The *_rows ops: (cos, labels, margins, *scalars); the backwards also give d / d margins.
+    def rows_setup(ctx, inputs, output):
+        cos, labels, margins, *params = inputs
+        ctx.save_for_backward(cos, labels, margins)
+        ctx.params = params
+
+    def logits_rows_backward(ctx, grad):
+        cos, labels, margins = ctx.saved_tensors
+        grad_cos, grad_margins = ops.margin_logits_rows_backward(
+            grad, cos, labels, margins, *ctx.params
+        )
+        return grad_cos, None, grad_margins, None, None, None
+
+    torch.library.register_autograd(
+        "angular::margin_logits_rows", logits_rows_backward, setup_context=rows_setup
+    )
+
+    def ce_rows_setup(ctx, inputs, output):
+        cos, labels, margins, *params = inputs
+        ctx.save_for_backward(cos, labels, margins, output[1])
+        ctx.params = params
+
+    def ce_rows_backward(ctx, grad_rows, _grad_lse):
+        cos, labels, margins, lse = ctx.saved_tensors
+        grad_cos, grad_margins = ops.margin_cross_entropy_rows_backward(
+            grad_rows, cos, labels, lse, margins, *ctx.params
+        )
+        return grad_cos, None, grad_margins, None, None, None, None
+
+    torch.library.register_autograd(
+        "angular::margin_cross_entropy_rows", ce_rows_backward, setup_context=ce_rows_setup
     )

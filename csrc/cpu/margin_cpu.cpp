@@ -1,4 +1,6 @@
-// CPU kernels of the four angular ops (schemas in csrc/ops.cpp; math in csrc/margin_math.h).
+// CPU kernels of the angular margin ops (schemas in csrc/ops.cpp; math in csrc/margin_math.h): the
+// four scalar ops and their *_rows variants (per-row margins, negative modulation), which share
+// one implementation per op; the scalar ops take the same vector kernels as before.
 //
 // Work is split into (row, column chunk) segments run by at::parallel_for: one chunk per row when
 // there are at least as many rows as threads, otherwise each row is cut into chunks of at least
@@ -13,11 +15,13 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -116,9 +120,54 @@ void for_each_segment(int64_t rows, int64_t cols, const Split& split, const Fn& 
   });
 }
 
-at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
-                             double m2, double m3, double lam, bool straight_through) {
-  check_cos_labels(cos, labels, "angular::margin_logits");
+// The margins of one call: four scalars, or the (4, B) per-row values of the *_rows ops, and the
+// negative modulation, if any (docs/design.md, Per-row margins and negative modulation).
+struct OpMargins {
+  RowMargin<double> scalar;
+  const at::Tensor* rows = nullptr;  // contiguous (4, B) in the arithmetic type
+  std::optional<double> negative_t;
+};
+
+// Reads a row's margins: the scalars, or that row's column of the (4, B) array (one branch per row
+// segment, so the scalar ops keep their speed).
+template <typename acc_t>
+struct MarginReader {
+  RowMargin<acc_t> scalar;
+  const acc_t* rows;
+  int64_t batch;
+
+  MarginReader(const OpMargins& m, int64_t batch_size)
+      : scalar{acc_t(m.scalar.m1), acc_t(m.scalar.m2), acc_t(m.scalar.m3), acc_t(m.scalar.lam)},
+        rows(m.rows != nullptr ? m.rows->const_data_ptr<acc_t>() : nullptr),
+        batch(batch_size) {}
+
+  RowMargin<acc_t> at(int64_t row) const {
+    if (rows == nullptr) {
+      return scalar;
+    }
+    return RowMargin<acc_t>{rows[row], rows[batch + row], rows[2 * batch + row],
+                            rows[3 * batch + row]};
+  }
+};
+
+template <typename acc_t>
+acc_t target_logit_of(acc_t cos_y, const RowMargin<acc_t>& m) {
+  return target_logit<acc_t>(cos_y, m.m1, m.m2, m.m3, m.lam);
+}
+
+// d loss / d margins of one row, times `scale` (zeros elsewhere), into the (4, B) gradient.
+template <typename acc_t>
+void store_margin_grad(acc_t* margin_grad, int64_t batch, int64_t row, acc_t cos_y,
+                       const RowMargin<acc_t>& m, acc_t scale) {
+  const RowMargin<acc_t> d = target_logit_margin_grad(cos_y, m);
+  margin_grad[row] = scale * d.m1;
+  margin_grad[batch + row] = scale * d.m2;
+  margin_grad[2 * batch + row] = scale * d.m3;
+  margin_grad[3 * batch + row] = scale * d.lam;
+}
+
+at::Tensor logits_forward(const at::Tensor& cos, const at::Tensor& labels, double s,
+                          const OpMargins& margins) {
   const at::Tensor label_vec = labels.contiguous();
   at::Tensor out = empty_output(cos);
   const int64_t rows = cos.size(0), cols = cos.size(1);
@@ -132,17 +181,30 @@ at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, do
     const int64_t row_stride = cos.stride(0), col_stride = cos.stride(1);
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t* label = label_vec.const_data_ptr<int64_t>();
+    const MarginReader<acc_t> reader(margins, rows);
+    const bool modulate = margins.negative_t.has_value();
+    const acc_t t = static_cast<acc_t>(margins.negative_t.value_or(0.0));
     with_vec_kernels<scalar_t>([&](auto kernels) {
       using K = decltype(kernels);
       for_each_segment(rows, cols, split_rows(rows, cols), [&](int64_t, int64_t row, int64_t first,
                                                                int64_t end) {
         const scalar_t* src_row = src + row * row_stride;
         scalar_t* dst_row = dst + row * cols;
-        K::scale(src_row + first * col_stride, col_stride, end - first, acc_t(s), dst_row + first);
         const int64_t y = label[row];
-        if (y >= first && y < end) {  // so 0 <= y < C: other labels mean no target
-          const acc_t f_y = target_logit<acc_t>(static_cast<acc_t>(src_row[y * col_stride]),
-                                                acc_t(m1), acc_t(m2), acc_t(m3), acc_t(lam));
+        const bool in_segment = y >= first && y < end;  // so 0 <= y < C: others mean no target
+        const bool modulated = modulate && y >= 0 && y < cols;
+        acc_t f_y = acc_t(0);
+        if (in_segment || modulated) {
+          f_y = target_logit_of(static_cast<acc_t>(src_row[y * col_stride]), reader.at(row));
+        }
+        if (modulated) {
+          K::scale_modulated(src_row + first * col_stride, col_stride, end - first, acc_t(s), f_y,
+                             t, dst_row + first);
+        } else {
+          K::scale(src_row + first * col_stride, col_stride, end - first, acc_t(s),
+                   dst_row + first);
+        }
+        if (in_segment) {
           dst_row[y] = static_cast<scalar_t>(acc_t(s) * f_y);
         }
       });
@@ -151,12 +213,10 @@ at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, do
   return out;
 }
 
-at::Tensor margin_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& cos,
-                                      const at::Tensor& labels, double s, double m1, double m2,
-                                      double m3, double lam, bool straight_through) {
-  const char* op = "angular::margin_logits_backward";
-  check_cos_labels(cos, labels, op);
-  check_same_shape(grad, cos, op);
+// d logits / d cos applied to grad; and d / d margins into margin_grad ((4, B), zeros) if defined.
+at::Tensor logits_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& labels,
+                           double s, const OpMargins& margins, bool straight_through,
+                           const at::Tensor& margin_grad) {
   const at::Tensor grad_in = as_dtype(grad, cos.scalar_type());
   const at::Tensor label_vec = labels.contiguous();
   at::Tensor out = empty_output(cos);
@@ -171,22 +231,41 @@ at::Tensor margin_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     const scalar_t* grad_data = grad_in.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const int64_t* label = label_vec.const_data_ptr<int64_t>();
+    const MarginReader<acc_t> reader(margins, rows);
+    acc_t* margin_grad_data =
+        margin_grad.defined() ? margin_grad.mutable_data_ptr<acc_t>() : nullptr;
+    const bool modulate = margins.negative_t.has_value();
+    const acc_t t = static_cast<acc_t>(margins.negative_t.value_or(0.0));
     with_vec_kernels<scalar_t>([&](auto kernels) {
       using K = decltype(kernels);
       for_each_segment(rows, cols, split_rows(rows, cols), [&](int64_t, int64_t row, int64_t first,
                                                                int64_t end) {
         const scalar_t* grad_row = grad_data + row * grad_in.stride(0);
         const int64_t grad_col_stride = grad_in.stride(1);
+        const scalar_t* cos_row = cos_data + row * cos.stride(0);
+        const int64_t cos_col_stride = cos.stride(1);
         scalar_t* dst_row = dst + row * cols;
-        K::scale(grad_row + first * grad_col_stride, grad_col_stride, end - first, acc_t(s),
-                 dst_row + first);
         const int64_t y = label[row];
-        if (y >= first && y < end) {
-          const acc_t cos_y = static_cast<acc_t>(cos_data[row * cos.stride(0) + y * cos.stride(1)]);
-          const acc_t dfy = target_logit_grad<acc_t>(cos_y, acc_t(m1), acc_t(m2), acc_t(lam),
-                                                     straight_through);
+        const bool in_segment = y >= first && y < end;
+        const bool modulated = modulate && y >= 0 && y < cols;
+        const RowMargin<acc_t> m = reader.at(row);
+        if (modulated) {
+          const acc_t f_y = target_logit_of(static_cast<acc_t>(cos_row[y * cos_col_stride]), m);
+          K::scale_grad_modulated(grad_row + first * grad_col_stride, grad_col_stride,
+                                  cos_row + first * cos_col_stride, cos_col_stride, end - first,
+                                  acc_t(s), f_y, t, dst_row + first);
+        } else {
+          K::scale(grad_row + first * grad_col_stride, grad_col_stride, end - first, acc_t(s),
+                   dst_row + first);
+        }
+        if (in_segment) {
+          const acc_t cos_y = static_cast<acc_t>(cos_row[y * cos_col_stride]);
+          const acc_t dfy = target_logit_grad<acc_t>(cos_y, m.m1, m.m2, m.lam, straight_through);
           const acc_t g = static_cast<acc_t>(grad_row[y * grad_col_stride]);
           dst_row[y] = static_cast<scalar_t>(acc_t(s) * g * dfy);
+          if (margin_grad_data != nullptr) {
+            store_margin_grad(margin_grad_data, rows, row, cos_y, m, acc_t(s) * g);
+          }
         }
       });
     });
@@ -194,11 +273,10 @@ at::Tensor margin_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cpu(
-    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
-    double lam, double label_smoothing, bool straight_through) {
-  const char* op = "angular::margin_cross_entropy";
-  check_cos_labels(cos, labels, op);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
+                                                         const at::Tensor& labels, double s,
+                                                         const OpMargins& margins,
+                                                         double label_smoothing, const char* op) {
   TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have C >= 1 columns, got ", cos.sizes());
   const at::Tensor label_vec = labels.contiguous();
   const int64_t rows = cos.size(0), cols = cos.size(1);
@@ -214,9 +292,12 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cpu(
     const int64_t row_stride = cos.stride(0), col_stride = cos.stride(1);
     const int64_t* label = label_vec.const_data_ptr<int64_t>();
     const Split split = split_rows(rows, cols);
+    const MarginReader<acc_t> reader(margins, rows);
+    const bool modulate = margins.negative_t.has_value();
+    const acc_t t = static_cast<acc_t>(margins.negative_t.value_or(0.0));
     auto target_of = [&](int64_t row) {  // f_y of a row whose label is a valid column
       const acc_t cos_y = static_cast<acc_t>(src[row * row_stride + label[row] * col_stride]);
-      return target_logit<acc_t>(cos_y, acc_t(m1), acc_t(m2), acc_t(m3), acc_t(lam));
+      return target_logit_of(cos_y, reader.at(row));
     };
     // Pass over cos: one partial log-sum-exp per segment (B x chunks, never B x C).
     std::vector<RowPartial> partials(rows * split.chunks);
@@ -229,9 +310,17 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cpu(
           return;  // no target: loss 0, nothing to read
         }
         const bool has_target = y >= first && y < end;
-        partials[segment] = K::logsumexp(src + row * row_stride + first * col_stride, col_stride,
-                                         end - first, acc_t(s), has_target ? y - first : -1,
-                                         has_target ? target_of(row) : acc_t(0));
+        const scalar_t* segment_src = src + row * row_stride + first * col_stride;
+        if (modulate) {
+          const acc_t f_y = target_of(row);
+          partials[segment] = K::logsumexp_modulated(segment_src, col_stride, end - first,
+                                                     acc_t(s), has_target ? y - first : -1, f_y,
+                                                     f_y, t);
+        } else {
+          partials[segment] = K::logsumexp(segment_src, col_stride, end - first, acc_t(s),
+                                           has_target ? y - first : -1,
+                                           has_target ? target_of(row) : acc_t(0));
+        }
       });
     });
     // Merge the segments of each row into its loss and log-sum-exp.
@@ -263,14 +352,11 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cpu(
   return {loss, lse};
 }
 
-at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& cos,
-                                             const at::Tensor& labels, const at::Tensor& lse,
-                                             double s, double m1, double m2, double m3, double lam,
-                                             double label_smoothing, bool straight_through) {
-  const char* op = "angular::margin_cross_entropy_backward";
-  check_cos_labels(cos, labels, op);
-  check_rows(grad_rows, cos, op, "grad_rows");
-  check_rows(lse, cos, op, "lse");
+// d loss / d cos; and d loss / d margins into margin_grad ((4, B), zeros) if defined.
+at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor& cos,
+                                  const at::Tensor& labels, const at::Tensor& lse, double s,
+                                  const OpMargins& margins, double label_smoothing,
+                                  bool straight_through, const at::Tensor& margin_grad) {
   const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
   const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
   const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
@@ -292,6 +378,11 @@ at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const 
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const acc_t eps = static_cast<acc_t>(label_smoothing);
     const acc_t num_classes = static_cast<acc_t>(cols);
+    const MarginReader<acc_t> reader(margins, rows);
+    acc_t* margin_grad_data =
+        margin_grad.defined() ? margin_grad.mutable_data_ptr<acc_t>() : nullptr;
+    const bool modulate = margins.negative_t.has_value();
+    const acc_t t = static_cast<acc_t>(margins.negative_t.value_or(0.0));
     with_vec_kernels<scalar_t>([&](auto kernels) {
       using K = decltype(kernels);
       for_each_segment(rows, cols, split_rows(rows, cols), [&](int64_t, int64_t row, int64_t first,
@@ -306,17 +397,126 @@ at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const 
         const acc_t g = grad_data[row * grad_stride];
         const acc_t row_lse = lse_data[row * lse_stride];
         const acc_t scale = acc_t(s) * g;
-        K::softmax_grad(src_row + first * col_stride, col_stride, end - first, acc_t(s), row_lse,
-                        scale, scale * eps / num_classes, dst_row + first);
+        const RowMargin<acc_t> m = reader.at(row);
+        if (modulate) {
+          const acc_t f_y = target_logit_of(static_cast<acc_t>(src_row[y * col_stride]), m);
+          K::softmax_grad_modulated(src_row + first * col_stride, col_stride, end - first,
+                                    acc_t(s), row_lse, scale, scale * eps / num_classes, f_y, t,
+                                    dst_row + first);
+        } else {
+          K::softmax_grad(src_row + first * col_stride, col_stride, end - first, acc_t(s),
+                          row_lse, scale, scale * eps / num_classes, dst_row + first);
+        }
         if (y >= first && y < end) {
+          const acc_t cos_y = static_cast<acc_t>(src_row[y * col_stride]);
           dst_row[y] = static_cast<scalar_t>(target_cos_grad<acc_t>(
-              static_cast<acc_t>(src_row[y * col_stride]), row_lse, g, acc_t(s), acc_t(m1),
-              acc_t(m2), acc_t(m3), acc_t(lam), eps, num_classes, straight_through));
+              cos_y, row_lse, g, acc_t(s), m.m1, m.m2, m.m3, m.lam, eps, num_classes,
+              straight_through));
+          if (margin_grad_data != nullptr) {
+            const acc_t dz = target_logit_upstream(target_logit_of(cos_y, m), row_lse, g,
+                                                   acc_t(s), eps, num_classes);
+            store_margin_grad(margin_grad_data, rows, row, cos_y, m, acc_t(s) * dz);
+          }
         }
       });
     });
   });
   return out;
+}
+
+OpMargins scalar_margins(double m1, double m2, double m3, double lam) {
+  return OpMargins{RowMargin<double>{m1, m2, m3, lam}, nullptr, std::nullopt};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registered kernels: the scalar ops, then the *_rows ops (per-row margins, modulation).
+
+at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
+                             double m2, double m3, double lam, bool straight_through) {
+  check_cos_labels(cos, labels, "angular::margin_logits");
+  return logits_forward(cos, labels, s, scalar_margins(m1, m2, m3, lam));
+}
+
+at::Tensor margin_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& cos,
+                                      const at::Tensor& labels, double s, double m1, double m2,
+                                      double m3, double lam, bool straight_through) {
+  const char* op = "angular::margin_logits_backward";
+  check_cos_labels(cos, labels, op);
+  check_same_shape(grad, cos, op);
+  return logits_backward(grad, cos, labels, s, scalar_margins(m1, m2, m3, lam), straight_through,
+                         at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cpu(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam, double label_smoothing, bool straight_through) {
+  const char* op = "angular::margin_cross_entropy";
+  check_cos_labels(cos, labels, op);
+  return cross_entropy_forward(cos, labels, s, scalar_margins(m1, m2, m3, lam), label_smoothing,
+                               op);
+}
+
+at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& cos,
+                                             const at::Tensor& labels, const at::Tensor& lse,
+                                             double s, double m1, double m2, double m3, double lam,
+                                             double label_smoothing, bool straight_through) {
+  const char* op = "angular::margin_cross_entropy_backward";
+  check_cos_labels(cos, labels, op);
+  check_rows(grad_rows, cos, op, "grad_rows");
+  check_rows(lse, cos, op, "lse");
+  return cross_entropy_backward(grad_rows, cos, labels, lse, s, scalar_margins(m1, m2, m3, lam),
+                                label_smoothing, straight_through, at::Tensor());
+}
+
+OpMargins row_margins(const at::Tensor& rows, std::optional<double> negative_t) {
+  return OpMargins{RowMargin<double>{1.0, 0.0, 0.0, 0.0}, &rows, negative_t};
+}
+
+at::Tensor margin_logits_rows_cpu(const at::Tensor& cos, const at::Tensor& labels,
+                                  const at::Tensor& margins, double s, bool straight_through,
+                                  std::optional<double> negative_t) {
+  const char* op = "angular::margin_logits_rows";
+  check_cos_labels(cos, labels, op);
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  return logits_forward(cos, labels, s, row_margins(rows, negative_t));
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_logits_rows_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& labels,
+    const at::Tensor& margins, double s, bool straight_through, std::optional<double> negative_t) {
+  const char* op = "angular::margin_logits_rows_backward";
+  check_cos_labels(cos, labels, op);
+  check_same_shape(grad, cos, op);
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  at::Tensor margin_grad = at::zeros_like(rows);
+  at::Tensor grad_cos = logits_backward(grad, cos, labels, s, row_margins(rows, negative_t),
+                                        straight_through, margin_grad);
+  return {grad_cos, margin_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_rows_cpu(
+    const at::Tensor& cos, const at::Tensor& labels, const at::Tensor& margins, double s,
+    double label_smoothing, bool straight_through, std::optional<double> negative_t) {
+  const char* op = "angular::margin_cross_entropy_rows";
+  check_cos_labels(cos, labels, op);
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  return cross_entropy_forward(cos, labels, s, row_margins(rows, negative_t), label_smoothing, op);
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_rows_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& cos, const at::Tensor& labels,
+    const at::Tensor& lse, const at::Tensor& margins, double s, double label_smoothing,
+    bool straight_through, std::optional<double> negative_t) {
+  const char* op = "angular::margin_cross_entropy_rows_backward";
+  check_cos_labels(cos, labels, op);
+  check_rows(grad_rows, cos, op, "grad_rows");
+  check_rows(lse, cos, op, "lse");
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  at::Tensor margin_grad = at::zeros_like(rows);
+  at::Tensor grad_cos =
+      cross_entropy_backward(grad_rows, cos, labels, lse, s, row_margins(rows, negative_t),
+                             label_smoothing, straight_through, margin_grad);
+  return {grad_cos, margin_grad};
 }
 
 }  // namespace
@@ -326,6 +526,10 @@ TORCH_LIBRARY_IMPL(angular, CPU, m) {
   m.impl("margin_logits_backward", &margin_logits_backward_cpu);
   m.impl("margin_cross_entropy", &margin_cross_entropy_cpu);
   m.impl("margin_cross_entropy_backward", &margin_cross_entropy_backward_cpu);
+  m.impl("margin_logits_rows", &margin_logits_rows_cpu);
+  m.impl("margin_logits_rows_backward", &margin_logits_rows_backward_cpu);
+  m.impl("margin_cross_entropy_rows", &margin_cross_entropy_rows_cpu);
+  m.impl("margin_cross_entropy_rows_backward", &margin_cross_entropy_rows_backward_cpu);
 }
 
 }  // namespace angular::cpu

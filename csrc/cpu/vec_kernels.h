@@ -46,6 +46,22 @@ struct RowPartial {
     /* dst[j] = scale * exp(s * src[j] - lse) - offset: the cross-entropy gradient off target. */ \
     static void softmax_grad(const scalar_t* src, int64_t stride, int64_t n, acc_t s, acc_t lse, \
                              acc_t scale, acc_t offset, scalar_t* dst);                          \
+    /* The same three with negative modulation (margin_math.h, modulate_negative): h(x) =     */ \
+    /* x (t + x) where x > threshold, x elsewhere. dst[j] = scale * h(src[j]).                 */ \
+    static void scale_modulated(const scalar_t* src, int64_t stride, int64_t n, acc_t scale,     \
+                                acc_t threshold, acc_t t, scalar_t* dst);                        \
+    /* logsumexp of z_j = s * h(src[j]); target_value (== threshold) is not modulated.         */ \
+    static RowPartial logsumexp_modulated(const scalar_t* src, int64_t stride, int64_t n,        \
+                                          acc_t s, int64_t target, acc_t target_value,           \
+                                          acc_t threshold, acc_t t);                             \
+    /* dst[j] = (scale * exp(s * h(src[j]) - lse) - offset) * h'(src[j]).                      */ \
+    static void softmax_grad_modulated(const scalar_t* src, int64_t stride, int64_t n, acc_t s,  \
+                                       acc_t lse, acc_t scale, acc_t offset, acc_t threshold,    \
+                                       acc_t t, scalar_t* dst);                                  \
+    /* dst[j] = scale * grad[j] * h'(src[j]): the margin_logits backward with modulation.      */ \
+    static void scale_grad_modulated(const scalar_t* grad, int64_t grad_stride,                  \
+                                     const scalar_t* src, int64_t stride, int64_t n, acc_t scale, \
+                                     acc_t threshold, acc_t t, scalar_t* dst);                   \
   };                                                                                             \
   }
 

@@ -112,6 +112,38 @@ inline void map_segment(const scalar_t* src, int64_t stride, int64_t n, scalar_t
   }
 }
 
+// dst[j] = fn(a[j], b[j]) for a vector function fn of two arguments in the arithmetic type.
+template <typename scalar_t, typename VecFn>
+inline void map_segment2(const scalar_t* a, int64_t a_stride, const scalar_t* b, int64_t b_stride,
+                         int64_t n, scalar_t* dst, const VecFn& fn) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr bool in_acc_type = std::is_same_v<scalar_t, acc_t>;
+  alignas(64) acc_t buf_a[kBlock];
+  alignas(64) acc_t buf_b[kBlock];
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const acc_t* x = load_block(a + start * a_stride, a_stride, len, buf_a, false);
+    const acc_t* y = load_block(b + start * b_stride, b_stride, len, buf_b, false);
+    acc_t* out;
+    if constexpr (in_acc_type) {
+      out = dst + start;
+    } else {
+      out = buf_a;  // a converted copy: elementwise, so in place
+    }
+    int64_t j = 0;
+    for (; j + Vec::size() <= len; j += Vec::size()) {
+      fn(Vec::loadu(x + j), Vec::loadu(y + j)).store(out + j);
+    }
+    if (j < len) {
+      fn(Vec::loadu(x + j, len - j), Vec::loadu(y + j, len - j)).store(out + j, len - j);
+    }
+    if constexpr (!in_acc_type) {
+      store_reduced(buf_a, len, dst + start);
+    }
+  }
+}
+
 template <typename T>
 inline T reduce_max(const Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>(
@@ -125,6 +157,32 @@ inline T reduce_sum(const Vectorized<T>& v) {
 
 }  // namespace
 
+// Outside the anonymous namespace: the kernels' lambdas below capture them.
+// The plain kernels: no modulation.
+template <typename T>
+struct NoModulation {
+  static constexpr bool kActive = false;
+  Vectorized<T> operator()(const Vectorized<T>& x) const { return x; }
+};
+
+// Negative modulation, vectorised (margin_math.h, modulate_negative and its derivative).
+template <typename T>
+struct Modulation {
+  static constexpr bool kActive = true;
+  Vectorized<T> threshold;
+  Vectorized<T> t;
+
+  Modulation(T threshold_value, T t_value) : threshold(threshold_value), t(t_value) {}
+  Vectorized<T> operator()(const Vectorized<T>& x) const {
+    return Vectorized<T>::blendv(x, x * (t + x), x > threshold);
+  }
+  Vectorized<T> grad(const Vectorized<T>& x) const {
+    return Vectorized<T>::blendv(Vectorized<T>(T(1)), at::vec::fmadd(x, Vectorized<T>(T(2)), t),
+                                 x > threshold);
+  }
+};
+
+
 template <typename scalar_t>
 void VecKernels<scalar_t>::scale(const scalar_t* src, int64_t stride, int64_t n, acc_t scale,
                                  scalar_t* dst) {
@@ -132,9 +190,14 @@ void VecKernels<scalar_t>::scale(const scalar_t* src, int64_t stride, int64_t n,
   map_segment(src, stride, n, dst, [&](const Vectorized<acc_t>& x) { return x * factor; });
 }
 
-template <typename scalar_t>
-RowPartial VecKernels<scalar_t>::logsumexp(const scalar_t* src, int64_t stride, int64_t n, acc_t s,
-                                           int64_t target, acc_t target_value) {
+namespace {
+
+// The log-sum-exp of VecKernels::logsumexp, of z_j = s * mod(x_j). With a modulation, pass 1 writes
+// the modulated block back to the buffer (a copy, then) for pass 2.
+template <typename scalar_t, typename Mod>
+RowPartial logsumexp_impl(const scalar_t* src, int64_t stride, int64_t n, acc_type<scalar_t> s,
+                          int64_t target, acc_type<scalar_t> target_value, const Mod& mod) {
+  using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   alignas(64) acc_t buf[kBlock];
   const Vec scale(s);
@@ -144,7 +207,8 @@ RowPartial VecKernels<scalar_t>::logsumexp(const scalar_t* src, int64_t stride, 
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);
     const bool has_target = target >= start && target < start + len;
-    const acc_t* x = load_block(src + start * stride, stride, len, buf, has_target);
+    const acc_t* x =
+        load_block(src + start * stride, stride, len, buf, has_target || Mod::kActive);
     if (has_target) {
       buf[target - start] = target_value;  // x == buf when has_target
     }
@@ -153,12 +217,20 @@ RowPartial VecKernels<scalar_t>::logsumexp(const scalar_t* src, int64_t stride, 
     Vec sum_x(acc_t(0));
     int64_t j = 0;
     for (; j + Vec::size() <= len; j += Vec::size()) {
-      const Vec v = Vec::loadu(x + j);
+      Vec v = Vec::loadu(x + j);
+      if constexpr (Mod::kActive) {
+        v = mod(v);
+        v.store(buf + j);  // x == buf
+      }
       max_x = at::vec::maximum(max_x, v);
       sum_x = sum_x + v;
     }
     if (j < len) {
-      const Vec v = Vec::loadu(x + j, len - j);  // zero-filled past len: fine for the sum
+      Vec v = Vec::loadu(x + j, len - j);  // zero-filled past len: fine for the sum
+      if constexpr (Mod::kActive) {
+        v = Vec::set(Vec(acc_t(0)), mod(v), len - j);  // mod(0) may not be 0
+        v.store(buf + j, len - j);
+      }
       max_x = Vec::set(max_x, at::vec::maximum(max_x, v), len - j);
       sum_x = sum_x + v;
     }
@@ -183,6 +255,22 @@ RowPartial VecKernels<scalar_t>::logsumexp(const scalar_t* src, int64_t stride, 
   return RowPartial{total, z_sum};
 }
 
+}  // namespace
+
+template <typename scalar_t>
+RowPartial VecKernels<scalar_t>::logsumexp(const scalar_t* src, int64_t stride, int64_t n, acc_t s,
+                                           int64_t target, acc_t target_value) {
+  return logsumexp_impl(src, stride, n, s, target, target_value, NoModulation<acc_t>{});
+}
+
+template <typename scalar_t>
+RowPartial VecKernels<scalar_t>::logsumexp_modulated(const scalar_t* src, int64_t stride,
+                                                     int64_t n, acc_t s, int64_t target,
+                                                     acc_t target_value, acc_t threshold,
+                                                     acc_t t) {
+  return logsumexp_impl(src, stride, n, s, target, target_value, Modulation<acc_t>(threshold, t));
+}
+
 template <typename scalar_t>
 void VecKernels<scalar_t>::softmax_grad(const scalar_t* src, int64_t stride, int64_t n, acc_t s,
                                         acc_t lse, acc_t scale, acc_t offset, scalar_t* dst) {
@@ -194,6 +282,42 @@ void VecKernels<scalar_t>::softmax_grad(const scalar_t* src, int64_t stride, int
   map_segment(src, stride, n, dst, [&](const Vec& x) {
     return at::vec::fmadd(vec_exp(at::vec::fmadd(x, vec_s, minus_lse)), vec_scale, minus_offset);
   });
+}
+
+template <typename scalar_t>
+void VecKernels<scalar_t>::scale_modulated(const scalar_t* src, int64_t stride, int64_t n,
+                                           acc_t scale, acc_t threshold, acc_t t, scalar_t* dst) {
+  const Vectorized<acc_t> factor(scale);
+  const Modulation<acc_t> mod(threshold, t);
+  map_segment(src, stride, n, dst, [&](const Vectorized<acc_t>& x) { return mod(x) * factor; });
+}
+
+template <typename scalar_t>
+void VecKernels<scalar_t>::softmax_grad_modulated(const scalar_t* src, int64_t stride, int64_t n,
+                                                  acc_t s, acc_t lse, acc_t scale, acc_t offset,
+                                                  acc_t threshold, acc_t t, scalar_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vec_s(s);
+  const Vec minus_lse(-lse);
+  const Vec vec_scale(scale);
+  const Vec minus_offset(-offset);
+  const Modulation<acc_t> mod(threshold, t);
+  map_segment(src, stride, n, dst, [&](const Vec& x) {
+    const Vec p = vec_exp(at::vec::fmadd(mod(x), vec_s, minus_lse));
+    return at::vec::fmadd(p, vec_scale, minus_offset) * mod.grad(x);
+  });
+}
+
+template <typename scalar_t>
+void VecKernels<scalar_t>::scale_grad_modulated(const scalar_t* grad, int64_t grad_stride,
+                                                const scalar_t* src, int64_t stride, int64_t n,
+                                                acc_t scale, acc_t threshold, acc_t t,
+                                                scalar_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  const Vec factor(scale);
+  const Modulation<acc_t> mod(threshold, t);
+  map_segment2(grad, grad_stride, src, stride, n, dst,
+               [&](const Vec& g, const Vec& x) { return g * factor * mod.grad(x); });
 }
 
 template struct VecKernels<float>;
