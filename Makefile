@@ -1,13 +1,14 @@
 # Everything runs inside a virtual environment in the project (.venv), created on first use.
 #   make repro   set up, then run the whole DVC pipeline (dvc repro) on the embedded default data set
 #   make faces   set up, then the faces experiment (experiments/faces) on ../shared/data/orl
+#   make lfw-dev the lfw-dev experiment (experiments/lfw-dev) on ../shared/data/lfw-dev (faces in the wild)
 #   make test    set up, then lint and run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build repro faces faces-seeds test pytest lint format cuda-check bench-quick gpu-check clean
+.PHONY: setup build repro faces faces-seeds lfw-dev lfw-dev-seeds test pytest lint format cuda-check bench-quick gpu-check clean
 
 setup: $(STAMP)
 
@@ -36,6 +37,17 @@ faces: setup
 # Three seeds of it, outside DVC; writes $(FACES)/seeds.md (the table of docs/faces.md).
 faces-seeds: setup
 	$(PY) $(FACES)/seeds.py
+
+# The lfw-dev experiment: the same stages on ../shared/data/lfw-dev (faces in the wild), in
+# experiments/lfw-dev (docs/faces.md, "Faces in the wild"); and three seeds of it.
+LFW_DEV := experiments/lfw-dev
+
+lfw-dev: setup
+	$(PY) $(FACES)/check_data.py --experiment lfw-dev
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro $(LFW_DEV)/dvc.yaml
+
+lfw-dev-seeds: setup
+	$(PY) $(FACES)/seeds.py --experiment lfw-dev
 
 lint: setup
 	$(VENV)/bin/ruff check .
