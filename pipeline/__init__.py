@@ -35,6 +35,7 @@ from angular.data import DataError
 from angular.train.collapse import CollapseError
 from angular.train.loop import NonFiniteLossError
 from angular.train.tracking import TrackingError
+from angular.train.world import WorkerError
 
 PARAMS = Path("params.yaml")
 PREPARED_DIR = Path("data/prepared")
@@ -86,6 +87,7 @@ def run_stage(
         NonFiniteLossError,
         CollapseError,
         TrackingError,
+        WorkerError,
         FileNotFoundError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)

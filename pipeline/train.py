@@ -3,6 +3,8 @@
 ``python -m pipeline.train arcface``. Writes ``outputs/models/<item>.pt``, per-epoch checkpoints
 (a rerun after an interruption resumes from the newest), ``metrics/train/<item>.json``,
 ``plots/{loss,accuracy,collapse}/<item>.tsv`` and an MLflow run (see :mod:`angular.train.loop`).
+With ``train.distributed.world_size`` W > 1 it launches W torchrun workers that run this module
+again, rank 0 logging and writing the files (:mod:`angular.train.distributed`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from angular import ops
 from angular.config import load_params
 from angular.data import read_manifest
 from angular.serve.mlflow_model import log_mlflow_model
-from angular.train.loop import TrainPaths, train_item
+from angular.train.distributed import (
+    check_supported,
+    is_worker,
+    launch,
+    train_item_distributed,
+    worker_group,
+)
+from angular.train.loop import TrainPaths, select_device, train_item
 from angular.train.tracking import StageRun
 from pipeline import (
     ACCURACY_PLOTS_DIR,
@@ -60,6 +69,7 @@ PARAM_KEYS = (
     "train.on_collapse",
     "train.collapse",
     "train.keep_checkpoints",
+    "train.distributed",
 )
 
 
@@ -93,14 +103,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     manifest = read_manifest(PREPARED_DIR)
     paths = paths_for(args.item)
     stage = f"train@{args.item}"
+    distributed = params.train.distributed
+    if distributed.world_size > 1 and not is_worker():
+        check_supported(params, item)
+        launch("pipeline.train", [args.item, "--params", str(args.params)], distributed, stage)
+        return
+    if distributed.world_size > 1:
+        with worker_group(distributed, select_device(params.train.device)) as rank:
+            if rank == 0:
+                _train_and_log(params, args.item, item, manifest, paths, stage)
+            else:
+                train_item_distributed(params, args.item, manifest, paths)
+        return
+    _train_and_log(params, args.item, item, manifest, paths, stage)
+
+
+def _train_and_log(params, item_name: str, item, manifest, paths: TrainPaths, stage: str) -> None:
+    """Train (one process, or rank 0 of several) and log the run, the model and its files."""
+    train = train_item if params.train.distributed.world_size == 1 else train_item_distributed
     with StageRun(
         params.tracking,
         stage=stage,
         heads=list(item.heads),
-        params=logged_params(params.raw, args.item),
+        params=logged_params(params.raw, item_name),
         tags={"ops_backend": ops.backend()},
     ) as run:
-        metrics = train_item(params, args.item, manifest, paths, run=run)
+        metrics = train(params, item_name, manifest, paths, run=run)
         for path in (paths.model, paths.metrics):
             run.log_artifact(path)
         # The plots share the item's file name: each keeps its folder (plots/loss/arcface.tsv).

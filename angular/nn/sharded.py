@@ -234,7 +234,7 @@ class ShardedMarginHead(nn.Module):
         if labels_all.device.type == "cpu" and int(labels_all.max()) >= self.num_classes:
             # Gathered: every rank sees the same labels and raises the same error.
             raise ValueError(
-                f"labels must be < num_classes = {self.num_classes}, got {int(labels_all.max())}"
+                f"labels must be < num_classes = {self.num_classes}, got a label {int(labels_all.max())}"
             )
         index, local_labels, num_sampled = self.sample(labels_all)
         weight = self.weight if index is None else self.weight[index]

@@ -48,6 +48,7 @@ from angular.train.collapse import (
     embedding_spread,
     init_centres,
 )
+from angular.train.world import refuse_other_world_size
 
 __all__ = [
     "TrainPaths",
@@ -521,9 +522,15 @@ def _make_loaders(
 def _resume(session: _Session, run) -> None:
     """Continue from the newest checkpoint this configuration wrote, if there is one."""
     session.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    refuse_other_world_size(
+        session.paths.checkpoints, session.fingerprint, 1, session.label, CHECKPOINT_PATTERN
+    )
     state = _load_checkpoint(session.paths.checkpoints, session.fingerprint, session.label)
-    if state is None:
-        return
+    if state is not None:
+        _apply_checkpoint(session, state, run)
+
+
+def _apply_checkpoint(session: _Session, state: dict, run) -> None:
     session.model.load_state_dict(state["model"])
     session.optimizer.load_state_dict(state["optimizer"])
     session.scheduler.load_state_dict(state["scheduler"])
@@ -618,9 +625,10 @@ def _watch_collapse(session: _Session, epoch: int) -> None:
         _say(f"{message} Training goes on (train.on_collapse: warn). {REMEDY}.")
 
 
-def _save_checkpoint(session: _Session, epoch: int) -> None:
+def _save_checkpoint(session: _Session, epoch: int, extra: Mapping | None = None) -> None:
     atomic_save(
         {
+            **(extra or {}),
             "format": CHECKPOINT_FORMAT,
             "fingerprint": session.fingerprint,
             "epoch": epoch,

@@ -9,16 +9,20 @@ Tolerance: the largest absolute difference divided by the largest absolute expec
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from distributed_testing import spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from angular import ops
 from angular.nn.heads import LambdaSchedule, MarginHead, MarginSpec
 from angular.nn.sharded import ShardedMarginHead
+from angular.ops.sharded import shard_range
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +72,15 @@ def head_options(case: dict) -> dict:
     )
 
 
-def sharded_worker(rank: int, world_size: int, seed: int) -> list[dict]:
+def sharded_worker(rank: int, world_size: int, seed: int) -> dict:
+    return dict(
+        cases=exactness_cases(rank, world_size, seed),
+        sampled=sampled_case(rank, world_size, seed) if world_size == 2 else None,
+        errors=bad_batches(rank) if world_size == 2 else None,
+    )
+
+
+def exactness_cases(rank: int, world_size: int, seed: int) -> list[dict]:
     results = []
     for index, case in enumerate(CASES):
         inputs, labels, state, centres = case_data(case, world_size, seed + index)
@@ -95,6 +107,60 @@ def sharded_worker(rank: int, world_size: int, seed: int) -> list[dict]:
     return results
 
 
+SAMPLED = dict(classes=40, rate=0.2, smoothing=0.1)
+
+
+def sampled_data(world_size: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(
+        ROWS_PER_RANK * world_size, EMBEDDING_DIM, generator=generator, dtype=torch.float64
+    )
+    labels = torch.randint(0, SAMPLED["classes"], (x.shape[0],), generator=generator)
+    centres = torch.randn(
+        SAMPLED["classes"], EMBEDDING_DIM, generator=generator, dtype=torch.float64
+    )
+    return x, labels, centres
+
+
+def sampled_case(rank: int, world_size: int, seed: int) -> dict:
+    """Sampling on W ranks: each rank's sample, the loss, and the gradients (no DDP here)."""
+    x, labels, centres = sampled_data(world_size, seed)
+    head = ShardedMarginHead(
+        EMBEDDING_DIM,
+        SAMPLED["classes"],
+        MarginSpec.arcface(s=16.0),
+        sample_rate=SAMPLED["rate"],
+        label_smoothing=SAMPLED["smoothing"],
+        generator_seed=seed,
+    ).double()
+    head.load_full_weight(centres)
+    mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+    index, _, num_sampled = head.sample(labels)
+    x_local = x[mine].clone().requires_grad_()
+    loss = head.loss(x_local, labels[mine])
+    loss.backward()
+    return dict(
+        classes=index + head.class_start,
+        num_sampled=num_sampled,
+        loss=loss.detach(),
+        x_grad=x_local.grad,
+        centres=head.weight.grad,
+    )
+
+
+def bad_batches(rank: int) -> list[str]:
+    """Errors every rank must raise alike (and then carry on: nothing may hang)."""
+    head = ShardedMarginHead(EMBEDDING_DIM, 10, MarginSpec.arcface())
+    messages = []
+    rows = 3 if rank == 0 else 2
+    for labels in (torch.zeros(rows, dtype=torch.int64), torch.tensor([0, 10 + rank, 1])):
+        try:
+            head.loss(torch.randn(labels.shape[0], EMBEDDING_DIM), labels)
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
 def single_process(case: dict, world_size: int, seed: int) -> dict:
     inputs, labels, state, centres = case_data(case, world_size, seed)
     backbone = nn.Linear(IN_FEATURES, EMBEDDING_DIM, dtype=centres.dtype)
@@ -119,6 +185,37 @@ def single_process(case: dict, world_size: int, seed: int) -> dict:
     )
 
 
+def check_sampled(per_rank: list[dict], world_size: int, seed: int) -> None:
+    """The sampled loss is the margin cross-entropy over the union of the ranks' samples (smoothing
+    over its size); every rank's embeddings get W times their gradient (DDP divides by W)."""
+    x, labels, centres = sampled_data(world_size, seed)
+    results = [result["sampled"] for result in per_rank]
+    classes = torch.cat([result["classes"] for result in results])
+    assert set(labels.tolist()) <= set(classes.tolist())  # every positive is sampled
+    for rank, result in enumerate(results):
+        start, count = shard_range(SAMPLED["classes"], world_size, rank)
+        positives = labels[(labels >= start) & (labels < start + count)].unique().numel()
+        assert result["classes"].numel() == max(math.ceil(SAMPLED["rate"] * count), positives)
+        assert result["num_sampled"] == classes.numel()
+    weight = centres.clone().requires_grad_()
+    x = x.clone().requires_grad_()
+    remapped = torch.searchsorted(classes, labels)
+    loss = ops.margin_cross_entropy(
+        F.linear(F.normalize(x, dim=1), F.normalize(weight[classes], dim=1)),
+        remapped,
+        s=16.0,
+        m2=0.5,
+        label_smoothing=SAMPLED["smoothing"],
+    )
+    loss.backward()
+    centre_grads = torch.cat([result["centres"] for result in results])
+    assert relative_error(centre_grads, weight.grad) <= 1e-10
+    for rank, result in enumerate(results):
+        assert relative_error(result["loss"], loss.detach()) <= 1e-10
+        mine = x.grad[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
+        assert relative_error(result["x_grad"], world_size * mine) <= 1e-10
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-300))
@@ -129,6 +226,12 @@ def test_sharded_head_equals_the_single_process_head(tmp_path, world_size):
     seed = random.randrange(2**31)
     per_rank = spawn(sharded_worker, world_size, tmp_path, seed)
     worst = {}
+    if world_size == 2:
+        check_sampled(per_rank, world_size, seed)
+        for result in per_rank:
+            assert "rank 0: 3, rank 1: 2" in result["errors"][0], result["errors"]
+            assert "labels must be < num_classes = 10, got a label 11" in result["errors"][1]
+    per_rank = [result["cases"] for result in per_rank]
     for index, case in enumerate(CASES):
         expected = single_process(case, world_size, seed + index)
         tolerance = TOLERANCE[case["dtype"]]

@@ -1,0 +1,182 @@
+"""train with train.distributed.world_size > 1 (README, Scaling out): torchrun workers on gloo, a
+SIGKILLed worker and the bitwise resume, a worker that raises or hangs, checkpoints of another world
+size, and what is refused before any worker starts.
+
+The end-to-end tests launch torchrun (each launch starts three Python processes: seconds each), so
+there are few of them, on tiny params; the rest call the pieces directly.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from pipeline_testing import assert_same_state, model_state, tiny_raw, write_params
+
+from angular.config import ConfigError, parse_params
+from angular.data import read_manifest
+from angular.nn.recognition import load_model
+from angular.train import distributed, world
+from angular.train import loop as training
+from pipeline import EXIT_CONFIG, EXIT_FAILURE, run_stage
+from pipeline import train as train_stage
+
+MODEL = "outputs/models/arcface.pt"
+CHECKPOINTS = "outputs/checkpoints/arcface"
+PATTERN = training.CHECKPOINT_PATTERN
+
+
+def distributed_raw(**overrides) -> dict:
+    """Tiny params on two gloo workers; a collective waits at most 20 s."""
+    settings = dict(
+        train__epochs=3,
+        train__distributed__world_size=2,
+        train__distributed__backend="gloo",
+        train__distributed__timeout_s=20.0,
+    )
+    return tiny_raw(**{**settings, **overrides})
+
+
+def last_line(capfd) -> str:
+    return capfd.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_fails_the_stage_and_a_rerun_resumes_to_the_same_model(
+    project, monkeypatch, capfd
+):
+    write_params(project, distributed_raw())
+    assert run_stage(train_stage.main, ["arcface"]) == 0
+    uninterrupted = model_state(project / MODEL)
+    loaded = load_model(project / MODEL)  # today's format: the full head, no params needed
+    manifest = read_manifest(project / "data" / "prepared")
+    assert loaded.classes == list(manifest.classes) and loaded.members == ["arcface"]
+    assert loaded.model.heads["arcface"].weight.shape == (len(manifest.classes), 16)
+    assert not list((project / CHECKPOINTS).rglob("*.pt"))  # dropped once the model is written
+    shutil.rmtree(project / "outputs")
+    capfd.readouterr()
+
+    # Rank 1 SIGKILLs itself in epoch 2: rank 0 fails on its next collective.
+    monkeypatch.setenv(distributed.FAULT_ENV, "1:kill:2:3")
+    assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
+    message = last_line(capfd)
+    assert "rank 1 ended without a report" in message and "SIGKILL" in message, message
+    assert not (project / MODEL).exists()
+    for rank in (0, 1):
+        assert (project / CHECKPOINTS / f"rank-{rank}-of-2" / "epoch-0001.pt").is_file()
+
+    # The same params on one process: refused, not resharded (nothing is trained or removed).
+    write_params(project, distributed_raw(train__distributed__world_size=1))
+    assert run_stage(train_stage.main, ["arcface"]) == EXIT_CONFIG
+    message = last_line(capfd)
+    assert "train.distributed.world_size" in message and "world_size 2" in message, message
+    assert (project / CHECKPOINTS / "rank-1-of-2" / "epoch-0001.pt").is_file()
+
+    monkeypatch.delenv(distributed.FAULT_ENV)
+    write_params(project, distributed_raw())
+    assert run_stage(train_stage.main, ["arcface"]) == 0
+    assert "resuming after epoch 1 of 3" in capfd.readouterr().err
+    assert_same_state(model_state(project / MODEL), uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [
+        ("1:raise:1:2", "rank 1: RuntimeError: the test fault"),
+        # Rank 0 sleeps for ever: rank 1 times out in the head's all-gather, torchrun stops rank 0.
+        ("0:hang:1:2", "rank 0 ended without a report"),
+    ],
+    ids=["raises", "hangs"],
+)
+def test_a_worker_that_raises_or_hangs_fails_the_stage_naming_its_rank(
+    project, monkeypatch, capfd, fault, named
+):
+    write_params(project, distributed_raw(train__epochs=1, train__distributed__timeout_s=5.0))
+    monkeypatch.setenv(distributed.FAULT_ENV, fault)
+    assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
+    message = last_line(capfd)
+    assert message.startswith("error: train@arcface: the distributed run failed"), message
+    assert named in message, message
+    assert not (project / MODEL).exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"train__distributed__world_size": 3}, "train.batch_size"),  # 64 images on 3 ranks
+        ({"heads__arcface__fused_linear": True}, "heads.arcface.fused_linear"),
+        (
+            {"train__distributed__backend": "nccl", "train__device": "cpu"},
+            "train.distributed.backend",
+        ),
+    ],
+    ids=["batch", "fused_linear", "nccl-on-cpu"],
+)
+def test_what_several_processes_cannot_train_is_refused_before_any_worker_starts(
+    project, capfd, overrides, key
+):
+    write_params(project, distributed_raw(**overrides))
+    started = torch.multiprocessing.active_children()
+    assert run_stage(train_stage.main, ["arcface"]) == EXIT_CONFIG
+    message = last_line(capfd)
+    assert message.startswith(f"error in params.yaml: {key}: "), message
+    assert torch.multiprocessing.active_children() == started
+    assert not (project / "outputs" / "models").exists()
+
+
+def test_a_joint_item_with_fused_linear_is_refused_by_its_head_key():
+    raw = distributed_raw(train__items=["joint"])
+    raw["heads"]["joint"]["heads"]["cosface"]["fused_linear"] = True
+    params = parse_params(raw)
+    with pytest.raises(ConfigError) as caught:
+        distributed.check_supported(params, params.item("joint"))
+    assert caught.value.key == "heads.joint.heads.cosface.fused_linear"
+
+
+def save_checkpoint(path, **state) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": training.CHECKPOINT_FORMAT, "epoch": 1, **state}, path)
+
+
+@pytest.mark.parametrize(("written", "running"), [(1, 2), (2, 1), (4, 2)])
+def test_checkpoints_of_another_world_size_are_refused_naming_both(tmp_path, written, running):
+    folder = tmp_path / "checkpoints"
+    where = folder if written == 1 else folder / f"rank-0-of-{written}"
+    key = "fingerprint" if written == 1 else "base_fingerprint"
+    save_checkpoint(where / "epoch-0001.pt", **{key: "these-params"})
+    with pytest.raises(ConfigError) as caught:
+        world.refuse_other_world_size(folder, "these-params", running, "train@x", PATTERN)
+    assert caught.value.key == "train.distributed.world_size"
+    assert f"world_size {written}, and this run has {running}" in str(caught.value)
+    # Checkpoints of other params, or of this world size, are no reason to refuse.
+    world.refuse_other_world_size(folder, "other-params", running, "train@x", PATTERN)
+    world.refuse_other_world_size(folder, "these-params", written, "train@x", PATTERN)
+
+
+def test_the_failure_names_the_ranks_that_reported_first_then_the_silent_ones(tmp_path):
+    (tmp_path / "rank-2.error").write_text("RuntimeError: gloo timed out", encoding="utf-8")
+    (tmp_path / "rank-0.done").write_text("", encoding="utf-8")
+    message = distributed._failure("train@x", tmp_path, 4, 1)
+    assert message.startswith("train@x: the distributed run failed (torchrun exit status 1): ")
+    assert "rank 2: RuntimeError: gloo timed out; ranks 1, 3 ended without a report" in message
+    assert "rank 0" not in message
+
+
+def test_one_process_fingerprints_ignore_the_distributed_section(digits_prepared):
+    manifest = read_manifest(digits_prepared)
+
+    def fingerprint(**overrides) -> str:
+        params = parse_params(tiny_raw(**overrides))
+        item = params.item("arcface")
+        model = training.build_model(*training.describe_model(params, item)[:2], 8)
+        return training._fingerprint(params, item, manifest, model)
+
+    one = fingerprint()
+    assert fingerprint(train__distributed__backend="gloo", train__distributed__timeout_s=9.0) == one
+    two = fingerprint(train__distributed__world_size=2)
+    assert two != one
+    # Several processes: the world size is checked on its own (refuse_other_world_size).
+    assert fingerprint(train__distributed__world_size=4) == two
+    assert fingerprint(train__distributed__world_size=2, train__distributed__sample_rate=0.5) != two
