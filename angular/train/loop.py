@@ -48,6 +48,7 @@ from angular.train.collapse import (
     embedding_spread,
     init_centres,
 )
+from angular.train.sampler import IndexedDataset, PrioritizedSampler
 from angular.train.world import refuse_other_world_size
 
 __all__ = [
@@ -310,23 +311,28 @@ def _kept_checkpoint(folder: Path) -> str:
     )
 
 
-def _batch_loss(model: RecognitionModel, images, labels, autocast: bool, device: torch.device):
-    """Summed margin loss of the heads, and each head's count of correct arg-max predictions."""
+def _batch_loss(
+    model: RecognitionModel, images, labels, autocast: bool, device: torch.device, reduction="mean"
+):
+    """Summed margin loss of the heads (per sample with ``reduction="none"``), and each head's
+    count of correct arg-max predictions."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         embeddings = model(images)
-    return _loss_of_embeddings(model, embeddings, labels, autocast, device)
+    return _loss_of_embeddings(model, embeddings, labels, autocast, device, reduction)
 
 
-def _loss_of_embeddings(model: RecognitionModel, embeddings, labels, autocast: bool, device):
+def _loss_of_embeddings(
+    model: RecognitionModel, embeddings, labels, autocast: bool, device, reduction="mean"
+):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        losses = [head.loss(embeddings, labels) for head in model.heads.values()]
+        losses = [head.loss(embeddings, labels, reduction) for head in model.heads.values()]
     with torch.no_grad():
         detached = embeddings.detach().float()
         correct = {
             name: int((head.cosine(detached).argmax(1) == labels).sum())
             for name, head in model.heads.items()
         }
-    return torch.stack([loss.float() for loss in losses]).sum(), correct
+    return torch.stack([loss.float() for loss in losses]).sum(0), correct
 
 
 @torch.no_grad()
@@ -507,14 +513,30 @@ def _make_loaders(
         manifest.paths("val"), manifest.labels("val"), preload=config.preload_images, **common
     )
     # A last batch of one image would break batch norm: drop it (it is reshuffled next epoch).
-    train_loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=config.num_workers,
-        drop_last=len(train_set) % config.batch_size == 1,
-    )
+    drop_last = len(train_set) % config.batch_size == 1
+    if config.sampler == "prioritized":
+        sampler = PrioritizedSampler(
+            len(train_set),
+            config.batch_size,
+            **config.prioritized.model_dump(),
+            generator=generator,
+            drop_last=drop_last,
+        )
+        train_loader = DataLoader(
+            IndexedDataset(train_set),
+            batch_sampler=sampler,
+            generator=generator,
+            num_workers=config.num_workers,
+        )
+    else:
+        train_loader = DataLoader(
+            train_set,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=config.num_workers,
+            drop_last=drop_last,
+        )
     val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 256), shuffle=False)
     return train_loader, val_loader
 
@@ -535,6 +557,9 @@ def _apply_checkpoint(session: _Session, state: dict, run) -> None:
     session.optimizer.load_state_dict(state["optimizer"])
     session.scheduler.load_state_dict(state["scheduler"])
     _restore_rng(state["rng"], session.generator)
+    sampler = _prioritized(session)
+    if sampler is not None:
+        sampler.load_state_dict(state["sampler"])
     session.history = list(state["history"])
     session.skipped_steps = int(state["skipped_steps"])
     session.start_epoch = int(state["epoch"])
@@ -543,6 +568,12 @@ def _apply_checkpoint(session: _Session, state: dict, run) -> None:
     if run is not None:
         for row in session.history:
             run.log_metrics(row, step=row["epoch"])
+
+
+def _prioritized(session: _Session) -> PrioritizedSampler | None:
+    """The prioritized sampler of the training data (``train.sampler: prioritized``), or None."""
+    sampler = session.train_loader.batch_sampler
+    return sampler if isinstance(sampler, PrioritizedSampler) else None
 
 
 def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, dict]:
@@ -562,9 +593,17 @@ def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, 
         leave=False,
         unit="batch",
     )
-    for step, (images, labels) in enumerate(bar, start=1):
+    sampler = _prioritized(session)
+    for step, (images, labels, *indices) in enumerate(bar, start=1):
         images, labels = images.to(session.device), labels.to(session.device)
-        loss, batch_correct = _batch_loss(model, images, labels, config.bf16, session.device)
+        if sampler is None:
+            loss, batch_correct = _batch_loss(model, images, labels, config.bf16, session.device)
+        else:  # the per-sample losses, weighted by importance; they become the new priorities
+            (indices,) = indices
+            rows, batch_correct = _batch_loss(
+                model, images, labels, config.bf16, session.device, reduction="none"
+            )
+            loss = (sampler.weights(indices).to(rows.device) * rows).mean()
         optimizer.zero_grad(set_to_none=True)
         problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
         if problem is None:
@@ -583,6 +622,8 @@ def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, 
             optimizer.zero_grad(set_to_none=True)
             continue
         optimizer.step()
+        if sampler is not None:
+            sampler.update(indices, rows)
         total_loss += float(loss.detach()) * len(labels)
         seen += len(labels)
         for name, value in batch_correct.items():
@@ -626,6 +667,7 @@ def _watch_collapse(session: _Session, epoch: int) -> None:
 
 
 def _save_checkpoint(session: _Session, epoch: int, extra: Mapping | None = None) -> None:
+    sampler = _prioritized(session)
     atomic_save(
         {
             **(extra or {}),
@@ -639,6 +681,7 @@ def _save_checkpoint(session: _Session, epoch: int, extra: Mapping | None = None
             "history": session.history,
             "skipped_steps": session.skipped_steps,
             "collapse_epoch": session.collapse_epoch,
+            **({} if sampler is None else {"sampler": sampler.state_dict()}),
         },
         _checkpoint_path(session.paths.checkpoints, epoch),
     )

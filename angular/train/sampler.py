@@ -1,0 +1,131 @@
+"""Prioritized sampling of training images (``train.sampler: prioritized``; docs/design.md, Heads
+and backbones): the original repository's prioritized replay, after Schaul et al. 2016
+("Prioritized Experience Replay", proportional variant).
+
+Each training image ``i`` has a priority ``p_i = (loss_i + eps)^alpha``, ``loss_i`` its latest
+per-sample loss (the heads' losses summed, ``reduction="none"``). Each batch is drawn with
+replacement with ``P(i) = p_i / sum_j p_j`` and each of its losses is weighted by the importance
+weight ``w_i = (N P(i))^-beta / max_j (N P(j))^-beta`` (at most 1), which undoes the bias of the
+non-uniform draw as ``beta -> 1``. An image not drawn yet has the largest priority seen so far, so
+that every image is likely to be seen early (as replay buffers treat new transitions).
+
+The draws use the loop's seeded generator (saved in checkpoints), and :meth:`state_dict` holds the
+priorities: a run resumed from a checkpoint draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["IndexedDataset", "PrioritizedSampler"]
+
+
+class IndexedDataset(Dataset):
+    """``dataset[i]`` followed by ``i``: the loop needs the index to update its priority."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return (*self.dataset[index], index)
+
+
+class PrioritizedSampler(Sampler[list[int]]):
+    """A batch sampler (``DataLoader(batch_sampler=...)``) drawing each batch from the current
+    priorities. An epoch has as many batches, of the same sizes, as a shuffled pass over the data
+    (``drop_last``: leave out a last, smaller batch)."""
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        alpha: float,
+        beta: float,
+        eps: float,
+        generator: torch.Generator,
+        drop_last: bool = False,
+    ):
+        super().__init__()
+        for name, value in (("size", size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, value, valid in (
+            ("alpha", alpha, alpha >= 0),
+            ("beta", beta, 0 <= beta <= 1),
+            ("eps", eps, eps > 0),
+        ):
+            if not (math.isfinite(value) and valid):
+                raise ValueError(f"{name} is out of range: {value!r}")
+        self.size, self.batch_size, self.drop_last = size, batch_size, drop_last
+        self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
+        self.generator = generator
+        self.priorities = torch.ones(size, dtype=torch.float64)
+        self.seen = torch.zeros(size, dtype=torch.bool)
+
+    def _batch_sizes(self) -> list[int]:
+        full, rest = divmod(self.size, self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest and not self.drop_last else [])
+
+    def __len__(self) -> int:
+        return len(self._batch_sizes())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for size in self._batch_sizes():
+            draw = torch.multinomial(
+                self.probabilities(), size, replacement=True, generator=self.generator
+            )
+            yield draw.tolist()
+
+    def probabilities(self) -> torch.Tensor:
+        """``P(i)`` of every image (float64)."""
+        return self.priorities / self.priorities.sum()
+
+    def weights(self, indices: torch.Tensor) -> torch.Tensor:
+        """Importance weights (float32, at most 1) of the images ``indices`` under the current
+        priorities."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        probabilities = self.probabilities()
+        weights = (self.size * probabilities[indices]) ** -self.beta
+        largest = (self.size * probabilities.min()) ** -self.beta
+        return (weights / largest).float()
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """New priorities ``(loss + eps)^alpha`` from the per-sample losses of a batch; an image
+        drawn twice in the batch gets the mean of its two priorities."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        losses = losses.detach().to(device="cpu", dtype=torch.float64)
+        if indices.shape != losses.shape or indices.dim() != 1:
+            raise ValueError(
+                f"indices and losses must be (B,) alike, got {tuple(indices.shape)} and "
+                f"{tuple(losses.shape)}"
+            )
+        if not torch.isfinite(losses).all() or (losses < 0).any():
+            raise ValueError("losses must be finite and >= 0 to become priorities")
+        priorities = (losses + self.eps) ** self.alpha
+        sums = torch.zeros_like(self.priorities).index_add_(0, indices, priorities)
+        counts = torch.zeros_like(self.priorities).index_add_(0, indices, torch.ones_like(losses))
+        drawn = counts > 0
+        self.priorities[drawn] = sums[drawn] / counts[drawn]
+        self.seen[indices] = True
+        self.priorities[~self.seen] = self.priorities[self.seen].max()
+
+    def state_dict(self) -> dict:
+        return {"priorities": self.priorities.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        priorities, seen = state["priorities"], state["seen"]
+        if priorities.shape != (self.size,) or seen.shape != (self.size,):
+            raise ValueError(
+                f"the sampler state holds {priorities.shape[0]} priorities, the data {self.size}"
+            )
+        self.priorities = priorities.to(torch.float64).clone()
+        self.seen = seen.to(torch.bool).clone()
