@@ -36,6 +36,9 @@ from test_fused import (
 from angular import ops
 from angular.ops import reference
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import formulations  # noqa: E402  (the heads as their authors wrote them)
+
 MARGIN_NAMES = ("m1", "m2", "m3", "lam")
 
 
@@ -114,29 +117,38 @@ def test_reference_margin_gradients_are_the_closed_form(seed):
         )
 
 
-def curricularface_logits(cos, labels, *, s, m, t):
-    """CurricularFace's published forward (its head's ``forward``), restricted to targets with
-    ``theta_y + m < pi``, where its ``target - mm`` branch is not taken."""
-    cos_theta = cos.clamp(-1, 1).clone()
-    target_logit = cos_theta[torch.arange(cos.shape[0]), labels].view(-1, 1)
-    sin_theta = torch.sqrt(1.0 - target_logit**2)
-    cos_theta_m = target_logit * math.cos(m) - sin_theta * math.sin(m)
-    mask = cos_theta > cos_theta_m
-    hard_example = cos_theta[mask]
-    cos_theta[mask] = hard_example * (t + hard_example)
-    cos_theta.scatter_(1, labels.view(-1, 1), cos_theta_m)
-    return cos_theta * s
+def published_inputs(seed, batch=16, classes=200):
+    """Cosines inside (-1, 1) with target angles below pi - 0.5 (where the published heads take
+    no ``target - mm`` branch, and AdaFace's clip to [eps, pi - eps] does not bind)."""
+    generator = torch.Generator().manual_seed(seed)
+    cos = torch.rand(batch, classes, generator=generator, dtype=torch.float64) * 1.99 - 0.995
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    targets = torch.rand(batch, generator=generator, dtype=torch.float64) * 1.4 - 0.5
+    cos[torch.arange(batch), labels] = targets
+    return cos, labels
 
 
 def test_reference_modulation_is_curricularfaces_forward(seed):
-    generator = torch.Generator().manual_seed(seed)
-    cos = torch.rand(16, 200, generator=generator, dtype=torch.float64) * 2 - 1
-    labels = torch.randint(0, 200, (16,), generator=generator)
-    cos[torch.arange(16), labels] = (
-        torch.rand(16, generator=generator, dtype=torch.float64) * 1.5 - 0.5
-    )
+    cos, labels = published_inputs(seed)
     got = reference.margin_logits(cos, labels, s=64.0, m2=0.5, negative_t=0.3)
-    want = curricularface_logits(cos, labels, s=64.0, m=0.5, t=0.3)
+    want = formulations.curricularface_logits(cos, labels, s=64.0, m=0.5, t=0.3)
+    assert_close(got, want, 1e-12, f"seed={seed}")
+
+
+def test_reference_per_row_margins_are_magface_and_adaface(seed):
+    cos, labels = published_inputs(seed)
+    generator = torch.Generator().manual_seed(seed)
+    margins = 0.45 + 0.35 * torch.rand(16, generator=generator, dtype=torch.float64)
+    got = reference.margin_logits(cos, labels, s=64.0, m2=margins)
+    assert_close(got, formulations.magface_logits(cos, labels, margins), 1e-12, f"seed={seed}")
+    # AdaFace rows with a norm below the batch mean: angular part -m ms >= 0 (module doc of
+    # docs/design.md, Per-row margins and negative modulation: m2 >= 0).
+    norms = 10.0 + 10.0 * torch.rand(16, generator=generator, dtype=torch.float64)
+    scaler = torch.clip((norms - 20.0) / (4.0 + 1e-3) * 0.333, -1, 1)
+    got = reference.margin_logits(
+        cos.clamp(-1 + 1e-3, 1 - 1e-3), labels, s=64.0, m2=-0.4 * scaler, m3=0.4 + 0.4 * scaler
+    )
+    want = formulations.adaface_logits(cos, labels, norms, batch_mean=20.0, batch_std=4.0)
     assert_close(got, want, 1e-12, f"seed={seed}")
 
 
