@@ -70,6 +70,8 @@ PARAM_KEYS = (
     "train.collapse",
     "train.keep_checkpoints",
     "train.distributed",
+    "train.sampler",
+    "train.prioritized",
 )
 
 
