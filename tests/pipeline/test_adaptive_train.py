@@ -9,7 +9,7 @@ import torch
 from pipeline_testing import STEPS_PER_EPOCH, assert_same_state, model_state, paths_in, tiny_raw
 from test_train import Interrupt, interrupt_training_at
 
-from angular.config import parse_params
+from angular.config import ConfigError, parse_params
 from angular.data import read_manifest
 from angular.nn.adaptive import ElasticArcFace, SubCenterArcFace
 from angular.nn.recognition import load_model
@@ -59,3 +59,10 @@ def test_prioritized_resume_equals_an_uninterrupted_run(project, monkeypatch, ca
     )
     key = "heads.elasticface_arc.weight"
     assert not torch.equal(model_state(uniform.model)[key], model_state(reference.model)[key])
+
+
+def test_adaptive_heads_and_the_prioritized_sampler_refuse_several_processes():
+    with pytest.raises(ConfigError, match="'magface' is a magface head, which trains in one"):
+        parse_params(tiny_raw(train__items=["magface"], train__distributed__world_size=2))
+    with pytest.raises(ConfigError, match="train.sampler: must be uniform when"):
+        parse_params(tiny_raw(train__sampler="prioritized", train__distributed__world_size=2))
