@@ -141,9 +141,8 @@ def test_reference_per_row_margins_are_magface_and_adaface(seed):
     margins = 0.45 + 0.35 * torch.rand(16, generator=generator, dtype=torch.float64)
     got = reference.margin_logits(cos, labels, s=64.0, m2=margins)
     assert_close(got, formulations.magface_logits(cos, labels, margins), 1e-12, f"seed={seed}")
-    # AdaFace rows with a norm below the batch mean: angular part -m ms >= 0 (module doc of
-    # docs/design.md, Per-row margins and negative modulation: m2 >= 0).
-    norms = 10.0 + 10.0 * torch.rand(16, generator=generator, dtype=torch.float64)
+    # AdaFace: angular part -m ms, negative for norms above the batch mean (a per-row m2 may be).
+    norms = 10.0 + 20.0 * torch.rand(16, generator=generator, dtype=torch.float64)
     scaler = torch.clip((norms - 20.0) / (4.0 + 1e-3) * 0.333, -1, 1)
     got = reference.margin_logits(
         cos.clamp(-1 + 1e-3, 1 - 1e-3), labels, s=64.0, m2=-0.4 * scaler, m3=0.4 + 0.4 * scaler
@@ -180,21 +179,21 @@ def check_rows_against_reference(
     for kind in ("logits", "none", "mean"):
         where = f"{context}: {kind}"
         got_cos, ref_cos = with_grad_in_layout(cos), cos.detach().double().requires_grad_()
-        got_m, ref_m = leaves(margins, cos.device), leaves(margins, "cpu", torch.float64)
+        got_m, ref_m = leaves(margins, cos.device), leaves(margins, cos.device, torch.float64)
         if kind == "logits":
             got = ops.margin_logits(got_cos, labels, **got_m, **options)
-            want = reference.margin_logits(ref_cos, labels.cpu(), **ref_m, **options)
+            want = reference.margin_logits(ref_cos, labels, **ref_m, **options)
             assert got.dtype == cos.dtype, where
             weights = torch.randn(cos.shape, generator=generator, dtype=torch.float64)
         else:
             ce = dict(label_smoothing=eps, reduction=kind, **options)
             got = ops.margin_cross_entropy(got_cos, labels, **got_m, **ce)
-            want = reference.margin_cross_entropy(ref_cos, labels.cpu(), **ref_m, **ce)
+            want = reference.margin_cross_entropy(ref_cos, labels, **ref_m, **ce)
             assert got.dtype == reference.compute_dtype(cos.dtype), where
             weights = torch.rand(want.shape, generator=generator, dtype=torch.float64)
         assert_close(got, want, value_tol, where)
         (got * weights.to(got)).sum().backward()
-        (want * weights).sum().backward()
+        (want * weights.to(want)).sum().backward()
         assert_gradients(got_cos.grad, ref_cos.grad, cos, labels, grad_tol, f"{where} grad cos")
         for name, value in got_m.items():
             if isinstance(value, torch.Tensor):
@@ -207,7 +206,7 @@ def check_rows_against_reference(
 CONFIGS = {
     # name: (per-row ranges for row_margins, negative_t, straight_through, label_smoothing)
     "arcface-rows": (dict(m2=(0.2, 0.6)), None, False, 0.0),
-    "adaface-rows": (dict(m2=(0.0, 0.8)), None, False, 0.1),
+    "adaface-rows": (dict(m2=(-0.4, 0.4)), None, False, 0.1),  # m2 = -m ms: either sign
     "sphereface-lam-rows": (dict(m1=(1.5, 4.0), m2=(0.0, 0.0), lam=(0.0, 5.0)), None, False, 0.0),
     "curricular": (dict(m2=(0.5, 0.5)), 0.3, False, 0.0),
     "curricular-rows-smoothed": (dict(m1=(1.0, 3.0), m2=(0.2, 0.6)), 0.6, False, 0.1),
@@ -316,7 +315,7 @@ def test_gradcheck_fp64_rows():
         ("m2", torch.tensor([0.1, float("nan"), 0.2, 0.3]), ValueError, "m2 must be finite"),
         ("m3", torch.tensor([0.1, float("inf"), 0.2, 0.3]), ValueError, "m3 must be finite"),
         ("m1", torch.tensor([1.0, 0.0, 1.0, 1.0]), ValueError, "m1 must be > 0.0"),
-        ("m2", torch.tensor([0.1, -0.1, 0.2, 0.3]), ValueError, "m2 must be >= 0.0"),
+        ("m2", -0.1, ValueError, "m2 must be >= 0.0"),  # a float m2; per-row m2 may be negative
         ("lam", torch.tensor([0.0, -1.0, 0.0, 0.0]), ValueError, "lam must be >= 0.0"),
         ("m2", torch.zeros(4, device="meta"), ValueError, "m2 is on meta but cos is on cpu"),
         ("negative_t", float("nan"), ValueError, "negative_t must be finite"),
@@ -328,6 +327,23 @@ def test_bad_per_row_arguments_name_the_argument(name, bad, error, match):
     for op in (ops.margin_logits, ops.margin_cross_entropy):
         with pytest.raises(error, match=match):
             op(cos, labels, s=8.0, **{name: bad})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_match_reference_cuda(seed, dtype):
+    """The CUDA *_rows kernels (tests/test_fused_cuda.py holds the scalar ones)."""
+    require_fused("cuda")
+    for classes in (300, 70000):  # a warp per row, and a block per row with split rows
+        cos, labels = make_inputs(12, classes, dtype, seed, device="cuda")
+        margins = {
+            k: v.cuda() for k, v in row_margins(12, seed, m1=(1.0, 3.0), lam=(0.0, 2.0)).items()
+        }
+        for negative_t in (None, 0.4):
+            check_rows_against_reference(
+                cos, labels, margins, s=32.0, eps=0.1, straight_through=False,
+                negative_t=negative_t, context=f"seed={seed} cuda C={classes} {dtype}",
+            )  # fmt: skip
 
 
 def test_fused_linear_refuses_per_row_margins_and_modulation():

@@ -14,6 +14,18 @@ The compiled ops (schemas in ``csrc/ops.cpp``)::
     margin_cross_entropy_backward(grad_loss_rows, cos, labels, lse, s, m1, m2, m3, lam,
                                   label_smoothing, straight_through) -> grad_cos
 
+Per-row margins and negative modulation (docs/design.md, Per-row margins and negative modulation)
+go to their ``*_rows`` variants, which take the four margins as one (4, B) tensor in the arithmetic
+dtype (floats repeated) and ``negative_t`` (None: off); their backwards also return d loss / d margins::
+
+    margin_logits_rows(cos, labels, margins, s, straight_through, negative_t) -> logits
+    margin_logits_rows_backward(grad, cos, labels, margins, s, straight_through, negative_t)
+        -> (grad_cos, grad_margins)
+    margin_cross_entropy_rows(cos, labels, margins, s, label_smoothing, straight_through, negative_t)
+        -> (loss per row, log-sum-exp per row)
+    margin_cross_entropy_rows_backward(grad_loss_rows, cos, labels, lse, margins, s, label_smoothing,
+                                       straight_through, negative_t) -> (grad_cos, grad_margins)
+
 Per-row losses are 0 for rows with a negative label; the reduction happens here, in Python, so that
 the kernels see one per-row upstream gradient whatever the reduction.
 
@@ -124,10 +136,12 @@ def _check_row_values(
 
 
 def _check_margins(cos, m1, m2, m3, lam) -> tuple:
-    """Per-row or scalar ``m1, m2, m3, lam`` with the bounds of :func:`check_margin`."""
+    """Per-row or scalar ``m1, m2, m3, lam`` with the bounds of :func:`check_margin`, except that a
+    per-row ``m2`` may be negative: AdaFace's angular part ``-m ms`` is, for rows with ``ms > 0``
+    (docs/design.md, Per-row margins and negative modulation)."""
     return (
         _check_row_values("m1", m1, cos, low=0.0, strict=True),
-        _check_row_values("m2", m2, cos, low=0.0),
+        _check_row_values("m2", m2, cos, low=None if isinstance(m2, torch.Tensor) else 0.0),
         _check_row_values("m3", m3, cos),
         _check_row_values("lam", lam, cos, low=0.0),
     )
