@@ -365,10 +365,13 @@ class SubCenterArcFace(AdaptiveMarginHead):
         self.weight = torch.nn.Parameter(torch.empty(num_classes * k, self.embedding_dim))
         torch.nn.init.normal_(self.weight, std=0.01)
         self.register_buffer("dominant", torch.full((num_classes,), -1, dtype=torch.int64))
+        # Mirrors "dominant is set" on the host, so that cosine() never reads the buffer back from
+        # the device (a sync per call on a GPU, a constant baked in by tracing).
+        self.uses_dominant = False
 
-    @property
-    def uses_dominant(self) -> bool:
-        return bool((self.dominant >= 0).all())
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.uses_dominant = bool((self.dominant >= 0).all())
 
     def subcenter_cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Cosines with every sub-centre: (B, D) -> (B, C, K)."""
@@ -399,6 +402,7 @@ class SubCenterArcFace(AdaptiveMarginHead):
             labels * self.k + own.argmax(dim=1), minlength=self.num_classes * self.k
         )
         self.dominant.copy_(votes.view(self.num_classes, self.k).argmax(dim=1))
+        self.uses_dominant = True
         return self.dominant.clone()
 
     def _per_row(self, x, cos, labels, update):
