@@ -151,9 +151,7 @@ class ShardedMarginHead(nn.Module):
 
     def cosine(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``cos`` of each row of ``x`` with this rank's centres (or ``weight``): (B, C_local)."""
-        weight = self.weight if weight is None else weight
-        weight = weight.to(x.dtype) if weight.dtype != x.dtype else weight
-        return F.linear(F.normalize(x, dim=1), F.normalize(weight, dim=1))
+        return sharded.shard_cosine(x, self.weight if weight is None else weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``s * cos`` against this rank's shard only, (B, class_count), no margin and no
@@ -221,8 +219,9 @@ class ShardedMarginHead(nn.Module):
                 reduction=reduction,
                 **self._margin_args(),
             )
+        weight = self.weight.to(x.dtype) if self.weight.dtype != x.dtype else self.weight
         return ops.margin_cross_entropy(
-            self.cosine(x),
+            F.linear(F.normalize(x, dim=1), F.normalize(weight, dim=1)),  # MarginHead.cosine
             labels,
             label_smoothing=self.label_smoothing,
             reduction=reduction,

@@ -44,6 +44,7 @@ __all__ = [
     "sharded_margin_cross_entropy",
     "sharded_margin_partials",
     "sharded_margin_cross_entropy_backward",
+    "shard_cosine",
     "shard_range",
 ]
 
@@ -141,6 +142,44 @@ def gather_rows(x: torch.Tensor, labels: torch.Tensor, group=None):
             + ", ".join(f"rank {r}: {size}" for r, size in enumerate(sizes))
         )
     return _GatherRows.apply(x, group), torch.cat(all_gather_equal(labels, group))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cosines against a shard without a normalised copy of its centres.
+
+
+class _ShardCosine(torch.autograd.Function):
+    """``normalize(x) @ normalize(weight).T`` for normalised ``x``, keeping no (C, D) copy: the
+    forward scales the product's columns by ``1 / |w_j|``; the backward writes the centres'
+    gradient in one (C, D) buffer, ``(G_j - w_j (w_j . G_j) / |w_j|^2) / |w_j|`` with
+    ``G = grad^T x`` (docs/design.md, "Normalisation inside a fused linear op"). Autograd through
+    ``F.normalize(weight)`` would hold a normalised copy and its gradient, 2 x C x D more."""
+
+    @staticmethod
+    def forward(ctx, x_unit, weight):
+        inv_norm = 1.0 / weight.norm(dim=1).clamp(min=1e-12)  # F.normalize's floor
+        cos = (x_unit @ weight.t()).mul_(inv_norm)
+        ctx.save_for_backward(x_unit, weight, inv_norm)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_unit, weight, inv_norm = ctx.saved_tensors
+        scaled = grad * inv_norm
+        grad_x = scaled @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = scaled.t() @ x_unit  # G_j / |w_j|
+            along = torch.bmm(grad_weight.unsqueeze(1), weight.unsqueeze(2)).flatten()
+            grad_weight.addcmul_(weight, (along * inv_norm * inv_norm).unsqueeze(1), value=-1.0)
+        return grad_x, grad_weight
+
+
+def shard_cosine(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``cos`` (B, C_local) of the rows of ``x`` (B, D) with the centres ``weight`` (C_local, D),
+    computed in ``x``'s dtype (the centres are converted when theirs differs, as MarginHead does)."""
+    weight = weight.to(x.dtype) if weight.dtype != x.dtype else weight
+    return _ShardCosine.apply(torch.nn.functional.normalize(x, dim=1), weight)
 
 
 # --------------------------------------------------------------------------------------------------

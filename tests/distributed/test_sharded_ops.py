@@ -254,3 +254,19 @@ def test_the_fallback_warns_once_when_the_extension_lacks_the_ops(monkeypatch):
     assert torch.equal(
         got[0], sharded.reference_partials(cos, labels, s=10.0, m1=1.0, m2=0.0, m3=0.0, lam=0.0)[0]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shard_cosine_is_the_normalised_matmul_with_its_gradients(dtype):
+    x = torch.randn(5, 7, dtype=dtype, requires_grad=True)
+    weight = torch.randn(11, 7, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(5, 11, dtype=dtype)
+    got = sharded.shard_cosine(x, weight)
+    grads = torch.autograd.grad(got, (x, weight), upstream)
+    expected = torch.nn.functional.linear(
+        torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(weight, dim=1)
+    )
+    expected_grads = torch.autograd.grad(expected, (x, weight), upstream)
+    close(got, expected, dtype)
+    for g, e in zip(grads, expected_grads):
+        close(g, e, dtype)
