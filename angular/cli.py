@@ -244,6 +244,7 @@ def _run_embed(args) -> None:
         device=args.device,
         flip_test=args.flip_test,
         batch_size=args.batch_size,
+        progress=True,
     )
     out = write_embeddings(result, args.out)
     print(

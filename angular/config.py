@@ -6,7 +6,8 @@ below, one per section, into a frozen :class:`Params`. Every key is required (th
 stage reads to exist there), except a head's ``straight_through`` (default ``false``) and
 ``fused_linear`` (default ``null``), ``data.max_images_per_class`` and ``data.crop`` (default
 ``null``), and
-``evaluate.verification.pairs_file`` (default ``null``) and ``flip_test`` (default ``false``), and
+``evaluate.verification.pairs_file`` and ``pairs_root`` (default ``null``),
+``evaluate.unknown_far`` (default ``0.05``) and ``flip_test`` (default ``false``), and
 ``tracking.register_model`` (default ``null``). An
 unknown key, a missing key or a bad value raises :class:`ConfigError`, whose message starts with
 the dotted key, e.g. ``train.epochs: must be an integer >= 1, got 0``.
@@ -849,12 +850,24 @@ class VerificationConfig(_Section):
     pairs_file: text(optional=True) = None
     # Embed each image and its horizontal mirror and add the two normalised embeddings.
     flip_test: flag() = False
+    # A folder under which the pairs file's images are found (anywhere below it, by the file name
+    # <name>_<NNNN>.<ext>), embedded by each model; pairs that touch a known (training) identity are
+    # dropped and counted. None: the pairs name test or unknown images of the prepared data.
+    pairs_root: text(optional=True) = None
     # The false accept rate whose threshold (threshold@far=F of each embedding, on these pairs)
     # `angular identify` uses by default to reject people who are not in the gallery.
     gallery_far: number(0.0, 1.0, low_open=True, high_open=True) = 1e-2
 
 
 def _rules(value):
+    @model_validator(mode="after")
+    def _root_of_a_pairs_file(self):
+        if self.pairs_root is not None and self.pairs_file is None:
+            raise _problem(
+                "only used with evaluate.verification.pairs_file; set it to null", "pairs_root"
+            )
+        return self
+
     if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
         raise _problem(f"must be a list of ensemble rules ({', '.join(RULES)}), got {value!r}")
     for rule in value:
@@ -897,6 +910,9 @@ class EvaluateConfig(_Section):
     known_rate: number(0.0, 1.0, low_open=True)
     n_bins: integer(1)
     batch_size: integer(1)
+    # The second open-set operating point: the threshold that accepts at most this share of the
+    # unknown people's images (chosen on one half of the unknown people, applied to the other).
+    unknown_far: number(0.0, 1.0, low_open=True, high_open=True) = 0.05
     num_threads: integer(0)
     embedding_plot: flag()
     members: MembersConfig

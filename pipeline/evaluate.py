@@ -25,6 +25,7 @@ unknown images) and ``report.md`` (the main metrics as a table).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -38,6 +39,7 @@ from angular.config import ConfigError, EvaluateConfig, load_params
 from angular.data import read_manifest
 from angular.eval import metrics as M
 from angular.eval import plots
+from angular.eval.calibration import fit_probability_temperature, temper
 from angular.eval.ensemble import combine, select_members
 from angular.files import atomic_write_text
 from angular.nn.recognition import load_model
@@ -56,7 +58,7 @@ from pipeline import (
     stage_parser,
 )
 
-PARAM_KEYS = ("evaluate", "train.items")
+PARAM_KEYS = ("evaluate", "train.items", "data.crop")
 EVAL_SPLITS = ("val", "test", "unknown")
 MAIN_COLUMNS = (
     "closed_set_accuracy",
@@ -87,14 +89,50 @@ def _load_temperatures(item: str) -> dict[str, float]:
     return json.loads(path.read_text(encoding="utf-8"))["temperatures"]
 
 
+def unknown_halves(identities: Sequence[str], seed: int) -> np.ndarray | None:
+    """A seeded split of the unknown people into two halves (bool per image: in the first half),
+    or None with fewer than 2 unknown people. The threshold at ``evaluate.unknown_far`` is chosen on
+    one half and measured on the other, so that no image decides its own threshold."""
+    people = sorted(set(identities))
+    if len(people) < 2:
+        return None
+    order = np.random.default_rng(seed).permutation(len(people))
+    first = {people[i] for i in order[: len(people) // 2]}
+    return np.array([name in first for name in identities], bool)
+
+
+def _at_unknown_far(confidence, predicted, labels, halves, far: float) -> dict[str, float]:
+    """Open-set metrics at the threshold that accepts ``far`` of the unknown images: for each half
+    of the unknown people, the threshold chosen on the other half, applied to the known test
+    images and this half; the mean over the two halves."""
+    known = labels >= 0
+    in_first = np.zeros(len(labels), bool)
+    in_first[~known] = halves
+    found = []
+    for half in (in_first, ~known & ~in_first):
+        threshold = M.threshold_at_far(confidence[~known & ~half], far)
+        keep = known | half
+        args = (confidence[keep], predicted[keep], labels[keep], known[keep])
+        found.append(
+            {
+                "threshold": threshold,
+                "open_set_accuracy": M.open_set_accuracy(*args, threshold),
+                **M.open_set_rates(*args, threshold),
+            }
+        )
+    return {f"{key}@unknown_far": float(np.mean([f[key] for f in found])) for key in found[0]}
+
+
 def scores(
     probs: dict[str, np.ndarray],
     predicted: dict[str, np.ndarray],
     confidence: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
     config: EvaluateConfig,
+    halves: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """The metrics of one head or rule from its per-split probabilities / predictions."""
+    """The metrics of one head or rule from its per-split probabilities / predictions; ``halves``:
+    :func:`unknown_halves` of the unknown images (None: no threshold at ``unknown_far``)."""
     result = {
         "closed_set_accuracy": float(np.mean(predicted["test"] == labels["test"])),
         "ece": M.expected_calibration_error(probs["test"], labels["test"], config.n_bins),
@@ -111,9 +149,29 @@ def scores(
         lab = np.concatenate([labels["test"], labels["unknown"]])
         known = lab >= 0
         result["open_set_accuracy"] = M.open_set_accuracy(conf, pred, lab, known, threshold)
+        result.update(M.open_set_rates(conf, pred, lab, known, threshold))
         result["open_set_auroc"] = M.open_set_auroc(conf, known)
         result["oscr"] = M.oscr(conf, pred, lab, known)
+        if halves is not None:
+            result.update(_at_unknown_far(conf, pred, lab, halves, config.unknown_far))
     return result
+
+
+# Rules whose distribution gets a temperature of its own, fitted on validation: the mean of
+# calibrated heads is under-confident where they disagree, their product over-confident. (vote's
+# distribution is built around the vote's confidence, max_conf's is one calibrated head's.)
+TEMPERED_RULES = ("mean_prob", "sum_log_prob")
+
+
+def _tempered(stacked: dict, labels: dict) -> tuple[dict, tuple[float, np.ndarray]]:
+    """The ensemble's ``(probs, predicted, confidence)`` per split with its own temperature
+    (fitted on the validation split), and ``(temperature, untempered test probabilities)``."""
+    temperature = fit_probability_temperature(stacked["val"][0], labels["val"])
+    tempered = {}
+    for split, (probs, predicted, _) in stacked.items():
+        probs = temper(probs, temperature) if len(probs) else probs
+        tempered[split] = (probs, predicted, probs.max(axis=1) if len(probs) else probs[:, 0])
+    return tempered, (temperature, stacked["test"][0])
 
 
 def _plots_for(name, probs, predicted, confidence, labels, threshold, classes, n_bins) -> None:
@@ -151,7 +209,7 @@ def _drawn_pairs(identities, config: EvaluateConfig):
     )
     if same.all() or not same.any() or len(same) < v.folds:
         return None
-    return a, b, same
+    return a, b, same, None
 
 
 def pair_names(paths, identities) -> list[str]:
@@ -164,25 +222,93 @@ def pair_names(paths, identities) -> list[str]:
     return names
 
 
+PAIRS_FILE_KEY = "evaluate.verification.pairs_file"
+PAIRS_ROOT_KEY = "evaluate.verification.pairs_root"
+
+
 def _pairs_from_file(config: EvaluateConfig, names):
+    """``(index_a, index_b, same, fold_of)`` of the pairs file's pairs among ``names`` (the test
+    and unknown images)."""
     path = config.verification.pairs_file
     try:
-        return M.read_pairs_file(path, names)
+        parsed = M.parse_pairs_file(path)
+        index_a, index_b, same = M.read_pairs_file(path, names)
     except ValueError as error:
         raise ConfigError(
-            "evaluate.verification.pairs_file",
-            f"{error} (its pairs must name test or unknown images)",
+            PAIRS_FILE_KEY,
+            f"{error} (without {PAIRS_ROOT_KEY}, its pairs must name test or unknown images)",
         ) from None
+    return index_a, index_b, same, parsed.fold_of
+
+
+@dataclasses.dataclass(frozen=True)
+class ExternalPairs:
+    """A pairs file's pairs of images found under ``pairs_root`` (a benchmark such as LFW)."""
+
+    paths: list[Path]  # each image once; the pairs index into it
+    pairs: tuple  # (index_a, index_b, same, fold_of or None)
+    dropped: int  # pairs that touched a known (training) identity
+
+
+def external_pairs(config: EvaluateConfig, known_identities) -> ExternalPairs:
+    """Read the pairs file, drop its pairs that touch a known identity, and find each image that
+    is left under ``pairs_root``: every problem is an error here, before any image is embedded."""
+    v = config.verification
+    try:
+        parsed = M.parse_pairs_file(v.pairs_file)
+    except ValueError as error:
+        raise ConfigError(PAIRS_FILE_KEY, str(error)) from None
+    known = set(known_identities)
+    keep = np.array([a not in known and b not in known for a, b in parsed.people], bool)
+    dropped = int((~keep).sum())
+    same = parsed.same[keep]
+    if same.all() or not same.any():
+        left = f"{int(same.sum())} genuine and {int((~same).sum())} impostor"
+        raise ConfigError(
+            PAIRS_FILE_KEY,
+            f"{dropped} of its {len(keep)} pairs touch an identity the models were trained on and "
+            f"are dropped, which leaves {left} pairs: verification needs both",
+        )
+    root = Path(v.pairs_root)
+    if not root.is_dir():
+        raise ConfigError(PAIRS_ROOT_KEY, f"{root} is not a folder")
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            found.setdefault(path.stem, path)
+    kept = np.flatnonzero(keep)
+    names = sorted({name for i in kept for name in (parsed.first[i], parsed.second[i])})
+    missing = [name for name in names if name not in found]
+    if missing:
+        listed = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        raise ConfigError(
+            PAIRS_ROOT_KEY,
+            f"{len(missing)} image(s) of {v.pairs_file} are not under {root} (looked for "
+            f"<name>_<NNNN>.<any extension> in every sub-folder): {listed}",
+        )
+    index_of = {name: index for index, name in enumerate(names)}
+    index_a = np.array([index_of[parsed.first[i]] for i in kept], np.int64)
+    index_b = np.array([index_of[parsed.second[i]] for i in kept], np.int64)
+    fold_of = None if parsed.fold_of is None else parsed.fold_of[keep]
+    return ExternalPairs(
+        [found[name] for name in names], (index_a, index_b, same, fold_of), dropped
+    )
 
 
 def _verification(embeddings: dict[str, np.ndarray], pairs, config: EvaluateConfig):
     """Verification metrics and ROC curves of each embedding on pairs ``(index_a, index_b, same)``."""
-    a, b, same = pairs
+    a, b, same, fold_of = pairs
     results, curves = {}, {}
     for name, embedding in embeddings.items():
         similarity = M.cosine_similarity_pairs(embedding, a, b)
         results[name] = M.verification_metrics(
-            similarity, same, folds=config.verification.folds, seed=config.verification.seed
+            similarity,
+            same,
+            folds=config.verification.folds,
+            seed=config.verification.seed,
+            fold_of=fold_of,
         )
         fars = sorted({*M.DEFAULT_FARS, config.verification.gallery_far}, reverse=True)
         results[name].update(M.thresholds_at_far(similarity, same, fars))
@@ -197,8 +323,11 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 def evaluate(params, manifest, *, run=None) -> dict:
     config = params.evaluate
-    file_pairs = None
-    if config.verification.pairs_file is not None:  # a bad pairs file stops before any inference
+    file_pairs = external = None
+    # A bad pairs file stops here, before any inference.
+    if config.verification.pairs_file is not None and config.verification.pairs_root is not None:
+        external = external_pairs(config, manifest.classes)
+    elif config.verification.pairs_file is not None:
         # The file's pairs may mix test and unknown images: look them up among both.
         names = pair_names(
             manifest.paths("test") + manifest.paths("unknown"),
@@ -213,6 +342,7 @@ def evaluate(params, manifest, *, run=None) -> dict:
     labels = {split: manifest.labels(split) for split in EVAL_SPLITS}
 
     outputs: dict[str, dict[str, SplitOutputs]] = {}
+    external_embeddings: dict[str, np.ndarray] = {}
     member_probs: dict[str, dict[str, np.ndarray]] = {}
     raw_probs_test: dict[str, np.ndarray] = {}
     for item in params.train.items:
@@ -231,9 +361,21 @@ def evaluate(params, manifest, *, run=None) -> dict:
                 manifest.identities(split),
                 batch_size=config.batch_size,
                 flip_test=config.verification.flip_test,
+                progress=f"evaluate: {item}, {split} images",
             )
             for split in EVAL_SPLITS
         }
+        if external is not None:  # prepare did not crop these: crop them as it did the others
+            external_embeddings[item] = run_model(
+                loaded,
+                external.paths,
+                np.full(len(external.paths), -1),
+                [path.parent.name for path in external.paths],
+                batch_size=config.batch_size,
+                flip_test=config.verification.flip_test,
+                crop=params.data.crop,
+                progress=f"evaluate: {item}, images of the pairs file",
+            ).embeddings
         np.savez_compressed(
             EVALUATE_DIR / f"{item}.npz",
             **{
@@ -277,7 +419,9 @@ def evaluate(params, manifest, *, run=None) -> dict:
     }
     roc_curves = {}
     has_unknown = len(labels["unknown"]) > 0
+    halves = unknown_halves(manifest.identities("unknown"), config.verification.seed)
     candidates = {name: probs for name, probs in member_probs.items()}
+    ensemble_temperature: dict[str, tuple[float, np.ndarray]] = {}
     for rule in config.rules:
         stacked = {}
         for split in EVAL_SPLITS:
@@ -289,6 +433,8 @@ def evaluate(params, manifest, *, run=None) -> dict:
                 [member_probs[m][split] for m in ensemble_members], rule
             )
             stacked[split] = (probs, predicted, confidence)
+        if rule in TEMPERED_RULES:
+            stacked, ensemble_temperature[rule] = _tempered(stacked, labels)
         candidates[f"ensemble_{rule}"] = stacked
     for name, entry in candidates.items():
         if name in member_probs:
@@ -299,14 +445,21 @@ def evaluate(params, manifest, *, run=None) -> dict:
             probs = {s: v[0] for s, v in entry.items()}
             predicted = {s: v[1] for s, v in entry.items()}
             confidence = {s: v[2] for s, v in entry.items()}
-        result = scores(probs, predicted, confidence, labels, config)
+        result = scores(probs, predicted, confidence, labels, config, halves)
         if name in member_probs:
             result["ece_uncalibrated"] = M.expected_calibration_error(
                 raw_probs_test[name], labels["test"], config.n_bins
             )
             results["heads"][name] = result
         else:
-            results["ensembles"][name.removeprefix("ensemble_")] = result
+            rule = name.removeprefix("ensemble_")
+            if rule in ensemble_temperature:
+                temperature, untempered = ensemble_temperature[rule]
+                result["temperature"] = temperature
+                result["ece_uncalibrated"] = M.expected_calibration_error(
+                    untempered, labels["test"], config.n_bins
+                )
+            results["ensembles"][rule] = result
         _plots_for(
             name, probs, predicted, confidence, labels, result["threshold"], classes, config.n_bins
         )
@@ -340,6 +493,12 @@ def evaluate(params, manifest, *, run=None) -> dict:
             for item in params.train.items
         }
         pair_sets["pairs_file"] = (embeddings, file_pairs, config.verification.pairs_file)
+    if external is not None:
+        pair_sets["pairs_file"] = (
+            external_embeddings,
+            external.pairs,
+            f"{config.verification.pairs_file} ({external.dropped} pairs of trained people dropped)",
+        )
     # The ensemble's embedding concatenates the items that kept a member in the ensemble.
     owner = {member: item for member, (item, _) in params.members().items()}
     kept_items = [
@@ -350,6 +509,9 @@ def evaluate(params, manifest, *, run=None) -> dict:
             kept = [_normalised(embeddings[item]) for item in kept_items]
             embeddings = embeddings | {"ensemble": np.concatenate(kept, axis=1)}
         found, curves = _verification(embeddings, pairs, config)
+        if split == "pairs_file" and external is not None:
+            for values in found.values():
+                values["n_dropped_trained_identity"] = float(external.dropped)
         results["verification"][split] = found
         plots.roc_plot(
             curves,
@@ -401,6 +563,34 @@ def report_table(results: dict) -> str:
             cells = [values.get(c) for c in columns]
             text = ["" if c is None else f"{c:.4f}" for c in cells]
             lines.append(f"| {prefix}{name} | " + " | ".join(text) + " |")
+    operating = [
+        (prefix + name, values)
+        for group, prefix in (("heads", ""), ("ensembles", "ensemble "))
+        for name, values in results[group].items()
+        if "known_acceptance" in values
+    ]
+    if operating:
+        sides = ("known_acceptance", "unknown_rejection", "open_set_balanced_accuracy")
+        at_far = any("threshold@unknown_far" in values for _, values in operating)
+        points = [("threshold", "")] + ([("threshold", "@unknown_far")] if at_far else [])
+        header = [
+            f"{key}{suffix}"
+            for _, suffix in points
+            for key in ("threshold", "open_set_accuracy", *sides)
+        ]
+        lines += [
+            "",
+            "Open-set operating points: the threshold accepting evaluate.known_rate of the known "
+            "validation images, and the one accepting evaluate.unknown_far of the unknown images "
+            "(chosen on one half of the unknown people, measured on the other):",
+            "",
+            "| | " + " | ".join(header) + " |",
+            "|---|" + "---:|" * len(header),
+        ]
+        for name, values in operating:
+            cells = [values.get(key) for key in header]
+            text = ["" if c is None else f"{c:.4f}" for c in cells]
+            lines.append(f"| {name} | " + " | ".join(text) + " |")
     members = results.get("members", {})
     if members:
         cells = [
@@ -417,6 +607,8 @@ def report_table(results: dict) -> str:
         lines += ["", f"Verification on {what}:", ""]
         tar_keys = [f"tar@{M.far_key(far)}" for far in M.DEFAULT_FARS]
         keys = ["accuracy", "auc", "eer", *tar_keys, "n_genuine", "n_impostor"]
+        if any("n_dropped_trained_identity" in values for values in entries.values()):
+            keys.append("n_dropped_trained_identity")
         lines += ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
         for name, values in entries.items():
             cells = []

@@ -323,10 +323,16 @@ def test_best_threshold_hand_case():
     # (5/6 right); accepting >= 0.2 lets two impostors in (4/6); so the cut is midway 0.5 -- 0.6.
     threshold, accuracy = metrics.best_threshold([0.9, 0.6, 0.2, 0.5, 0.3, 0.1], [1, 1, 1, 0, 0, 0])
     assert threshold == pytest.approx(0.55) and accuracy == pytest.approx(5 / 6)
-    # A tie between cuts goes to the lowest: with impostors 0.5 and 0.1 only, accepting >= 0.2
-    # and accepting >= 0.6 are both 4/5 right.
+    # A tie between cuts goes to the lowest: with genuines 0.9, 0.6 and impostors 0.5, 0.1,
+    # accepting >= 0.2 ... 0.6 are all right; accepting everything and nothing are both 1/2.
+    threshold, accuracy = metrics.best_threshold([0.9, 0.6, 0.5, 0.1], [1, 1, 0, 0])
+    assert threshold == pytest.approx(0.55) and accuracy == 1.0
+    threshold, accuracy = metrics.best_threshold([0.9, 0.1], [1, 1])
+    assert threshold == -math.inf and accuracy == 1.0
+    # Balanced: with genuines 0.9, 0.6, 0.2 and impostors 0.5, 0.1, accepting >= 0.2 is 4/5 of the
+    # pairs right but only (1 + 1/2) / 2 = 0.75 balanced; accepting >= 0.6 is (2/3 + 1) / 2.
     threshold, accuracy = metrics.best_threshold([0.9, 0.6, 0.2, 0.5, 0.1], [1, 1, 1, 0, 0])
-    assert threshold == pytest.approx(0.15) and accuracy == pytest.approx(0.8)
+    assert threshold == pytest.approx(0.55) and accuracy == pytest.approx(5 / 6)
 
 
 def test_verification_metrics_perfectly_separable():
@@ -352,6 +358,42 @@ def test_verification_metrics_on_random_similarities_is_chance():
     assert abs(result["accuracy"] - 0.5) < 0.05
     assert abs(result["auc"] - 0.5) < 0.05
     assert abs(result["eer"] - 0.5) < 0.05
+
+
+def test_verification_accuracy_is_balanced_always_different_scores_one_half():
+    # The counts: 1,971 genuine against 73,107 impostor pairs. A scorer that calls every
+    # pair "different" (one similarity for all: no threshold separates anything) was 0.974.
+    same = np.r_[np.ones(1971, bool), np.zeros(73107, bool)]
+    assert metrics.balanced_accuracy(np.zeros(len(same), bool), same) == 0.5
+    assert np.mean(~same) == pytest.approx(0.974, abs=5e-4)  # what the plain accuracy says
+    result = metrics.verification_metrics(np.full(len(same), 0.3), same)
+    assert result["accuracy"] == 0.5 and result["auc"] == 0.5
+    # Random scores on unbalanced pairs: chance is 0.5 whatever the ratio, and the accuracy does
+    # not sit above the AUC.
+    rng = np.random.default_rng()
+    similarity = rng.uniform(-1, 1, size=len(same))
+    result = metrics.verification_metrics(similarity, same)
+    assert abs(result["accuracy"] - 0.5) < 0.03 and abs(result["auc"] - 0.5) < 0.03
+    # Against a direct computation: the mean of the genuine and impostor accuracies.
+    accepted = rng.random(len(same)) < 0.3
+    expected = (np.mean(accepted[same]) + np.mean(~accepted[~same])) / 2
+    assert metrics.balanced_accuracy(accepted, same) == pytest.approx(expected, abs=1e-12)
+
+
+def test_verification_metrics_with_given_folds():
+    rng = np.random.default_rng()
+    same = np.arange(400) % 4 == 0
+    similarity = rng.normal(size=400) + same
+    fold_of = np.arange(400) // 40
+    result = metrics.verification_metrics(similarity, same, fold_of=fold_of)
+    accuracies = []
+    for fold in range(10):
+        test = fold_of == fold
+        threshold, _ = metrics.best_threshold(similarity[~test], same[~test])
+        accuracies.append(metrics.balanced_accuracy(similarity[test] >= threshold, same[test]))
+    assert result["accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+    with pytest.raises(ValueError, match="fold_of"):
+        metrics.verification_metrics(similarity, same, fold_of=np.zeros(400, int))
 
 
 def test_equal_error_rate_symmetric_cases():
@@ -412,6 +454,26 @@ def test_read_pairs_file(tmp_path):
         metrics.read_pairs_file(pairs, names)
     with pytest.raises(ValueError, match="missing.txt"):
         metrics.read_pairs_file(tmp_path / "missing.txt", names)
+
+
+def test_parse_pairs_file_keeps_the_files_folds_and_refuses_one_sided_files(tmp_path):
+    pairs = tmp_path / "pairs.txt"
+    lines = ["2\t2", "Ann_A\t1\t2", "Bob_B 1 3", "Ann_A 1 Bob_B 2", "Ann_A 2 Cy_C 1"]
+    lines += ["Cy_C 1 2", "Bob_B 2 3", "Bob_B 1 Cy_C 2", "Cy_C 1 Ann_A 3"]
+    pairs.write_text("\n".join(lines) + "\n")
+    parsed = metrics.parse_pairs_file(pairs)
+    assert parsed.fold_of.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert parsed.same.tolist() == [True, True, False, False] * 2
+    assert parsed.first[2:4] == ("Ann_A_0001", "Ann_A_0002")
+    assert parsed.second[2:4] == ("Bob_B_0002", "Cy_C_0001")
+    assert parsed.people[3] == ("Ann_A", "Cy_C") and parsed.lines[0] == 2
+    pairs.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match=r"header says 2 folds of 2 .* holds 7 pairs"):
+        metrics.parse_pairs_file(pairs)
+    for kept, kind in ((lines[1:3], "genuine"), (lines[3:5], "impostor")):
+        pairs.write_text("\n".join(kept) + "\n")
+        with pytest.raises(ValueError, match=f"holds only {kind} pairs \\(2\\)"):
+            metrics.parse_pairs_file(pairs)
 
 
 def test_brier_score_is_sklearns_multiclass_score_at_every_class_count():

@@ -81,6 +81,7 @@ class ImageDataset(Dataset):
         std: Sequence[float],
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         preload: bool = True,
+        crop: Crop | None = None,
     ):
         if len(paths) != len(labels):
             raise ValueError(f"paths has {len(paths)} entries but labels has {len(labels)}")
@@ -90,12 +91,15 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
+        self.crop = crop  # data.crop, for images that prepare did not crop (a pairs file's)
         self.images = None
         if preload and self.paths:
             self.images = torch.stack([self._decode(i) for i in range(len(self.paths))])
 
     def _decode(self, index: int) -> torch.Tensor:
-        return load_image(self.paths[index], image_size=self.image_size, channels=self.channels)
+        return load_image(
+            self.paths[index], image_size=self.image_size, channels=self.channels, crop=self.crop
+        )
 
     def __len__(self) -> int:
         return len(self.paths)

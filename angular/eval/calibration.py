@@ -12,6 +12,8 @@ import math
 import numpy as np
 
 from angular.eval.metrics import (
+    PROB_FLOOR,
+    as_float_array,
     brier_score,
     check_scores_labels,
     expected_calibration_error,
@@ -21,7 +23,14 @@ from angular.eval.metrics import (
 )
 from angular.eval.metrics import nll as mean_nll
 
-__all__ = ["fit_temperature", "temperature_nll", "calibration_report", "LOG_T_BOUNDS"]
+__all__ = [
+    "fit_temperature",
+    "fit_probability_temperature",
+    "temper",
+    "temperature_nll",
+    "calibration_report",
+    "LOG_T_BOUNDS",
+]
 
 # log T is searched in [log 1e-3, log 1e4]: wide enough for margin logits (s up to a few hundred)
 # and bounded, so a perfectly separated validation set (where the NLL keeps falling as T -> 0)
@@ -78,6 +87,25 @@ def fit_temperature(logits, labels, *, max_iter: int = 200, tol: float = 1e-7) -
     if best > objective(0.0):
         return 1.0
     return math.exp(log_t)
+
+
+def _log_probs(probs) -> np.ndarray:
+    return np.log(np.clip(as_float_array(probs, "probs", ndim=2), PROB_FLOOR, None))
+
+
+def fit_probability_temperature(probs, labels, **options) -> float:
+    """:func:`fit_temperature` for a model that gives probabilities rather than logits (an
+    ensemble of calibrated heads): the temperature of its log-probabilities (see :func:`temper`).
+    When every sample is classified correctly the NLL has no minimum (it falls as T -> 0): 1.0."""
+    log_probs = _log_probs(probs)
+    if np.all(log_probs.argmax(axis=1) == np.asarray(labels)):
+        return 1.0
+    return fit_temperature(log_probs, labels, **options)
+
+
+def temper(probs, temperature: float) -> np.ndarray:
+    """``softmax(log(probs) / temperature)``: the same arg-max, sharper (T < 1) or softer."""
+    return softmax(_log_probs(probs), temperature)
 
 
 def calibration_report(logits, labels, temperature: float, n_bins: int = 15) -> dict[str, float]:

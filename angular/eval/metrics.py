@@ -19,6 +19,7 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -42,10 +43,15 @@ __all__ = [
     "roc_auc",
     "open_set_accuracy",
     "threshold_at_known_rate",
+    "open_set_rates",
+    "threshold_at_far",
     "open_set_auroc",
     "oscr",
     "verification_pairs",
     "read_pairs_file",
+    "parse_pairs_file",
+    "PairsFile",
+    "balanced_accuracy",
     "cosine_similarity_pairs",
     "best_threshold",
     "verification_metrics",
@@ -337,6 +343,48 @@ def open_set_accuracy(confidence, predicted, labels, known, threshold: float) ->
     return float(np.mean(right))
 
 
+def open_set_rates(confidence, predicted, labels, known, threshold: float) -> dict[str, float]:
+    """The two sides of :func:`open_set_accuracy` at ``threshold``, which one accuracy hides when
+    unknown images outnumber known ones (or the reverse):
+
+    - ``known_acceptance``: the share of known samples accepted (``confidence >= threshold``);
+    - ``unknown_rejection``: the share of unknown samples rejected;
+    - ``open_set_balanced_accuracy``: the mean of the known samples' accuracy (accepted and
+      classified correctly) and ``unknown_rejection``.
+    """
+    confidence = as_float_array(confidence, "confidence", ndim=1)
+    predicted = as_int_array(predicted, "predicted")
+    labels = as_int_array(labels, "labels")
+    known = as_bool_array(known, "known")
+    check_same_length(confidence=confidence, predicted=predicted, labels=labels, known=known)
+    if not known.any() or known.all():
+        raise ValueError("known must hold both known (True) and unknown (False) samples")
+    accepted = confidence >= threshold
+    known_right = float(np.mean(accepted[known] & (predicted[known] == labels[known])))
+    unknown_rejection = float(np.mean(~accepted[~known]))
+    return {
+        "known_acceptance": float(np.mean(accepted[known])),
+        "unknown_rejection": unknown_rejection,
+        "open_set_balanced_accuracy": (known_right + unknown_rejection) / 2,
+    }
+
+
+def threshold_at_far(negative_scores, far: float) -> float:
+    """The lowest threshold on ``score >= t`` that accepts at most a fraction ``far`` of the
+    negative samples (impostor pairs, unknown people's images): just above the first negative
+    that must be rejected (ties with it are rejected too). When ``far`` admits every negative:
+    the lowest score (everything is accepted)."""
+    negatives = np.sort(as_float_array(negative_scores, "negative_scores", ndim=1))[::-1]
+    if len(negatives) == 0:
+        raise ValueError("negative_scores is empty: no threshold at a FAR can be chosen")
+    if not 0.0 < far <= 1.0:
+        raise ValueError(f"far must lie in (0, 1], got {far}")
+    allowed = int(math.floor(far * len(negatives) + 1e-9))  # negatives that may pass
+    if allowed >= len(negatives):
+        return float(negatives[-1])
+    return float(np.nextafter(negatives[allowed], np.inf))
+
+
 def threshold_at_known_rate(confidence_known, rate: float = 0.95) -> float:
     """The largest threshold ``t`` with at least ``rate`` of the known samples at ``confidence >= t``.
 
@@ -475,20 +523,85 @@ def verification_pairs(
     return index_a, index_b, same
 
 
-def read_pairs_file(
-    path: str | os.PathLike, names: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs from an LFW ``pairs.txt``: ``(index_a, index_b, same)`` indexing into ``names``.
+@dataclasses.dataclass(frozen=True)
+class PairsFile:
+    """The pairs of an LFW ``pairs.txt``, by image name (``<person>_<n:04d>``, LFW's file stems)."""
+
+    path: Path
+    first: tuple[str, ...]  # image name of each pair's first image
+    second: tuple[str, ...]
+    people: tuple[tuple[str, str], ...]  # the two people of each pair
+    same: np.ndarray  # (P,) bool: genuine pair
+    fold_of: np.ndarray | None  # (P,) int: the file's own folds (header "folds pairs_per_fold")
+    lines: tuple[int, ...]  # line number of each pair, for messages
+
+
+def parse_pairs_file(path: str | os.PathLike) -> PairsFile:
+    """Read an LFW ``pairs.txt`` without looking at any image.
 
     Lines are ``name n1 n2`` (genuine: images ``n1`` and ``n2`` of ``name``) or
-    ``name1 n1 name2 n2`` (impostor); a first line of one or two integers (folds, pairs per fold)
-    is a header. ``names`` holds, for each sample, its image path or file name; image ``n`` of
-    ``name`` is the sample whose file stem is ``{name}_{n:04d}`` (LFW's naming, e.g.
-    ``Aaron_Peirsol_0001.jpg``).
-    """
+    ``name1 n1 name2 n2`` (impostor). A first line ``folds pairs_per_fold`` (View 2: ``10 300``)
+    means the pairs come fold by fold, each with ``pairs_per_fold`` genuine and as many impostor
+    pairs: they are the folds of :func:`verification_metrics`. A first line of one integer (View 1)
+    is a pair count. A file of only genuine or only impostor pairs is refused (no threshold, no
+    accuracy, no ROC can come of it)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"pairs file {path} does not exist or is not a file")
+    first, second, people, same, lines = [], [], [], [], []
+    header = None
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if line_number == 1 and len(fields) <= 2 and all(f.isdigit() for f in fields):
+            header = [int(f) for f in fields]
+            continue
+        if len(fields) not in (3, 4):
+            raise ValueError(
+                f"{path}:{line_number}: expected 'name n1 n2' or 'name1 n1 name2 n2', got {line!r}"
+            )
+        a = (fields[0], fields[1])
+        b = (fields[0], fields[2]) if len(fields) == 3 else (fields[2], fields[3])
+        for _, number in (a, b):
+            if not re.fullmatch(r"\d+", number):
+                raise ValueError(f"{path}:{line_number}: image number {number!r} is not an integer")
+        first.append(f"{a[0]}_{int(a[1]):04d}")
+        second.append(f"{b[0]}_{int(b[1]):04d}")
+        people.append((a[0], b[0]))
+        same.append(a[0] == b[0])
+        lines.append(line_number)
+    same = np.array(same, bool)
+    if not len(same):
+        raise ValueError(f"pairs file {path} holds no pairs")
+    if same.all() or not same.any():
+        kind = "genuine" if same.all() else "impostor"
+        raise ValueError(
+            f"pairs file {path} holds only {kind} pairs ({len(same)}); verification needs both "
+            "genuine ('name n1 n2') and impostor ('name1 n1 name2 n2') pairs"
+        )
+    fold_of = None
+    if header is not None and len(header) == 2 and header[0] >= 2:
+        folds, per_fold = header
+        if folds * 2 * per_fold != len(same):
+            raise ValueError(
+                f"{path}:1: the header says {folds} folds of {per_fold} genuine and {per_fold} "
+                f"impostor pairs ({folds * 2 * per_fold} pairs), but the file "
+                f"holds {len(same)} pairs"
+            )
+        fold_of = np.arange(len(same)) // (2 * per_fold)
+    return PairsFile(path, tuple(first), tuple(second), tuple(people), same, fold_of, tuple(lines))
+
+
+def read_pairs_file(
+    path: str | os.PathLike, names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs from an LFW ``pairs.txt`` (:func:`parse_pairs_file`): ``(index_a, index_b, same)``
+    indexing into ``names``, which holds, for each sample, its image path or file name; image ``n``
+    of ``name`` is the sample whose file stem is ``{name}_{n:04d}`` (LFW's naming, e.g.
+    ``Aaron_Peirsol_0001.jpg``).
+    """
+    pairs = parse_pairs_file(path)
     index_of: dict[str, int] = {}
     for index, name in enumerate(names):
         stem = Path(str(name)).stem
@@ -497,38 +610,14 @@ def read_pairs_file(
                 f"names holds the image {stem!r} twice (at {index_of[stem]} and {index})"
             )
         index_of[stem] = index
-
-    def lookup(person: str, number: str, line_number: int) -> int:
-        if not re.fullmatch(r"\d+", number):
-            raise ValueError(f"{path}:{line_number}: image number {number!r} is not an integer")
-        stem = f"{person}_{int(number):04d}"
-        if stem not in index_of:
-            raise ValueError(f"{path}:{line_number}: image {stem!r} is not among names")
-        return index_of[stem]
-
-    index_a, index_b, same = [], [], []
-    lines = path.read_text().splitlines()
-    for line_number, line in enumerate(lines, start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if line_number == 1 and len(fields) <= 2 and all(f.isdigit() for f in fields):
-            continue  # header: number of folds and pairs per fold
-        if len(fields) == 3:
-            index_a.append(lookup(fields[0], fields[1], line_number))
-            index_b.append(lookup(fields[0], fields[2], line_number))
-            same.append(True)
-        elif len(fields) == 4:
-            index_a.append(lookup(fields[0], fields[1], line_number))
-            index_b.append(lookup(fields[2], fields[3], line_number))
-            same.append(fields[0] == fields[2])
-        else:
-            raise ValueError(
-                f"{path}:{line_number}: expected 'name n1 n2' or 'name1 n1 name2 n2', got {line!r}"
-            )
-    if not same:
-        raise ValueError(f"pairs file {path} holds no pairs")
-    return np.array(index_a, np.int64), np.array(index_b, np.int64), np.array(same, bool)
+    index_a, index_b = [], []
+    for a, b, line_number in zip(pairs.first, pairs.second, pairs.lines):
+        for stem in (a, b):
+            if stem not in index_of:
+                raise ValueError(f"{pairs.path}:{line_number}: image {stem!r} is not among names")
+        index_a.append(index_of[a])
+        index_b.append(index_of[b])
+    return np.array(index_a, np.int64), np.array(index_b, np.int64), pairs.same
 
 
 def cosine_similarity_pairs(embeddings, index_a, index_b) -> np.ndarray:
@@ -547,13 +636,32 @@ def cosine_similarity_pairs(embeddings, index_a, index_b) -> np.ndarray:
     return np.einsum("pd,pd->p", unit[index_a], unit[index_b])
 
 
+def _balanced(genuine_right, n_genuine: int, impostor_right, n_impostor: int):
+    """The mean of the genuine and the impostor accuracy (of the kinds present)."""
+    rates = [
+        right / n for right, n in ((genuine_right, n_genuine), (impostor_right, n_impostor)) if n
+    ]
+    return sum(rates) / len(rates)
+
+
+def balanced_accuracy(accepted, same) -> float:
+    """The mean of the genuine pairs' accuracy (accepted) and the impostor pairs' (rejected), as
+    LFW's accuracy is on its balanced folds: a rule that says "different" to every pair scores
+    0.5, however many impostor pairs there are."""
+    accepted, same = as_bool_array(accepted, "accepted"), as_bool_array(same, "same")
+    if check_same_length(accepted=accepted, same=same) == 0:
+        raise ValueError("accepted and same are empty")
+    right = accepted == same
+    return float(_balanced(right[same].sum(), same.sum(), right[~same].sum(), (~same).sum()))
+
+
 def best_threshold(similarity, same) -> tuple[float, float]:
-    """``(threshold, accuracy)``: the threshold maximising the accuracy of ``similarity >= t``
-    meaning "same", and that accuracy. Thresholds are midpoints between consecutive distinct
-    similarities (or +-inf); the lowest best threshold wins a tie."""
+    """``(threshold, accuracy)``: the threshold maximising the :func:`balanced_accuracy` of
+    ``similarity >= t`` meaning "same", and that accuracy. Thresholds are midpoints between
+    consecutive distinct similarities (or +-inf); the lowest best threshold wins a tie."""
     similarity = as_float_array(similarity, "similarity", ndim=1)
     same = as_bool_array(same, "same")
-    n = check_same_length(similarity=similarity, same=same)
+    check_same_length(similarity=similarity, same=same)
     values, inverse = np.unique(similarity, return_inverse=True)
     genuine_at = np.bincount(inverse.ravel(), weights=same, minlength=len(values))
     impostor_at = np.bincount(inverse.ravel(), weights=~same, minlength=len(values))
@@ -561,7 +669,7 @@ def best_threshold(similarity, same) -> tuple[float, float]:
     # impostors below it.
     genuine_accepted = np.r_[np.cumsum(genuine_at[::-1])[::-1], 0.0]
     impostor_rejected = np.r_[0.0, np.cumsum(impostor_at)]
-    accuracy = (genuine_accepted + impostor_rejected) / n
+    accuracy = _balanced(genuine_accepted, int(same.sum()), impostor_rejected, int((~same).sum()))
     best = int(np.argmax(accuracy))
     if best == 0:
         threshold = -math.inf
@@ -594,14 +702,22 @@ def _tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
 
 
 def verification_metrics(
-    similarity, same, *, folds: int = 10, seed: int = 0, fars: Sequence[float] = DEFAULT_FARS
+    similarity,
+    same,
+    *,
+    folds: int = 10,
+    seed: int = 0,
+    fars: Sequence[float] = DEFAULT_FARS,
+    fold_of=None,
 ) -> dict[str, float]:
     """Verification metrics of pair similarities (higher = more likely the same identity).
 
     - ``accuracy``, ``accuracy_std``: the LFW protocol: pairs split into ``folds`` folds (stratified
-      by genuine/impostor, shuffled with ``seed``); for each fold the threshold that maximises
-      accuracy on the other folds (:func:`best_threshold`) is applied to it; mean and population
-      standard deviation of the fold accuracies.
+      by genuine/impostor, shuffled with ``seed``; or ``fold_of``, e.g. a pairs file's own folds);
+      for each fold the threshold that maximises accuracy on the other folds
+      (:func:`best_threshold`) is applied to it; mean and population standard deviation of the
+      fold accuracies. Accuracies are balanced (:func:`balanced_accuracy`): with 1 genuine pair
+      per 37 impostor pairs, "always different" scores 0.5, not 0.974.
     - ``threshold``: the best-accuracy threshold over all pairs (to use at deployment).
     - ``auc``: ROC AUC; ``eer``: equal error rate (FPR = FNR, interpolated).
     - ``tar@far=F``: the highest true accept rate at a false accept rate <= F, and
@@ -612,7 +728,9 @@ def verification_metrics(
     similarity = as_float_array(similarity, "similarity", ndim=1)
     same = as_bool_array(same, "same")
     n = check_same_length(similarity=similarity, same=same)
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= n:
+    if fold_of is not None:
+        pass  # the caller's folds
+    elif isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= n:
         raise ValueError(
             f"folds must be an integer in [2, {n}] (the number of pairs), got {folds!r}"
         )
@@ -622,19 +740,25 @@ def verification_metrics(
     fpr, tpr, _ = roc_curve(similarity, same)  # also checks both kinds of pair are present
     n_genuine, n_impostor = int(same.sum()), int((~same).sum())
 
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(n, dtype=np.int64)
-    for members in (np.flatnonzero(same), np.flatnonzero(~same)):
-        shuffled = rng.permutation(members)
-        # Deal each kind round-robin so every fold gets its share of genuines and impostors.
-        fold_of[shuffled] = np.arange(len(shuffled)) % folds
+    if fold_of is None:
+        rng = np.random.default_rng(seed)
+        fold_of = np.empty(n, dtype=np.int64)
+        for members in (np.flatnonzero(same), np.flatnonzero(~same)):
+            shuffled = rng.permutation(members)
+            # Deal each kind round-robin so every fold gets its share of genuines and impostors.
+            fold_of[shuffled] = np.arange(len(shuffled)) % folds
+    else:
+        fold_of = as_int_array(fold_of, "fold_of")
+        check_same_length(similarity=similarity, fold_of=fold_of)
+        if len(np.unique(fold_of)) < 2:
+            raise ValueError("fold_of must name at least 2 folds")
     fold_accuracy = []
-    for fold in range(folds):
+    for fold in np.unique(fold_of):
         test = fold_of == fold
         if not test.any():
             continue
         threshold, _ = best_threshold(similarity[~test], same[~test])
-        fold_accuracy.append(np.mean((similarity[test] >= threshold) == same[test]))
+        fold_accuracy.append(balanced_accuracy(similarity[test] >= threshold, same[test]))
 
     result = {
         "accuracy": float(np.mean(fold_accuracy)),
@@ -658,15 +782,6 @@ def thresholds_at_far(similarity, same, fars: Sequence[float]) -> dict[str, floa
     similarity = as_float_array(similarity, "similarity", ndim=1)
     same = as_bool_array(same, "same")
     check_same_length(similarity=similarity, same=same)
-    impostor = np.sort(similarity[~same])[::-1]
-    if len(impostor) == 0:
+    if same.all():
         raise ValueError("same has no impostor pair (False): no threshold at a FAR can be chosen")
-    found = {}
-    for far in fars:
-        allowed = int(math.floor(far * len(impostor) + 1e-9))  # impostors that may pass
-        if allowed >= len(impostor):  # every impostor may pass: accept everything
-            found[f"threshold@{far_key(far)}"] = float(impostor[-1])
-            continue
-        # Just above the first impostor that must be rejected (ties with it are rejected too).
-        found[f"threshold@{far_key(far)}"] = float(np.nextafter(impostor[allowed], np.inf))
-    return found
+    return {f"threshold@{far_key(far)}": threshold_at_far(similarity[~same], far) for far in fars}

@@ -9,6 +9,7 @@ image itself, so that calibration and classification see what training saw.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from angular.config import Crop
 from angular.data import ImageDataset
 from angular.nn.recognition import LoadedModel
 
-__all__ = ["SplitOutputs", "run_model", "run_batches"]
+__all__ = ["SplitOutputs", "run_model", "run_batches", "with_progress"]
 
 
 @dataclasses.dataclass
@@ -30,6 +32,26 @@ class SplitOutputs:
     logits: dict[str, np.ndarray]  # member -> (N, C) float32, s * cos without margin
     labels: np.ndarray  # (N,) int64, -1 for unknown identities
     identities: list[str]
+
+
+def with_progress(batches: Iterable[torch.Tensor], total: int, label: str):
+    """``batches`` unchanged, with a progress bar of images on stderr (a new line at most every
+    few seconds when stderr is a log file rather than a terminal)."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    with tqdm(
+        total=total,
+        desc=label,
+        unit="img",
+        file=sys.stderr,
+        mininterval=0.5 if interactive else 5.0,
+        dynamic_ncols=interactive,
+        ncols=None if interactive else 100,
+    ) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))
 
 
 @torch.no_grad()
@@ -74,8 +96,12 @@ def run_model(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     flip_test: bool = False,
+    crop: Crop | None = None,
+    progress: str | None = None,
 ) -> SplitOutputs:
-    """Embeddings and per-head logits of the images at ``paths`` (preprocessed as in training)."""
+    """Embeddings and per-head logits of the images at ``paths`` (preprocessed as in training;
+    ``crop``: ``data.crop`` for images that prepare did not crop). ``progress``: the label of a
+    progress bar on stderr (decoding and inference; None: silent)."""
     image = loaded.image
     dataset = ImageDataset(
         paths,
@@ -84,11 +110,15 @@ def run_model(
         channels=image["channels"],
         mean=image["mean"],
         std=image["std"],
+        preload=False,  # decoded batch by batch, so that the progress bar counts the decoding
+        crop=crop,
     )
     batches = (
         torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
         for start in range(0, len(dataset), batch_size)
     )
+    if progress is not None:
+        batches = with_progress(batches, len(dataset), progress)
     embeddings, logits = run_batches(loaded, batches, device=device, flip_test=flip_test)
     return SplitOutputs(
         embeddings=embeddings,

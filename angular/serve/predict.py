@@ -184,9 +184,10 @@ class _ImageCache:
     """Decodes each image once per preprocessing (size, channels); every unreadable image is
     reported at once, naming its file."""
 
-    def __init__(self, paths: Sequence[Path]):
+    def __init__(self, paths: Sequence[Path], *, progress: str | None = None):
         self.paths = list(paths)
         self.decoded: dict[tuple, torch.Tensor] = {}
+        self.progress = progress  # the label of progress bars on stderr (None: silent)
 
     def uint8(self, size: Sequence[int], channels: int) -> torch.Tensor:
         import torch
@@ -196,7 +197,12 @@ class _ImageCache:
         key = (tuple(size), channels)
         if key not in self.decoded:
             images, problems = [], []
-            for path in self.paths:
+            paths = self.paths
+            if self.progress is not None:
+                from angular.serve.inference import with_progress
+
+                paths = with_progress(paths, len(paths), f"{self.progress}: reading images")
+            for path in paths:
                 try:
                     images.append(load_image(path, image_size=size, channels=channels))
                 except DataError as error:
@@ -250,7 +256,7 @@ class Predictor:
 
     def _outputs(self, images: _ImageCache, *, flip_test: bool = False):
         from angular.serve.export import OnnxModel
-        from angular.serve.inference import run_batches
+        from angular.serve.inference import run_batches, with_progress
 
         outputs = {}
         for loaded in self.models:
@@ -260,11 +266,12 @@ class Predictor:
                     flip_test=flip_test,
                 )
                 continue
+            batches = images.batches(loaded, self.batch_size)
+            if images.progress is not None:
+                label = f"{images.progress}: {loaded.item}"
+                batches = with_progress(batches, len(images.paths), label)
             outputs[loaded.item] = run_batches(
-                loaded,
-                images.batches(loaded, self.batch_size),
-                device=self.device,
-                flip_test=flip_test,
+                loaded, batches, device=self.device, flip_test=flip_test
             )
         return outputs
 
@@ -292,8 +299,10 @@ class Predictor:
             for path, label, conf in zip(images.paths, predicted, confidence)
         ]
 
-    def embed(self, paths: Sequence[str | Path], *, flip_test: bool = False) -> Embeddings:
-        images = _ImageCache(find_images(paths))
+    def embed(
+        self, paths: Sequence[str | Path], *, flip_test: bool = False, progress: bool = False
+    ) -> Embeddings:
+        images = _ImageCache(find_images(paths), progress="angular embed" if progress else None)
         outputs = self._outputs(images, flip_test=flip_test)
         parts = [_unit(embeddings) for embeddings, _ in outputs.values()]
         vectors = _unit(np.concatenate(parts, axis=1)).astype(np.float32)
@@ -532,9 +541,11 @@ def embed(
     device: str = "cpu",
     flip_test: bool = False,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> Embeddings:
     """Unit-length embeddings of the images: one model's (``item``), or the concatenation of every
-    model's normalised embedding (as evaluate's ``ensemble``), normalised again."""
+    model's normalised embedding (as evaluate's ``ensemble``), normalised again. ``progress``:
+    progress bars on stderr while reading the images and running each model."""
     _check_batch_size(batch_size)
     files = _model_files(model_paths) if model_paths else _project_models(Path(project))
     torch_device = select_device(device)
@@ -556,7 +567,7 @@ def embed(
         device=torch_device,
         batch_size=batch_size,
     )
-    return predictor.embed(paths, flip_test=flip_test)
+    return predictor.embed(paths, flip_test=flip_test, progress=progress)
 
 
 def check_output(out: str | Path) -> Path:

@@ -7,13 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pipeline_testing import create_empty_store, tiny_raw, write_params
 
-from angular.config import parse_params
+from angular.config import ConfigError, parse_params
 from angular.data import prepare_dataset, read_manifest
 from angular.eval import metrics as M
-from angular.eval.calibration import calibration_report
+from angular.eval.calibration import calibration_report, fit_probability_temperature, temper
 from angular.eval.ensemble import RULES, combine
 from angular.train.loop import train_item
 from pipeline import calibrate, evaluate, run_stage
@@ -122,10 +123,14 @@ def test_evaluate_scores_every_head_and_rule(evaluated, monkeypatch):
         "ece",
         "nll",
     }
+    sides = {"known_acceptance", "unknown_rejection", "open_set_balanced_accuracy"}
+    at_far = {f"{k}@unknown_far" for k in sides | {"threshold", "open_set_accuracy"}}
+    keys |= sides | at_far
     for name, values in results["heads"].items():
         assert set(values) == keys | {"ece_uncalibrated"}, name
     for name, values in results["ensembles"].items():
-        assert set(values) == keys, name
+        tempered = {"temperature", "ece_uncalibrated"} if name in evaluate.TEMPERED_RULES else set()
+        assert set(values) == keys | tempered, name
     for group in ("heads", "ensembles"):
         for values in results[group].values():
             assert all(0.0 <= values[k] <= 1.0 for k in keys - {"nll"})
@@ -155,15 +160,51 @@ def test_evaluate_scores_every_head_and_rule(evaluated, monkeypatch):
     assert arcface["threshold"] == pytest.approx(
         M.threshold_at_known_rate(probs["arcface"]["val"].max(1), 0.95)
     )
+    # The two open-set operating points of a head.
+    all_labels = np.concatenate([labels, manifest.labels("unknown")])
+    known = all_labels >= 0
+    confidence = np.concatenate([probs["arcface"][s].max(1) for s in ("test", "unknown")])
+    predicted = np.concatenate([probs["arcface"][s].argmax(1) for s in ("test", "unknown")])
+    at_threshold = M.open_set_rates(confidence, predicted, all_labels, known, arcface["threshold"])
+    assert {k: arcface[k] for k in at_threshold} == pytest.approx(at_threshold)
+    assert at_threshold["known_acceptance"] == pytest.approx(
+        np.mean(probs["arcface"]["test"].max(1) >= arcface["threshold"])
+    )
+    unknown_people = np.asarray(manifest.identities("unknown"))
+    halves = evaluate.unknown_halves(unknown_people, seed=0)
+    assert len(set(unknown_people[halves]) & set(unknown_people[~halves])) == 0
+    found = []
+    for half in (halves, ~halves):
+        threshold = M.threshold_at_far(probs["arcface"]["unknown"].max(1)[~half], 0.05)
+        keep = np.r_[np.ones(len(labels), bool), half]
+        args = (confidence[keep], predicted[keep], all_labels[keep], known[keep], threshold)
+        found.append(M.open_set_rates(*args) | {"threshold": threshold})
+        assert np.mean(probs["arcface"]["unknown"].max(1)[~half] >= threshold) <= 0.05
+    for key in found[0]:
+        expected = (found[0][key] + found[1][key]) / 2
+        assert arcface[f"{key}@unknown_far"] == pytest.approx(expected), key
+
+    # The mean_prob ensemble, with its own temperature fitted on validation.
     combined = {
         split: combine([probs[m][split] for m in MEMBERS], "mean_prob")
         for split in ("val", "test", "unknown")
     }
+    mean_prob = results["ensembles"]["mean_prob"]
+    temperature = fit_probability_temperature(combined["val"][2], manifest.labels("val"))
+    assert mean_prob["temperature"] == pytest.approx(temperature)
+    assert mean_prob["ece_uncalibrated"] == pytest.approx(
+        M.expected_calibration_error(combined["test"][2], labels, 15)
+    )
+    combined = {
+        split: (predicted, temper(probs, temperature).max(1), temper(probs, temperature))
+        for split, (predicted, _, probs) in combined.items()
+    }
+    assert mean_prob["ece"] == pytest.approx(
+        M.expected_calibration_error(combined["test"][2], labels, 15)
+    )
     threshold = M.threshold_at_known_rate(combined["val"][1], 0.95)
     confidence = np.concatenate([combined["test"][1], combined["unknown"][1]])
     predicted = np.concatenate([combined["test"][0], combined["unknown"][0]])
-    all_labels = np.concatenate([labels, manifest.labels("unknown")])
-    mean_prob = results["ensembles"]["mean_prob"]
     assert mean_prob["open_set_accuracy"] == pytest.approx(
         M.open_set_accuracy(confidence, predicted, all_labels, all_labels >= 0, threshold)
     )
@@ -376,7 +417,7 @@ def test_evaluate_names_a_pairs_file_that_names_missing_images(
     copy = tmp_path / "copy"
     shutil.copytree(evaluated, copy)
     monkeypatch.chdir(copy)
-    (copy / "pairs.txt").write_text("nobody 1 2\n")
+    (copy / "pairs.txt").write_text("nobody 1 2\nnobody 1 anybody 2\n")
     raw = tiny_raw(train__items=ITEMS)
     raw["evaluate"]["verification"]["pairs_file"] = "pairs.txt"
     write_params(copy, raw)
@@ -481,3 +522,123 @@ def test_evaluate_registers_its_best_head_when_asked(evaluated, tmp_path, monkey
     logged = client.get_run(version.run_id)
     assert logged.data.tags["stage"] == "evaluate"
     assert f"registered {best} (T = " in capsys.readouterr().err
+
+
+def _benchmark_folder(root, people: dict[str, int], seed: int = 0):
+    """LFW's layout: ``<root>/<name>/<name>_<NNNN>.jpg`` (here PNG, 12x10, random grey)."""
+    rng = np.random.default_rng(seed)
+    for name, count in people.items():
+        folder = root / "lfw" / name
+        folder.mkdir(parents=True)
+        for number in range(1, count + 1):
+            pixels = rng.integers(0, 256, size=(12, 10), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}_{number:04d}.png")
+    return root
+
+
+def test_evaluate_scores_a_benchmark_pairs_file_with_its_own_folds(
+    evaluated, tmp_path, monkeypatch, capsys
+):
+    """pairs_root: the pairs file's images anywhere under a folder of the user's, embedded by each
+    model (cropped as data.crop says), scored on the file's own folds; pairs of a known (trained)
+    identity dropped and counted."""
+    from angular.data import ImageDataset
+    from angular.nn.recognition import load_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    manifest = read_manifest("data/prepared")
+    trained_person = manifest.classes[0]  # a digit the models were trained on
+    root = _benchmark_folder(tmp_path / "bench", {"Ann": 3, "Bob": 3, "Cy": 2, trained_person: 2})
+    # Two folds of 2 genuine + 2 impostor pairs; one pair of each fold touches a trained person.
+    lines = ["2 2", "Ann 1 2", "Bob 1 3", "Ann 3 Bob 2", "Cy 1 Ann 2"]
+    lines += ["Cy 1 2", f"{trained_person} 1 2", "Bob 1 Cy 2", f"Ann 1 {trained_person} 1"]
+    (copy / "pairs.txt").write_text("\n".join(lines) + "\n")
+    raw = tiny_raw(train__items=ITEMS)
+    raw["data"]["crop"] = {"central": 0.8}
+    raw["evaluate"]["verification"].update(pairs_file="pairs.txt", pairs_root=str(root))
+    write_params(copy, raw)
+    assert run_stage(evaluate.main, []) == 0
+    assert "evaluate: arcface, images of the pairs file" in capsys.readouterr().err  # progress
+    found = json.loads((copy / "metrics" / "evaluate.json").read_text())["verification"]
+    found = found["pairs_file"]
+    assert list(found) == ITEMS + ["ensemble"]
+    assert found["arcface"]["n_dropped_trained_identity"] == 2
+    assert (found["arcface"]["n_genuine"], found["arcface"]["n_impostor"]) == (3, 3)
+
+    # The same numbers from the models themselves.
+    names = ["Ann_0001", "Ann_0002", "Ann_0003", "Bob_0001", "Bob_0002", "Bob_0003", "Cy_0001"]
+    names += ["Cy_0002"]
+    paths = [root / "lfw" / name.split("_")[0] / f"{name}.png" for name in names]
+    loaded = load_model("outputs/models/arcface.pt")
+    image = loaded.image
+    crop = parse_params(raw).data.crop
+    dataset = ImageDataset(
+        paths,
+        [-1] * len(paths),
+        image_size=image["size"],
+        channels=image["channels"],
+        mean=image["mean"],
+        std=image["std"],
+        crop=crop,
+    )
+    with torch.no_grad():
+        embeddings = loaded.model(torch.stack([dataset[i][0] for i in range(len(paths))]))
+    index = {name: i for i, name in enumerate(names)}
+    pairs = [("Ann_0001", "Ann_0002"), ("Bob_0001", "Bob_0003"), ("Ann_0003", "Bob_0002")]
+    pairs += [("Cy_0001", "Ann_0002"), ("Cy_0001", "Cy_0002"), ("Bob_0001", "Cy_0002")]
+    a = np.array([index[x] for x, _ in pairs])
+    b = np.array([index[y] for _, y in pairs])
+    same = np.array([True, True, False, False, True, False])
+    similarity = M.cosine_similarity_pairs(embeddings.numpy(), a, b)
+    expected = M.verification_metrics(similarity, same, fold_of=[0, 0, 0, 0, 1, 1])
+    assert found["arcface"]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert found["arcface"]["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+    report = (copy / "outputs" / "evaluate" / "report.md").read_text()
+    assert "n_dropped_trained_identity" in report
+
+
+@pytest.mark.parametrize(
+    ("lines", "words"),
+    [
+        (["Ann 1 2", "Bob 1 3"], "holds only genuine pairs (2)"),
+        (["Ann 1 Bob 2", "Bob 1 Cy 2"], "holds only impostor pairs (2)"),
+        (["Ann 1 2", "Ann 1 {trained} 1"], "leaves 1 genuine and 0 impostor pairs"),
+    ],
+)
+def test_a_one_sided_pairs_file_is_refused_in_one_line_before_any_inference(
+    evaluated, tmp_path, monkeypatch, capsys, lines, words
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    shutil.rmtree(copy / "outputs" / "models")  # any inference would fail on the missing models
+    trained = read_manifest("data/prepared").classes[0]
+    root = _benchmark_folder(tmp_path / "bench", {"Ann": 2, "Bob": 3, "Cy": 2})
+    (copy / "pairs.txt").write_text("\n".join(lines).format(trained=trained) + "\n")
+    raw = tiny_raw(train__items=ITEMS)
+    raw["evaluate"]["verification"].update(pairs_file="pairs.txt", pairs_root=str(root))
+    write_params(copy, raw)
+    assert run_stage(evaluate.main, []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error in params.yaml: evaluate.verification.pairs_file: "), err
+    assert words in err and "\n" not in err
+
+
+def test_a_pairs_root_that_lacks_images_names_them(evaluated, tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(evaluated, copy)
+    monkeypatch.chdir(copy)
+    root = _benchmark_folder(tmp_path / "bench", {"Ann": 2, "Bob": 1})
+    (copy / "pairs.txt").write_text("Ann 1 2\nAnn 1 Bob 4\n")
+    raw = tiny_raw(train__items=ITEMS)
+    raw["evaluate"]["verification"].update(pairs_file="pairs.txt", pairs_root=str(root))
+    write_params(copy, raw)
+    assert run_stage(evaluate.main, []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error in params.yaml: evaluate.verification.pairs_root: 1 image(s)")
+    assert "Bob_0004" in err
+    raw["evaluate"]["verification"]["pairs_file"] = None
+    with pytest.raises(ConfigError, match="pairs_root: only used with"):
+        parse_params(raw)

@@ -166,6 +166,8 @@ BAD_VALUES: dict[str, list] = {
     "evaluate.verification.folds": [1, 0],
     "evaluate.verification.seed": [-1],
     "evaluate.verification.pairs_file": [""],
+    "evaluate.verification.pairs_root": ["", " "],
+    "evaluate.unknown_far": [0.0, 1.0, -0.1, math.nan],
     "tracking.register_model": ["", "  "],
     "evaluate.verification.gallery_far": [0.0, 1.0, -0.1, "1e-2"],
     "tracking.uri": [""],
@@ -183,6 +185,7 @@ NULLABLE = {
     "evaluate.verification.impostors_per_genuine",
     "evaluate.verification.max_impostors",
     "evaluate.verification.pairs_file",
+    "evaluate.verification.pairs_root",
     "tracking.register_model",
     "tracking.uri",
 }
@@ -299,6 +302,8 @@ OPTIONAL = {
     "data.crop": None,
     "evaluate.verification.pairs_file": None,
     "evaluate.verification.flip_test": False,
+    "evaluate.verification.pairs_root": None,
+    "evaluate.unknown_far": 0.05,
     "evaluate.verification.gallery_far": 0.01,
     "tracking.register_model": None,
 }
