@@ -5,7 +5,12 @@
 
 - ``closed_set_accuracy``: top-1 on the test images (known identities);
 - ``open_set_accuracy``: the original's rule on test + unknown images at ``threshold`` (fixed, or
-  chosen on val so that ``evaluate.known_rate`` of the known validation images are accepted);
+  chosen on val so that ``evaluate.known_rate`` of the known validation images are accepted), with
+  ``known_acceptance``, ``unknown_rejection`` and ``open_set_balanced_accuracy``
+  (:func:`angular.eval.metrics.open_set_rates`); the same four ``@unknown_far``, at the threshold
+  accepting ``evaluate.unknown_far`` of the unknown images (:func:`unknown_halves`);
+- ``mean_prob`` and ``sum_log_prob``: with their own ``temperature`` fitted on val
+  (``ece_uncalibrated``: before it);
 - ``open_set_auroc`` (known vs unknown by confidence) and ``oscr``;
 - ``ece`` (and ``nll``) of the calibrated probabilities on test; heads also ``ece_uncalibrated``.
 
@@ -13,7 +18,9 @@ Verification (LFW protocol, :func:`angular.eval.metrics.verification_metrics`: 1
 threshold chosen on the other folds, ROC AUC, EER, TAR at FAR 1e-1, 1e-2, 1e-3, flagged when the
 impostor pairs are too few to resolve a FAR) on pairs of unknown images and pairs of test images
 (every genuine pair and a seeded sample of impostor pairs, ``evaluate.verification``), and on the
-pairs of an LFW-style ``pairs_file`` when one is given, by each item's embedding and by the
+pairs of an LFW-style ``pairs_file`` when one is given (its own folds; with ``pairs_root``, its images
+found under that folder and its pairs of trained people dropped: :func:`external_pairs`), by each
+item's embedding and by the
 ``ensemble`` of their concatenated normalised embeddings; with ``flip_test`` each embedding adds
 that of the mirrored image.
 

@@ -203,6 +203,13 @@ def test_embed_writes_unit_embeddings_with_their_paths(digits_project, tmp_path)
     out = tmp_path / "unknown.npz"
     result = run_cli("embed", *map(str, images), "--out", str(out), cwd=digits_project)
     assert result.returncode == 0, result.stderr
+    # Progress on stderr: reading the images, then each model (one line each in a log).
+    assert "angular embed: reading images: 100%" in result.stderr
+    for item in DIGIT_ITEMS:
+        assert (
+            f"angular embed: {item}: 100%" in result.stderr
+            and f"{len(images)}/{len(images)}" in result.stderr
+        )
     saved = np.load(out)
     _, parts, _ = saved_outputs(digits_project, DIGIT_ITEMS, "unknown")
     unit = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]

@@ -34,9 +34,9 @@ class SplitOutputs:
     identities: list[str]
 
 
-def with_progress(batches: Iterable[torch.Tensor], total: int, label: str):
+def with_progress(batches: Iterable, total: int, label: str, *, size=len):
     """``batches`` unchanged, with a progress bar of images on stderr (a new line at most every
-    few seconds when stderr is a log file rather than a terminal)."""
+    few seconds when stderr is a log file rather than a terminal); ``size(batch)``: its images."""
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
@@ -51,7 +51,7 @@ def with_progress(batches: Iterable[torch.Tensor], total: int, label: str):
     ) as bar:
         for batch in batches:
             yield batch
-            bar.update(len(batch))
+            bar.update(size(batch))
 
 
 @torch.no_grad()

@@ -201,7 +201,8 @@ class _ImageCache:
             if self.progress is not None:
                 from angular.serve.inference import with_progress
 
-                paths = with_progress(paths, len(paths), f"{self.progress}: reading images")
+                label = f"{self.progress}: reading images"
+                paths = with_progress(paths, len(paths), label, size=lambda _: 1)
             for path in paths:
                 try:
                     images.append(load_image(path, image_size=size, channels=channels))
@@ -268,6 +269,7 @@ class Predictor:
                 continue
             batches = images.batches(loaded, self.batch_size)
             if images.progress is not None:
+                images.uint8(loaded.image["size"], loaded.image["channels"])  # its own bar first
                 label = f"{images.progress}: {loaded.item}"
                 batches = with_progress(batches, len(images.paths), label)
             outputs[loaded.item] = run_batches(
