@@ -28,6 +28,7 @@ def test_an_adaptive_head_trains_and_loads_without_params(project):
     assert loaded.head_specs["subcenter_arcface"]["options"] == {"m": 0.5, "k": 3}
 
 
+@pytest.mark.slow
 def test_prioritized_resume_equals_an_uninterrupted_run(project, monkeypatch, capsys):
     # ElasticFace too: its margin generator must resume with the model.
     params = parse_params(
