@@ -797,6 +797,8 @@ class TrainConfig(_Section):
         WithJsonSchema({"anyOf": [{"type": "array", "items": _TRANSFORM}, {"type": "null"}]}),
     ]
     bf16: flag()
+    # NHWC conv backbones (BENCHMARKS.md, "Face backbones on CPU"); optional: older files lack it.
+    channels_last: flag() = False
     device: choice(*DEVICES)
     seed: integer(0)
     deterministic: flag()

@@ -451,6 +451,8 @@ def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPath
     model = build_model(backbone_desc, heads_desc, num_classes, label_smoothing=smoothing).to(
         device
     )
+    if config.channels_last:  # conv weights in NHWC; PyTorch then runs the convs in NHWC
+        model = model.to(memory_format=torch.channels_last)
     for head in model.heads.values():
         init_centres(head, config.centre_norm)
     optimizer = _make_optimizer(config, model.parameters())

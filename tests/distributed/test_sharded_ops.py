@@ -270,3 +270,27 @@ def test_shard_cosine_is_the_normalised_matmul_with_its_gradients(dtype):
     close(got, expected, dtype)
     for g, e in zip(grads, expected_grads):
         close(g, e, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_equal_the_reference(dtype):
+    if not sharded._has_kernel("cuda"):
+        pytest.skip("the extension has no sharded margin CUDA kernel")
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    cos, labels = random_problem(300, 5000, dtype, generator)
+    args = MARGINS[0]
+    eager = sharded.reference_partials(cos, labels, **args)
+    fused = torch.ops.angular.sharded_margin_partials(cos.cuda(), labels.cuda(), *args.values())
+    for got, want in zip(fused, eager):
+        close(got.cpu(), want, dtype)
+    lse = eager[0] + torch.log(eager[1]) + 0.5
+    grad_rows = torch.rand(300, generator=generator, dtype=torch.float64).to(lse.dtype)
+    grad_rows[7] = 0.0
+    rest = dict(label_smoothing=0.1, num_classes=9000, straight_through=False)
+    want = sharded.reference_backward(grad_rows, cos, labels, lse, **args, **rest)
+    got = torch.ops.angular.sharded_margin_cross_entropy_backward(
+        grad_rows.cuda(), cos.cuda(), labels.cuda(), lse.cuda(), *args.values(), *rest.values()
+    )
+    close(got.cpu(), want, dtype)

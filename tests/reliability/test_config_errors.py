@@ -298,6 +298,7 @@ def test_a_section_that_is_not_a_mapping_names_its_key(key):
 
 # Keys that may be left out (older params files): their default (angular/config.py's docstring).
 OPTIONAL = {
+    "train.channels_last": False,
     "data.max_images_per_class": None,
     "data.crop": None,
     "evaluate.verification.pairs_file": None,
