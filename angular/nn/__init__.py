@@ -24,6 +24,7 @@ from angular.nn.heads import (
     MarginSpec,
     SphereFace,
 )
+from angular.nn.sharded import ShardedMarginHead
 
 __all__ = [
     "ADAPTIVE_HEADS",
@@ -40,6 +41,7 @@ __all__ = [
     "MagFace",
     "MarginHead",
     "MarginSpec",
+    "ShardedMarginHead",
     "SphereFace",
     "SubCenterArcFace",
     "build_backbone",

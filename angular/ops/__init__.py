@@ -13,6 +13,7 @@ from angular.ops.margin import (
     margin_cross_entropy,
     margin_logits,
 )
+from angular.ops.sharded import sharded_margin_cross_entropy
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -23,4 +24,5 @@ __all__ = [
     "linear_margin_cross_entropy",
     "margin_cross_entropy",
     "margin_logits",
+    "sharded_margin_cross_entropy",
 ]
