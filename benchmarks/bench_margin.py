@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -1261,18 +1262,36 @@ def run_adaptive(settings: dict) -> dict:
     inputs = make_inputs(case, "cpu", 1, generator)
     reason = fused_unavailable_reason("cpu")
     load_before = os.getloadavg()
-    rows = {}
+    rows, steps = {}, {}
     for name, (what, _) in ADAPTIVE_CASES.items():
         if reason is not None and name.startswith("fused"):
             rows[name] = dict(what=what, status="unavailable", reason=reason)
             continue
-        step = adaptive_step(name, batch, generator)
-        step(inputs[0])  # warm-up
-        median, iqr, runs, samples = time_cpu(
-            step, inputs, settings["threads"], settings["min_run_time"]
-        )
-        rows[name] = dict(what=what, status="ok", median_ms=median, iqr_ms=iqr, runs=runs)
-        print(f"bench_margin --adaptive: {name}: {median:.2f} ms (IQR {iqr:.2f}, {runs} runs)")
+        steps[name] = adaptive_step(name, batch, generator)
+        steps[name](inputs[0])  # warm-up
+        rows[name] = dict(what=what, status="ok", times_ms=[])
+    # Interleaved rounds in a shuffled order, one call per case each, so that the load of a busy
+    # machine falls on every case alike (back-to-back blocks per case would each catch a different
+    # load); the eager cases, 50x slower, get fewer rounds.
+    order = random.Random(settings["seed"])
+    fused_rounds = settings["adaptive_rounds"]
+    for round_index in range(fused_rounds):
+        names = [
+            n for n in steps if n.startswith("fused") or round_index < max(3, fused_rounds // 5)
+        ]
+        order.shuffle(names)
+        for name in names:
+            started = time.perf_counter()
+            steps[name](inputs[0])
+            rows[name]["times_ms"].append((time.perf_counter() - started) * 1e3)
+    for name, row in rows.items():
+        if row["status"] == "ok":
+            times = row["times_ms"]
+            row["median_ms"], row["iqr_ms"] = _quantiles(times)
+            row["runs"] = len(times)
+            print(
+                f"bench_margin --adaptive: {name}: {row['median_ms']:.2f} ms ({row['runs']} runs)"
+            )
     scalar = rows["fused scalar (ArcFace)"].get("median_ms")
     for name, row in rows.items():
         compared = ADAPTIVE_CASES[name][1]
@@ -1286,8 +1305,9 @@ def run_adaptive(settings: dict) -> dict:
         benchmark="bench_margin --adaptive",
         machine=machine_description("cpu", settings["threads"]),
         settings=dict(B=batch, C=classes, dtype="fp32", passes="fwd+bwd", s=ADAPTIVE_SCALE,
-                      threads=settings["threads"], min_run_time=settings["min_run_time"],
-                      seed=settings["seed"]),
+                      threads=settings["threads"], rounds=fused_rounds, seed=settings["seed"],
+                      timing="one call per case per round, rounds interleaved in shuffled order; "
+                      "median over rounds"),
         load_average=dict(before=list(load_before), after=list(os.getloadavg())),
         targets=dict(overhead_at_most=ADAPTIVE_OVERHEAD_TARGET, eager_at_least=ADAPTIVE_EAGER_TARGET),
         cases=rows,
@@ -1337,6 +1357,7 @@ def main(argv: list[str] | None = None) -> dict:
         if settings["device"] != "cpu":
             raise SystemExit("--adaptive runs on the CPU (--device cpu)")
         settings["explicit_shape"] = args.B is not None and args.C is not None
+        settings["adaptive_rounds"] = 5 if args.quick else 21
         result = run_adaptive(settings)
         markdown = render_adaptive_markdown(result)
         (out / "bench_adaptive.json").write_text(json.dumps(result, indent=1) + "\n")
