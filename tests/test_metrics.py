@@ -490,3 +490,39 @@ def test_brier_score_is_sklearns_multiclass_score_at_every_class_count():
     assert metrics.brier_score([[0.5, 0.5], [0.2, 0.2]], [0, 1]) == pytest.approx(
         (0.5 + 0.64 + 0.04) / 2
     )
+
+
+def test_open_set_rates_hand_case():
+    # Known: right and accepted, wrong and accepted, right but rejected; unknown: one accepted,
+    # three rejected. Threshold 0.5.
+    confidence = [0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.4]
+    predicted = [1, 2, 0, 1, 1, 1, 1]
+    labels = [1, 0, 0, -1, -1, -1, -1]
+    known = [True, True, True, False, False, False, False]
+    rates = metrics.open_set_rates(confidence, predicted, labels, known, 0.5)
+    assert rates["known_acceptance"] == pytest.approx(2 / 3)
+    assert rates["unknown_rejection"] == pytest.approx(3 / 4)
+    assert rates["open_set_balanced_accuracy"] == pytest.approx((1 / 3 + 3 / 4) / 2)
+    # The original's accuracy counts images, so the three-to-four mix weighs it: 4 of 7 right.
+    assert metrics.open_set_accuracy(confidence, predicted, labels, known, 0.5) == pytest.approx(
+        4 / 7
+    )
+    with pytest.raises(ValueError, match="known"):
+        metrics.open_set_rates(confidence, predicted, labels, [True] * 7, 0.5)
+
+
+def test_threshold_at_far_accepts_at_most_that_share_of_negatives():
+    rng = np.random.default_rng()
+    negatives = np.round(rng.normal(size=997), 2)  # ties
+    for far in (0.001, 0.01, 0.05, 0.3):
+        threshold = metrics.threshold_at_far(negatives, far)
+        assert np.mean(negatives >= threshold) <= far
+        # The next lower candidate (the highest negative still rejected) would accept too many.
+        below = negatives[negatives < threshold].max()
+        assert np.mean(negatives >= below) > far
+    assert metrics.threshold_at_far(negatives, 1.0) == negatives.min()
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="far"):
+            metrics.threshold_at_far(negatives, bad)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.threshold_at_far([], 0.1)
