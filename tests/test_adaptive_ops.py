@@ -458,3 +458,22 @@ def test_rows_other_cpu_capabilities(seed, capability):
     )  # fmt: skip
     assert done.returncode == 0, f"seed={seed} {capability}:\n{done.stdout}\n{done.stderr[-4000:]}"
     assert json.loads(done.stdout.strip().splitlines()[-1])["capability"] == capability
+
+
+@pytest.mark.slow
+def test_adaptive_benchmark_smoke(tmp_path):
+    """``bench_margin.py --adaptive`` runs end to end on a tiny shape and writes its ratios."""
+    require_fused("cpu")
+    import bench_margin
+
+    result = bench_margin.main(
+        ["--adaptive", "--quick", "--B", "4", "--C", "64", "--threads", "1", "--out", str(tmp_path)]
+    )
+    cases = result["cases"]
+    assert set(cases) == set(bench_margin.ADAPTIVE_CASES)
+    assert all(row["status"] == "ok" and row["median_ms"] > 0 for row in cases.values())
+    assert cases["fused modulated (CurricularFace)"]["vs_fused_scalar"] > 0
+    assert cases["eager CurricularFace"]["speedup_of_fused"] > 0
+    assert len(result["load_average"]["before"]) == 3
+    assert "eager / fused" in (tmp_path / "bench_adaptive.md").read_text()
+    assert json.loads((tmp_path / "bench_adaptive.json").read_text())["settings"]["C"] == 64
