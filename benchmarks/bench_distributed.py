@@ -6,7 +6,7 @@ rank, fp32, SGD with momentum and weight decay) on random embeddings, and report
 
 - memory of the head, from tensors actually allocated: the centres and the optimizer state
   (``nbytes`` of the tensors after a step), plus the peak of the profiler's allocation events
-  during one step (``profile_memory=True``: the centres' gradient, the normalised centres, the
+  during one step (``profile_memory=True``: the centres' gradient, the sampled centres, the
   cosines ("logits") and their gradient, the gathered batch). "logits" is the size of the (W B,
   C_sample) cosine matrix the step built, counted once for itself and once for its gradient (0 for
   W = 1 with every class from C = 8192 on: the single-process head's fused linear op forms none);
@@ -46,7 +46,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from bench_margin import peak_extra_cpu  # noqa: E402
 
-from angular.nn.heads import MarginSpec  # noqa: E402
+from angular.nn.heads import FUSED_LINEAR_MIN_CLASSES, MarginSpec  # noqa: E402
 from angular.nn.sharded import ShardedMarginHead  # noqa: E402
 from angular.ops.sharded import count_communication  # noqa: E402
 
@@ -65,7 +65,8 @@ def available_bytes() -> int:
 
 
 def estimated_bytes(world_size: int, classes: int, rate: float) -> int:
-    """All ranks together: centres, gradient, momentum, normalised copy (4 x C x D) and the logits."""
+    """All ranks together: centres, gradient, momentum (3 x C x D; 4 while the centres are drawn) and
+    the logits."""
     sampled = classes * rate
     logits = 2 * world_size * ROWS_PER_RANK * sampled * FLOAT_BYTES
     return int(4 * classes * EMBEDDING_DIM * FLOAT_BYTES + world_size * logits)
@@ -96,6 +97,11 @@ def measure(rank: int, world_size: int, classes: int, rate: float, steps: int) -
         if world_size > 1:
             dist.barrier()
 
+    # W = 1 at rate 1 is MarginHead's computation, which does not go through head.cosine: its
+    # (B, C) cosines from the matmul below FUSED_LINEAR_MIN_CLASSES, none with the fused linear op.
+    single_process_logits = (
+        0 if classes >= FUSED_LINEAR_MIN_CLASSES else 2 * ROWS_PER_RANK * classes * FLOAT_BYTES
+    )
     step()  # allocates the optimizer state
     with count_communication() as communication:
         step()
@@ -124,8 +130,7 @@ def measure(rank: int, world_size: int, classes: int, rate: float, steps: int) -
         optimizer_state_bytes=state,
         step_peak_bytes=peak_step,
         head_bytes=centres + state + peak_step,
-        # 0: the single-process head's fused linear op (C >= 8192), which forms no logits.
-        logits_bytes=2 * logits_bytes[-1] if logits_bytes else 0,
+        logits_bytes=2 * logits_bytes[-1] if logits_bytes else single_process_logits,
         step_ms=[1000 * t for t in times],
         median_step_ms=1000 * statistics.median(times),
         communication_bytes=communication["bytes"],
@@ -175,7 +180,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         full = lines.get((line["world_size"], classes, 1.0))
         line["head_vs_w1"] = line["head_bytes"] / one["head_bytes"] if one else None
         line["logits_cut_by_sampling"] = (
-            full["logits_bytes"] / line["logits_bytes"] if full else None
+            full["logits_bytes"] / line["logits_bytes"] if full and line["logits_bytes"] else None
         )
     return sorted(lines.values(), key=lambda s: (s["classes"], s["sample_rate"], s["world_size"]))
 
@@ -230,9 +235,10 @@ def main(argv=None) -> dict:
         rows=[],
         skipped=[],
     )
-    for world_size in worlds:
-        configs = []
-        for classes in class_counts:
+    # Class counts outermost: the small ones are measured (and written) first.
+    for classes in class_counts:
+        for world_size in worlds:
+            configs = []
             for rate in rates:
                 need, free = estimated_bytes(world_size, classes, rate), available_bytes()
                 if need > 0.8 * free:
@@ -242,16 +248,21 @@ def main(argv=None) -> dict:
                     )
                     continue
                 configs.append((classes, rate))
-        if configs:
-            result["rows"] += run_world(world_size, configs, steps_for)
+            if configs:
+                result["rows"] += run_world(world_size, configs, steps_for)
+            write(result, args.out)  # after every run: a long benchmark keeps what it measured
+    print(write(result, args.out))
+    return result
+
+
+def write(result: dict, out: Path) -> str:
     result["summary"] = summarise(result["rows"])
     result["load_average_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_distributed.json").write_text(json.dumps(result, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_distributed.json").write_text(json.dumps(result, indent=1) + "\n")
     markdown = render(result) + f"\nLoad average at the end: {result['load_average_end']}.\n"
-    (args.out / "bench_distributed.md").write_text(markdown)
-    print(markdown)
-    return result
+    (out / "bench_distributed.md").write_text(markdown)
+    return markdown
 
 
 if __name__ == "__main__":
