@@ -180,7 +180,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         full = lines.get((line["world_size"], classes, 1.0))
         line["head_vs_w1"] = line["head_bytes"] / one["head_bytes"] if one else None
         line["logits_cut_by_sampling"] = (
-            full["logits_bytes"] / line["logits_bytes"] if full and line["logits_bytes"] else None
+            full["logits_bytes"] / line["logits_bytes"]
+            if full and full["logits_bytes"] and line["logits_bytes"]
+            else None
         )
     return sorted(lines.values(), key=lambda s: (s["classes"], s["sample_rate"], s["world_size"]))
 
