@@ -30,9 +30,12 @@ struct Rows {
 cudaError_t launch_logits_forward(DType dtype, Rows shape, Matrix cos, const MarginParams& p,
                                   void* out, cudaStream_t stream);
 
-// out (contiguous, dtype) = d logits / d cos applied to grad.
+// out (contiguous, dtype) = d logits / d cos applied to grad; with per-row margins
+// (p.row_margins), margin_grad (a zeroed (4, rows) array of the arithmetic type, or null) receives
+// d / d margins.
 cudaError_t launch_logits_backward(DType dtype, Rows shape, Matrix grad, Matrix cos,
-                                   const MarginParams& p, void* out, cudaStream_t stream);
+                                   const MarginParams& p, void* out, void* margin_grad,
+                                   cudaStream_t stream);
 
 // How many blocks share one row in the cross-entropy forward (from the kernel's occupancy on the
 // current device; no synchronisation). When it is above 1 the caller allocates a workspace of
@@ -46,10 +49,11 @@ cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, co
                                          cudaStream_t stream);
 
 // out (contiguous, dtype) = d loss / d cos, from the per-row upstream gradient and saved lse
-// (arithmetic type, read with the given strides).
+// (arithmetic type, read with the given strides); margin_grad as in launch_logits_backward.
 cudaError_t launch_cross_entropy_backward(DType dtype, Rows shape, Matrix cos,
                                           const void* grad_rows, int64_t grad_stride,
                                           const void* lse, int64_t lse_stride,
-                                          const MarginParams& p, void* out, cudaStream_t stream);
+                                          const MarginParams& p, void* out, void* margin_grad,
+                                          cudaStream_t stream);
 
 }  // namespace angular::cuda

@@ -1,14 +1,17 @@
-// CUDA implementations of the four angular ops: checks, output allocation, and the launch of the
-// kernels in margin_kernels.cu on the current stream of cos's device. Built only with CUDA.
+// CUDA implementations of the angular margin ops (the scalar ones and their *_rows variants):
+// checks, output allocation, and the launch of the kernels in margin_kernels.cu on the current
+// stream of cos's device. Built only with CUDA.
 #ifdef ANGULAR_WITH_CUDA
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "cuda/launchers.h"
@@ -47,41 +50,42 @@ Rows rows_of(const at::Tensor& cos, const at::Tensor& contiguous_labels) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-at::Tensor margin_logits_cuda(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
-                              double m2, double m3, double lam, bool straight_through) {
-  check_cos_labels(cos, labels, "angular::margin_logits");
+// The per-row margins and modulation of a *_rows call, into the kernels' parameters.
+MarginParams with_rows(MarginParams p, const at::Tensor* rows, std::optional<double> negative_t) {
+  if (rows != nullptr) {
+    p.row_margins = rows->const_data_ptr();
+  }
+  p.modulate = negative_t.has_value();
+  p.negative_t = negative_t.value_or(0.0);
+  return p;
+}
+
+at::Tensor logits_forward(const at::Tensor& cos, const at::Tensor& labels, const MarginParams& p) {
   const c10::cuda::CUDAGuard guard(cos.device());
   const at::Tensor label_vec = labels.contiguous();
   const at::Tensor cos_in = streamable(cos);
   at::Tensor out = empty_matrix(cos);
-  const MarginParams p{s, m1, m2, m3, lam, 0.0, straight_through};
   C10_CUDA_CHECK(launch_logits_forward(dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos_in),
                                        p, out.mutable_data_ptr(), current_stream()));
   return out;
 }
 
-at::Tensor margin_logits_backward_cuda(const at::Tensor& grad, const at::Tensor& cos,
-                                       const at::Tensor& labels, double s, double m1, double m2,
-                                       double m3, double lam, bool straight_through) {
-  const char* op = "angular::margin_logits_backward";
-  check_cos_labels(cos, labels, op);
-  check_same_shape(grad, cos, op);
+at::Tensor logits_backward(const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& labels,
+                           const MarginParams& p, const at::Tensor& margin_grad) {
   const c10::cuda::CUDAGuard guard(cos.device());
   const at::Tensor grad_in = streamable(as_dtype(grad, cos.scalar_type()));  // cos: targets only
   const at::Tensor label_vec = labels.contiguous();
   at::Tensor out = empty_matrix(cos);
-  const MarginParams p{s, m1, m2, m3, lam, 0.0, straight_through};
-  C10_CUDA_CHECK(launch_logits_backward(dtype_of(cos), rows_of(cos, label_vec), matrix_of(grad_in),
-                                        matrix_of(cos), p, out.mutable_data_ptr(),
-                                        current_stream()));
+  C10_CUDA_CHECK(launch_logits_backward(
+      dtype_of(cos), rows_of(cos, label_vec), matrix_of(grad_in), matrix_of(cos), p,
+      out.mutable_data_ptr(), margin_grad.defined() ? margin_grad.mutable_data_ptr() : nullptr,
+      current_stream()));
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
-    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
-    double lam, double label_smoothing, bool straight_through) {
-  const char* op = "angular::margin_cross_entropy";
-  check_cos_labels(cos, labels, op);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
+                                                         const at::Tensor& labels,
+                                                         const MarginParams& p, const char* op) {
   TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have C >= 1 columns, got ", cos.sizes());
   const c10::cuda::CUDAGuard guard(cos.device());
   const at::Tensor label_vec = labels.contiguous();
@@ -97,12 +101,56 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
   if (splits > 1) {
     workspace = at::empty({cos.size(0) * splits * 3}, acc_options);
   }
-  const MarginParams p{s, m1, m2, m3, lam, label_smoothing, straight_through};
   C10_CUDA_CHECK(launch_cross_entropy_forward(
       dtype, shape, matrix_of(cos_in), p, splits,
       splits > 1 ? workspace.mutable_data_ptr() : nullptr, loss.mutable_data_ptr(),
       lse.mutable_data_ptr(), current_stream()));
   return {loss, lse};
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor& cos,
+                                  const at::Tensor& labels, const at::Tensor& lse,
+                                  const MarginParams& p, const at::Tensor& margin_grad) {
+  const c10::cuda::CUDAGuard guard(cos.device());
+  const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
+  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
+  const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
+  const at::Tensor label_vec = labels.contiguous();
+  const at::Tensor cos_in = streamable(cos);
+  at::Tensor out = empty_matrix(cos);
+  C10_CUDA_CHECK(launch_cross_entropy_backward(
+      dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos_in), grad_vec.const_data_ptr(),
+      grad_vec.stride(0), lse_vec.const_data_ptr(), lse_vec.stride(0), p, out.mutable_data_ptr(),
+      margin_grad.defined() ? margin_grad.mutable_data_ptr() : nullptr, current_stream()));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registered kernels: the scalar ops, then the *_rows ops (per-row margins, modulation).
+
+at::Tensor margin_logits_cuda(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
+                              double m2, double m3, double lam, bool straight_through) {
+  check_cos_labels(cos, labels, "angular::margin_logits");
+  return logits_forward(cos, labels, MarginParams{s, m1, m2, m3, lam, 0.0, straight_through});
+}
+
+at::Tensor margin_logits_backward_cuda(const at::Tensor& grad, const at::Tensor& cos,
+                                       const at::Tensor& labels, double s, double m1, double m2,
+                                       double m3, double lam, bool straight_through) {
+  const char* op = "angular::margin_logits_backward";
+  check_cos_labels(cos, labels, op);
+  check_same_shape(grad, cos, op);
+  return logits_backward(grad, cos, labels,
+                         MarginParams{s, m1, m2, m3, lam, 0.0, straight_through}, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_cuda(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam, double label_smoothing, bool straight_through) {
+  const char* op = "angular::margin_cross_entropy";
+  check_cos_labels(cos, labels, op);
+  return cross_entropy_forward(
+      cos, labels, MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through}, op);
 }
 
 at::Tensor margin_cross_entropy_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& cos,
@@ -113,19 +161,59 @@ at::Tensor margin_cross_entropy_backward_cuda(const at::Tensor& grad_rows, const
   check_cos_labels(cos, labels, op);
   check_rows(grad_rows, cos, op, "grad_rows");
   check_rows(lse, cos, op, "lse");
-  const c10::cuda::CUDAGuard guard(cos.device());
-  const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
-  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
-  const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
-  const at::Tensor label_vec = labels.contiguous();
-  const at::Tensor cos_in = streamable(cos);
-  at::Tensor out = empty_matrix(cos);
-  const MarginParams p{s, m1, m2, m3, lam, label_smoothing, straight_through};
-  C10_CUDA_CHECK(launch_cross_entropy_backward(
-      dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos_in), grad_vec.const_data_ptr(),
-      grad_vec.stride(0), lse_vec.const_data_ptr(), lse_vec.stride(0), p, out.mutable_data_ptr(),
-      current_stream()));
-  return out;
+  return cross_entropy_backward(
+      grad_rows, cos, labels, lse,
+      MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through}, at::Tensor());
+}
+
+at::Tensor margin_logits_rows_cuda(const at::Tensor& cos, const at::Tensor& labels,
+                                   const at::Tensor& margins, double s, bool straight_through,
+                                   std::optional<double> negative_t) {
+  const char* op = "angular::margin_logits_rows";
+  check_cos_labels(cos, labels, op);
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  const MarginParams p{s, 1.0, 0.0, 0.0, 0.0, 0.0, straight_through};
+  return logits_forward(cos, labels, with_rows(p, &rows, negative_t));
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_logits_rows_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& labels,
+    const at::Tensor& margins, double s, bool straight_through, std::optional<double> negative_t) {
+  const char* op = "angular::margin_logits_rows_backward";
+  check_cos_labels(cos, labels, op);
+  check_same_shape(grad, cos, op);
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  at::Tensor margin_grad = at::zeros_like(rows);
+  const MarginParams p{s, 1.0, 0.0, 0.0, 0.0, 0.0, straight_through};
+  at::Tensor grad_cos =
+      logits_backward(grad, cos, labels, with_rows(p, &rows, negative_t), margin_grad);
+  return {grad_cos, margin_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_rows_cuda(
+    const at::Tensor& cos, const at::Tensor& labels, const at::Tensor& margins, double s,
+    double label_smoothing, bool straight_through, std::optional<double> negative_t) {
+  const char* op = "angular::margin_cross_entropy_rows";
+  check_cos_labels(cos, labels, op);
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  const MarginParams p{s, 1.0, 0.0, 0.0, 0.0, label_smoothing, straight_through};
+  return cross_entropy_forward(cos, labels, with_rows(p, &rows, negative_t), op);
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_rows_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& cos, const at::Tensor& labels,
+    const at::Tensor& lse, const at::Tensor& margins, double s, double label_smoothing,
+    bool straight_through, std::optional<double> negative_t) {
+  const char* op = "angular::margin_cross_entropy_rows_backward";
+  check_cos_labels(cos, labels, op);
+  check_rows(grad_rows, cos, op, "grad_rows");
+  check_rows(lse, cos, op, "lse");
+  const at::Tensor rows = checked_row_margins(margins, cos, op);
+  at::Tensor margin_grad = at::zeros_like(rows);
+  const MarginParams p{s, 1.0, 0.0, 0.0, 0.0, label_smoothing, straight_through};
+  at::Tensor grad_cos = cross_entropy_backward(grad_rows, cos, labels, lse,
+                                               with_rows(p, &rows, negative_t), margin_grad);
+  return {grad_cos, margin_grad};
 }
 
 }  // namespace
@@ -135,6 +223,10 @@ TORCH_LIBRARY_IMPL(angular, CUDA, m) {
   m.impl("margin_logits_backward", &margin_logits_backward_cuda);
   m.impl("margin_cross_entropy", &margin_cross_entropy_cuda);
   m.impl("margin_cross_entropy_backward", &margin_cross_entropy_backward_cuda);
+  m.impl("margin_logits_rows", &margin_logits_rows_cuda);
+  m.impl("margin_logits_rows_backward", &margin_logits_rows_backward_cuda);
+  m.impl("margin_cross_entropy_rows", &margin_cross_entropy_rows_cuda);
+  m.impl("margin_cross_entropy_rows_backward", &margin_cross_entropy_rows_backward_cuda);
 }
 
 }  // namespace angular::cuda

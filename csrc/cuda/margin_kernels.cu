@@ -163,21 +163,53 @@ __device__ __forceinline__ acc_type<scalar_t> load(const Matrix& m, int64_t row,
       static_cast<const scalar_t*>(m.data)[row * m.row_stride + col * m.col_stride]);
 }
 
-// The margin parameters in the arithmetic type.
+// The margin parameters in the arithmetic type: scalars, or per-row values (a (4, B) array), and
+// the negative modulation (docs/design.md, Per-row margins and negative modulation).
 template <typename acc_t>
 struct Margin {
   acc_t s, m1, m2, m3, lam, eps;
   bool straight_through;
+  const acc_t* __restrict__ rows;  // (4, B) or null
+  int64_t batch;
+  bool modulate;
+  acc_t t;
 
-  explicit Margin(const MarginParams& p)
+  Margin(const MarginParams& p, int64_t batch_size)
       : s(acc_t(p.s)),
         m1(acc_t(p.m1)),
         m2(acc_t(p.m2)),
         m3(acc_t(p.m3)),
         lam(acc_t(p.lam)),
         eps(acc_t(p.label_smoothing)),
-        straight_through(p.straight_through) {}
+        straight_through(p.straight_through),
+        rows(static_cast<const acc_t*>(p.row_margins)),
+        batch(batch_size),
+        modulate(p.modulate),
+        t(acc_t(p.negative_t)) {}
+
+  __device__ RowMargin<acc_t> at(int64_t row) const {
+    if (rows == nullptr) {
+      return RowMargin<acc_t>{m1, m2, m3, lam};
+    }
+    return RowMargin<acc_t>{rows[row], rows[batch + row], rows[2 * batch + row],
+                            rows[3 * batch + row]};
+  }
+  __device__ acc_t target_value(acc_t cos_y, const RowMargin<acc_t>& r) const {
+    return target_logit(cos_y, r.m1, r.m2, r.m3, r.lam);
+  }
 };
+
+// d loss / d margins of one row (scale times d f_y / d margins) into the (4, B) margin_grad.
+template <typename acc_t>
+__device__ __forceinline__ void store_margin_grad(acc_t* __restrict__ margin_grad, int64_t batch,
+                                                  int64_t row, acc_t cos_y,
+                                                  const RowMargin<acc_t>& m, acc_t scale) {
+  const RowMargin<acc_t> d = target_logit_margin_grad(cos_y, m);
+  margin_grad[row] = scale * d.m1;
+  margin_grad[batch + row] = scale * d.m2;
+  margin_grad[2 * batch + row] = scale * d.m3;
+  margin_grad[3 * batch + row] = scale * d.lam;
+}
 
 // Threads [team * G, team * G + G) of the block work on one row; G is 32 or kThreads.
 template <int G>
@@ -187,7 +219,7 @@ struct Team {
   int index = static_cast<int>(threadIdx.x) / G;
 };
 
-// out[row, j] = op(r, j == target, src[row, j]) over each block's column tile of every row, with
+// out[row, j] = op(r, j, j == target, src[row, j]) over each block's column tile of every row, with
 // r = op.row(...) the row's constants (computed once per team and row); r.zero skips the read.
 template <typename scalar_t, int G, typename Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
@@ -220,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
           acc_t y[N];
 #pragma unroll
           for (int k = 0; k < N; ++k) {
-            y[k] = op(r, target == k, x[k]);
+            y[k] = op(r, j + k, target == k, x[k]);
           }
           if (vector_store) {
             store_pack<scalar_t>(dst + j, y);
@@ -231,59 +263,86 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
             }
           }
         },
-        [&](int64_t j, acc_t x) { dst[j] = static_cast<scalar_t>(op(r, j == r.target, x)); });
+        [&](int64_t j, acc_t x) { dst[j] = static_cast<scalar_t>(op(r, j, j == r.target, x)); });
   }
 }
 
-// z = s * cos, and s * f_y (computed once per row) in the target column. Labels outside [0, C)
-// match no column.
+// z = s * cos (hard negatives modulated), and s * f_y (computed once per row) in the target
+// column. Labels outside [0, C) match no column.
 template <typename scalar_t>
 struct LogitsForward {
   using acc_t = acc_type<scalar_t>;
   Margin<acc_t> m;
   const int64_t* __restrict__ labels;
+  int64_t cols;
   Matrix cos;
   struct Row {
     int64_t target;
     acc_t target_logit;
+    acc_t threshold;  // f_y of a modulated row
+    bool modulated;
     bool zero;
   };
   __device__ Row row(int64_t row, int64_t first, int64_t end) const {
     const int64_t y = labels[row];
-    acc_t value = acc_t(0);
-    if (y >= first && y < end) {
-      value = m.s * target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3, m.lam);
+    Row r{y, acc_t(0), acc_t(0), m.modulate && y >= 0 && y < cols, false};
+    if ((y >= first && y < end) || r.modulated) {
+      r.threshold = m.target_value(load<scalar_t>(cos, row, y), m.at(row));
+      r.target_logit = m.s * r.threshold;
     }
-    return Row{y, value, false};
+    return r;
   }
-  __device__ acc_t operator()(const Row& r, bool is_target, acc_t x) const {
-    return is_target ? r.target_logit : m.s * x;
+  __device__ acc_t operator()(const Row& r, int64_t, bool is_target, acc_t x) const {
+    return is_target ? r.target_logit
+                     : m.s * (r.modulated ? modulate_negative(x, r.threshold, m.t) : x);
   }
 };
 
-// grad_cos = s * grad, times d f_y / d cos_y in the target column.
+// grad_cos = s * grad (times t + 2 cos at modulated entries), times d f_y / d cos_y in the target
+// column; d / d margins of the row into margin_grad when it is not null.
 template <typename scalar_t>
 struct LogitsBackward {
   using acc_t = acc_type<scalar_t>;
   Margin<acc_t> m;
   const int64_t* __restrict__ labels;
+  int64_t cols;
   Matrix cos;
+  Matrix grad;
+  acc_t* __restrict__ margin_grad;
   struct Row {
+    int64_t row;
     int64_t target;
     acc_t target_factor;
+    acc_t threshold;
+    bool modulated;
     bool zero;
   };
   __device__ Row row(int64_t row, int64_t first, int64_t end) const {
     const int64_t y = labels[row];
-    acc_t factor = acc_t(0);
-    if (y >= first && y < end) {
-      factor = m.s * target_logit_grad(load<scalar_t>(cos, row, y), m.m1, m.m2, m.lam,
-                                       m.straight_through);
+    Row r{row, y, acc_t(0), acc_t(0), m.modulate && y >= 0 && y < cols, false};
+    const bool in_tile = y >= first && y < end;
+    if (in_tile || r.modulated) {
+      const RowMargin<acc_t> margin = m.at(row);
+      const acc_t cos_y = load<scalar_t>(cos, row, y);
+      r.threshold = m.target_value(cos_y, margin);
+      if (in_tile) {
+        r.target_factor = m.s * target_logit_grad(cos_y, margin.m1, margin.m2, margin.lam,
+                                                  m.straight_through);
+        if (margin_grad != nullptr) {  // every lane of the team stores the same values
+          store_margin_grad(margin_grad, m.batch, row, cos_y, margin,
+                            m.s * load<scalar_t>(grad, row, y));
+        }
+      }
     }
-    return Row{y, factor, false};
+    return r;
   }
-  __device__ acc_t operator()(const Row& r, bool is_target, acc_t g) const {
-    return is_target ? g * r.target_factor : m.s * g;
+  __device__ acc_t operator()(const Row& r, int64_t j, bool is_target, acc_t g) const {
+    if (is_target) {
+      return g * r.target_factor;
+    }
+    return r.modulated
+               ? m.s * g * modulate_negative_grad(load<scalar_t>(cos, r.row, j), r.threshold, m.t)
+               : m.s * g;
   }
 };
 
@@ -300,16 +359,18 @@ struct CrossEntropyBackward {
   int64_t grad_stride;
   const acc_t* __restrict__ lse;
   int64_t lse_stride;
+  acc_t* __restrict__ margin_grad;  // (4, B) or null
   struct Row {
     int64_t target;
     acc_t scale;
     acc_t minus_offset;
     acc_t lse;
     acc_t target_grad;
+    acc_t threshold;
     bool zero;
   };
   __device__ Row row(int64_t row, int64_t first, int64_t end) const {
-    Row r{labels[row], acc_t(0), acc_t(0), acc_t(0), acc_t(0), false};
+    Row r{labels[row], acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), false};
     if (r.target < 0 || r.target >= cols) {
       r.zero = true;
       return r;
@@ -318,15 +379,32 @@ struct CrossEntropyBackward {
     r.lse = lse[row * lse_stride];
     r.scale = m.s * g;
     r.minus_offset = -r.scale * m.eps / acc_t(cols);
-    if (r.target >= first && r.target < end) {
-      r.target_grad = target_cos_grad(load<scalar_t>(cos, row, r.target), r.lse, g, m.s, m.m1,
-                                      m.m2, m.m3, m.lam, m.eps, acc_t(cols), m.straight_through);
+    const bool in_tile = r.target >= first && r.target < end;
+    if (in_tile || m.modulate) {
+      const RowMargin<acc_t> margin = m.at(row);
+      const acc_t cos_y = load<scalar_t>(cos, row, r.target);
+      r.threshold = m.target_value(cos_y, margin);
+      if (in_tile) {
+        r.target_grad = target_cos_grad(cos_y, r.lse, g, m.s, margin.m1, margin.m2, margin.m3,
+                                        margin.lam, m.eps, acc_t(cols), m.straight_through);
+        if (margin_grad != nullptr) {  // every lane of the team stores the same values
+          const acc_t dz = target_logit_upstream(r.threshold, r.lse, g, m.s, m.eps, acc_t(cols));
+          store_margin_grad(margin_grad, m.batch, row, cos_y, margin, m.s * dz);
+        }
+      }
     }
     return r;
   }
-  __device__ acc_t operator()(const Row& r, bool is_target, acc_t x) const {
-    return is_target ? r.target_grad
-                     : math::fma_(r.scale, fast_exp(math::fma_(m.s, x, -r.lse)), r.minus_offset);
+  __device__ acc_t operator()(const Row& r, int64_t, bool is_target, acc_t x) const {
+    if (is_target) {
+      return r.target_grad;
+    }
+    if (m.modulate) {
+      const acc_t h = modulate_negative(x, r.threshold, m.t);
+      return math::fma_(r.scale, fast_exp(math::fma_(m.s, h, -r.lse)), r.minus_offset) *
+             modulate_negative_grad(x, r.threshold, m.t);
+    }
+    return math::fma_(r.scale, fast_exp(math::fma_(m.s, x, -r.lse)), r.minus_offset);
   }
 };
 
@@ -435,10 +513,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       continue;
     }
     const scalar_t* __restrict__ src = static_cast<const scalar_t*>(cos.data) + row * cos.row_stride;
-    const acc_t target_value =
-        (y >= first && y < end)
-            ? target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3, m.lam)
-            : acc_t(0);
+    // f_y: the target's value, and the threshold of the negative modulation (whose comparison
+    // leaves the target, equal to it, unmodulated).
+    const acc_t target_value = (y >= first && y < end) || m.modulate
+                                   ? m.target_value(load<scalar_t>(cos, row, y), m.at(row))
+                                   : acc_t(0);
+    auto logit = [&](bool is_target, acc_t x) {
+      return m.s * (is_target ? target_value
+                              : (m.modulate ? modulate_negative(x, target_value, m.t) : x));
+    };
     RowSums<acc_t> sums = empty_sums<acc_t>();
     visit_row<scalar_t, G>(
         src, cos.col_stride, first, end, team.lane,
@@ -446,10 +529,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
           const int64_t target = y - j;
 #pragma unroll
           for (int k = 0; k < N; ++k) {
-            sums.add(m.s * (target == k ? target_value : x[k]));
+            sums.add(logit(target == k, x[k]));
           }
         },
-        [&](int64_t j, acc_t x) { sums.add(m.s * (j == y ? target_value : x)); });
+        [&](int64_t j, acc_t x) { sums.add(logit(j == y, x)); });
     sums = team_reduce<G>(sums);
     if (team.lane == 0) {
       if (splits == 1) {
@@ -492,8 +575,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     total = warp_reduce(total);
     if (lane == 0) {
-      const acc_t target_value =
-          target_logit(load<scalar_t>(cos, row, y), m.m1, m.m2, m.m3, m.lam);
+      const acc_t target_value = m.target_value(load<scalar_t>(cos, row, y), m.at(row));
       finish_row(total, target_value, m, shape.cols, loss + row, lse + row);
     }
   }
@@ -531,30 +613,35 @@ cudaError_t launch_map(const Rows& shape, const Matrix& src, scalar_t* out, cons
 template <typename scalar_t>
 cudaError_t logits_forward(Rows shape, Matrix cos, const MarginParams& p, void* out,
                            cudaStream_t stream) {
-  const LogitsForward<scalar_t> op{Margin<acc_type<scalar_t>>(p), shape.labels, cos};
+  const LogitsForward<scalar_t> op{Margin<acc_type<scalar_t>>(p, shape.rows), shape.labels,
+                                   shape.cols, cos};
   return launch_map(shape, cos, static_cast<scalar_t*>(out), op, stream);
 }
 
 template <typename scalar_t>
 cudaError_t logits_backward(Rows shape, Matrix grad, Matrix cos, const MarginParams& p, void* out,
-                            cudaStream_t stream) {
-  const LogitsBackward<scalar_t> op{Margin<acc_type<scalar_t>>(p), shape.labels, cos};
+                            void* margin_grad, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const LogitsBackward<scalar_t> op{Margin<acc_t>(p, shape.rows), shape.labels, shape.cols, cos,
+                                    grad, static_cast<acc_t*>(margin_grad)};
   return launch_map(shape, grad, static_cast<scalar_t*>(out), op, stream);
 }
 
 template <typename scalar_t>
 cudaError_t cross_entropy_backward(Rows shape, Matrix cos, const void* grad_rows,
                                    int64_t grad_stride, const void* lse, int64_t lse_stride,
-                                   const MarginParams& p, void* out, cudaStream_t stream) {
+                                   const MarginParams& p, void* out, void* margin_grad,
+                                   cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
-  const CrossEntropyBackward<scalar_t> op{Margin<acc_t>(p),
+  const CrossEntropyBackward<scalar_t> op{Margin<acc_t>(p, shape.rows),
                                           shape.labels,
                                           shape.cols,
                                           cos,
                                           static_cast<const acc_t*>(grad_rows),
                                           grad_stride,
                                           static_cast<const acc_t*>(lse),
-                                          lse_stride};
+                                          lse_stride,
+                                          static_cast<acc_t*>(margin_grad)};
   return launch_map(shape, cos, static_cast<scalar_t*>(out), op, stream);
 }
 
@@ -570,7 +657,7 @@ template <typename scalar_t>
 cudaError_t cross_entropy_forward(Rows shape, Matrix cos, const MarginParams& p, int64_t splits,
                                   void* workspace, void* loss, void* lse, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
-  const Margin<acc_t> m(p);
+  const Margin<acc_t> m(p, shape.rows);
   auto* loss_out = static_cast<acc_t*>(loss);
   auto* lse_out = static_cast<acc_t*>(lse);
   if (warp_per_row<scalar_t>(shape)) {
@@ -683,11 +770,12 @@ cudaError_t launch_logits_forward(DType dtype, Rows shape, Matrix cos, const Mar
 }
 
 cudaError_t launch_logits_backward(DType dtype, Rows shape, Matrix grad, Matrix cos,
-                                   const MarginParams& p, void* out, cudaStream_t stream) {
+                                   const MarginParams& p, void* out, void* margin_grad,
+                                   cudaStream_t stream) {
   if (is_empty(shape)) {
     return cudaSuccess;
   }
-  ANGULAR_DISPATCH_DTYPE(dtype, logits_backward, shape, grad, cos, p, out, stream);
+  ANGULAR_DISPATCH_DTYPE(dtype, logits_backward, shape, grad, cos, p, out, margin_grad, stream);
 }
 
 int64_t cross_entropy_splits(Rows shape, DType dtype) {
@@ -723,12 +811,13 @@ cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, co
 cudaError_t launch_cross_entropy_backward(DType dtype, Rows shape, Matrix cos,
                                           const void* grad_rows, int64_t grad_stride,
                                           const void* lse, int64_t lse_stride,
-                                          const MarginParams& p, void* out, cudaStream_t stream) {
+                                          const MarginParams& p, void* out, void* margin_grad,
+                                          cudaStream_t stream) {
   if (is_empty(shape)) {
     return cudaSuccess;
   }
   ANGULAR_DISPATCH_DTYPE(dtype, cross_entropy_backward, shape, cos, grad_rows, grad_stride, lse,
-                         lse_stride, p, out, stream);
+                         lse_stride, p, out, margin_grad, stream);
 }
 
 #undef ANGULAR_DISPATCH_DTYPE
