@@ -173,13 +173,16 @@ struct Modulation {
   Vectorized<T> t;
 
   Modulation(T threshold_value, T t_value) : threshold(threshold_value), t(t_value) {}
-  Vectorized<T> operator()(const Vectorized<T>& x) const {
-    return Vectorized<T>::blendv(x, x * (t + x), x > threshold);
+  // The lanes to modulate (all bits set), shared by value() and grad().
+  Vectorized<T> hard(const Vectorized<T>& x) const { return x > threshold; }
+  Vectorized<T> value(const Vectorized<T>& x, const Vectorized<T>& hard_lanes) const {
+    return Vectorized<T>::blendv(x, x * (t + x), hard_lanes);
   }
-  Vectorized<T> grad(const Vectorized<T>& x) const {
+  Vectorized<T> grad(const Vectorized<T>& x, const Vectorized<T>& hard_lanes) const {
     return Vectorized<T>::blendv(Vectorized<T>(T(1)), at::vec::fmadd(x, Vectorized<T>(T(2)), t),
-                                 x > threshold);
+                                 hard_lanes);
   }
+  Vectorized<T> operator()(const Vectorized<T>& x) const { return value(x, hard(x)); }
 };
 
 
@@ -303,8 +306,12 @@ void VecKernels<scalar_t>::softmax_grad_modulated(const scalar_t* src, int64_t s
   const Vec minus_offset(-offset);
   const Modulation<acc_t> mod(threshold, t);
   map_segment(src, stride, n, dst, [&](const Vec& x) {
-    const Vec p = vec_exp(at::vec::fmadd(mod(x), vec_s, minus_lse));
-    return at::vec::fmadd(p, vec_scale, minus_offset) * mod.grad(x);
+    const Vec hard = mod.hard(x);
+    const Vec dh = mod.grad(x, hard);
+    const Vec p = vec_exp(at::vec::fmadd(mod.value(x, hard), vec_s, minus_lse));
+    // (scale p - offset) dh as one multiply-add: p is often tiny (a softmax term far below the
+    // max), and multiplying a denormal result once more costs a microcode assist per lane.
+    return at::vec::fmadd(p, vec_scale * dh, minus_offset * dh);
   });
 }
 
@@ -317,7 +324,7 @@ void VecKernels<scalar_t>::scale_grad_modulated(const scalar_t* grad, int64_t gr
   const Vec factor(scale);
   const Modulation<acc_t> mod(threshold, t);
   map_segment2(grad, grad_stride, src, stride, n, dst,
-               [&](const Vec& g, const Vec& x) { return g * factor * mod.grad(x); });
+               [&](const Vec& g, const Vec& x) { return g * (factor * mod.grad(x, mod.hard(x))); });
 }
 
 template struct VecKernels<float>;
