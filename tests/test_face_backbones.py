@@ -75,8 +75,8 @@ def test_iresnet_embedding_layer_is_bn_dropout_fc_bn_with_fixed_scale():
         ("mobilefacenet", (MIN_FACE_INPUT, MIN_FACE_INPUT)),
         ("iresnet18", (64, 64)),
         ("iresnet18", (56, 46)),
-        ("iresnet34", (MIN_FACE_INPUT, 40)),
-        ("iresnet50", (MIN_FACE_INPUT, MIN_FACE_INPUT)),
+        pytest.param("iresnet34", (MIN_FACE_INPUT, 40), marks=pytest.mark.slow),
+        pytest.param("iresnet50", (MIN_FACE_INPUT, MIN_FACE_INPUT), marks=pytest.mark.slow),
     ],
 )
 @pytest.mark.parametrize("channels, embedding_dim", [(1, 128), (3, 96)])
@@ -107,6 +107,7 @@ def test_channels_last_and_bf16_autocast_give_the_same_embeddings():
     assert cosine.min() > 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilefacenet", "iresnet18"])
 def test_a_training_step_lowers_the_loss_on_the_same_batch(name):
     torch.manual_seed(0)
