@@ -21,7 +21,8 @@ wording of its error, e.g. ``patience: integer(low=1)``, ``on_collapse: choice("
 ``margin: number(0.0, 1.0, high_open=True)``, ``name: text(optional=True)``, ``enabled: flag()``
 (``= default`` only for a key older files may lack). A rule between keys goes in the model's
 ``@model_validator(mode="after")`` and raises ``_problem("must be ...", "key")``. Then give the key
-its value (and a comment) in ``params.yaml`` and ``experiments/faces/params.yaml``, regenerate the
+its value (and a comment) in ``params.yaml``, ``experiments/faces/params.yaml`` and
+``experiments/lfw-dev/params.yaml``, regenerate the
 JSON schema editors check the file with (``python -m angular.config --schema >
 params.schema.json``), and list its bad values in tests/reliability/test_config_errors.py.
 """
