@@ -381,6 +381,7 @@ def test_per_row_and_modulated_calls_dispatch_to_the_rows_kernels():
 def test_opcheck_rows_ops():
     """Schema, fake kernels, autograd registration of the *_rows ops."""
     require_fused("cpu")
+    ops.margin_logits(*make_inputs(2, 3, torch.float32, 0), s=1.0)  # registers the fake kernels
     for index, (dtype, negative_t) in enumerate([(torch.float32, None), (torch.float64, 0.3)]):
         cos, labels = make_inputs(6, 37, dtype, 200 + index)
         labels[1] = -1
