@@ -851,18 +851,16 @@ class VerificationConfig(_Section):
     # An LFW-style pairs.txt (relative to the folder the stage runs in): its pairs of test and
     # unknown images are scored besides the drawn ones (None: only the drawn pairs).
     pairs_file: text(optional=True) = None
-    # Embed each image and its horizontal mirror and add the two normalised embeddings.
-    flip_test: flag() = False
     # A folder under which the pairs file's images are found (anywhere below it, by the file name
     # <name>_<NNNN>.<ext>), embedded by each model; pairs that touch a known (training) identity are
     # dropped and counted. None: the pairs name test or unknown images of the prepared data.
     pairs_root: text(optional=True) = None
+    # Embed each image and its horizontal mirror and add the two normalised embeddings.
+    flip_test: flag() = False
     # The false accept rate whose threshold (threshold@far=F of each embedding, on these pairs)
     # `angular identify` uses by default to reject people who are not in the gallery.
     gallery_far: number(0.0, 1.0, low_open=True, high_open=True) = 1e-2
 
-
-def _rules(value):
     @model_validator(mode="after")
     def _root_of_a_pairs_file(self):
         if self.pairs_root is not None and self.pairs_file is None:
@@ -871,6 +869,8 @@ def _rules(value):
             )
         return self
 
+
+def _rules(value):
     if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
         raise _problem(f"must be a list of ensemble rules ({', '.join(RULES)}), got {value!r}")
     for rule in value:
@@ -911,11 +911,11 @@ class EvaluateConfig(_Section):
         ),
     ]
     known_rate: number(0.0, 1.0, low_open=True)
-    n_bins: integer(1)
-    batch_size: integer(1)
     # The second open-set operating point: the threshold that accepts at most this share of the
     # unknown people's images (chosen on one half of the unknown people, applied to the other).
     unknown_far: number(0.0, 1.0, low_open=True, high_open=True) = 0.05
+    n_bins: integer(1)
+    batch_size: integer(1)
     num_threads: integer(0)
     embedding_plot: flag()
     members: MembersConfig

@@ -302,9 +302,9 @@ OPTIONAL = {
     "data.max_images_per_class": None,
     "data.crop": None,
     "evaluate.verification.pairs_file": None,
-    "evaluate.verification.flip_test": False,
     "evaluate.verification.pairs_root": None,
     "evaluate.unknown_far": 0.05,
+    "evaluate.verification.flip_test": False,
     "evaluate.verification.gallery_far": 0.01,
     "tracking.register_model": None,
 }
