@@ -9,7 +9,8 @@ A model file (``torch.save`` of a dict of plain Python values and tensors, loada
     heads:      {member name: {"type", "s", "m1", "m2", "m3", "lam_schedule", "straight_through", "fused_linear"}}
                 (an adaptive head, angular.nn.adaptive, adds "options": its constructor's other arguments)
     classes:    the known identities, in label order
-    image:      {"size": [h, w], "channels", "mean", "std"}              (angular.data preprocessing)
+    image:      {"size": [h, w], "channels", "mean", "std", "crop"}      (angular.data preprocessing;
+                crop: data.crop as a dict, or None, applied by serving to the user's images)
     state_dict: the RecognitionModel's state dict (backbone.* and heads.<member>.*)
     training:   a summary (epochs, seed, final metrics), for the record
 
@@ -138,7 +139,7 @@ class LoadedModel:
     model: RecognitionModel
     item: str
     classes: list[str]
-    image: dict  # {"size", "channels", "mean", "std"}
+    image: dict  # {"size", "channels", "mean", "std", "crop" (absent in older files)}
     head_specs: dict[str, dict]
     training: dict
 

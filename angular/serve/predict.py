@@ -189,12 +189,16 @@ class _ImageCache:
         self.decoded: dict[tuple, torch.Tensor] = {}
         self.progress = progress  # the label of progress bars on stderr (None: silent)
 
-    def uint8(self, size: Sequence[int], channels: int) -> torch.Tensor:
+    def uint8(self, size: Sequence[int], channels: int, crop: dict | None = None) -> torch.Tensor:
+        """The images decoded to ``size`` and ``channels`` after the model's ``data.crop``
+        (``crop``: as the model file stores it; None: the whole image)."""
         import torch
 
+        from angular.config import Crop
         from angular.data import DataError, load_image
 
-        key = (tuple(size), channels)
+        key = (tuple(size), channels, None if crop is None else repr(sorted(crop.items())))
+        region = None if crop is None else Crop(**crop)
         if key not in self.decoded:
             images, problems = [], []
             paths = self.paths
@@ -205,7 +209,7 @@ class _ImageCache:
                 paths = with_progress(paths, len(paths), label, size=lambda _: 1)
             for path in paths:
                 try:
-                    images.append(load_image(path, image_size=size, channels=channels))
+                    images.append(load_image(path, image_size=size, channels=channels, crop=region))
                 except DataError as error:
                     cause = error.__cause__ or error
                     problems.append(f"{path}: cannot read the image ({cause})")
@@ -222,7 +226,7 @@ class _ImageCache:
         from angular.data import normalize
 
         image = loaded.image
-        pixels = self.uint8(image["size"], image["channels"])
+        pixels = self.uint8(image["size"], image["channels"], image.get("crop"))
         for start in range(0, len(pixels), batch_size):
             yield normalize(pixels[start : start + batch_size], image["mean"], image["std"])
 
@@ -269,7 +273,9 @@ class Predictor:
                 continue
             batches = images.batches(loaded, self.batch_size)
             if images.progress is not None:
-                images.uint8(loaded.image["size"], loaded.image["channels"])  # its own bar first
+                images.uint8(  # its own bar first
+                    loaded.image["size"], loaded.image["channels"], loaded.image.get("crop")
+                )
                 label = f"{images.progress}: {loaded.item}"
                 batches = with_progress(batches, len(images.paths), label)
             outputs[loaded.item] = run_batches(

@@ -167,6 +167,8 @@ def describe_model(params: Params, item: TrainItem) -> tuple[dict, dict, dict]:
         "channels": data.channels,
         "mean": list(data.mean),
         "std": list(data.std),
+        # data.crop, so that serving cuts user images as prepare cut the training images
+        "crop": None if data.crop is None else data.crop.model_dump(exclude_none=True),
     }
     return backbone, heads, image
 

@@ -55,7 +55,13 @@ def test_one_epoch_through_the_stage_writes_a_model_loadable_without_params(proj
     loaded = load_model(model_file)
     manifest = read_manifest(project / "data" / "prepared")
     assert loaded.classes == list(manifest.classes) and loaded.members == ["arcface"]
-    assert loaded.image == {"size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.5]}
+    assert loaded.image == {
+        "size": [8, 8],
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.5],
+        "crop": None,
+    }
     outputs = run_model(loaded, manifest.paths("test")[:5], manifest.labels("test")[:5], ["x"] * 5)
     assert outputs.embeddings.shape == (5, 16) and outputs.logits["arcface"].shape == (5, 8)
     # s * cos: every logit lies in [-s, s].
