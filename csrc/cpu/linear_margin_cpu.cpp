@@ -38,7 +38,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/vec_kernels.h"
+#include "cpu/row_segments.h"
 #include "margin_math.h"
 #include "op_common.h"
 
@@ -47,20 +47,7 @@ namespace {
 
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
-template <typename scalar_t, typename Fn>
-void with_vec_kernels(const Fn& fn) {
-#if ANGULAR_X86_DISPATCH
-  // The capability ATen uses on this CPU (honours ATEN_CPU_CAPABILITY), as margin_cpu.cpp does.
-  static const std::string name = at::get_cpu_capability();
-  if (name == "AVX512") {
-    return fn(AVX512::VecKernels<scalar_t>{});
-  }
-  if (name == "AVX2") {
-    return fn(AVX2::VecKernels<scalar_t>{});
-  }
-#endif
-  return fn(DEFAULT::VecKernels<scalar_t>{});
-}
+using segments::with_vec_kernels;
 
 // Columns per chunk. A thread's working set per chunk is two B x chunk tiles (cosines and their
 // gradient) plus the chunk's weight rows (chunk x D, read by two GEMMs): keeping it within about

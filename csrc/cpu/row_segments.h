@@ -1,7 +1,6 @@
-// How the CPU kernels of the sharded ops (sharded_margin_cpu.cpp) pick their vector primitives and
-// split a (B, C) problem into (row, column chunk) segments for at::parallel_for: the scheme
-// csrc/cpu/margin_cpu.cpp describes at its top (which keeps its own copy of these helpers in its
-// anonymous namespace).
+// How the CPU margin kernels (margin_cpu.cpp, sharded_margin_cpu.cpp, linear_margin_cpu.cpp) pick
+// their vector primitives, and how the first two split a (B, C) problem into (row, column chunk)
+// segments for at::parallel_for, with denormals flushed while a segment runs.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -10,6 +9,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #include "cpu/vec_kernels.h"
 
@@ -68,11 +71,33 @@ inline Split split_rows(int64_t rows, int64_t cols) {
   return Split{ceil_div(cols, width), width};
 }
 
+// Flushes denormal results (and reads denormal inputs) as zero in this thread while it lives:
+// softmax terms near exp(-87) times a chain factor land below FLT_MIN, and on x86 every such
+// operation takes a microcode assist that can double a pass (BENCHMARKS.md, Per-row margins and
+// negative modulation). Only values below 1.2e-38 (2.2e-308 in fp64) change.
+#if defined(__x86_64__) || defined(_M_X64)
+class FlushDenormals {
+ public:
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  static constexpr unsigned int kFlushToZero = 0x8000;
+  static constexpr unsigned int kDenormalsAreZero = 0x0040;
+  unsigned int saved_;
+};
+#else
+class FlushDenormals {};
+#endif
+
 // fn(segment, row, first column, end column) for every segment, in parallel.
 template <typename Fn>
 void for_each_segment(int64_t rows, int64_t cols, const Split& split, const Fn& fn) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / split.width);
   at::parallel_for(0, rows * split.chunks, grain, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     for (int64_t segment = begin; segment < end; ++segment) {
       const int64_t row = segment / split.chunks;
       const int64_t first = (segment % split.chunks) * split.width;
