@@ -173,13 +173,15 @@ fi
 # --- 2. CUDA tests -----------------------------------------------------------------------------
 # The fused-kernel CUDA tests, plus the other suites with CUDA cases whose imports this Python has
 # (only the fused ones are sure to: they need torch and pytest alone), plus those other work adds
-# (the fused linear op, the distributed head) where their files exist.
+# (the fused linear op, the per-row margin ops, the sharded ops, and the sharded head on NCCL with
+# W = the number of GPUs) where their files exist.
 test_files=(tests/test_fused_cuda.py tests/test_ops_api.py)
 # The reliability folder's conftest imports the pipeline's library (yaml, PIL, tqdm, ...).
 if "$python" -c "import hypothesis, angular.train" >/dev/null 2>&1; then
   test_files+=(tests/reliability/test_ops_properties.py tests/reliability/test_ops_invalid_input.py)
 fi
-for optional in tests/test_fused_linear.py tests/test_distributed*.py tests/test_*nccl*.py; do
+for optional in tests/test_fused_linear.py tests/test_adaptive_ops.py tests/distributed/test_sharded_ops.py \
+  tests/distributed/test_nccl.py; do
   if [ -f "$optional" ]; then test_files+=("$optional"); fi
 done
 tests=("$python" -m pytest -q -ra -m cuda -p no:cacheprovider --junitxml="$work/pytest_cuda.xml")

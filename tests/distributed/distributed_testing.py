@@ -1,4 +1,5 @@
-"""Running a function on W gloo processes on this machine, for the tests of the sharded head.
+"""Running a function on W gloo (or, on GPUs, nccl) processes on this machine, for the tests of
+the sharded head.
 
 ``spawn(fn, world_size, tmp_path, *args)`` starts W processes (torch.multiprocessing, spawn), each
 joining a gloo process group through a FileStore in ``tmp_path``, runs ``fn(rank, world_size,
@@ -21,12 +22,14 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def _worker(rank: int, fn, world_size: int, folder: str, args: tuple) -> None:
+def _worker(rank: int, fn, world_size: int, folder: str, args: tuple, backend: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)  # W processes share the machine's cores
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # one GPU per rank, as torchrun's workers use them
     store = dist.FileStore(os.path.join(folder, "store"), world_size)
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+        backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
     )
     try:
         result = fn(rank, world_size, *args)
@@ -35,13 +38,16 @@ def _worker(rank: int, fn, world_size: int, folder: str, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def spawn(fn, world_size: int, tmp_path: Path, *args, timeout: float = 240.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; their results."""
+def spawn(
+    fn, world_size: int, tmp_path: Path, *args, timeout: float = 240.0, backend: str = "gloo"
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes of ``backend`` (gloo on the
+    CPU; nccl with rank r on GPU r); their results."""
     folder = tmp_path / f"spawn-{world_size}-{time.monotonic_ns()}"
     folder.mkdir()
     context = mp.start_processes(
         _worker,
-        args=(fn, world_size, str(folder), args),
+        args=(fn, world_size, str(folder), args, backend),
         nprocs=world_size,
         join=False,
         start_method="spawn",
