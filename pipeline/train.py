@@ -58,6 +58,7 @@ PARAM_KEYS = (
     "train.grad_clip_norm",
     "train.augment",
     "train.bf16",
+    "train.channels_last",
     "train.device",
     "train.seed",
     "train.deterministic",
