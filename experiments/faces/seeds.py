@@ -63,9 +63,9 @@ CALIBRATION = (
 )
 
 
-def run_seed(seed: int, raw: dict, faces: Path, experiment: str = "faces") -> dict:
+def run_seed(seed: int, raw: dict, faces: Path, experiment: str = "faces", tag: str = "") -> dict:
     """Run every stage for one seed; returns its metrics and wall time."""
-    folder = EXPERIMENTS[experiment].folder / "runs" / f"seed-{seed}"
+    folder = EXPERIMENTS[experiment].folder / "runs" / f"{tag + '-' if tag else ''}seed-{seed}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -323,6 +323,17 @@ def main(argv=None) -> int:
         "cores, at most 3",
     )
     parser.add_argument(
+        "--tag",
+        default="",
+        help="a variant's name (say, with --params): writes seeds-<tag>.md and seeds-<tag>.json and "
+        "runs in runs/<tag>-seed-<n>, leaving the experiment's own tables alone",
+    )
+    parser.add_argument(
+        "--items",
+        nargs="+",
+        help="the heads to train (train.items); default: the params file's",
+    )
+    parser.add_argument(
         "--summarize",
         action="store_true",
         help="only rewrite seeds.md from the seeds.json of the last run",
@@ -330,11 +341,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     folder = EXPERIMENTS[args.experiment].folder
     params = args.params or folder / "params.yaml"
+    stem = f"seeds-{args.tag}" if args.tag else "seeds"
+    seeds_json, seeds_md = folder / f"{stem}.json", folder / f"{stem}.md"
     raw = yaml.safe_load(params.read_text(encoding="utf-8"))
+    if args.items:
+        raw["train"]["items"] = list(args.items)
     if args.summarize:
-        results = json.loads((folder / "seeds.json").read_text(encoding="utf-8"))
+        results = json.loads(seeds_json.read_text(encoding="utf-8"))
         text = summary(results, raw, args.experiment)
-        (folder / "seeds.md").write_text(text, encoding="utf-8")
+        seeds_md.write_text(text, encoding="utf-8")
         print(text)
         return 0
     try:
@@ -348,17 +363,17 @@ def main(argv=None) -> int:
     # Each seed's stages are subprocesses in their own folder: threads are enough to overlap them.
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(
-            pool.map(lambda seed: run_seed(seed, raw, faces, args.experiment), args.seeds)
+            pool.map(lambda seed: run_seed(seed, raw, faces, args.experiment, args.tag), args.seeds)
         )
     for result in results:
         result["seeds_at_once"] = min(args.jobs, len(args.seeds))
-    (folder / "seeds.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    seeds_json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     text = summary(results, raw, args.experiment)
-    (folder / "seeds.md").write_text(text, encoding="utf-8")
+    seeds_md.write_text(text, encoding="utf-8")
     print(text)
     print(
         f"seeds: {len(results)} runs in {(time.monotonic() - started) / 60:.1f} minutes; "
-        f"wrote {folder / 'seeds.md'} and {folder / 'seeds.json'}",
+        f"wrote {seeds_md} and {seeds_json}",
         file=sys.stderr,
     )
     return 0
