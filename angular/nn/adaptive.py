@@ -12,6 +12,14 @@ AdaFace at ``ms = 0`` (CosFace ``m``), ElasticFace at the mean of its draws, Mag
 (its largest margin), CurricularFace and sub-center ArcFace at their ArcFace ``m``. ``options``
 holds the head's other constructor arguments; :func:`build_adaptive_head` rebuilds a head from
 ``(type, s, options)``, which is what the model file stores.
+
+Under torch.distributed (docs/design.md, "Sharded softmax"): :class:`angular.nn.sharded.ShardedAdaptiveHead`
+shards any of these heads by class, reusing :meth:`AdaptiveMarginHead._per_row` on the gathered
+batch. A head that stays whole on every rank (replicated, each rank its own local batch, e.g. in a
+DDP model) all-reduces the batch statistics its state follows (AdaFace's norm mean and std,
+CurricularFace's mean target cosine) over ``process_group`` (None: the default group) whenever
+torch.distributed is initialised with more than one rank, so its buffers stay the same on every
+rank: those of one process on the concatenated batch. ``sync_statistics=False`` turns that off.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch.nn.functional as F
 
 from angular import ops
 from angular.nn.heads import MarginHead, MarginSpec
-from angular.ops import reference
+from angular.ops import reference, sharded
 
 __all__ = [
     "ADAPTIVE_HEADS",
@@ -39,15 +47,46 @@ __all__ = [
 ]
 
 
-def _row_dtype(cos: torch.Tensor) -> torch.dtype:
-    """Per-row margins in the ops' arithmetic dtype (fp64 for fp64 cosines, else fp32)."""
-    return reference.compute_dtype(cos.dtype)
-
-
 def _target_cos(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``cos[i, labels[i]]`` (detached), 0 for rows without a target (negative label)."""
     rows = cos.detach().gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
     return torch.where(labels >= 0, rows, torch.zeros_like(rows))
+
+
+class RowContext:
+    """What :meth:`AdaptiveMarginHead._per_row` may read of the batch's cosines: their dtype and
+    device, and (:meth:`target_cos`) each row's detached target cosine, 0 for rows without a
+    target. The one-process head reads it off its (B, C) cosines; the sharded head all-reduces it
+    (B floats), only when a head asks for it."""
+
+    def __init__(self, cos: torch.Tensor, target_cos):
+        self.dtype = reference.compute_dtype(cos.dtype)  # the ops' arithmetic dtype
+        self.device = cos.device
+        self._target_cos = target_cos
+        self._value = None
+
+    def target_cos(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._target_cos()
+        return self._value
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, labels: torch.Tensor) -> RowContext:
+        return cls(cos, lambda: _target_cos(cos, labels))
+
+
+def _world_of(group) -> int:
+    return sharded.world_of(group)[1]
+
+
+def add_row_term(
+    rows: torch.Tensor, extra: torch.Tensor | None, labels: torch.Tensor, reduction: str
+) -> torch.Tensor:
+    """Per-row losses plus a head's extra per-row term (rows with a target only), reduced."""
+    has_target = labels >= 0
+    if extra is not None:
+        rows = rows + torch.where(has_target, extra.to(rows.dtype), torch.zeros_like(rows))
+    return reference.reduce_rows(rows, has_target, reduction)
 
 
 class AdaptiveMarginHead(MarginHead):
@@ -57,6 +96,7 @@ class AdaptiveMarginHead(MarginHead):
     :meth:`loss` in training mode; :meth:`forward` and evaluation use it as it stands."""
 
     type_name: ClassVar[str]
+    centres_per_class = 1  # sub-center ArcFace: k
 
     def __init__(
         self,
@@ -66,6 +106,8 @@ class AdaptiveMarginHead(MarginHead):
         options: dict[str, Any],
         *,
         fused_linear: bool | None = None,
+        sync_statistics: bool = True,
+        process_group=None,
         **kw,
     ):
         if fused_linear:
@@ -74,8 +116,20 @@ class AdaptiveMarginHead(MarginHead):
                 "margins need the (B, C) cosines (the fused linear op takes scalar margins)"
             )
         margin = self.margin_spec(s, options)
+        if not isinstance(sync_statistics, bool):
+            raise TypeError(f"sync_statistics must be true or false, got {sync_statistics!r}")
         super().__init__(embedding_dim, num_classes, margin, fused_linear=False, **kw)
         self.options = dict(options)
+        self.sync_statistics = sync_statistics
+        self.process_group = process_group
+
+    def _statistics_group(self):
+        """The group to all-reduce batch statistics over, or None: one process, or turned off."""
+        if not self.sync_statistics or _world_of(self.process_group) == 1:
+            return None
+        return (
+            self.process_group if self.process_group is not None else torch.distributed.group.WORLD
+        )
 
     @classmethod
     def margin_spec(cls, s: float, options: dict[str, Any]) -> MarginSpec:
@@ -83,14 +137,15 @@ class AdaptiveMarginHead(MarginHead):
         return MarginSpec.arcface(s, options["m"])
 
     def _per_row(
-        self, x: torch.Tensor, cos: torch.Tensor, labels: torch.Tensor, update: bool
+        self, x: torch.Tensor, rows: RowContext, labels: torch.Tensor, update: bool
     ) -> tuple[dict, torch.Tensor | None]:
-        """Overrides of the margin arguments, and an optional per-row term added to the loss."""
+        """Overrides of the margin arguments, and an optional per-row term added to the loss.
+        ``x`` and ``labels``: the whole batch (gathered, for the sharded head)."""
         raise NotImplementedError
 
     def _arguments(self, x, labels, update: bool):
         cos = self.cosine(x)
-        overrides, extra = self._per_row(x, cos, labels, update)
+        overrides, extra = self._per_row(x, RowContext.of(cos, labels), labels, update)
         return cos, {**self._margin_args(), **overrides}, extra
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -106,9 +161,7 @@ class AdaptiveMarginHead(MarginHead):
             loss = ops.margin_cross_entropy(cos, labels, reduction=reduction, **common)
         else:
             rows = ops.margin_cross_entropy(cos, labels, reduction="none", **common)
-            has_target = labels >= 0
-            rows = rows + torch.where(has_target, extra.to(rows.dtype), torch.zeros_like(rows))
-            loss = reference.reduce_rows(rows, has_target, reduction)
+            loss = add_row_term(rows, extra, labels, reduction)
         if self.training:
             self.step += 1
         return loss
@@ -158,14 +211,19 @@ class AdaFace(AdaptiveMarginHead):
         """``ms`` per row (in the buffers' dtype), updating the EMA first when ``update``."""
         norms = x.detach().to(self.batch_mean.dtype).norm(dim=1).clamp(0.001, 100.0)
         if update:
-            std = norms.std() if norms.numel() > 1 else torch.zeros_like(self.batch_std)
-            self.batch_mean.lerp_(norms.mean(), self.t_alpha)
-            self.batch_std.lerp_(std, self.t_alpha)
+            group = self._statistics_group()
+            if group is None:
+                mean = norms.mean()
+                std = norms.std() if norms.numel() > 1 else torch.zeros_like(self.batch_std)
+            else:
+                mean, std = _global_mean_std(norms, group)
+            self.batch_mean.lerp_(mean.to(self.batch_mean.dtype), self.t_alpha)
+            self.batch_std.lerp_(std.to(self.batch_std.dtype), self.t_alpha)
         scaled = self.h * (norms - self.batch_mean) / (self.batch_std + self.EPS)
         return scaled.clamp(-1.0, 1.0)
 
-    def _per_row(self, x, cos, labels, update):
-        ms = self.margin_scaler(x, update).to(_row_dtype(cos))
+    def _per_row(self, x, rows, labels, update):
+        ms = self.margin_scaler(x, update).to(rows.dtype)
         return {"m2": -self.m * ms, "m3": self.m + self.m * ms}, None
 
 
@@ -211,21 +269,21 @@ class _ElasticFace(AdaptiveMarginHead):
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state.cpu())
 
-    def draw_margins(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def draw_margins(self, rows: RowContext, labels: torch.Tensor) -> torch.Tensor:
         """One margin per row from N(m, std) (on the CPU generator, so every device draws alike)."""
         margins = torch.normal(self.m, self.std, (labels.shape[0],), generator=self.generator)
-        margins = margins.to(device=cos.device, dtype=_row_dtype(cos))
+        margins = margins.to(device=rows.device, dtype=rows.dtype)
         if self.plus:
             valid = (labels >= 0).nonzero().squeeze(1)
-            order = _target_cos(cos, labels)[valid].argsort(descending=True, stable=True)
+            order = rows.target_cos()[valid].argsort(descending=True, stable=True)
             margins = margins.clone()
             margins[valid] = margins[valid].sort().values[order]
         return margins
 
-    def _per_row(self, x, cos, labels, update):
+    def _per_row(self, x, rows, labels, update):
         if not update:
             return {}, None  # the mean margin (the head's MarginSpec)
-        return {self.margin_key: self.draw_margins(cos, labels)}, None
+        return {self.margin_key: self.draw_margins(rows, labels)}, None
 
 
 class ElasticArcFace(_ElasticFace):
@@ -250,6 +308,27 @@ class ElasticCosFace(_ElasticFace):
 
     def __init__(self, embedding_dim, num_classes, s=64.0, m=0.35, std=0.05, plus=False, **kw):
         super().__init__(embedding_dim, num_classes, s, m, std, plus, **kw)
+
+
+def _global_mean_std(values: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std of ``values`` over every rank of ``group`` (count, sum and sum of
+    squares all-reduced, in fp64); std 0 for fewer than two values in all."""
+    work = values.double()
+    count, total, squares = sharded.all_reduce_sum(
+        torch.stack(
+            [
+                torch.tensor(float(work.numel()), dtype=torch.float64, device=work.device),
+                work.sum(),
+                work.square().sum(),
+            ]
+        ),
+        group,
+    )
+    mean = total / count
+    variance = (
+        (squares - count * mean * mean) / (count - 1) if count > 1 else torch.zeros_like(mean)
+    )
+    return mean, variance.clamp(min=0.0).sqrt()
 
 
 def magface_min_lambda_g(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:
@@ -307,8 +386,8 @@ class MagFace(AdaptiveMarginHead):
         super().__init__(embedding_dim, num_classes, s, options, **kw)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = l_a, u_a, l_m, u_m, lambda_g
 
-    def _per_row(self, x, cos, labels, update):
-        norms = x.to(_row_dtype(cos)).norm(dim=1).clamp(self.l_a, self.u_a)
+    def _per_row(self, x, rows, labels, update):
+        norms = x.to(rows.dtype).norm(dim=1).clamp(self.l_a, self.u_a)
         margins = (self.u_m - self.l_m) / (self.u_a - self.l_a) * (norms - self.l_a) + self.l_m
         regulariser = norms / self.u_a**2 + 1.0 / norms
         return {"m2": margins}, self.lambda_g * regulariser
@@ -328,12 +407,21 @@ class CurricularFace(AdaptiveMarginHead):
         super().__init__(embedding_dim, num_classes, s, {"m": m}, **kw)
         self.register_buffer("t", torch.zeros(()))
 
-    def _per_row(self, x, cos, labels, update):
+    def _per_row(self, x, rows, labels, update):
         if update:
             has_target = labels >= 0
-            if bool(has_target.any()):
-                mean = _target_cos(cos, labels)[has_target].to(self.t.dtype).mean()
-                self.t.lerp_(mean, self.MOMENTUM)
+            group = self._statistics_group()
+            if group is None:
+                if bool(has_target.any()):
+                    mean = rows.target_cos()[has_target].to(self.t.dtype).mean()
+                    self.t.lerp_(mean, self.MOMENTUM)
+            else:
+                target = torch.where(has_target, rows.target_cos().double(), 0.0)
+                count, total = sharded.all_reduce_sum(
+                    torch.stack([has_target.sum().double(), target.sum()]), group
+                )
+                if count > 0:
+                    self.t.lerp_((total / count).to(self.t.dtype), self.MOMENTUM)
         return {"negative_t": float(self.t)}, None
 
 
@@ -361,7 +449,7 @@ class SubCenterArcFace(AdaptiveMarginHead):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         super().__init__(embedding_dim, num_classes, s, {"m": m, "k": k}, **kw)
-        self.k = k
+        self.k = self.centres_per_class = k
         self.weight = torch.nn.Parameter(torch.empty(num_classes * k, self.embedding_dim))
         torch.nn.init.normal_(self.weight, std=0.01)
         self.register_buffer("dominant", torch.full((num_classes,), -1, dtype=torch.int64))
@@ -405,7 +493,7 @@ class SubCenterArcFace(AdaptiveMarginHead):
         self.uses_dominant = True
         return self.dominant.clone()
 
-    def _per_row(self, x, cos, labels, update):
+    def _per_row(self, x, rows, labels, update):
         return {}, None
 
 

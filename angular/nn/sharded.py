@@ -13,20 +13,28 @@ Gradients: the all-gather's backward multiplies this rank's embedding gradient b
 DDP averages the backbone's gradients over the W ranks they equal the single-process head's on the
 concatenated batch; the centres (not under DDP) get the exact gradient of that loss. With W = 1 and
 ``sample_rate = 1`` the head computes exactly what ``MarginHead`` computes.
+
+:class:`ShardedAdaptiveHead` does the same for the adaptive heads of :mod:`angular.nn.adaptive`
+(per-row margins, CurricularFace's modulation, sub-centres): their per-row margins come from the
+gathered batch, identical on every rank; CurricularFace's target cosines are all-reduced (B floats);
+a sub-center head is sharded and sampled by class.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from angular import ops
+from angular.nn.adaptive import AdaptiveMarginHead, RowContext, add_row_term
 from angular.nn.backbones import check_size
 from angular.nn.heads import FUSED_LINEAR_MIN_CLASSES, MarginSpec
-from angular.ops import sharded
+from angular.ops import reference, sharded
 
-__all__ = ["ShardedMarginHead", "initial_centres"]
+__all__ = ["ShardedAdaptiveHead", "ShardedMarginHead", "initial_centres"]
 
 # Initial centres are drawn block by block, each block from its own seed, so the full (C, D)
 # matrix is the same whatever the world size: a run on 2 ranks starts where a run on 4 does.
@@ -70,6 +78,10 @@ class ShardedMarginHead(nn.Module):
     once per :meth:`loss` in training mode. Initial centres come from ``generator_seed`` too, and do
     not depend on W (:func:`initial_centres`).
 
+    ``centres_per_class`` K > 1 (sub-center ArcFace): ``weight`` holds the K sub-centres of each of
+    its classes, class-major (rows ``[class_start K, (class_start + class_count) K)`` of the full
+    (C K, D) matrix); a class's cosine is the max over its K; sampling keeps or drops whole classes.
+
     The optimizer sees ``weight`` as one dense parameter: unsampled centres get a zero gradient, and
     whatever the optimizer does with a zero gradient (weight decay, momentum) still applies to them
     (docs/design.md, "Sharded softmax", says why).
@@ -86,8 +98,10 @@ class ShardedMarginHead(nn.Module):
         sample_rate: float = 1.0,
         group=None,
         generator_seed: int = 0,
+        centres_per_class: int = 1,
     ):
         super().__init__()
+        centres_per_class = check_size("centres_per_class", centres_per_class)
         embedding_dim = check_size("embedding_dim", embedding_dim)
         num_classes = check_size("num_classes", num_classes)
         if not isinstance(margin, MarginSpec):
@@ -114,11 +128,15 @@ class ShardedMarginHead(nn.Module):
         self.straight_through = bool(straight_through)
         self.sample_rate = sample_rate
         self.generator_seed = generator_seed
+        self.centres_per_class = centres_per_class
         self.class_start, self.class_count = sharded.shard_range(
             num_classes, self.world_size, self.rank
         )
+        k = centres_per_class
         self.weight = nn.Parameter(
-            initial_centres(self.class_start, self.class_count, embedding_dim, generator_seed)
+            initial_centres(
+                self.class_start * k, self.class_count * k, embedding_dim, generator_seed
+            )
         )
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -150,8 +168,21 @@ class ShardedMarginHead(nn.Module):
             raise ValueError(f"labels is on {labels.device} but x is on {x.device}")
 
     def cosine(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``cos`` of each row of ``x`` with this rank's centres (or ``weight``): (B, C_local)."""
-        return sharded.shard_cosine(x, self.weight if weight is None else weight)
+        """``cos`` of each row of ``x`` with this rank's classes (or those of ``weight``, K rows a
+        class): (B, C_local), the max over a class's K sub-centres."""
+        cos = sharded.shard_cosine(x, self.weight if weight is None else weight)
+        if self.centres_per_class == 1:
+            return cos
+        return cos.view(cos.shape[0], -1, self.centres_per_class).amax(dim=2)
+
+    def _sampled_weight(self, index: torch.Tensor | None) -> torch.Tensor:
+        """The centres of the sampled local classes ``index`` (all K sub-centres of each)."""
+        if index is None:
+            return self.weight
+        if self.centres_per_class == 1:
+            return self.weight[index]
+        k = self.centres_per_class
+        return self.weight.view(self.class_count, k, -1)[index].reshape(index.numel() * k, -1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``s * cos`` against this rank's shard only, (B, class_count), no margin and no
@@ -200,7 +231,7 @@ class ShardedMarginHead(nn.Module):
         self._check_batch(x, labels)
         if reduction not in ops.REDUCTIONS:
             raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
-        if self.world_size == 1 and self.sample_rate >= 1.0:
+        if self.world_size == 1 and self.sample_rate >= 1.0 and self.centres_per_class == 1:
             loss = self._single_process_loss(x, labels, reduction)
         else:
             loss = self._sharded_loss(x, labels, reduction)
@@ -228,7 +259,9 @@ class ShardedMarginHead(nn.Module):
             **self._margin_args(),
         )
 
-    def _sharded_loss(self, x, labels, reduction):
+    def _gather(self, x, labels):
+        """The gathered batch, its cosines with this step's local sample of classes, the local
+        labels and the number of classes sampled over all ranks (collective)."""
         x_all, labels_all = sharded.gather_rows(x, labels, self.group)
         if labels_all.device.type == "cpu" and int(labels_all.max()) >= self.num_classes:
             # Gathered: every rank sees the same labels and raises the same error.
@@ -236,9 +269,13 @@ class ShardedMarginHead(nn.Module):
                 f"labels must be < num_classes = {self.num_classes}, got a label {int(labels_all.max())}"
             )
         index, local_labels, num_sampled = self.sample(labels_all)
-        weight = self.weight if index is None else self.weight[index]
+        cos = self.cosine(x_all, self._sampled_weight(index))
+        return x_all, labels_all, cos, local_labels, num_sampled
+
+    def _sharded_loss(self, x, labels, reduction):
+        _, labels_all, cos, local_labels, num_sampled = self._gather(x, labels)
         return sharded.sharded_margin_cross_entropy(
-            self.cosine(x_all, weight),
+            cos,
             local_labels,
             labels_all >= 0,
             num_classes=num_sampled,
@@ -252,31 +289,40 @@ class ShardedMarginHead(nn.Module):
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
-        """The full (C, D) centres on every rank (collective: an all-gather of the shards, padded to
-        one size since gloo gathers only equal shapes)."""
+        """The full (C K, D) centres on every rank (collective: an all-gather of the shards, padded
+        to one size since gloo gathers only equal shapes)."""
         if self.world_size == 1:
             return self.weight.detach().clone()
-        largest = sharded.shard_range(self.num_classes, self.world_size, 0)[1]
+        k = self.centres_per_class
+        largest = sharded.shard_range(self.num_classes, self.world_size, 0)[1] * k
         padded = self.weight.new_zeros(largest, self.embedding_dim)
-        padded[: self.class_count] = self.weight
+        padded[: self.class_count * k] = self.weight
         parts = sharded.all_gather_equal(padded, self.group)
         return torch.cat(
             [
-                part[: sharded.shard_range(self.num_classes, self.world_size, rank)[1]]
+                part[: sharded.shard_range(self.num_classes, self.world_size, rank)[1] * k]
                 for rank, part in enumerate(parts)
             ]
         )
 
     @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The state dict of the one-process head this head shards (collective): the full centres
+        and ``step`` (and, for an adaptive head, its buffers and extra state)."""
+        return {"weight": self.full_weight(), "step": self.step.detach().clone()}
+
+    @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor) -> None:
-        """Copy this rank's rows of a full (C, D) centre matrix into ``weight`` (no communication)."""
-        expected = (self.num_classes, self.embedding_dim)
+        """Copy this rank's rows of a full (C K, D) centre matrix into ``weight`` (no
+        communication)."""
+        expected = (self.num_classes * self.centres_per_class, self.embedding_dim)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != expected:
             shape = (
                 tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             )
             raise ValueError(f"weight must have shape {expected}, got {shape}")
-        self.weight.copy_(weight[self.class_start : self.class_start + self.class_count])
+        k = self.centres_per_class
+        self.weight.copy_(weight[self.class_start * k : (self.class_start + self.class_count) * k])
 
     def extra_repr(self) -> str:
         m = self.margin
@@ -286,3 +332,126 @@ class ShardedMarginHead(nn.Module):
             f"rank={self.rank}/{self.world_size}, sample_rate={self.sample_rate}, "
             f"s={m.s}, m1={m.m1}, m2={m.m2}, m3={m.m3}, lam_schedule={m.lam_schedule}"
         )
+
+
+class ShardedAdaptiveHead(ShardedMarginHead):
+    """An adaptive head (:mod:`angular.nn.adaptive`) sharded by class like :class:`ShardedMarginHead`,
+    computing what ``head`` computes on the gathered batch (docs/design.md, "Sharded softmax").
+
+    Built from the one-process ``head``: its type, options, scale, smoothing, its state (``rule``, a
+    copy of ``head`` without the centres: AdaFace's and CurricularFace's buffers, ElasticFace's
+    generator) and this rank's shard of its centres (all K sub-centres of each class for sub-center
+    ArcFace). Each step :meth:`AdaptiveMarginHead._per_row` runs on the gathered batch, identical on
+    every rank: per-row margins, AdaFace's statistics and ElasticFace's draws need no extra
+    communication; the target cosine of each row (CurricularFace's ``t`` and threshold ``f_y``,
+    ElasticFace-plus's order) is all-reduced as B floats, zeros from the ranks without the target.
+    The shard's logits are :func:`angular.ops.reference.margin_logits` (autograd gives the margins'
+    gradient, MagFace's reaches ``x``), their loss :func:`angular.ops.sharded.sharded_cross_entropy`.
+    A per-row loss term (MagFace's regulariser) is added on every rank but differentiated on rank 0
+    alone, since the gathered rows' gradients are summed over the ranks.
+
+    Not sharded: a sub-center head's :meth:`~angular.nn.adaptive.SubCenterArcFace.keep_dominant`
+    (call it on the full head, :meth:`full_state_dict`); a head that already uses its dominant
+    sub-centres is refused.
+    """
+
+    def __init__(
+        self,
+        head: AdaptiveMarginHead,
+        *,
+        sample_rate: float = 1.0,
+        group=None,
+        generator_seed: int = 0,
+    ):
+        if not isinstance(head, AdaptiveMarginHead):
+            raise TypeError(f"head must be an AdaptiveMarginHead, got {type(head).__name__}")
+        if getattr(head, "uses_dominant", False):
+            raise ValueError(
+                "head uses its dominant sub-centres (keep_dominant), which the sharded head does "
+                "not: shard it before keep_dominant"
+            )
+        super().__init__(
+            head.embedding_dim,
+            head.num_classes,
+            head.margin,
+            label_smoothing=head.label_smoothing,
+            straight_through=head.straight_through,
+            sample_rate=sample_rate,
+            group=group,
+            generator_seed=generator_seed,
+            centres_per_class=head.centres_per_class,
+        )
+        k = self.centres_per_class
+        rows = slice(self.class_start * k, (self.class_start + self.class_count) * k)
+        self.weight = nn.Parameter(head.weight.detach()[rows].clone())
+        self.step.copy_(head.step)
+        # The copy shares the process group object and leaves out the (C, D) centres.
+        memo = {id(head.weight): None, id(head.process_group): head.process_group}
+        self.rule = copy.deepcopy(head, memo)
+        self.rule.sync_statistics = False  # its statistics see the gathered batch already
+        self.rule.train(self.training)
+
+    @property
+    def type_name(self) -> str:
+        return self.rule.type_name
+
+    @property
+    def options(self) -> dict:
+        return self.rule.options
+
+    def _global_target_cos(self, work: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Every row's target cosine (detached, 0 without a target): the shard that owns it sends
+        it, the others 0 (an all-reduce of B floats)."""
+        own = local_labels >= 0
+        local = work.detach().gather(1, local_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return sharded.all_reduce_sum(torch.where(own, local, 0.0), self.group)
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """As :meth:`ShardedMarginHead.loss`, with the adaptive head's margins; updates its state
+        (and ``step``) in training mode, alike on every rank."""
+        self._check_batch(x, labels)
+        if reduction not in ops.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
+        x_all, labels_all, cos, local_labels, num_sampled = self._gather(x, labels)
+        work = cos.to(reference.compute_dtype(cos.dtype))
+        rows = RowContext(cos, lambda: self._global_target_cos(work, local_labels))
+        overrides, extra = self.rule._per_row(x_all, rows, labels_all, self.training)
+        arguments = {**self._margin_args(), **overrides}
+        negative_t = arguments.pop("negative_t", None)
+        threshold = None
+        if negative_t is not None:
+            threshold = self._global_threshold(rows.target_cos(), labels_all >= 0, arguments)
+        logits = reference.margin_logits(
+            work, local_labels, negative_t=negative_t, negative_threshold=threshold, **arguments
+        )
+        per_row = sharded.sharded_cross_entropy(
+            logits,
+            local_labels,
+            labels_all >= 0,
+            num_classes=num_sampled,
+            label_smoothing=self.label_smoothing,
+            reduction="none",
+            group=self.group,
+        )
+        if extra is not None and self.rank != 0:
+            extra = extra.detach()  # its value on every rank, its gradient once (rank 0)
+        loss = add_row_term(per_row, extra, labels_all, reduction)
+        if self.training:
+            self.step += 1
+        return loss
+
+    @staticmethod
+    def _global_threshold(target_cos, has_target, arguments) -> torch.Tensor:
+        """CurricularFace's per-row threshold ``f_y`` of the global target cosines (+inf for rows
+        without a target: nothing to modulate), from the one Python margin formula."""
+        margins = {
+            name: value.detach() if isinstance(value, torch.Tensor) else value
+            for name, value in arguments.items()
+            if name in ("m1", "m2", "m3", "lam")
+        }
+        f_y = reference.target_logit(torch.where(has_target, target_cos, 0.0), **margins)
+        return torch.where(has_target, f_y.detach(), torch.inf)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        return {**self.rule.state_dict(), **super().full_state_dict()}

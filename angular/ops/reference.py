@@ -122,10 +122,16 @@ def margin_logits(
     lam: Margin = 0.0,
     straight_through: bool = False,
     negative_t: float | None = None,
+    negative_threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``z = s * cos`` with the margin applied to each row's target column (and, with
     ``negative_t``, the hard negatives modulated); rows with a negative label get neither. Computed
-    in fp32 (fp64 for fp64 input); returned in the input dtype."""
+    in fp32 (fp64 for fp64 input); returned in the input dtype.
+
+    ``negative_threshold`` (B,), detached: the ``f_y`` that decides which entries are hard in
+    place of the row's own (a sharded head holds a shard of the columns, and the target may live on
+    another shard: docs/design.md, "Sharded softmax"); every row is modulated against it, +inf
+    leaves a row alone."""
     work = cos.to(compute_dtype(cos.dtype))
     has_target = labels >= 0
     safe_labels = labels.clamp(min=0).unsqueeze(1)
@@ -141,7 +147,10 @@ def margin_logits(
         straight_through=straight_through,
     )
     f_y = torch.where(has_target, f_y, cos_y)
-    if negative_t is not None:
+    if negative_t is not None and negative_threshold is not None:
+        every_row = torch.ones_like(has_target)
+        work = modulate_negatives(work, negative_threshold.to(work.dtype), every_row, negative_t)
+    elif negative_t is not None:
         work = modulate_negatives(work, f_y, has_target, negative_t)
     logits = (s * work).scatter(1, safe_labels, (s * f_y).unsqueeze(1))
     return logits.to(cos.dtype)

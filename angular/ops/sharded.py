@@ -39,8 +39,10 @@ from angular.ops import _extension, reference
 from angular.ops.margin import REDUCTIONS, check_margin, check_number
 
 __all__ = [
+    "all_reduce_sum",
     "count_communication",
     "gather_rows",
+    "sharded_cross_entropy",
     "sharded_margin_cross_entropy",
     "sharded_margin_partials",
     "sharded_margin_cross_entropy_backward",
@@ -233,6 +235,11 @@ def reference_partials(cos, labels, *, s, m1, m2, m3, lam):
     z = reference.margin_logits(
         cos.to(reference.compute_dtype(cos.dtype)), labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam
     )
+    return logit_partials(z, labels)
+
+
+def logit_partials(z, labels):
+    """Per-row ``(max, sum_exp, target, logit_sum)`` of a shard's logits ``z`` (B, C_local)."""
     row_max = z.max(dim=1).values
     sum_exp = torch.exp(z - row_max.unsqueeze(1)).sum(dim=1)
     own = labels >= 0
@@ -328,6 +335,33 @@ def sharded_margin_cross_entropy_backward(
     )
 
 
+def _global_rows(partials, has_target, label_smoothing: float, num_classes: int, group):
+    """Every row's loss and log-sum-exp from the shards' partial statistics: the maximum, then the
+    rescaled sums, all-reduced (3 + 1 numbers a row; nothing when W = 1)."""
+    row_max, sum_exp, target, logit_sum = partials
+    _, world = world_of(group)
+    if world > 1:
+        global_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
+        sums = torch.stack([sum_exp * torch.exp(row_max - global_max), target, logit_sum])
+        sum_exp, target, logit_sum = _all_reduce(sums, dist.ReduceOp.SUM, group)
+        row_max = global_max
+    lse = row_max + torch.log(sum_exp)
+    # F.cross_entropy with smoothing eps over num_classes (csrc/margin_math.h, smoothed_loss).
+    loss = lse - target
+    if label_smoothing != 0.0:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - logit_sum / num_classes)
+    return torch.where(has_target, loss, torch.zeros_like(loss)), lse
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum over the ranks of ``tensor`` (a new tensor; counted by :func:`count_communication`;
+    a copy when torch.distributed is not initialised)."""
+    total = tensor.detach().clone()
+    if world_of(group)[1] > 1:
+        _all_reduce(total, dist.ReduceOp.SUM, group)
+    return total
+
+
 class _ShardedCrossEntropy(torch.autograd.Function):
     """Per-row losses of the gathered batch; partial statistics all-reduced in the forward, the
     shard's gradient from the backward op (no communication in the backward)."""
@@ -335,23 +369,8 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cos, labels, has_target, margin, label_smoothing, num_classes, group):
         s, m1, m2, m3, lam, straight_through = margin
-        row_max, sum_exp, target, logit_sum = sharded_margin_partials(
-            cos, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam
-        )
-        _, world = world_of(group)
-        if world > 1:
-            global_max = _all_reduce(row_max.clone(), dist.ReduceOp.MAX, group)
-            sums = torch.stack([sum_exp * torch.exp(row_max - global_max), target, logit_sum])
-            sum_exp, target, logit_sum = _all_reduce(sums, dist.ReduceOp.SUM, group)
-            row_max = global_max
-        lse = row_max + torch.log(sum_exp)
-        # F.cross_entropy with smoothing eps over num_classes (csrc/margin_math.h, smoothed_loss).
-        loss = lse - target
-        if label_smoothing != 0.0:
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * (
-                lse - logit_sum / num_classes
-            )
-        loss = torch.where(has_target, loss, torch.zeros_like(loss))
+        partials = sharded_margin_partials(cos, labels, s=s, m1=m1, m2=m2, m3=m3, lam=lam)
+        loss, lse = _global_rows(partials, has_target, label_smoothing, num_classes, group)
         ctx.save_for_backward(cos, labels, lse, has_target)
         ctx.args = dict(
             s=s,
@@ -409,6 +428,63 @@ def sharded_margin_cross_entropy(
     margin = (s, m1, m2, m3, lam, bool(straight_through))
     per_row = _ShardedCrossEntropy.apply(
         cos, labels, has_target, margin, label_smoothing, int(num_classes), group
+    )
+    return reference.reduce_rows(per_row, has_target, reduction)
+
+
+class _ShardedLogitsCrossEntropy(torch.autograd.Function):
+    """Per-row losses of the gathered batch from a shard's finished logits ``z`` (B, C_local): the
+    same all-reduced statistics as :class:`_ShardedCrossEntropy`; the backward (local, no
+    communication) is ``g (p_j - q_j)``, ``p = exp(z - lse)``, ``q`` the smoothed one-hot target."""
+
+    @staticmethod
+    def forward(ctx, z, labels, has_target, label_smoothing, num_classes, group):
+        partials = logit_partials(z, labels)
+        loss, lse = _global_rows(partials, has_target, label_smoothing, num_classes, group)
+        ctx.save_for_backward(z, labels, lse, has_target)
+        ctx.label_smoothing, ctx.num_classes = label_smoothing, num_classes
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        z, labels, lse, has_target = ctx.saved_tensors
+        live = has_target.unsqueeze(1)
+        p = torch.exp(torch.where(live, z, 0.0) - torch.where(has_target, lse, 0.0).unsqueeze(1))
+        p.sub_(ctx.label_smoothing / ctx.num_classes)
+        own = labels >= 0
+        p[own, labels[own]] -= 1.0 - ctx.label_smoothing
+        grad = torch.where(live, grad_rows.to(z.dtype).unsqueeze(1) * p, 0.0)
+        return grad, None, None, None, None, None
+
+
+def sharded_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    has_target: torch.Tensor,
+    *,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    group=None,
+) -> torch.Tensor:
+    """:func:`sharded_margin_cross_entropy` for logits the caller has already built (with any
+    margin, per-row or not, and autograd through it): each rank passes its shard's columns
+    ``logits`` (B, C_local, fp32 or fp64), the local ``labels`` and ``has_target`` as there. The
+    adaptive sharded heads use it (:class:`angular.nn.sharded.ShardedAdaptiveHead`)."""
+    _check_local(logits, labels)
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"logits must be float32 or float64, got {logits.dtype}")
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if has_target.dtype != torch.bool or has_target.shape != labels.shape:
+        raise ValueError(f"has_target must be bool of shape {tuple(labels.shape)}")
+    if int(num_classes) < logits.shape[1]:
+        raise ValueError(f"num_classes must be >= C_local = {logits.shape[1]}, got {num_classes}")
+    per_row = _ShardedLogitsCrossEntropy.apply(
+        logits, labels, has_target, label_smoothing, int(num_classes), group
     )
     return reference.reduce_rows(per_row, has_target, reduction)
 
