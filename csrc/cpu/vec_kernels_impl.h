@@ -82,10 +82,12 @@ inline void store_reduced(const float* buf, int64_t n, scalar_t* dst) {
   }
 }
 
-// dst[j] = fn(src[j]) for a vector function fn of the arithmetic type.
+// dst[j] = fn(src[j]) for a vector function fn of the arithmetic type. fn is taken by value and
+// captures its constants by value: then they stay in registers, where a reference could alias dst
+// and have them reloaded at every vector.
 template <typename scalar_t, typename VecFn>
 inline void map_segment(const scalar_t* src, int64_t stride, int64_t n, scalar_t* dst,
-                        const VecFn& fn) {
+                        const VecFn fn) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr bool in_acc_type = std::is_same_v<scalar_t, acc_t>;
@@ -115,7 +117,7 @@ inline void map_segment(const scalar_t* src, int64_t stride, int64_t n, scalar_t
 // dst[j] = fn(a[j], b[j]) for a vector function fn of two arguments in the arithmetic type.
 template <typename scalar_t, typename VecFn>
 inline void map_segment2(const scalar_t* a, int64_t a_stride, const scalar_t* b, int64_t b_stride,
-                         int64_t n, scalar_t* dst, const VecFn& fn) {
+                         int64_t n, scalar_t* dst, const VecFn fn) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr bool in_acc_type = std::is_same_v<scalar_t, acc_t>;
@@ -158,6 +160,37 @@ inline T reduce_sum(const Vectorized<T>& v) {
 }  // namespace
 
 // Outside the anonymous namespace: the kernels' lambdas below capture them.
+// Lane selection: an AVX-512 mask register where there is one (at::vec's comparison and blendv
+// would round-trip the mask through a vector register, three instructions more per use), a vector
+// of all-ones lanes elsewhere.
+template <typename T>
+struct Lanes {
+#if defined(CPU_CAPABILITY_AVX512)
+  using Mask = std::conditional_t<std::is_same_v<T, float>, __mmask16, __mmask8>;
+  static Mask greater(const Vectorized<T>& a, const Vectorized<T>& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ);
+    } else {
+      return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ);
+    }
+  }
+  // b where mask, a elsewhere.
+  static Vectorized<T> select(Mask mask, const Vectorized<T>& a, const Vectorized<T>& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_mask_blend_ps(mask, a, b);
+    } else {
+      return _mm512_mask_blend_pd(mask, a, b);
+    }
+  }
+#else
+  using Mask = Vectorized<T>;
+  static Mask greater(const Vectorized<T>& a, const Vectorized<T>& b) { return a > b; }
+  static Vectorized<T> select(const Mask& mask, const Vectorized<T>& a, const Vectorized<T>& b) {
+    return Vectorized<T>::blendv(a, b, mask);
+  }
+#endif
+};
+
 // The plain kernels: no modulation.
 template <typename T>
 struct NoModulation {
@@ -165,38 +198,50 @@ struct NoModulation {
   Vectorized<T> operator()(const Vectorized<T>& x) const { return x; }
 };
 
-// Negative modulation, vectorised (margin_math.h, modulate_negative and its derivative).
+// Negative modulation, vectorised (margin_math.h, modulate_negative and its derivative) in few
+// instructions per vector: h(x) = x w with w = t + x on the hard lanes (x > threshold) and 1
+// elsewhere, and h'(x) = w + x on the hard lanes, 1 elsewhere.
 template <typename T>
 struct Modulation {
   static constexpr bool kActive = true;
+  using Mask = typename Lanes<T>::Mask;
   Vectorized<T> threshold;
   Vectorized<T> t;
+  Vectorized<T> one;
 
-  Modulation(T threshold_value, T t_value) : threshold(threshold_value), t(t_value) {}
-  // The lanes to modulate (all bits set), shared by value() and grad().
-  Vectorized<T> hard(const Vectorized<T>& x) const { return x > threshold; }
-  Vectorized<T> value(const Vectorized<T>& x, const Vectorized<T>& hard_lanes) const {
-    return Vectorized<T>::blendv(x, x * (t + x), hard_lanes);
+  // What value() and times_grad() share for one vector x.
+  struct Hard {
+    Mask lanes;
+    Vectorized<T> w;
+  };
+
+  Modulation(T threshold_value, T t_value) : threshold(threshold_value), t(t_value), one(T(1)) {}
+  Hard hard(const Vectorized<T>& x) const {
+    const Mask lanes = Lanes<T>::greater(x, threshold);
+    return Hard{lanes, Lanes<T>::select(lanes, one, x + t)};
   }
-  Vectorized<T> grad(const Vectorized<T>& x, const Vectorized<T>& hard_lanes) const {
-    return Vectorized<T>::blendv(Vectorized<T>(T(1)), at::vec::fmadd(x, Vectorized<T>(T(2)), t),
-                                 hard_lanes);
+  Vectorized<T> value(const Vectorized<T>& x, const Hard& hard_lanes) const {
+    return x * hard_lanes.w;  // exactly x where w == 1
+  }
+  // v h'(x).
+  Vectorized<T> times_grad(const Vectorized<T>& v, const Vectorized<T>& x,
+                           const Hard& hard_lanes) const {
+    return Lanes<T>::select(hard_lanes.lanes, v, v * (hard_lanes.w + x));
   }
   Vectorized<T> operator()(const Vectorized<T>& x) const { return value(x, hard(x)); }
 };
-
 
 template <typename scalar_t>
 void VecKernels<scalar_t>::scale(const scalar_t* src, int64_t stride, int64_t n, acc_t scale,
                                  scalar_t* dst) {
   const Vectorized<acc_t> factor(scale);
-  map_segment(src, stride, n, dst, [&](const Vectorized<acc_t>& x) { return x * factor; });
+  map_segment(src, stride, n, dst, [=](const Vectorized<acc_t>& x) { return x * factor; });
 }
 
 namespace {
 
 // The log-sum-exp of VecKernels::logsumexp, of z_j = s * mod(x_j). With a modulation, pass 1 writes
-// the modulated block back to the buffer (a copy, then) for pass 2.
+// the modulated block to the buffer (in place when the block was copied there) for pass 2.
 template <typename scalar_t, typename Mod>
 RowPartial logsumexp_impl(const scalar_t* src, int64_t stride, int64_t n, acc_type<scalar_t> s,
                           int64_t target, acc_type<scalar_t> target_value, const Mod& mod) {
@@ -210,8 +255,7 @@ RowPartial logsumexp_impl(const scalar_t* src, int64_t stride, int64_t n, acc_ty
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t len = std::min(kBlock, n - start);
     const bool has_target = target >= start && target < start + len;
-    const acc_t* x =
-        load_block(src + start * stride, stride, len, buf, has_target || Mod::kActive);
+    const acc_t* x = load_block(src + start * stride, stride, len, buf, has_target);
     if (has_target) {
       buf[target - start] = target_value;  // x == buf when has_target
     }
@@ -223,7 +267,7 @@ RowPartial logsumexp_impl(const scalar_t* src, int64_t stride, int64_t n, acc_ty
       Vec v = Vec::loadu(x + j);
       if constexpr (Mod::kActive) {
         v = mod(v);
-        v.store(buf + j);  // x == buf
+        v.store(buf + j);
       }
       max_x = at::vec::maximum(max_x, v);
       sum_x = sum_x + v;
@@ -243,6 +287,9 @@ RowPartial logsumexp_impl(const scalar_t* src, int64_t stride, int64_t n, acc_ty
       continue;  // every term is exp(-inf) = 0 (and exp(-inf + inf) would be NaN)
     }
     // Pass 2 (from cache): sum of exp(s x - block_max).
+    if constexpr (Mod::kActive) {
+      x = buf;
+    }
     const Vec minus_max(-block_max);
     Vec sum_exp(acc_t(0));
     for (j = 0; j + Vec::size() <= len; j += Vec::size()) {
@@ -282,7 +329,7 @@ void VecKernels<scalar_t>::softmax_grad(const scalar_t* src, int64_t stride, int
   const Vec minus_lse(-lse);
   const Vec vec_scale(scale);
   const Vec minus_offset(-offset);
-  map_segment(src, stride, n, dst, [&](const Vec& x) {
+  map_segment(src, stride, n, dst, [=](const Vec& x) {
     return at::vec::fmadd(vec_exp(at::vec::fmadd(x, vec_s, minus_lse)), vec_scale, minus_offset);
   });
 }
@@ -292,7 +339,7 @@ void VecKernels<scalar_t>::scale_modulated(const scalar_t* src, int64_t stride, 
                                            acc_t scale, acc_t threshold, acc_t t, scalar_t* dst) {
   const Vectorized<acc_t> factor(scale);
   const Modulation<acc_t> mod(threshold, t);
-  map_segment(src, stride, n, dst, [&](const Vectorized<acc_t>& x) { return mod(x) * factor; });
+  map_segment(src, stride, n, dst, [=](const Vectorized<acc_t>& x) { return mod(x) * factor; });
 }
 
 template <typename scalar_t>
@@ -305,13 +352,12 @@ void VecKernels<scalar_t>::softmax_grad_modulated(const scalar_t* src, int64_t s
   const Vec vec_scale(scale);
   const Vec minus_offset(-offset);
   const Modulation<acc_t> mod(threshold, t);
-  map_segment(src, stride, n, dst, [&](const Vec& x) {
-    const Vec hard = mod.hard(x);
-    const Vec dh = mod.grad(x, hard);
+  map_segment(src, stride, n, dst, [=](const Vec& x) {
+    const auto hard = mod.hard(x);
     const Vec p = vec_exp(at::vec::fmadd(mod.value(x, hard), vec_s, minus_lse));
-    // (scale p - offset) dh as one multiply-add: p is often tiny (a softmax term far below the
-    // max), and multiplying a denormal result once more costs a microcode assist per lane.
-    return at::vec::fmadd(p, vec_scale * dh, minus_offset * dh);
+    // (scale p - offset) h'(x); a denormal product is flushed (csrc/cpu/row_segments.h), so the
+    // extra multiply on the hard lanes costs no microcode assist.
+    return mod.times_grad(at::vec::fmadd(p, vec_scale, minus_offset), x, hard);
   });
 }
 
@@ -323,8 +369,9 @@ void VecKernels<scalar_t>::scale_grad_modulated(const scalar_t* grad, int64_t gr
   using Vec = Vectorized<acc_t>;
   const Vec factor(scale);
   const Modulation<acc_t> mod(threshold, t);
-  map_segment2(grad, grad_stride, src, stride, n, dst,
-               [&](const Vec& g, const Vec& x) { return g * (factor * mod.grad(x, mod.hard(x))); });
+  map_segment2(grad, grad_stride, src, stride, n, dst, [=](const Vec& g, const Vec& x) {
+    return mod.times_grad(g * factor, x, mod.hard(x));
+  });
 }
 
 template struct VecKernels<float>;
