@@ -146,12 +146,13 @@ def margin_logits(
         lam=lam,
         straight_through=straight_through,
     )
-    f_y = torch.where(has_target, f_y, cos_y)
     if negative_t is not None and negative_threshold is not None:
         every_row = torch.ones_like(has_target)
         work = modulate_negatives(work, negative_threshold.to(work.dtype), every_row, negative_t)
     elif negative_t is not None:
         work = modulate_negatives(work, f_y, has_target, negative_t)
+    # A row without a target writes back its own (possibly modulated) column 0.
+    f_y = torch.where(has_target, f_y, work.gather(1, safe_labels).squeeze(1))
     logits = (s * work).scatter(1, safe_labels, (s * f_y).unsqueeze(1))
     return logits.to(cos.dtype)
 
