@@ -975,22 +975,6 @@ class Params(_Section):
         return self
 
     @model_validator(mode="after")
-    def _adaptive_heads_train_in_one_process(self):
-        # The distributed trainer shards plain margin heads; per-row margins are not sharded yet.
-        if self.train.distributed.world_size == 1:
-            return self
-        for name in self.train.items:
-            for member, head in self.heads[name].heads.items():
-                if head.type in ADAPTIVE_HEADS:
-                    raise _problem(
-                        f"{member!r} is a {head.type} head, which trains in one process only; "
-                        "set train.distributed.world_size: 1 or leave it out",
-                        "train",
-                        "items",
-                    )
-        return self
-
-    @model_validator(mode="after")
     def _face_backbone_fits_the_images(self):
         if self.model.backbone in FACE_BACKBONES and min(self.data.image_size) < MIN_FACE_INPUT:
             raise _problem(

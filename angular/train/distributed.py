@@ -1,5 +1,6 @@
 """Training on several processes (README, Scaling out; docs/design.md, Pipeline): torchrun workers, a
-DDP backbone and sharded margin heads (:class:`angular.nn.sharded.ShardedMarginHead`).
+DDP backbone and sharded margin heads (:class:`angular.nn.sharded.ShardedMarginHead`; for the adaptive
+heads, :class:`angular.nn.sharded.ShardedAdaptiveHead`).
 
 With ``train.distributed.world_size`` W > 1 the train stage calls :func:`launch`, which starts W
 workers with ``python -m torch.distributed.run --standalone`` and waits. Each worker runs the stage
@@ -22,8 +23,8 @@ with :func:`train_item_distributed`:
 - Each epoch the shards are all-gathered and rank 0 validates the full model on the whole
   validation split, computes the epoch's row (centre cosine of the full head, embedding spread) and
   broadcasts it: every rank holds the same history, so the collapse checks stop every rank at once.
-  Rank 0 alone writes the plots, the metrics, the model file (today's format, the full head) and
-  logs to MLflow.
+  Rank 0 alone writes the plots, the metrics, the model file (today's format, the full head: an
+  adaptive head with its buffers and generator state, as one process writes it) and logs to MLflow.
 - Checkpoints: one file per rank per epoch in ``<checkpoints>/rank-<r>-of-<W>/`` (its shard, the
   shared backbone, its optimizer state and RNG states). A rerun resumes from the newest epoch that
   every rank still has; at least two are kept, since a kill can leave one rank an epoch ahead. A
@@ -62,8 +63,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from angular.config import ConfigError, DistributedConfig, Params, TrainItem
 from angular.data import Manifest
 from angular.files import atomic_write_text
+from angular.nn.adaptive import AdaptiveMarginHead
 from angular.nn.recognition import RecognitionModel
-from angular.nn.sharded import ShardedMarginHead
+from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead
 from angular.ops.sharded import all_gather_equal
 from angular.train import loop
 from angular.train.loop import NonFiniteLossError, TrainPaths
@@ -413,12 +415,12 @@ def _train_epoch(session, backbone, epoch: int, progress: bool, fault) -> tuple[
 
 @torch.no_grad()
 def _gather_full_heads(session, full_model: RecognitionModel | None) -> None:
-    """All-gather each head's shards (collective); rank 0 copies them into ``full_model``."""
+    """All-gather each head's shards (collective); rank 0 copies them, with the head's state, into
+    ``full_model``."""
     for name, head in session.model.heads.items():
-        weight = head.full_weight()
+        state = head.full_state_dict()
         if full_model is not None:
-            full_model.heads[name].weight.copy_(weight)
-            full_model.heads[name].step.copy_(head.step)
+            full_model.heads[name].load_state_dict(state)
 
 
 def _epoch_row(session, full_model, epoch, lr, train_loss, train_accuracy) -> dict:
@@ -448,6 +450,9 @@ def _shard_heads(model: RecognitionModel, sample_rate: float, seed: int) -> Reco
     """The same backbone with each head replaced by this rank's shard of it."""
     heads = {}
     for name, head in model.heads.items():
+        if isinstance(head, AdaptiveMarginHead):
+            heads[name] = ShardedAdaptiveHead(head, sample_rate=sample_rate, generator_seed=seed)
+            continue
         shard = ShardedMarginHead(
             head.embedding_dim,
             head.num_classes,

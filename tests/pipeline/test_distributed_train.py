@@ -16,6 +16,7 @@ from pipeline_testing import assert_same_state, model_state, tiny_raw, write_par
 
 from angular.config import ConfigError, parse_params
 from angular.data import read_manifest
+from angular.nn.adaptive import CurricularFace
 from angular.nn.recognition import load_model
 from angular.train import distributed, world
 from angular.train import loop as training
@@ -78,6 +79,25 @@ def test_a_sigkilled_worker_fails_the_stage_and_a_rerun_resumes_to_the_same_mode
     assert run_stage(train_stage.main, ["arcface"]) == 0
     assert "resuming after epoch 1 of 3" in capfd.readouterr().err
     assert_same_state(model_state(project / MODEL), uninterrupted)
+
+
+@pytest.mark.slow
+def test_an_adaptive_head_trains_sharded_and_writes_the_model_file_of_one_process(project):
+    raw = distributed_raw(train__epochs=2, train__items=["curricularface"])
+    write_params(project, raw)
+    assert run_stage(train_stage.main, ["curricularface"]) == 0
+    loaded = load_model(project / "outputs/models/curricularface.pt")
+    head = loaded.model.heads["curricularface"]
+    assert isinstance(head, CurricularFace) and head.options == {"m": 0.5}
+    params = parse_params(raw)
+    manifest = read_manifest(project / "data" / "prepared")
+    description = training.describe_model(params, params.item("curricularface"))
+    one_process = training.build_model(*description[:2], len(manifest.classes))
+    assert head.state_dict().keys() == one_process.heads["curricularface"].state_dict().keys()
+    assert head.weight.shape == (len(manifest.classes), 16)
+    assert (
+        int(head.step) > 0 and float(head.t) != 0.0
+    )  # trained: the EMA of the target cosine moved
 
 
 @pytest.mark.slow
