@@ -5,7 +5,8 @@ state (AdaFace's EMAs, CurricularFace's t, ElasticFace's generator, ``step``). R
 C % W != 0, MagFace's margin gradient through the norm, CurricularFace rows whose hard negatives sit
 on other shards, and class sampling (compared with the one-process head restricted to the sampled
 classes, as tests/distributed/test_sharded_exactness.py does). Also: a replicated AdaFace or
-CurricularFace head under DDP all-reduces its statistics. One spawn per world size runs every case.
+CurricularFace head under DDP all-reduces its statistics, and the bytes each head sends per step.
+One spawn per world size runs every case.
 
 Tolerance: largest absolute difference over largest absolute expected value (fp64 1e-12, fp32 1e-5).
 """
@@ -22,9 +23,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from angular.nn.adaptive import ADAPTIVE_HEADS, AdaFace, CurricularFace
-from angular.nn.sharded import ShardedAdaptiveHead
+from angular.nn.heads import MarginSpec
+from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead
 from angular.ops import reference
-from angular.ops.sharded import shard_range
+from angular.ops.sharded import count_communication, shard_range
 
 IN_FEATURES, EMBEDDING_DIM, ROWS_PER_RANK, STEPS, LR = 6, 8, 3, 2, 0.05
 SCALE = 5.0  # embedding norms around 35: inside MagFace's [l_a, u_a], so its margin has a gradient
@@ -253,6 +255,43 @@ def check_replicated(per_rank: list[dict], world_size: int, seed: int, sync: boo
 
 
 # --------------------------------------------------------------------------------------------------
+# Communication: the adaptive heads send what the plain sharded head sends, CurricularFace and
+# ElasticFace-plus one all-reduce of B target cosines more.
+
+
+def bytes_per_step(rank: int, world_size: int) -> dict:
+    heads = {
+        "arcface": ShardedMarginHead(EMBEDDING_DIM, 7, MarginSpec.arcface(16.0)),
+        **{
+            name: ShardedAdaptiveHead(ADAPTIVE_HEADS[name](EMBEDDING_DIM, 7, s=16.0, **options))
+            for name, options in [
+                ("adaface", {}),
+                ("magface", {}),
+                ("curricularface", {}),
+                ("elasticface_arc", dict(plus=True, seed=1)),
+                ("subcenter_arcface", {}),
+            ]
+        },
+    }
+    counts = {}
+    for name, head in heads.items():
+        x = torch.randn(ROWS_PER_RANK, EMBEDDING_DIM, requires_grad=True)
+        with count_communication() as counter:
+            head.loss(x * SCALE, torch.arange(ROWS_PER_RANK) + rank).backward()
+        counts[name] = counter["bytes"]
+    return counts
+
+
+def check_bytes(counts: dict, world_size: int) -> None:
+    target_cosines = 4 * ROWS_PER_RANK * world_size  # fp32
+    plain = counts["arcface"]
+    for name in ("adaface", "magface", "subcenter_arcface"):
+        assert counts[name] == plain, (name, counts)
+    for name in ("curricularface", "elasticface_arc"):
+        assert counts[name] == plain + target_cosines, (name, counts)
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def worker(rank: int, world_size: int, seed: int) -> dict:
@@ -260,6 +299,7 @@ def worker(rank: int, world_size: int, seed: int) -> dict:
         cases=[sharded_run(rank, world_size, case, seed + i) for i, case in enumerate(CASES)]
     )
     if dist.is_initialized() and world_size == 2:
+        results["bytes"] = bytes_per_step(rank, world_size)
         results["replicated"] = {
             sync: replicated_run(rank, world_size, seed, sync) for sync in (True, False)
         }
@@ -315,5 +355,7 @@ def test_sharded_adaptive_heads_equal_the_one_process_heads(tmp_path, world_size
     worst = check(per_rank, world_size, seed)
     print(f"W={world_size} worst relative error per dtype: {worst}")
     if world_size == 2:
+        for result in per_rank:
+            check_bytes(result["bytes"], world_size)
         for sync in (True, False):
             check_replicated([result["replicated"][sync] for result in per_rank], 2, seed, sync)
