@@ -2,6 +2,8 @@
 // that the CUDA translation units stay lean).
 #pragma once
 
+#include <cstdint>
+
 namespace angular {
 
 struct MarginParams {
@@ -19,6 +21,11 @@ struct MarginParams {
   // Negative modulation (CurricularFace): hard negatives x become x (negative_t + x).
   bool modulate = false;
   double negative_t = 0.0;
+  // The sharded ops (docs/design.md, "Sharded softmax"): 0 for the ops over all classes; for one
+  // shard, the global class count. Label smoothing then spreads over it, and the cross-entropy
+  // backward (whose lse is the global one) gives rows whose target is on another shard (labels
+  // outside [0, C_local)) the off-target gradient; only a row whose upstream gradient is 0 is 0.
+  int64_t global_classes = 0;
 };
 
 }  // namespace angular

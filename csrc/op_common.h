@@ -69,6 +69,28 @@ inline void check_rows(const at::Tensor& rows, const at::Tensor& cos, const char
               " must be floating point, got ", rows.scalar_type());
 }
 
+// The cross-entropy forwards need at least one class: `columns` is "C", or "C_local" for a shard.
+inline void check_columns(const at::Tensor& cos, const char* op, const char* columns) {
+  TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have ", columns, " >= 1 columns, got ",
+              cos.sizes());
+}
+
+// The arguments of the cross-entropy backwards (plain, *_rows and sharded): the per-row upstream
+// gradient and log-sum-exp go with cos and labels.
+inline void check_cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor& cos,
+                                         const at::Tensor& labels, const at::Tensor& lse,
+                                         const char* op) {
+  check_cos_labels(cos, labels, op);
+  check_rows(grad_rows, cos, op, "grad_rows");
+  check_rows(lse, cos, op, "lse");
+}
+
+// The global class count of the sharded backward: at least the shard's own columns.
+inline void check_num_classes(int64_t num_classes, const at::Tensor& cos, const char* op) {
+  TORCH_CHECK(num_classes >= cos.size(1), op, ": num_classes must be >= C_local = ", cos.size(1),
+              ", got ", num_classes);
+}
+
 // The per-row margins of the *_rows ops: (4, B) in the arithmetic type of cos (rows m1, m2, m3,
 // lam), on cos's device; returned contiguous.
 inline at::Tensor checked_row_margins(const at::Tensor& margins, const at::Tensor& cos,

@@ -1,6 +1,7 @@
 // Schemas of the sharded margin ops (docs/design.md, "Sharded softmax"; angular/ops/sharded.py):
 // the per-row partial statistics of one shard of the classes, and that shard's gradient given the
-// global log-sum-exp. Kernels: csrc/cpu/sharded_margin_cpu.cpp, csrc/cuda/sharded_margin_cuda.cpp.
+// global log-sum-exp. Kernels: csrc/cpu/margin_cpu.cpp, csrc/cuda/margin_cuda.cpp (which share the
+// plain cross-entropy's forward pass and backward).
 // labels are local columns; -1 (any negative) when another shard owns the target or there is none.
 #include <torch/library.h>
 

@@ -1,6 +1,8 @@
-// CPU kernels of the angular margin ops (schemas in csrc/ops.cpp; math in csrc/margin_math.h): the
-// four scalar ops and their *_rows variants (per-row margins, negative modulation), which share
-// one implementation per op; the scalar ops take the same vector kernels as before.
+// CPU kernels of the angular margin ops (schemas in csrc/ops.cpp and csrc/sharded_ops.cpp; math in
+// csrc/margin_math.h): the four scalar ops and their *_rows variants (per-row margins, negative
+// modulation), which share one implementation per op, and the two sharded ops (docs/design.md,
+// "Sharded softmax"), which reuse the cross-entropy's forward pass (forward_rows) and backward
+// (cross_entropy_backward, parameterised by the global class count).
 //
 // Work is split into (row, column chunk) segments run by at::parallel_for (csrc/cpu/row_segments.h:
 // one chunk per row when there are at least as many rows as threads, otherwise each row is cut into
@@ -212,17 +214,26 @@ at::Tensor logits_backward(const at::Tensor& grad, const at::Tensor& cos, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
-                                                         const at::Tensor& labels, double s,
-                                                         const OpMargins& margins,
-                                                         double label_smoothing, const char* op) {
-  TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have C >= 1 columns, got ", cos.sizes());
+// The merged statistics of one row of the cross-entropy forward pass, in double.
+struct RowTotal {
+  LogSumExp<double> lse;  // of the row's logits z (empty for a row that was not read)
+  double z_sum;           // sum of its logits
+  double f_y;             // the target logit over s (the margin), when has_target
+  bool has_target;        // its label is one of the columns of cos
+};
+
+// The cross-entropy forward's pass over cos, shared by margin_cross_entropy(_rows) and
+// sharded_margin_partials: cos is read once, one partial log-sum-exp per (row, column chunk)
+// segment (B x chunks, never B x C), merged per row. Rows without a target among the columns are
+// read only when read_rows_without_target (a shard of the sharded op: the target is on another
+// shard); otherwise their total stays empty.
+std::vector<RowTotal> forward_rows(const at::Tensor& cos, const at::Tensor& labels, double s,
+                                   const OpMargins& margins, bool read_rows_without_target) {
   const at::Tensor label_vec = labels.contiguous();
   const int64_t rows = cos.size(0), cols = cos.size(1);
-  at::Tensor loss = at::empty({rows}, cos.options().dtype(compute_dtype(cos.scalar_type())));
-  at::Tensor lse = at::empty({rows}, loss.options());
+  std::vector<RowTotal> totals(rows);
   if (rows == 0) {
-    return {loss, lse};
+    return totals;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(),
                                   "margin_cross_entropy", [&] {
@@ -238,19 +249,19 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
       const acc_t cos_y = static_cast<acc_t>(src[row * row_stride + label[row] * col_stride]);
       return target_logit_of(cos_y, reader.at(row));
     };
-    // Pass over cos: one partial log-sum-exp per segment (B x chunks, never B x C).
     std::vector<RowPartial> partials(rows * split.chunks);
     with_vec_kernels<scalar_t>([&](auto kernels) {
       using K = decltype(kernels);
       for_each_segment(rows, cols, split, [&](int64_t segment, int64_t row, int64_t first,
                                               int64_t end) {
         const int64_t y = label[row];
-        if (y < 0 || y >= cols) {
+        const bool row_has_target = y >= 0 && y < cols;
+        if (!row_has_target && !read_rows_without_target) {
           return;  // no target: loss 0, nothing to read
         }
-        const bool has_target = y >= first && y < end;
+        const bool has_target = y >= first && y < end;  // so 0 <= y < C
         const scalar_t* segment_src = src + row * row_stride + first * col_stride;
-        if (modulate) {
+        if (modulate && row_has_target) {
           const acc_t f_y = target_of(row);
           partials[segment] = K::logsumexp_modulated(segment_src, col_stride, end - first,
                                                      acc_t(s), has_target ? y - first : -1, f_y,
@@ -262,40 +273,65 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
         }
       });
     });
-    // Merge the segments of each row into its loss and log-sum-exp.
-    acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
-    acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
     at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t y = label[row];
-        if (y < 0 || y >= cols) {
-          loss_data[row] = acc_t(0);
-          lse_data[row] = acc_t(0);  // unused by the backward of a row without target
+        RowTotal& total = totals[row];
+        total.lse = LogSumExp<double>{0.0, 0.0};
+        total.z_sum = 0.0;
+        total.has_target = label[row] >= 0 && label[row] < cols;
+        total.f_y = total.has_target ? static_cast<double>(target_of(row)) : 0.0;
+        if (!total.has_target && !read_rows_without_target) {
           continue;
         }
-        LogSumExp<double> total{0.0, 0.0};
-        double z_sum = 0.0;
         for (int64_t chunk = 0; chunk < split.chunks; ++chunk) {
           const RowPartial& part = partials[row * split.chunks + chunk];
-          total = merge(total, part.lse);
-          z_sum += part.z_sum;
+          total.lse = merge(total.lse, part.lse);
+          total.z_sum += part.z_sum;
         }
-        const double row_lse = total.max + std::log(total.sum);
-        const double z_y = s * static_cast<double>(target_of(row));
-        loss_data[row] = static_cast<acc_t>(smoothed_loss<double>(
-            row_lse, z_y, z_sum, static_cast<double>(cols), label_smoothing));
-        lse_data[row] = static_cast<acc_t>(row_lse);
       }
     });
+  });
+  return totals;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
+                                                         const at::Tensor& labels, double s,
+                                                         const OpMargins& margins,
+                                                         double label_smoothing, const char* op) {
+  check_columns(cos, op, "C");
+  const std::vector<RowTotal> totals = forward_rows(cos, labels, s, margins, false);
+  const int64_t rows = cos.size(0);
+  at::Tensor loss = at::empty({rows}, cos.options().dtype(compute_dtype(cos.scalar_type())));
+  at::Tensor lse = at::empty({rows}, loss.options());
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "margin_cross_entropy", [&] {
+    scalar_t* loss_data = loss.mutable_data_ptr<scalar_t>();
+    scalar_t* lse_data = lse.mutable_data_ptr<scalar_t>();
+    for (int64_t row = 0; row < rows; ++row) {
+      const RowTotal& total = totals[row];
+      if (!total.has_target) {
+        loss_data[row] = scalar_t(0);
+        lse_data[row] = scalar_t(0);  // unused by the backward of a row without target
+        continue;
+      }
+      const double row_lse = total.lse.max + std::log(total.lse.sum);
+      loss_data[row] = static_cast<scalar_t>(smoothed_loss<double>(
+          row_lse, s * total.f_y, total.z_sum, static_cast<double>(cos.size(1)), label_smoothing));
+      lse_data[row] = static_cast<scalar_t>(row_lse);
+    }
   });
   return {loss, lse};
 }
 
-// d loss / d cos; and d loss / d margins into margin_grad ((4, B), zeros) if defined.
+// d loss / d cos; and d loss / d margins into margin_grad ((4, B), zeros) if defined. The one
+// backward of margin_cross_entropy(_rows) (global_classes 0: label smoothing over the C columns,
+// rows without a target are 0) and of sharded_margin_cross_entropy_backward (global_classes > 0,
+// margin_params.h: smoothing over the global class count, lse the global one, rows whose target is
+// on another shard get the off-target gradient, rows whose upstream gradient is 0 are 0 unread).
 at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor& cos,
                                   const at::Tensor& labels, const at::Tensor& lse, double s,
                                   const OpMargins& margins, double label_smoothing,
-                                  bool straight_through, const at::Tensor& margin_grad) {
+                                  bool straight_through, const at::Tensor& margin_grad,
+                                  int64_t global_classes) {
   const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
   const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
   const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
@@ -316,7 +352,8 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor&
     const int64_t* label = label_vec.const_data_ptr<int64_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const acc_t eps = static_cast<acc_t>(label_smoothing);
-    const acc_t num_classes = static_cast<acc_t>(cols);
+    const bool sharded = global_classes > 0;
+    const acc_t num_classes = static_cast<acc_t>(sharded ? global_classes : cols);
     const MarginReader<acc_t> reader(margins, rows);
     acc_t* margin_grad_data =
         margin_grad.defined() ? margin_grad.mutable_data_ptr<acc_t>() : nullptr;
@@ -328,16 +365,17 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor&
                                                                int64_t end) {
         scalar_t* dst_row = dst + row * cols;
         const int64_t y = label[row];
-        if (y < 0 || y >= cols) {
+        const bool has_target = y >= 0 && y < cols;
+        const acc_t g = grad_data[row * grad_stride];
+        if (sharded ? g == acc_t(0) : !has_target) {
           std::fill(dst_row + first, dst_row + end, scalar_t(0));
           return;
         }
         const scalar_t* src_row = src + row * row_stride;
-        const acc_t g = grad_data[row * grad_stride];
         const acc_t row_lse = lse_data[row * lse_stride];
         const acc_t scale = acc_t(s) * g;
         const RowMargin<acc_t> m = reader.at(row);
-        if (modulate) {
+        if (modulate && has_target) {
           const acc_t f_y = target_logit_of(static_cast<acc_t>(src_row[y * col_stride]), m);
           K::softmax_grad_modulated(src_row + first * col_stride, col_stride, end - first,
                                     acc_t(s), row_lse, scale, scale * eps / num_classes, f_y, t,
@@ -368,7 +406,8 @@ OpMargins scalar_margins(double m1, double m2, double m3, double lam) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The registered kernels: the scalar ops, then the *_rows ops (per-row margins, modulation).
+// The registered kernels: the scalar ops, the *_rows ops (per-row margins, modulation), then the
+// sharded ops.
 
 at::Tensor margin_logits_cpu(const at::Tensor& cos, const at::Tensor& labels, double s, double m1,
                              double m2, double m3, double lam, bool straight_through) {
@@ -399,12 +438,9 @@ at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const 
                                              const at::Tensor& labels, const at::Tensor& lse,
                                              double s, double m1, double m2, double m3, double lam,
                                              double label_smoothing, bool straight_through) {
-  const char* op = "angular::margin_cross_entropy_backward";
-  check_cos_labels(cos, labels, op);
-  check_rows(grad_rows, cos, op, "grad_rows");
-  check_rows(lse, cos, op, "lse");
+  check_cross_entropy_backward(grad_rows, cos, labels, lse, "angular::margin_cross_entropy_backward");
   return cross_entropy_backward(grad_rows, cos, labels, lse, s, scalar_margins(m1, m2, m3, lam),
-                                label_smoothing, straight_through, at::Tensor());
+                                label_smoothing, straight_through, at::Tensor(), 0);
 }
 
 OpMargins row_margins(const at::Tensor& rows, std::optional<double> negative_t) {
@@ -447,15 +483,57 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_rows_backward_cpu(
     const at::Tensor& lse, const at::Tensor& margins, double s, double label_smoothing,
     bool straight_through, std::optional<double> negative_t) {
   const char* op = "angular::margin_cross_entropy_rows_backward";
-  check_cos_labels(cos, labels, op);
-  check_rows(grad_rows, cos, op, "grad_rows");
-  check_rows(lse, cos, op, "lse");
+  check_cross_entropy_backward(grad_rows, cos, labels, lse, op);
   const at::Tensor rows = checked_row_margins(margins, cos, op);
   at::Tensor margin_grad = at::zeros_like(rows);
   at::Tensor grad_cos =
       cross_entropy_backward(grad_rows, cos, labels, lse, s, row_margins(rows, negative_t),
-                             label_smoothing, straight_through, margin_grad);
+                             label_smoothing, straight_through, margin_grad, 0);
   return {grad_cos, margin_grad};
+}
+
+// The sharded ops (schemas in csrc/sharded_ops.cpp; docs/design.md, "Sharded softmax"): the
+// forward's pass and the backward above, over one shard of the classes.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sharded_margin_partials_cpu(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam) {
+  const char* op = "angular::sharded_margin_partials";
+  check_cos_labels(cos, labels, op);
+  check_columns(cos, op, "C_local");
+  const std::vector<RowTotal> totals =
+      forward_rows(cos, labels, s, scalar_margins(m1, m2, m3, lam), true);
+  const int64_t rows = cos.size(0);
+  const auto options = cos.options().dtype(compute_dtype(cos.scalar_type()));
+  at::Tensor row_max = at::empty({rows}, options), sum_exp = at::empty({rows}, options);
+  at::Tensor target = at::empty({rows}, options), logit_sum = at::empty({rows}, options);
+  AT_DISPATCH_FLOATING_TYPES(row_max.scalar_type(), "sharded_margin_partials", [&] {
+    scalar_t* max_data = row_max.mutable_data_ptr<scalar_t>();
+    scalar_t* sum_data = sum_exp.mutable_data_ptr<scalar_t>();
+    scalar_t* target_data = target.mutable_data_ptr<scalar_t>();
+    scalar_t* z_sum_data = logit_sum.mutable_data_ptr<scalar_t>();
+    for (int64_t row = 0; row < rows; ++row) {
+      const RowTotal& total = totals[row];
+      max_data[row] = static_cast<scalar_t>(total.lse.max);
+      sum_data[row] = static_cast<scalar_t>(total.lse.sum);
+      // s f_y in the arithmetic type; 0 when another shard owns the target
+      target_data[row] =
+          total.has_target ? scalar_t(s) * static_cast<scalar_t>(total.f_y) : scalar_t(0);
+      z_sum_data[row] = static_cast<scalar_t>(total.z_sum);
+    }
+  });
+  return {row_max, sum_exp, target, logit_sum};
+}
+
+at::Tensor sharded_margin_cross_entropy_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& cos, const at::Tensor& labels,
+    const at::Tensor& lse, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, int64_t num_classes, bool straight_through) {
+  const char* op = "angular::sharded_margin_cross_entropy_backward";
+  check_cross_entropy_backward(grad_rows, cos, labels, lse, op);
+  check_num_classes(num_classes, cos, op);
+  return cross_entropy_backward(grad_rows, cos, labels, lse, s, scalar_margins(m1, m2, m3, lam),
+                                label_smoothing, straight_through, at::Tensor(), num_classes);
 }
 
 }  // namespace
@@ -469,6 +547,8 @@ TORCH_LIBRARY_IMPL(angular, CPU, m) {
   m.impl("margin_logits_rows_backward", &margin_logits_rows_backward_cpu);
   m.impl("margin_cross_entropy_rows", &margin_cross_entropy_rows_cpu);
   m.impl("margin_cross_entropy_rows_backward", &margin_cross_entropy_rows_backward_cpu);
+  m.impl("sharded_margin_partials", &sharded_margin_partials_cpu);
+  m.impl("sharded_margin_cross_entropy_backward", &sharded_margin_cross_entropy_backward_cpu);
 }
 
 }  // namespace angular::cpu

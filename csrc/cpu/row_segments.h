@@ -1,6 +1,6 @@
-// How the CPU margin kernels (margin_cpu.cpp, sharded_margin_cpu.cpp, linear_margin_cpu.cpp) pick
-// their vector primitives, and how the first two split a (B, C) problem into (row, column chunk)
-// segments for at::parallel_for, with denormals flushed while a segment runs.
+// How the CPU margin kernels (margin_cpu.cpp, linear_margin_cpu.cpp) pick their vector primitives,
+// and how margin_cpu.cpp (the plain, *_rows and sharded ops) splits a (B, C) problem into (row,
+// column chunk) segments for at::parallel_for, with denormals flushed while a segment runs.
 #pragma once
 
 #include <ATen/Parallel.h>
