@@ -26,7 +26,7 @@ from angular.nn.adaptive import ADAPTIVE_HEADS, AdaFace, CurricularFace
 from angular.nn.heads import MarginSpec
 from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead
 from angular.ops import reference
-from angular.ops.sharded import count_communication, shard_range
+from angular.ops.sharded import count_communication, shard_range, sharded_cross_entropy
 
 IN_FEATURES, EMBEDDING_DIM, ROWS_PER_RANK, STEPS, LR = 6, 8, 3, 2, 0.05
 SCALE = 5.0  # embedding norms around 35: inside MagFace's [l_a, u_a], so its margin has a gradient
@@ -359,3 +359,31 @@ def test_sharded_adaptive_heads_equal_the_one_process_heads(tmp_path, world_size
             check_bytes(result["bytes"], world_size)
         for sync in (True, False):
             check_replicated([result["replicated"][sync] for result in per_rank], 2, seed, sync)
+
+
+def test_what_the_sharded_adaptive_head_refuses_names_the_argument():
+    with pytest.raises(TypeError, match="head must be an AdaptiveMarginHead, got MarginSpec"):
+        ShardedAdaptiveHead(MarginSpec.arcface())
+    subcenter = ADAPTIVE_HEADS["subcenter_arcface"](EMBEDDING_DIM, 4, k=2)
+    subcenter.keep_dominant(torch.randn(4, EMBEDDING_DIM), torch.arange(4))
+    with pytest.raises(ValueError, match="dominant sub-centres .* shard it before keep_dominant"):
+        ShardedAdaptiveHead(subcenter)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8, 8\), got \(4, 8\)"):
+        ShardedAdaptiveHead(
+            ADAPTIVE_HEADS["subcenter_arcface"](EMBEDDING_DIM, 4, k=2)
+        ).load_full_weight(torch.randn(4, EMBEDDING_DIM))
+    with pytest.raises(ValueError, match="centres_per_class"):
+        ShardedMarginHead(EMBEDDING_DIM, 4, MarginSpec.arcface(), centres_per_class=0)
+    with pytest.raises(TypeError, match="sync_statistics must be true or false"):
+        AdaFace(EMBEDDING_DIM, 4, sync_statistics=1)
+    with pytest.raises(
+        ValueError, match="group was given but torch.distributed is not initialised"
+    ):
+        AdaFace(EMBEDDING_DIM, 4, process_group=object()).loss(
+            torch.randn(2, EMBEDDING_DIM), torch.tensor([0, 1])
+        )
+    logits, labels = torch.randn(2, 3, dtype=torch.float16), torch.tensor([0, -1])
+    with pytest.raises(TypeError, match="logits must be float32 or float64, got torch.float16"):
+        sharded_cross_entropy(logits, labels, labels >= 0, num_classes=3)
+    with pytest.raises(ValueError, match="num_classes must be >= C_local = 3, got 2"):
+        sharded_cross_entropy(logits.float(), labels, labels >= 0, num_classes=2)
