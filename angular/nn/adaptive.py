@@ -75,10 +75,6 @@ class RowContext:
         return cls(cos, lambda: _target_cos(cos, labels))
 
 
-def _world_of(group) -> int:
-    return sharded.world_of(group)[1]
-
-
 def add_row_term(
     rows: torch.Tensor, extra: torch.Tensor | None, labels: torch.Tensor, reduction: str
 ) -> torch.Tensor:
@@ -93,7 +89,13 @@ class AdaptiveMarginHead(MarginHead):
     """A :class:`MarginHead` whose margin arguments are computed per batch by :meth:`_per_row`.
 
     State that the paper keeps between steps (EMA buffers, a generator) changes only in
-    :meth:`loss` in training mode; :meth:`forward` and evaluation use it as it stands."""
+    :meth:`loss` in training mode; :meth:`forward` and evaluation use it as it stands.
+
+    ``sync_statistics`` and ``process_group``: with torch.distributed initialised and more than one
+    rank in ``process_group`` (None: the default group), the batch statistics that AdaFace's and
+    CurricularFace's buffers follow are all-reduced in :meth:`loss` (training mode; a collective:
+    every rank calls it), so a head replicated on every rank keeps the same buffers everywhere (see
+    the module doc); ``sync_statistics=False``: each rank its own batch's."""
 
     type_name: ClassVar[str]
     centres_per_class = 1  # sub-center ArcFace: k
@@ -125,7 +127,7 @@ class AdaptiveMarginHead(MarginHead):
 
     def _statistics_group(self):
         """The group to all-reduce batch statistics over, or None: one process, or turned off."""
-        if not self.sync_statistics or _world_of(self.process_group) == 1:
+        if not self.sync_statistics or sharded.world_of(self.process_group)[1] == 1:
             return None
         return (
             self.process_group if self.process_group is not None else torch.distributed.group.WORLD
@@ -314,16 +316,8 @@ def _global_mean_std(values: torch.Tensor, group) -> tuple[torch.Tensor, torch.T
     """Mean and unbiased std of ``values`` over every rank of ``group`` (count, sum and sum of
     squares all-reduced, in fp64); std 0 for fewer than two values in all."""
     work = values.double()
-    count, total, squares = sharded.all_reduce_sum(
-        torch.stack(
-            [
-                torch.tensor(float(work.numel()), dtype=torch.float64, device=work.device),
-                work.sum(),
-                work.square().sum(),
-            ]
-        ),
-        group,
-    )
+    sums = torch.stack([work.new_tensor(float(work.numel())), work.sum(), work.square().sum()])
+    count, total, squares = sharded.all_reduce_sum(sums, group)
     mean = total / count
     variance = (
         (squares - count * mean * mean) / (count - 1) if count > 1 else torch.zeros_like(mean)
