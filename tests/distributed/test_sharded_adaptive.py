@@ -387,3 +387,19 @@ def test_what_the_sharded_adaptive_head_refuses_names_the_argument():
         sharded_cross_entropy(logits, labels, labels >= 0, num_classes=3)
     with pytest.raises(ValueError, match="num_classes must be >= C_local = 3, got 2"):
         sharded_cross_entropy(logits.float(), labels, labels >= 0, num_classes=2)
+
+
+@pytest.mark.parametrize("name", ["elasticface_arc", "curricularface", "adaface"])
+def test_a_sharded_adaptive_head_resumes_from_its_state_dict(name):
+    """What a checkpoint holds (the shard, step, and the head's buffers and generator) resumes it."""
+    case = dict(
+        type=name, dtype=f64, classes=7, options=dict(plus=True) if "elastic" in name else {}
+    )
+    first = ShardedAdaptiveHead(make_head(case, 1), sample_rate=0.5, generator_seed=2)
+    x, labels = torch.randn(4, EMBEDDING_DIM, dtype=f64) * SCALE, torch.tensor([0, 3, -1, 6])
+    first.loss(x, labels)
+    resumed = ShardedAdaptiveHead(make_head(case, 99), sample_rate=0.5, generator_seed=2)
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(resumed.loss(x, labels), first.loss(x, labels))
+    for key, value in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
