@@ -16,7 +16,7 @@ from pipeline_testing import assert_same_state, model_state, tiny_raw, write_par
 
 from angular.config import ConfigError, parse_params
 from angular.data import read_manifest
-from angular.nn.adaptive import CurricularFace
+from angular.nn.adaptive import ADAPTIVE_HEADS, CurricularFace
 from angular.nn.recognition import load_model
 from angular.train import distributed, world
 from angular.train import loop as training
@@ -144,6 +144,12 @@ def test_what_several_processes_cannot_train_is_refused_before_any_worker_starts
     assert message.startswith(f"error in params.yaml: {key}: "), message
     assert torch.multiprocessing.active_children() == started
     assert not (project / "outputs" / "models").exists()
+
+
+def test_every_adaptive_head_may_train_on_several_processes():
+    for name in ADAPTIVE_HEADS:
+        params = parse_params(distributed_raw(train__items=[name]))
+        distributed.check_supported(params, params.item(name))
 
 
 def test_a_joint_item_with_fused_linear_is_refused_by_its_head_key():
