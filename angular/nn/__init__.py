@@ -24,7 +24,7 @@ from angular.nn.heads import (
     MarginSpec,
     SphereFace,
 )
-from angular.nn.sharded import ShardedMarginHead
+from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead
 
 __all__ = [
     "ADAPTIVE_HEADS",
@@ -41,6 +41,7 @@ __all__ = [
     "MagFace",
     "MarginHead",
     "MarginSpec",
+    "ShardedAdaptiveHead",
     "ShardedMarginHead",
     "SphereFace",
     "SubCenterArcFace",
