@@ -21,11 +21,13 @@ struct MarginParams {
   // Negative modulation (CurricularFace): hard negatives x become x (negative_t + x).
   bool modulate = false;
   double negative_t = 0.0;
-  // The sharded ops (docs/design.md, "Sharded softmax"): 0 for the ops over all classes; for one
-  // shard, the global class count. Label smoothing then spreads over it, and the cross-entropy
-  // backward (whose lse is the global one) gives rows whose target is on another shard (labels
-  // outside [0, C_local)) the off-target gradient; only a row whose upstream gradient is 0 is 0.
-  int64_t global_classes = 0;
+  // The sharded ops (docs/design.md, "Sharded softmax"; CUDA kernels): cos is one shard of the
+  // classes. Rows whose target is on another shard (labels outside [0, C_local)) are read all the
+  // same: the forward's pass gives their partial statistics, the backward (whose lse is the global
+  // one) their off-target gradient; a row whose upstream gradient is 0 is 0 there.
+  bool shard = false;
+  // The C of label smoothing in a shard's backward (the global class count); 0: the columns of cos.
+  int64_t num_classes = 0;
 };
 
 }  // namespace angular

@@ -324,9 +324,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
 
 // d loss / d cos; and d loss / d margins into margin_grad ((4, B), zeros) if defined. The one
 // backward of margin_cross_entropy(_rows) (global_classes 0: label smoothing over the C columns,
-// rows without a target are 0) and of sharded_margin_cross_entropy_backward (global_classes > 0,
-// margin_params.h: smoothing over the global class count, lse the global one, rows whose target is
-// on another shard get the off-target gradient, rows whose upstream gradient is 0 are 0 unread).
+// rows without a target are 0) and of sharded_margin_cross_entropy_backward (global_classes > 0:
+// smoothing over the global class count, lse the global one, rows whose target is on another shard
+// get the off-target gradient, rows whose upstream gradient is 0 are 0 unread).
 at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor& cos,
                                   const at::Tensor& labels, const at::Tensor& lse, double s,
                                   const OpMargins& margins, double label_smoothing,
@@ -438,7 +438,8 @@ at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const 
                                              const at::Tensor& labels, const at::Tensor& lse,
                                              double s, double m1, double m2, double m3, double lam,
                                              double label_smoothing, bool straight_through) {
-  check_cross_entropy_backward(grad_rows, cos, labels, lse, "angular::margin_cross_entropy_backward");
+  const char* op = "angular::margin_cross_entropy_backward";
+  check_cross_entropy_backward(grad_rows, cos, labels, lse, op);
   return cross_entropy_backward(grad_rows, cos, labels, lse, s, scalar_margins(m1, m2, m3, lam),
                                 label_smoothing, straight_through, at::Tensor(), 0);
 }

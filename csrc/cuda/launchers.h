@@ -42,14 +42,26 @@ cudaError_t launch_logits_backward(DType dtype, Rows shape, Matrix grad, Matrix 
 // rows * splits * 3 elements of the arithmetic type (float, or double for double).
 int64_t cross_entropy_splits(Rows shape, DType dtype);
 
-// loss and lse (rows elements of the arithmetic type) of the margin cross-entropy; workspace may be
-// null when splits is 1.
+// The per-row outputs of the cross-entropy forward (rows elements each, of the arithmetic type):
+// loss and lse of the margin cross-entropy; for a shard (p.shard: sharded_margin_partials),
+// row_max, sum_exp, target and logit_sum instead. The others may be null.
+struct RowOutputs {
+  void* loss = nullptr;
+  void* lse = nullptr;
+  void* row_max = nullptr;
+  void* sum_exp = nullptr;
+  void* target = nullptr;
+  void* logit_sum = nullptr;
+};
+
+// The margin cross-entropy's forward pass into outputs; workspace may be null when splits is 1.
 cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, const MarginParams& p,
-                                         int64_t splits, void* workspace, void* loss, void* lse,
-                                         cudaStream_t stream);
+                                         int64_t splits, void* workspace,
+                                         const RowOutputs& outputs, cudaStream_t stream);
 
 // out (contiguous, dtype) = d loss / d cos, from the per-row upstream gradient and saved lse
-// (arithmetic type, read with the given strides); margin_grad as in launch_logits_backward.
+// (arithmetic type, read with the given strides); margin_grad as in launch_logits_backward. Also
+// the sharded backward (p.shard, p.num_classes).
 cudaError_t launch_cross_entropy_backward(DType dtype, Rows shape, Matrix cos,
                                           const void* grad_rows, int64_t grad_stride,
                                           const void* lse, int64_t lse_stride,

@@ -1,6 +1,7 @@
-// CUDA implementations of the angular margin ops (the scalar ones and their *_rows variants):
-// checks, output allocation, and the launch of the kernels in margin_kernels.cu on the current
-// stream of cos's device. Built only with CUDA.
+// CUDA implementations of the angular margin ops (the scalar ones, their *_rows variants, and the
+// sharded ops of csrc/sharded_ops.cpp, which share the cross-entropy's kernels): checks, output
+// allocation, and the launch of the kernels in margin_kernels.cu on the current stream of cos's
+// device. Built only with CUDA.
 #ifdef ANGULAR_WITH_CUDA
 
 #include <ATen/core/Tensor.h>
@@ -50,6 +51,11 @@ Rows rows_of(const at::Tensor& cos, const at::Tensor& contiguous_labels) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// Per-row outputs (loss, lse, partial statistics): the arithmetic type, on cos's device.
+at::TensorOptions row_options(const at::Tensor& cos) {
+  return cos.options().dtype(compute_dtype(cos.scalar_type()));
+}
+
 // The per-row margins and modulation of a *_rows call, into the kernels' parameters.
 MarginParams with_rows(MarginParams p, const at::Tensor* rows, std::optional<double> negative_t) {
   if (rows != nullptr) {
@@ -83,28 +89,36 @@ at::Tensor logits_backward(const at::Tensor& grad, const at::Tensor& cos, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
-                                                         const at::Tensor& labels,
-                                                         const MarginParams& p, const char* op) {
-  TORCH_CHECK(cos.size(1) >= 1, op, ": cos must have C >= 1 columns, got ", cos.sizes());
+// The cross-entropy forward's pass over cos into outputs (per-row arrays of the arithmetic type
+// on cos's device): the loss and lse, or a shard's partial statistics (p.shard).
+void forward_rows(const at::Tensor& cos, const at::Tensor& labels, const MarginParams& p,
+                  const RowOutputs& outputs) {
   const c10::cuda::CUDAGuard guard(cos.device());
   const at::Tensor label_vec = labels.contiguous();
   const at::Tensor cos_in = streamable(cos);
-  const auto acc_options = cos.options().dtype(compute_dtype(cos.scalar_type()));
-  at::Tensor loss = at::empty({cos.size(0)}, acc_options);
-  at::Tensor lse = at::empty({cos.size(0)}, acc_options);
   const Rows shape = rows_of(cos, label_vec);
   const DType dtype = dtype_of(cos);
   const int64_t splits = cross_entropy_splits(shape, dtype);
-  // B x splits x 3 partial sums, not B x C; none with one split (the kernel writes the loss).
+  // B x splits x 3 partial sums, not B x C; none with one split (the kernel writes the outputs).
   at::Tensor workspace;
   if (splits > 1) {
-    workspace = at::empty({cos.size(0) * splits * 3}, acc_options);
+    workspace = at::empty({cos.size(0) * splits * 3}, row_options(cos));
   }
-  C10_CUDA_CHECK(launch_cross_entropy_forward(
-      dtype, shape, matrix_of(cos_in), p, splits,
-      splits > 1 ? workspace.mutable_data_ptr() : nullptr, loss.mutable_data_ptr(),
-      lse.mutable_data_ptr(), current_stream()));
+  C10_CUDA_CHECK(launch_cross_entropy_forward(dtype, shape, matrix_of(cos_in), p, splits,
+                                              splits > 1 ? workspace.mutable_data_ptr() : nullptr,
+                                              outputs, current_stream()));
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
+                                                         const at::Tensor& labels,
+                                                         const MarginParams& p, const char* op) {
+  check_columns(cos, op, "C");
+  at::Tensor loss = at::empty({cos.size(0)}, row_options(cos));
+  at::Tensor lse = at::empty({cos.size(0)}, row_options(cos));
+  RowOutputs outputs;
+  outputs.loss = loss.mutable_data_ptr();
+  outputs.lse = lse.mutable_data_ptr();
+  forward_rows(cos, labels, p, outputs);
   return {loss, lse};
 }
 
@@ -158,9 +172,7 @@ at::Tensor margin_cross_entropy_backward_cuda(const at::Tensor& grad_rows, const
                                               double s, double m1, double m2, double m3, double lam,
                                               double label_smoothing, bool straight_through) {
   const char* op = "angular::margin_cross_entropy_backward";
-  check_cos_labels(cos, labels, op);
-  check_rows(grad_rows, cos, op, "grad_rows");
-  check_rows(lse, cos, op, "lse");
+  check_cross_entropy_backward(grad_rows, cos, labels, lse, op);
   return cross_entropy_backward(
       grad_rows, cos, labels, lse,
       MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through}, at::Tensor());
@@ -205,15 +217,50 @@ std::tuple<at::Tensor, at::Tensor> margin_cross_entropy_rows_backward_cuda(
     const at::Tensor& lse, const at::Tensor& margins, double s, double label_smoothing,
     bool straight_through, std::optional<double> negative_t) {
   const char* op = "angular::margin_cross_entropy_rows_backward";
-  check_cos_labels(cos, labels, op);
-  check_rows(grad_rows, cos, op, "grad_rows");
-  check_rows(lse, cos, op, "lse");
+  check_cross_entropy_backward(grad_rows, cos, labels, lse, op);
   const at::Tensor rows = checked_row_margins(margins, cos, op);
   at::Tensor margin_grad = at::zeros_like(rows);
   const MarginParams p{s, 1.0, 0.0, 0.0, 0.0, label_smoothing, straight_through};
   at::Tensor grad_cos = cross_entropy_backward(grad_rows, cos, labels, lse,
                                                with_rows(p, &rows, negative_t), margin_grad);
   return {grad_cos, margin_grad};
+}
+
+// The sharded ops (schemas in csrc/sharded_ops.cpp; docs/design.md, "Sharded softmax"): the
+// cross-entropy's forward pass and backward above, over one shard of the classes (p.shard).
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sharded_margin_partials_cuda(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam) {
+  const char* op = "angular::sharded_margin_partials";
+  check_cos_labels(cos, labels, op);
+  check_columns(cos, op, "C_local");
+  MarginParams p{s, m1, m2, m3, lam, 0.0, false};
+  p.shard = true;
+  const auto options = row_options(cos);
+  const int64_t rows = cos.size(0);
+  at::Tensor row_max = at::empty({rows}, options), sum_exp = at::empty({rows}, options);
+  at::Tensor target = at::empty({rows}, options), logit_sum = at::empty({rows}, options);
+  RowOutputs outputs;
+  outputs.row_max = row_max.mutable_data_ptr();
+  outputs.sum_exp = sum_exp.mutable_data_ptr();
+  outputs.target = target.mutable_data_ptr();
+  outputs.logit_sum = logit_sum.mutable_data_ptr();
+  forward_rows(cos, labels, p, outputs);
+  return {row_max, sum_exp, target, logit_sum};
+}
+
+at::Tensor sharded_margin_cross_entropy_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& cos, const at::Tensor& labels,
+    const at::Tensor& lse, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, int64_t num_classes, bool straight_through) {
+  const char* op = "angular::sharded_margin_cross_entropy_backward";
+  check_cross_entropy_backward(grad_rows, cos, labels, lse, op);
+  check_num_classes(num_classes, cos, op);
+  MarginParams p{s, m1, m2, m3, lam, label_smoothing, straight_through};
+  p.shard = true;
+  p.num_classes = num_classes;
+  return cross_entropy_backward(grad_rows, cos, labels, lse, p, at::Tensor());
 }
 
 }  // namespace
@@ -227,6 +274,8 @@ TORCH_LIBRARY_IMPL(angular, CUDA, m) {
   m.impl("margin_logits_rows_backward", &margin_logits_rows_backward_cuda);
   m.impl("margin_cross_entropy_rows", &margin_cross_entropy_rows_cuda);
   m.impl("margin_cross_entropy_rows_backward", &margin_cross_entropy_rows_backward_cuda);
+  m.impl("sharded_margin_partials", &sharded_margin_partials_cuda);
+  m.impl("sharded_margin_cross_entropy_backward", &sharded_margin_cross_entropy_backward_cuda);
 }
 
 }  // namespace angular::cuda

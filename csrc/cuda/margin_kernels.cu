@@ -22,6 +22,9 @@
 //   second kernel merges the splits of each row, a warp per row. Splits come from the kernel's
 //   measured occupancy, so that the grid is several full waves even for a few huge rows (B = 16,
 //   C = 1,000,000). The workspace is rows * splits * 3 numbers, never B x C.
+// - The sharded ops (csrc/sharded_ops.cpp) run these same kernels on one shard of the classes
+//   (MarginParams::shard): the forward writes each row's partial statistics instead of its loss
+//   (RowResults), and the backward smooths over the global class count.
 // Includes stay lean (no torch/extension.h) so that nvcc compiles this file quickly.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -173,6 +176,8 @@ struct Margin {
   int64_t batch;
   bool modulate;
   acc_t t;
+  bool shard;           // one shard of the sharded ops (margin_params.h)
+  int64_t num_classes;  // label smoothing's C when not 0
 
   Margin(const MarginParams& p, int64_t batch_size)
       : s(acc_t(p.s)),
@@ -185,7 +190,9 @@ struct Margin {
         rows(static_cast<const acc_t*>(p.row_margins)),
         batch(batch_size),
         modulate(p.modulate),
-        t(acc_t(p.negative_t)) {}
+        t(acc_t(p.negative_t)),
+        shard(p.shard),
+        num_classes(p.num_classes) {}
 
   __device__ RowMargin<acc_t> at(int64_t row) const {
     if (rows == nullptr) {
@@ -196,6 +203,10 @@ struct Margin {
   }
   __device__ acc_t target_value(acc_t cos_y, const RowMargin<acc_t>& r) const {
     return target_logit(cos_y, r.m1, r.m2, r.m3, r.lam);
+  }
+  // The C of label smoothing for a cos of `cols` columns.
+  __device__ acc_t classes(int64_t cols) const {
+    return acc_t(num_classes > 0 ? num_classes : cols);
   }
 };
 
@@ -347,7 +358,9 @@ struct LogitsBackward {
 };
 
 // grad_cos = s * g * (softmax - eps / C), and target_cos_grad in the target column; 0 for rows
-// without a target.
+// without a target. The backward of the plain, *_rows and sharded ops: for a shard (m.shard), C is
+// the global class count, rows whose target is on another shard get the off-target gradient, and
+// the rows that are 0 are those whose upstream gradient is 0.
 template <typename scalar_t>
 struct CrossEntropyBackward {
   using acc_t = acc_type<scalar_t>;
@@ -371,24 +384,26 @@ struct CrossEntropyBackward {
   };
   __device__ Row row(int64_t row, int64_t first, int64_t end) const {
     Row r{labels[row], acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), false};
-    if (r.target < 0 || r.target >= cols) {
+    const bool has_target = r.target >= 0 && r.target < cols;
+    const acc_t g = grad_rows[row * grad_stride];
+    if (m.shard ? g == acc_t(0) : !has_target) {
       r.zero = true;
       return r;
     }
-    const acc_t g = grad_rows[row * grad_stride];
+    const acc_t num_classes = m.classes(cols);
     r.lse = lse[row * lse_stride];
     r.scale = m.s * g;
-    r.minus_offset = -r.scale * m.eps / acc_t(cols);
-    const bool in_tile = r.target >= first && r.target < end;
-    if (in_tile || m.modulate) {
+    r.minus_offset = -r.scale * m.eps / num_classes;
+    const bool in_tile = r.target >= first && r.target < end;  // so has_target
+    if (in_tile || (m.modulate && has_target)) {
       const RowMargin<acc_t> margin = m.at(row);
       const acc_t cos_y = load<scalar_t>(cos, row, r.target);
       r.threshold = m.target_value(cos_y, margin);
       if (in_tile) {
         r.target_grad = target_cos_grad(cos_y, r.lse, g, m.s, margin.m1, margin.m2, margin.m3,
-                                        margin.lam, m.eps, acc_t(cols), m.straight_through);
+                                        margin.lam, m.eps, num_classes, m.straight_through);
         if (margin_grad != nullptr) {  // every lane of the team stores the same values
-          const acc_t dz = target_logit_upstream(r.threshold, r.lse, g, m.s, m.eps, acc_t(cols));
+          const acc_t dz = target_logit_upstream(r.threshold, r.lse, g, m.s, m.eps, num_classes);
           store_margin_grad(margin_grad, m.batch, row, cos_y, margin, m.s * dz);
         }
       }
@@ -478,24 +493,48 @@ __device__ RowSums<acc_t> team_reduce(RowSums<acc_t> a) {
   }
 }
 
-// Loss and log-sum-exp of a row from its merged sums and its target cosine.
+// Where the cross-entropy forward's rows go (each array `rows` elements): the loss and log-sum-exp
+// of margin_cross_entropy(_rows); for a shard (m.shard, sharded_margin_partials), the partial
+// statistics the caller combines across shards: max and sum of exp of the row's logits, s f_y (0
+// when another shard owns the target) and the sum of the logits.
 template <typename acc_t>
-__device__ __forceinline__ void finish_row(const RowSums<acc_t>& total, acc_t target_value,
-                                           const Margin<acc_t>& m, int64_t cols, acc_t* loss,
-                                           acc_t* lse) {
-  const acc_t row_lse = total.max + math::log_(total.sum);
-  *loss = smoothed_loss(row_lse, m.s * target_value, total.z_sum, acc_t(cols), m.eps);
-  *lse = row_lse;
-}
+struct RowResults {
+  acc_t* loss;
+  acc_t* lse;
+  acc_t* row_max;
+  acc_t* sum_exp;
+  acc_t* target;
+  acc_t* logit_sum;
 
-// Partial (max, sum, z_sum) of columns [blockIdx.x * width, +width) of each row with a target,
-// into partials; with a single split (gridDim.x == 1), the row's loss and log-sum-exp directly.
+  // A row that is not read (no target, not a shard): loss 0, and an lse its backward never uses.
+  __device__ void skip(int64_t row) const {
+    loss[row] = acc_t(0);
+    lse[row] = acc_t(0);
+  }
+  // A row from its merged sums and its target logit over s (valid when has_target).
+  __device__ void finish(int64_t row, const RowSums<acc_t>& total, acc_t target_value,
+                         bool has_target, const Margin<acc_t>& m, int64_t cols) const {
+    if (m.shard) {
+      row_max[row] = total.max;
+      sum_exp[row] = total.sum;
+      target[row] = has_target ? m.s * target_value : acc_t(0);
+      logit_sum[row] = total.z_sum;
+      return;
+    }
+    const acc_t row_lse = total.max + math::log_(total.sum);
+    loss[row] = smoothed_loss(row_lse, m.s * target_value, total.z_sum, acc_t(cols), m.eps);
+    lse[row] = row_lse;
+  }
+};
+
+// Partial (max, sum, z_sum) of columns [blockIdx.x * width, +width) of each row with a target
+// (every row, for a shard), into partials; with a single split (gridDim.x == 1), the row's
+// results directly.
 template <typename scalar_t, int G>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     cross_entropy_partial_kernel(Rows shape, Matrix cos, Margin<acc_type<scalar_t>> m,
                                  int64_t width, acc_type<scalar_t>* __restrict__ partials,
-                                 acc_type<scalar_t>* __restrict__ loss,
-                                 acc_type<scalar_t>* __restrict__ lse) {
+                                 RowResults<acc_type<scalar_t>> results) {
   using acc_t = acc_type<scalar_t>;
   constexpr int N = pack_of<scalar_t>();
   const Team<G> team;
@@ -505,17 +544,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   for (int64_t row = int64_t(blockIdx.y) * team.kRowsPerBlock + team.index; row < shape.rows;
        row += int64_t(gridDim.y) * team.kRowsPerBlock) {
     const int64_t y = shape.labels[row];
-    if (y < 0 || y >= shape.cols) {  // the same for the whole team: no target, nothing to read
+    const bool has_target = y >= 0 && y < shape.cols;
+    if (!has_target && !m.shard) {  // the same for the whole team: no target, nothing to read
       if (splits == 1 && team.lane == 0) {
-        loss[row] = acc_t(0);
-        lse[row] = acc_t(0);
+        results.skip(row);
       }
       continue;
     }
     const scalar_t* __restrict__ src = static_cast<const scalar_t*>(cos.data) + row * cos.row_stride;
     // f_y: the target's value, and the threshold of the negative modulation (whose comparison
-    // leaves the target, equal to it, unmodulated).
-    const acc_t target_value = (y >= first && y < end) || m.modulate
+    // leaves the target, equal to it, unmodulated). No column matches a label outside [0, C).
+    const acc_t target_value = (y >= first && y < end) || (m.modulate && has_target)
                                    ? m.target_value(load<scalar_t>(cos, row, y), m.at(row))
                                    : acc_t(0);
     auto logit = [&](bool is_target, acc_t x) {
@@ -536,7 +575,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     sums = team_reduce<G>(sums);
     if (team.lane == 0) {
       if (splits == 1) {
-        finish_row(sums, target_value, m, shape.cols, loss + row, lse + row);
+        results.finish(row, sums, target_value, has_target, m, shape.cols);
       } else {
         acc_t* out = partials + (row * splits + blockIdx.x) * 3;
         out[0] = sums.max;
@@ -547,24 +586,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
-// Merges the splits of each row, a warp per row: loss and log-sum-exp (both 0 for a row without
-// target).
+// Merges the splits of each row, a warp per row, into its results.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_combine_kernel(Rows shape, Matrix cos, Margin<acc_type<scalar_t>> m,
                                  int64_t splits, const acc_type<scalar_t>* __restrict__ partials,
-                                 acc_type<scalar_t>* __restrict__ loss,
-                                 acc_type<scalar_t>* __restrict__ lse) {
+                                 RowResults<acc_type<scalar_t>> results) {
   using acc_t = acc_type<scalar_t>;
   const int lane = threadIdx.x & 31;
   const int64_t warp = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t step = int64_t(gridDim.x) * kWarps;
   for (int64_t row = warp; row < shape.rows; row += step) {
     const int64_t y = shape.labels[row];
-    if (y < 0 || y >= shape.cols) {
+    const bool has_target = y >= 0 && y < shape.cols;
+    if (!has_target && !m.shard) {
       if (lane == 0) {
-        loss[row] = acc_t(0);
-        lse[row] = acc_t(0);
+        results.skip(row);
       }
       continue;
     }
@@ -575,8 +612,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     total = warp_reduce(total);
     if (lane == 0) {
-      const acc_t target_value = m.target_value(load<scalar_t>(cos, row, y), m.at(row));
-      finish_row(total, target_value, m, shape.cols, loss + row, lse + row);
+      const acc_t target_value =
+          has_target ? m.target_value(load<scalar_t>(cos, row, y), m.at(row)) : acc_t(0);
+      results.finish(row, total, target_value, has_target, m, shape.cols);
     }
   }
 }
@@ -655,15 +693,18 @@ int64_t chunk_width(const Rows& shape, int64_t splits) {
 
 template <typename scalar_t>
 cudaError_t cross_entropy_forward(Rows shape, Matrix cos, const MarginParams& p, int64_t splits,
-                                  void* workspace, void* loss, void* lse, cudaStream_t stream) {
+                                  void* workspace, const RowOutputs& outputs,
+                                  cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   const Margin<acc_t> m(p, shape.rows);
-  auto* loss_out = static_cast<acc_t*>(loss);
-  auto* lse_out = static_cast<acc_t*>(lse);
+  const RowResults<acc_t> results{
+      static_cast<acc_t*>(outputs.loss),    static_cast<acc_t*>(outputs.lse),
+      static_cast<acc_t*>(outputs.row_max), static_cast<acc_t*>(outputs.sum_exp),
+      static_cast<acc_t*>(outputs.target),  static_cast<acc_t*>(outputs.logit_sum)};
   if (warp_per_row<scalar_t>(shape)) {
     const dim3 grid(1u, static_cast<unsigned>(min64(ceil_div(shape.rows, kWarps), kMaxGridY)));
-    cross_entropy_partial_kernel<scalar_t, 32><<<grid, kThreads, 0, stream>>>(
-        shape, cos, m, shape.cols, nullptr, loss_out, lse_out);
+    cross_entropy_partial_kernel<scalar_t, 32>
+        <<<grid, kThreads, 0, stream>>>(shape, cos, m, shape.cols, nullptr, results);
     return cudaGetLastError();
   }
   const int64_t width = chunk_width<scalar_t>(shape, splits);
@@ -672,14 +713,14 @@ cudaError_t cross_entropy_forward(Rows shape, Matrix cos, const MarginParams& p,
   const dim3 grid(static_cast<unsigned>(used_splits),
                   static_cast<unsigned>(min64(shape.rows, kMaxGridY)));
   cross_entropy_partial_kernel<scalar_t, kThreads>
-      <<<grid, kThreads, 0, stream>>>(shape, cos, m, width, partials, loss_out, lse_out);
+      <<<grid, kThreads, 0, stream>>>(shape, cos, m, width, partials, results);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess || used_splits == 1) {
     return status;
   }
   const int64_t blocks = min64(ceil_div(shape.rows, kWarps), int64_t(1) << 20);
   cross_entropy_combine_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      shape, cos, m, used_splits, partials, loss_out, lse_out);
+      shape, cos, m, used_splits, partials, results);
   return cudaGetLastError();
 }
 
@@ -796,15 +837,15 @@ int64_t cross_entropy_splits(Rows shape, DType dtype) {
 }
 
 cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, const MarginParams& p,
-                                         int64_t splits, void* workspace, void* loss, void* lse,
-                                         cudaStream_t stream) {
+                                         int64_t splits, void* workspace,
+                                         const RowOutputs& outputs, cudaStream_t stream) {
   if (shape.rows <= 0) {
     return cudaSuccess;
   }
   if (shape.cols <= 0 || splits < 1 || (splits > 1 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  ANGULAR_DISPATCH_DTYPE(dtype, cross_entropy_forward, shape, cos, p, splits, workspace, loss, lse,
+  ANGULAR_DISPATCH_DTYPE(dtype, cross_entropy_forward, shape, cos, p, splits, workspace, outputs,
                          stream);
 }
 
