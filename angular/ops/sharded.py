@@ -7,8 +7,8 @@ all-reduce them (the maximum, then the rescaled sums), and each rank gets the gl
 and loss of every row without the (B, C) matrix ever being gathered: the communication is 4 B
 numbers per step whatever C is.
 
-The compiled ops (schemas in ``csrc/sharded_ops.cpp``; CPU kernel ``csrc/cpu/sharded_margin_cpu.cpp``,
-CUDA ``csrc/cuda/sharded_margin_cuda.cpp``)::
+The compiled ops (schemas in ``csrc/sharded_ops.cpp``; kernels in ``csrc/cpu/margin_cpu.cpp`` and
+``csrc/cuda/margin_cuda.cpp``, the margin cross-entropy's own forward pass and backward)::
 
     sharded_margin_partials(cos, labels, s, m1, m2, m3, lam)
         -> (max, sum_exp, target, logit_sum), each (B,)
