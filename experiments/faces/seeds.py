@@ -162,7 +162,12 @@ def headline(results: list[dict], rule: str = "mean_prob") -> list[str]:
     embeddings for verification): the table the README quotes."""
     first = results[0]["evaluate"]
     rows = {}
-    for name in [*first["heads"], "ensemble"]:
+    # One head alone has no ensemble row (evaluate scores no ensemble of one member).
+    names = [
+        *first["heads"],
+        *(["ensemble"] if "ensemble" in first["verification"]["unknown"] else []),
+    ]
+    for name in names:
         rows[name] = [
             {
                 **(e["heads"][name] if name in e["heads"] else e["ensembles"][rule]),
