@@ -62,8 +62,7 @@ def test_prioritized_resume_equals_an_uninterrupted_run(project, monkeypatch, ca
     assert not torch.equal(model_state(uniform.model)[key], model_state(reference.model)[key])
 
 
-def test_adaptive_heads_and_the_prioritized_sampler_refuse_several_processes():
-    with pytest.raises(ConfigError, match="'magface' is a magface head, which trains in one"):
-        parse_params(tiny_raw(train__items=["magface"], train__distributed__world_size=2))
+def test_the_prioritized_sampler_refuses_several_processes():
+    # (Adaptive heads train sharded: tests/pipeline/test_distributed_train.py.)
     with pytest.raises(ConfigError, match="train.sampler: must be uniform when"):
         parse_params(tiny_raw(train__sampler="prioritized", train__distributed__world_size=2))
