@@ -392,6 +392,18 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         return grad_cos, None, None, None, None, None, None
 
 
+def _check_loss_arguments(label_smoothing, reduction, has_target, labels) -> float:
+    """The checks both sharded losses share; returns ``label_smoothing`` as a float."""
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if has_target.dtype != torch.bool or has_target.shape != labels.shape:
+        raise ValueError(f"has_target must be bool of shape {tuple(labels.shape)}")
+    return label_smoothing
+
+
 def sharded_margin_cross_entropy(
     cos: torch.Tensor,
     labels: torch.Tensor,
@@ -418,13 +430,7 @@ def sharded_margin_cross_entropy(
     call it with the same B.
     """
     s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if has_target.dtype != torch.bool or has_target.shape != labels.shape:
-        raise ValueError(f"has_target must be bool of shape {tuple(labels.shape)}")
+    label_smoothing = _check_loss_arguments(label_smoothing, reduction, has_target, labels)
     margin = (s, m1, m2, m3, lam, bool(straight_through))
     per_row = _ShardedCrossEntropy.apply(
         cos, labels, has_target, margin, label_smoothing, int(num_classes), group
@@ -474,13 +480,7 @@ def sharded_cross_entropy(
     _check_local(logits, labels)
     if logits.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"logits must be float32 or float64, got {logits.dtype}")
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if has_target.dtype != torch.bool or has_target.shape != labels.shape:
-        raise ValueError(f"has_target must be bool of shape {tuple(labels.shape)}")
+    label_smoothing = _check_loss_arguments(label_smoothing, reduction, has_target, labels)
     if int(num_classes) < logits.shape[1]:
         raise ValueError(f"num_classes must be >= C_local = {logits.shape[1]}, got {num_classes}")
     per_row = _ShardedLogitsCrossEntropy.apply(
