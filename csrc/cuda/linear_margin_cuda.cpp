@@ -3,17 +3,22 @@
 // the row kernels of csrc/cuda/linear_margin_kernels.cu on each chunk's cosine tile.
 //
 // Per chunk of columns [first, first + n):
-//   wh    = normalize(weight rows), in the GEMM dtype (x's dtype; tensor cores for bf16/fp16)
-//   tile  = normalize(x) @ wh^T                      (rows x n, x's dtype, fp32 accumulation)
+//   tile  = (x @ w^T) / (|x| |w|)                    (rows x n, fp32 (fp64 for fp64 x))
+//           The GEMM takes the raw rows in the GEMM dtype (x's when weight has it: tensor cores for
+//           bf16/fp16) and returns fp32 (cuBLAS's mixed-precision GEMM); the norms are divided out
+//           of the fp32 tile. Rounding the tile, or normalised rows, to bf16 would put an error of
+//           2^-9 on each cosine, which s = 64 turns into 10% errors in the probabilities (the first
+//           H200 run of the tests showed it).
 //   forward:  tile_lse merges the tile into per-row online log-sum-exp states (the margin on the
 //             target column); the loss comes from the states at the end.
 //   backward: tile_grad turns the tile into G = d loss / d cos in place; then
-//             grad_xh += G @ wh (fp32 accumulator), A = G^T @ normalize(x), and the chunk's rows of
-//             grad_weight = (A - wh (wh . A)) / |w| (docs/design.md, "Normalisation inside a fused
-//             linear op"), written into grad_weight directly.
-// Memory beyond the inputs and grad_weight: one tile of rows x chunk (chunk chosen so it is about
-// 32 MiB), the chunk's normalised weight rows and A (chunk x D), and O(rows + classes) vectors.
-// The tile does go through global memory (a tiled kernel keeping it on chip would not).
+//             grad_xh += (G / |w|) @ w, A = (G / |x|)^T @ x (G rounded to the GEMM dtype), and the
+//             chunk's rows of grad_weight = (A - wh (wh . A)) / |w| (docs/design.md,
+//             "Normalisation inside a fused linear op"), written into grad_weight directly.
+// Memory beyond the inputs and grad_weight: a few tiles of rows x chunk (chunk chosen so that one
+// fp32 tile is about 32 MiB), the chunk's normalised weight rows and A (chunk x D), and
+// O(rows + classes) vectors. The tile does go through global memory (a tiled kernel keeping it on
+// chip would not).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -63,6 +68,19 @@ at::Tensor normalized_rows(const at::Tensor& rows, const at::Tensor& norm, at::S
   return rows.to(acc) / norm.clamp_min(kNormEps).unsqueeze(1);
 }
 
+// The GEMMs' input dtype: x's when weight has it too, else the arithmetic dtype, so that neither
+// operand is rounded to the other's narrower dtype.
+at::ScalarType gemm_dtype(const at::Tensor& x, const at::Tensor& weight) {
+  return x.scalar_type() == weight.scalar_type() ? x.scalar_type()
+                                                 : compute_dtype(x.scalar_type());
+}
+
+// a @ b for a and b in one dtype, accumulated and returned in acc (aten::mm.dtype: cuBLAS's
+// bf16/fp16 GEMM with an fp32 result).
+at::Tensor mm_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_entropy_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
     double m2, double m3, double lam, double label_smoothing, bool straight_through) {
@@ -70,12 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_e
   check_linear_inputs(x, weight, labels, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType acc = compute_dtype(x.scalar_type());
-  const at::ScalarType gemm = x.scalar_type();
+  const at::ScalarType gemm = gemm_dtype(x, weight);
   const int64_t rows = x.size(0), classes = weight.size(0);
   const auto options = x.options().dtype(acc);
-  const at::Tensor xa = x.to(acc);
-  const at::Tensor x_norm = at::linalg_vector_norm(xa, 2, {1});
-  const at::Tensor xh = (xa / x_norm.clamp_min(kNormEps).unsqueeze(1)).to(gemm).contiguous();
+  const at::Tensor x_norm = at::linalg_vector_norm(x, 2, {1}, false, acc);
+  const at::Tensor x_denom = x_norm.clamp_min(kNormEps).unsqueeze(1);
+  const at::Tensor xg = as_dtype(x, gemm).contiguous();
   const at::Tensor label_vec = labels.contiguous();
   at::Tensor w_norm = at::empty({classes}, options);
   at::Tensor state = at::zeros({rows, 4}, options);
@@ -85,14 +103,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_e
     return {loss.zero_(), lse.zero_(), x_norm, w_norm.zero_()};
   }
   const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
-  const int64_t chunk = chunk_columns(rows, classes, at::elementSize(gemm));
+  const int64_t chunk = chunk_columns(rows, classes, at::elementSize(acc));
   for (int64_t first = 0; first < classes; first += chunk) {
     const int64_t n = std::min(chunk, classes - first);
     const at::Tensor wc = weight.narrow(0, first, n);
     at::Tensor norm = w_norm.narrow(0, first, n);
     norm.copy_(at::linalg_vector_norm(wc, 2, {1}, false, acc));
-    const at::Tensor tile = at::mm(xh, normalized_rows(wc, norm, acc).to(gemm).t()).contiguous();
-    C10_CUDA_CHECK(launch_tile_lse(tile_type(gemm), tile.const_data_ptr(), rows, n, first, classes,
+    at::Tensor tile = mm_to(xg, as_dtype(wc, gemm).t(), acc);
+    tile.div_(x_denom).div_(norm.clamp_min(kNormEps).unsqueeze(0));
+    C10_CUDA_CHECK(launch_tile_lse(tile_type(acc), tile.const_data_ptr(), rows, n, first, classes,
                                    label_vec.const_data_ptr<int64_t>(), p, state.mutable_data_ptr(),
                                    current_stream()));
   }
@@ -115,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cuda(
   check_rows(w_norm, weight, op, "weight_norm");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType acc = compute_dtype(x.scalar_type());
-  const at::ScalarType gemm = x.scalar_type();
+  const at::ScalarType gemm = gemm_dtype(x, weight);
   const int64_t rows = x.size(0), dim = x.size(1), classes = weight.size(0);
   const auto options = x.options().dtype(acc);
   at::Tensor grad_weight =
@@ -126,31 +145,36 @@ std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cuda(
   const at::Tensor x_norm_acc = as_dtype(x_norm, acc);
   const at::Tensor x_denom = x_norm_acc.clamp_min(kNormEps).unsqueeze(1);
   const at::Tensor xh_acc = x.to(acc) / x_denom;
-  const at::Tensor xh = xh_acc.to(gemm).contiguous();
+  const at::Tensor xg = as_dtype(x, gemm).contiguous();
   const at::Tensor grad_vec = as_dtype(grad_rows, acc).contiguous();
   const at::Tensor lse_vec = as_dtype(lse, acc).contiguous();
   const at::Tensor w_norm_acc = as_dtype(w_norm, acc);
   const at::Tensor label_vec = labels.contiguous();
   const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
   at::Tensor grad_xh = at::zeros({rows, dim}, options);
-  const int64_t chunk = chunk_columns(rows, classes, at::elementSize(gemm));
+  const int64_t chunk = chunk_columns(rows, classes, at::elementSize(acc));
   for (int64_t first = 0; first < classes; first += chunk) {
     const int64_t n = std::min(chunk, classes - first);
     const at::Tensor norm = w_norm_acc.narrow(0, first, n);
-    const at::Tensor wh_acc = normalized_rows(weight.narrow(0, first, n), norm, acc);
-    const at::Tensor wh = wh_acc.to(gemm);
-    at::Tensor tile = at::mm(xh, wh.t()).contiguous();
-    C10_CUDA_CHECK(launch_tile_grad(tile_type(gemm), tile.mutable_data_ptr(), rows, n, first,
+    const at::Tensor w_denom = norm.clamp_min(kNormEps);
+    const at::Tensor wc = weight.narrow(0, first, n);
+    const at::Tensor wg = as_dtype(wc, gemm);
+    at::Tensor tile = mm_to(xg, wg.t(), acc);
+    tile.div_(x_denom).div_(w_denom.unsqueeze(0));
+    C10_CUDA_CHECK(launch_tile_grad(tile_type(acc), tile.mutable_data_ptr(), rows, n, first,
                                     classes, label_vec.const_data_ptr<int64_t>(),
                                     grad_vec.const_data_ptr(), lse_vec.const_data_ptr(), p,
                                     current_stream()));
-    grad_xh.add_(at::mm(tile, wh));
-    const at::Tensor a = at::mm(tile.t(), xh).to(acc);
+    // The tile is now G = d loss / d cos. With cos_ij = x_i . w_j / (|x_i| |w_j|), the norms go
+    // onto G so that the GEMMs take the raw rows: grad_xh_i = sum_j G_ij w_j / |w_j| and
+    // A_j = sum_i G_ij x_i / |x_i|.
+    grad_xh.add_(mm_to(as_dtype(tile / w_denom.unsqueeze(0), gemm), wg, acc));
+    const at::Tensor a = mm_to(as_dtype(tile.div_(x_denom), gemm).t(), xg, acc);
+    const at::Tensor wh_acc = normalized_rows(wc, norm, acc);
     // Through normalize(w): (A - wh (wh . A)) / |w|; below eps the map is w / eps (no projection).
     const at::Tensor dot = at::where(norm.unsqueeze(1) > kNormEps,
                                      (wh_acc * a).sum(1, /*keepdim=*/true), 0);
-    grad_weight.narrow(0, first, n)
-        .copy_((a - wh_acc * dot) / norm.clamp_min(kNormEps).unsqueeze(1));
+    grad_weight.narrow(0, first, n).copy_((a - wh_acc * dot) / w_denom.unsqueeze(1));
   }
   const at::Tensor dot =
       at::where(x_norm_acc.unsqueeze(1) > kNormEps, (xh_acc * grad_xh).sum(1, true), 0);
