@@ -31,7 +31,7 @@ from torch import nn
 from angular import ops
 from angular.nn.adaptive import AdaptiveMarginHead, RowContext, add_row_term
 from angular.nn.backbones import check_size
-from angular.nn.heads import FUSED_LINEAR_MIN_CLASSES, MarginSpec
+from angular.nn.heads import FUSED_LINEAR_MIN_CLASSES, MarginHead, MarginSpec
 from angular.ops import reference, sharded
 
 __all__ = ["ShardedAdaptiveHead", "ShardedMarginHead", "initial_centres"]
@@ -64,6 +64,17 @@ def initial_centres(
     rows = torch.cat(blocks)
     offset = start - first_block * INIT_BLOCK_ROWS
     return rows[offset : offset + count].mul_(INIT_STD).contiguous()
+
+
+def _options_of(head: MarginHead) -> dict:
+    """The constructor arguments a shard takes from the one-process head it shards."""
+    return {
+        "embedding_dim": head.embedding_dim,
+        "num_classes": head.num_classes,
+        "margin": head.margin,
+        "label_smoothing": head.label_smoothing,
+        "straight_through": head.straight_through,
+    }
 
 
 class ShardedMarginHead(nn.Module):
@@ -139,6 +150,27 @@ class ShardedMarginHead(nn.Module):
             )
         )
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def from_head(
+        cls, head: MarginHead, *, sample_rate: float = 1.0, group=None, generator_seed: int = 0
+    ) -> ShardedMarginHead:
+        """This rank's shard of a one-process head, with its margin, options and centres (no
+        communication): a :class:`ShardedAdaptiveHead` for an adaptive head."""
+        if isinstance(head, AdaptiveMarginHead):
+            return ShardedAdaptiveHead(
+                head, sample_rate=sample_rate, group=group, generator_seed=generator_seed
+            )
+        if not isinstance(head, MarginHead):
+            raise TypeError(f"head must be a MarginHead, got {type(head).__name__}")
+        shard = ShardedMarginHead(
+            **_options_of(head),
+            sample_rate=sample_rate,
+            group=group,
+            generator_seed=generator_seed,
+        )
+        shard.load_full_weight(head.weight.detach().cpu())
+        return shard
 
     # ----------------------------------------------------------------------------------------------
 
@@ -371,11 +403,7 @@ class ShardedAdaptiveHead(ShardedMarginHead):
                 "not: shard it before keep_dominant"
             )
         super().__init__(
-            head.embedding_dim,
-            head.num_classes,
-            head.margin,
-            label_smoothing=head.label_smoothing,
-            straight_through=head.straight_through,
+            **_options_of(head),
             sample_rate=sample_rate,
             group=group,
             generator_seed=generator_seed,

@@ -53,6 +53,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,12 +64,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from angular.config import ConfigError, DistributedConfig, Params, TrainItem
 from angular.data import Manifest
 from angular.files import atomic_write_text
-from angular.nn.adaptive import AdaptiveMarginHead
 from angular.nn.recognition import RecognitionModel
-from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead
+from angular.nn.sharded import ShardedMarginHead
 from angular.ops.sharded import all_gather_equal
 from angular.train import loop
-from angular.train.loop import NonFiniteLossError, TrainPaths
+from angular.train.loop import TrainPaths
 from angular.train.world import WorkerError, rank_folder, refuse_other_world_size
 
 __all__ = [
@@ -347,12 +347,7 @@ def _train_epoch(session, backbone, epoch: int, progress: bool, fault) -> tuple[
     those of the global batches (the same on every rank)."""
     from tqdm.auto import tqdm
 
-    config, model, optimizer, device = (
-        session.config,
-        session.model,
-        session.optimizer,
-        session.device,
-    )
+    config, model, device = session.config, session.model, session.device
     world_size = dist.get_world_size()
     model.train()
     total_loss, seen = 0.0, 0
@@ -375,25 +370,9 @@ def _train_epoch(session, backbone, epoch: int, progress: bool, fault) -> tuple[
         batch_correct = {
             name: _global_correct(head, detached, labels) for name, head in model.heads.items()
         }
-        optimizer.zero_grad(set_to_none=True)
-        # The loss is the gathered batch's, the norm the whole model's: every rank decides alike.
-        problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
-        if problem is None:
-            loss.backward()
-            norm = _global_gradient_norm(model, config.grad_clip_norm, device)
-            if not torch.isfinite(norm):
-                problem = f"the gradient norm is {float(norm)} (the loss is finite)"
-        if problem is not None:
-            if config.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"{session.label}: {problem} at epoch {epoch}, step {step}; training stopped "
-                    f"({loop._kept_checkpoint(session.paths.checkpoints)}). Lower train.lr, set "
-                    "train.grad_clip_norm, or set train.on_nonfinite: skip to skip such steps."
-                )
-            session.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
+        gradient_norm = partial(_global_gradient_norm, model, config.grad_clip_norm, device)
+        if not loop._take_step(session, loss, gradient_norm, epoch, step):
             continue
-        optimizer.step()
         global_batch = len(labels) * world_size
         total_loss += float(loss.detach()) * global_batch
         seen += global_batch
@@ -403,12 +382,7 @@ def _train_epoch(session, backbone, epoch: int, progress: bool, fault) -> tuple[
     bar.close()
     broken = loop._non_finite_tensors(model)
     if _all_reduce_int(len(broken), dist.ReduceOp.MAX, device):
-        raise NonFiniteLossError(
-            f"{session.label}: the weights turned non-finite during epoch {epoch} "
-            f"({', '.join(broken) or 'on another rank'}); training stopped "
-            f"({loop._kept_checkpoint(session.paths.checkpoints)}). Lower train.lr or set "
-            "train.grad_clip_norm."
-        )
+        raise loop._weights_broke(session, epoch, broken)
     train_loss = total_loss / seen if seen else float("nan")
     return train_loss, {name: value / max(seen, 1) for name, value in correct.items()}
 
@@ -448,22 +422,10 @@ def _epoch_row(session, full_model, epoch, lr, train_loss, train_accuracy) -> di
 
 def _shard_heads(model: RecognitionModel, sample_rate: float, seed: int) -> RecognitionModel:
     """The same backbone with each head replaced by this rank's shard of it."""
-    heads = {}
-    for name, head in model.heads.items():
-        if isinstance(head, AdaptiveMarginHead):
-            heads[name] = ShardedAdaptiveHead(head, sample_rate=sample_rate, generator_seed=seed)
-            continue
-        shard = ShardedMarginHead(
-            head.embedding_dim,
-            head.num_classes,
-            head.margin,
-            label_smoothing=head.label_smoothing,
-            straight_through=head.straight_through,
-            sample_rate=sample_rate,
-            generator_seed=seed,
-        )
-        shard.load_full_weight(head.weight.detach().cpu())
-        heads[name] = shard
+    heads = {
+        name: ShardedMarginHead.from_head(head, sample_rate=sample_rate, generator_seed=seed)
+        for name, head in model.heads.items()
+    }
     return RecognitionModel(model.backbone, heads)
 
 

@@ -29,7 +29,8 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -580,13 +581,57 @@ def _prioritized(session: _Session) -> PrioritizedSampler | None:
     return sampler if isinstance(sampler, PrioritizedSampler) else None
 
 
+def _take_step(
+    session: _Session,
+    loss: torch.Tensor,
+    gradient_norm: Callable[[], torch.Tensor],
+    epoch: int,
+    step: int,
+) -> bool:
+    """Backpropagate ``loss`` and step the optimizer, unless the loss or the gradient norm
+    (``gradient_norm()``, which also clips) is non-finite: then training stops or the step is
+    skipped (``train.on_nonfinite``). Whether the optimizer stepped. The distributed trainer shares
+    it: its loss is the global batch's and its norm the whole model's, so every rank decides alike."""
+    optimizer = session.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
+    if problem is None:
+        loss.backward()
+        norm = gradient_norm()
+        if not torch.isfinite(norm):
+            problem = f"the gradient norm is {float(norm)} (the loss is finite)"
+    if problem is not None:
+        if session.config.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"{session.label}: {problem} at epoch {epoch}, step {step}; training stopped "
+                f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr, set "
+                "train.grad_clip_norm, or set train.on_nonfinite: skip to skip such steps."
+            )
+        session.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+def _weights_broke(session: _Session, epoch: int, broken: list[str]) -> NonFiniteLossError:
+    """The error for weights that turned non-finite during ``epoch`` (``broken``: their names on
+    this process; empty when another rank found them)."""
+    return NonFiniteLossError(
+        f"{session.label}: the weights turned non-finite during epoch {epoch} "
+        f"({', '.join(broken) or 'on another rank'}); training stopped "
+        f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr or set "
+        "train.grad_clip_norm."
+    )
+
+
 def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, dict]:
     """One pass over the training data; returns the mean loss and each head's accuracy over the
     steps taken. A non-finite loss or gradient stops training or is skipped
     (``train.on_nonfinite``)."""
     from tqdm.auto import tqdm
 
-    config, model, optimizer = session.config, session.model, session.optimizer
+    config, model = session.config, session.model
     model.train()
     total_loss, seen = 0.0, 0
     correct = {name: 0 for name in model.heads}
@@ -608,24 +653,10 @@ def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, 
                 model, images, labels, config.bf16, session.device, reduction="none"
             )
             loss = (sampler.weights(indices).to(rows.device) * rows).mean()
-        optimizer.zero_grad(set_to_none=True)
-        problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
-        if problem is None:
-            loss.backward()
-            norm = _gradient_norm(model, config.grad_clip_norm)
-            if not torch.isfinite(norm):
-                problem = f"the gradient norm is {float(norm)} (the loss is finite)"
-        if problem is not None:
-            if config.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"{session.label}: {problem} at epoch {epoch}, step {step}; training stopped "
-                    f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr, set "
-                    "train.grad_clip_norm, or set train.on_nonfinite: skip to skip such steps."
-                )
-            session.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
+        if not _take_step(
+            session, loss, partial(_gradient_norm, model, config.grad_clip_norm), epoch, step
+        ):
             continue
-        optimizer.step()
         if sampler is not None:
             sampler.update(indices, rows)
         total_loss += float(loss.detach()) * len(labels)
@@ -638,12 +669,7 @@ def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, 
     # such a model is never checkpointed, so the last checkpoint stays a good one.
     broken = _non_finite_tensors(model)
     if broken:
-        raise NonFiniteLossError(
-            f"{session.label}: the weights turned non-finite during epoch {epoch} "
-            f"({', '.join(broken)}); training stopped "
-            f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr or set "
-            "train.grad_clip_norm."
-        )
+        raise _weights_broke(session, epoch, broken)
     train_loss = total_loss / seen if seen else math.nan
     return train_loss, {name: value / max(seen, 1) for name, value in correct.items()}
 

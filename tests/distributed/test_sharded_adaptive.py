@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from angular.nn.adaptive import ADAPTIVE_HEADS, AdaFace, CurricularFace
-from angular.nn.heads import MarginSpec
+from angular.nn.heads import MarginHead, MarginSpec
 from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead
 from angular.ops import reference
 from angular.ops.sharded import count_communication, shard_range, sharded_cross_entropy
@@ -387,6 +387,36 @@ def test_what_the_sharded_adaptive_head_refuses_names_the_argument():
         sharded_cross_entropy(logits, labels, labels >= 0, num_classes=3)
     with pytest.raises(ValueError, match="num_classes must be >= C_local = 3, got 2"):
         sharded_cross_entropy(logits.float(), labels, labels >= 0, num_classes=2)
+
+
+def test_from_head_shards_a_head_with_its_options_and_centres():
+    """W = 1: the shard of a head with random centres holds them and computes what the head
+    computes (fp64, to rounding), for a plain and an adaptive head; what is not a head is refused."""
+    generator = torch.Generator().manual_seed(random.randrange(2**31))
+    x = torch.randn(6, EMBEDDING_DIM, dtype=torch.float64, generator=generator) * SCALE
+    labels = torch.tensor([0, 4, 2, -1, 1, 4])
+    plain = MarginHead(
+        EMBEDDING_DIM,
+        5,
+        MarginSpec.sphereface(16.0, 1.5),
+        label_smoothing=0.1,
+        straight_through=True,
+    )
+    adaptive = ADAPTIVE_HEADS["adaface"](EMBEDDING_DIM, 5)
+    for head, kind in ((plain, ShardedMarginHead), (adaptive, ShardedAdaptiveHead)):
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+        shard = ShardedMarginHead.from_head(head, sample_rate=1.0, generator_seed=3)
+        assert type(shard) is kind
+        assert (shard.label_smoothing, shard.straight_through) == (
+            head.label_smoothing,
+            head.straight_through,
+        )
+        assert torch.equal(shard.weight.detach(), head.weight.detach())
+        expected = head.double().loss(x, labels)
+        assert torch.allclose(shard.double().loss(x, labels), expected, rtol=1e-12, atol=0.0)
+    with pytest.raises(TypeError, match="head must be a MarginHead, got MarginSpec"):
+        ShardedMarginHead.from_head(MarginSpec.arcface())
 
 
 @pytest.mark.parametrize("name", ["elasticface_arc", "curricularface", "adaface"])
