@@ -56,7 +56,11 @@ def random_inputs(batch: int, classes: int, dtype=torch.float64):
     for row in range(min(batch, len(specials))):
         cos[row, labels[row]] = specials[row]
     if batch > 2:
-        labels[torch.randperm(batch)[: batch // 3]] = torch.randint(-9, 0, (batch // 3,))
+        # Negative labels go to rows after the planted ones when there are enough, so that the edge
+        # targets stay targets: drawn among all rows, they hid both t > pi rows in 1 draw of 12.
+        free = torch.arange(len(specials) if batch >= len(specials) + batch // 3 else 0, batch)
+        chosen = free[torch.randperm(len(free))[: batch // 3]]
+        labels[chosen] = torch.randint(-9, 0, (len(chosen),))
     return cos.to(dtype), labels
 
 
