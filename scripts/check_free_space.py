@@ -42,15 +42,11 @@ def main(argv: list[str]) -> int:
         return 2
     folder = Path(argv[0]).resolve()
     folder = folder if folder.exists() else folder.parent
+    raw = argv[1] if len(argv) == 2 else os.environ.get("ANGULAR_MIN_FREE_GIB", str(DEFAULT_GIB))
     try:
-        needed = float(
-            argv[1] if len(argv) == 2 else os.environ.get("ANGULAR_MIN_FREE_GIB", DEFAULT_GIB)
-        )
+        needed = float(raw)
     except ValueError:
-        print(
-            f"check_free_space: the GiB needed must be a number, got {argv[1:] or os.environ['ANGULAR_MIN_FREE_GIB']!r}",
-            file=sys.stderr,
-        )
+        print(f"check_free_space: the GiB needed must be a number, got {raw!r}", file=sys.stderr)
         return 2
     problems = shortfalls(folder, needed)
     for line in problems:
