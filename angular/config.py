@@ -24,7 +24,7 @@ wording of its error, e.g. ``patience: integer(low=1)``, ``on_collapse: choice("
 its value (and a comment) in ``params.yaml``, ``experiments/faces/params.yaml`` and
 ``experiments/lfw-dev/params.yaml``, regenerate the
 JSON schema editors check the file with (``python -m angular.config --schema >
-params.schema.json``), and list its bad values in tests/reliability/test_config_errors.py.
+params.schema.json``), and list its bad values in tests/config/test_config_errors.py.
 """
 
 import dataclasses

@@ -3,7 +3,7 @@
 # (`make gpu-check`):
 #
 #   1. build angular._C with its CUDA kernels, in place, for this card's architecture only
-#   2. the CUDA tests: pytest -m cuda over tests/test_fused_cuda.py, the ops API and property
+#   2. the CUDA tests: pytest -m cuda over tests/ops/test_fused_cuda.py, the ops API and property
 #      suites, and, where they exist, the fused linear op's and the distributed (NCCL) head's tests
 #   3. the benchmarks: benchmarks/bench_margin.py --device cuda (it rewrites its JSON and Markdown
 #      after each configuration, so a timeout keeps what was measured), and
@@ -17,7 +17,7 @@
 # Without a GPU the script stops at once (exit 2). `gpu_check.sh --dry-run` (or GPU_CHECK_DRY_RUN=1)
 # walks the same steps on a CPU machine instead, each in a cheap form (no build; the tests collected
 # but not run; the benchmarks on a tiny CPU grid with the same options), so that a step whose file,
-# option or import went stale fails where CI sees it (tests/test_gpu_check.py).
+# option or import went stale fails where CI sees it (tests/benchmarks/test_gpu_check.py).
 #
 # Python: $PYTHON if set, else .venv/bin/python when it has torch, else python3 (a GPU machine
 # usually has torch preinstalled and may not reach a package index: nothing is installed here;
@@ -175,12 +175,12 @@ fi
 # (only the fused ones are sure to: they need torch and pytest alone), plus those other work adds
 # (the fused linear op, the per-row margin ops, the sharded ops, and the sharded head on NCCL with
 # W = the number of GPUs) where their files exist.
-test_files=(tests/test_fused_cuda.py tests/test_ops_api.py)
+test_files=(tests/ops/test_fused_cuda.py tests/ops/test_ops_api.py)
 # The reliability folder's conftest imports the pipeline's library (yaml, PIL, tqdm, ...).
 if "$python" -c "import hypothesis, angular.train" >/dev/null 2>&1; then
-  test_files+=(tests/reliability/test_ops_properties.py tests/reliability/test_ops_invalid_input.py)
+  test_files+=(tests/ops/test_ops_properties.py tests/ops/test_ops_invalid_input.py)
 fi
-for optional in tests/test_fused_linear.py tests/test_adaptive_ops.py tests/distributed/test_sharded_ops.py \
+for optional in tests/ops/test_fused_linear.py tests/ops/test_adaptive_ops.py tests/distributed/test_sharded_ops.py \
   tests/distributed/test_nccl.py; do
   if [ -f "$optional" ]; then test_files+=("$optional"); fi
 done

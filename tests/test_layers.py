@@ -25,9 +25,10 @@ ALLOWED = {
     "config": {"ops", "nn", "eval"},
     "data": {"config"},
     "files": set(),
-    "train": {"ops", "nn", "data", "eval", "config", "files"},
-    "serve": {"ops", "nn", "data", "eval", "config", "files"},
-    "cli": {"ops", "nn", "data", "eval", "config", "files", "train", "serve"},
+    "devices": set(),
+    "train": {"ops", "nn", "data", "eval", "config", "files", "devices"},
+    "serve": {"ops", "nn", "data", "eval", "config", "files", "devices"},
+    "cli": {"ops", "nn", "data", "eval", "config", "files", "devices", "train", "serve"},
 }
 
 BLOCKER = f"""

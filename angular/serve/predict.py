@@ -158,26 +158,12 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 def select_device(name: str = "cpu") -> torch.device:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:<index>``."""
-    import torch
+    from angular import devices  # imports torch: not at module level (fast ``--help``)
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise PredictError(
-            f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PredictError(f"--device {name}: no CUDA device is available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise PredictError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif device.type != "cpu":
-        raise PredictError(f"--device {name}: only cpu and cuda are supported")
-    return device
+        return devices.select_device(name)
+    except ValueError as error:
+        raise PredictError(f"--device {name}: {error}") from None
 
 
 class _ImageCache:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from angular import devices
 from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
 from angular.files import atomic_save, atomic_write_text
@@ -122,11 +123,12 @@ def limit_threads(count: int) -> None:
 
 
 def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", "cuda was asked for but no CUDA device is available")
-    return torch.device(name)
+    try:
+        return devices.select_device(name)
+    except ValueError:  # train.device is auto, cpu or cuda: only a missing GPU gets here
+        raise ConfigError(
+            "train.device", "cuda was asked for but no CUDA device is available"
+        ) from None
 
 
 def _make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:

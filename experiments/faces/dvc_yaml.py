@@ -11,7 +11,7 @@ write ``data/``, ``outputs/``, ``metrics/`` and ``plots/`` here.
     python experiments/faces/dvc_yaml.py          # rewrite them after changing ../../dvc.yaml
     python experiments/faces/dvc_yaml.py --check  # exit status 1 when one is out of step
 
-``tests/test_faces_experiment.py`` and ``tests/test_lfw_dev_experiment.py`` fail when a file is out
+``tests/pipeline/test_faces_experiment.py`` and ``tests/pipeline/test_lfw_dev_experiment.py`` fail when a file is out
 of step with the project's.
 """
 

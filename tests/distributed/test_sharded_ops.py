@@ -294,7 +294,7 @@ def test_cuda_kernels_equal_the_reference(dtype):
     got = torch.ops.angular.sharded_margin_cross_entropy_backward(
         grad_rows.cuda(), cos.cuda(), labels.cuda(), lse.cuda(), *args.values(), *rest.values()
     )
-    # fp32 gradients get the fused suite's fp32 gradient tolerance (tests/test_fused.py, 1e-4): the
+    # fp32 gradients get the fused suite's fp32 gradient tolerance (tests/ops/test_fused.py, 1e-4): the
     # CUDA kernels' fast exp (__expf) is off by up to 2 + 1.17|x| ulp, and at the gradient guard
     # (cos[0, 0] = 1, target 0) d psi / d cos ~ 1/sin(theta) is large. The first H200 run measured
     # 1.25e-5 against 1e-5.

@@ -2,7 +2,7 @@
 kernels, autograd registration, AOT dispatch), ``torch.compile(fullgraph=True)`` through a margin
 head, and the memory contract of ``margin_cross_entropy`` (no B x C buffer besides the gradient).
 
-CUDA variants of the opcheck and compile tests are in ``tests/test_fused_cuda.py``.
+CUDA variants of the opcheck and compile tests are in ``tests/ops/test_fused_cuda.py``.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ def assert_rejected(key: str, value) -> ConfigError:
     else:
         pytest.fail(
             f"{key}: {value!r} was accepted. If it is a valid value now, update NULLABLE or "
-            "BAD_VALUES in tests/reliability/test_config_errors.py; else validate it."
+            "BAD_VALUES in tests/config/test_config_errors.py; else validate it."
         )
     # A list entry may be named more precisely: train.augment[0].
     assert error.key == key or error.key.startswith(f"{key}["), f"{key}={value!r}: {error}"

@@ -15,17 +15,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pipeline_testing import ORL, tiny_raw, write_params
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "pipeline"))  # the pipeline tests' helpers
-from pipeline_testing import ORL, tiny_raw, write_params  # noqa: E402
+from angular import cli
+from angular.eval import metrics as M
+from angular.eval.ensemble import combine
+from angular.serve.predict import PredictError, embed, load_predictor, predict
+from pipeline import calibrate, evaluate, prepare, run_stage
+from pipeline import train as train_stage
 
-from angular import cli  # noqa: E402
-from angular.eval import metrics as M  # noqa: E402
-from angular.eval.ensemble import combine  # noqa: E402
-from angular.serve.predict import PredictError, embed, load_predictor, predict  # noqa: E402
-from pipeline import calibrate, evaluate, prepare, run_stage  # noqa: E402
-from pipeline import train as train_stage  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 DIGIT_ITEMS = ["arcface", "cosface"]
 FACES_PARAMS = REPO / "experiments" / "faces" / "params.yaml"

@@ -12,7 +12,7 @@ derivative taken at a clamped angle): in fp64 they are compared too (same guard 
 in the other dtypes they are only checked to be finite, as fp32 cannot resolve ``1 - cos^2`` there.
 
 When the extension is missing these tests skip with the reason, except in CI
-(``ANGULAR_REQUIRE_EXTENSION=1``), where they fail. ``tests/test_fused_cuda.py`` runs the same checks
+(``ANGULAR_REQUIRE_EXTENSION=1``), where they fail. ``tests/ops/test_fused_cuda.py`` runs the same checks
 on a GPU.
 """
 
@@ -26,7 +26,6 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +95,7 @@ def threads():
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers, shared with tests/test_fused_cuda.py and the capability subprocesses below.
+# Helpers, shared with tests/ops/test_fused_cuda.py and the capability subprocesses below.
 
 
 def make_inputs(batch, classes, dtype, seed, *, device="cpu", hard=True, no_target_row=True):
@@ -404,9 +403,8 @@ CAPABILITY_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
-    sys.path.insert(0, sys.argv[1])
     import test_fused as t
-    seed = int(sys.argv[2])
+    seed = int(sys.argv[1])
     for dtype in t.DTYPES:
         cos, labels = t.make_inputs(9, 1030, dtype, seed)
         for name, view in [("contiguous", cos)] + t.non_contiguous_views(cos)[:1]:
@@ -425,9 +423,15 @@ def test_other_cpu_capabilities(seed, capability):
         pytest.skip(f"{capability} is this process's capability ({native}), tested above")
     if CAPABILITY_ORDER.index(capability) > CAPABILITY_ORDER.index(native):
         pytest.skip(f"this CPU does not support {capability} (it has {native})")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(), OMP_NUM_THREADS="1")
+    # The child imports this test module: it gets this process's import path.
+    env = dict(
+        os.environ,
+        ATEN_CPU_CAPABILITY=capability.lower(),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(sys.path),
+    )
     done = subprocess.run(
-        [sys.executable, "-c", CAPABILITY_SCRIPT, str(Path(__file__).parent), str(seed)],
+        [sys.executable, "-c", CAPABILITY_SCRIPT, str(seed)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, f"seed={seed} {capability}:\n{done.stdout}\n{done.stderr[-4000:]}"

@@ -12,7 +12,7 @@ import torch
 from angular.nn.backbones import BACKBONES, FACE_BACKBONES, build_backbone
 
 # The backbones that take any input size; the face backbones are built for one input size of at
-# least 32x32 and have their own tests (tests/test_face_backbones.py).
+# least 32x32 and have their own tests (tests/nn/test_face_backbones.py).
 ANY_SIZE_BACKBONES = tuple(name for name in BACKBONES if name not in FACE_BACKBONES)
 
 INPUT_SHAPES = [(1, 8, 8), (1, 64, 64), (3, 32, 32)]

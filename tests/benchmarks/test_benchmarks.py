@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
-for _path in (str(ROOT), str(BENCHMARKS)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
 import bench_margin  # noqa: E402
 import bench_training  # noqa: E402
 import formulations  # noqa: E402

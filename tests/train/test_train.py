@@ -295,7 +295,7 @@ def test_an_item_not_listed_is_a_config_error(project):
 
 def centres_collapse_at_epoch(monkeypatch, epoch: int) -> None:
     """The centres' mean cosine as the monitor sees it: 0 until ``epoch``, 0.97 from then on (the
-    measure itself and a real collapse are tested in tests/test_collapse.py)."""
+    measure itself and a real collapse are tested in tests/train/test_collapse.py)."""
     calls = {"n": 0}
 
     def scripted(weight):

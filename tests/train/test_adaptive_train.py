@@ -63,6 +63,6 @@ def test_prioritized_resume_equals_an_uninterrupted_run(project, monkeypatch, ca
 
 
 def test_the_prioritized_sampler_refuses_several_processes():
-    # (Adaptive heads train sharded: tests/pipeline/test_distributed_train.py.)
+    # (Adaptive heads train sharded: tests/distributed/test_distributed_train.py.)
     with pytest.raises(ConfigError, match="train.sampler: must be uniform when"):
         parse_params(tiny_raw(train__sampler="prioritized", train__distributed__world_size=2))

@@ -2,7 +2,7 @@
 backend switch and its one warning, and a clear exception naming the argument for each bad input.
 
 ``INVALID_CASES`` is also run in a subprocess, on every backend, by
-``tests/reliability/test_ops_invalid_input.py``.
+``tests/ops/test_ops_invalid_input.py``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from angular.nn.heads import MarginHead, MarginSpec
 from angular.nn.recognition import build_model
 from angular.train.loop import describe_model
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 def parameter_count(module: torch.nn.Module) -> int:

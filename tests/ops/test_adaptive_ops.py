@@ -3,7 +3,7 @@
 The reference (:mod:`angular.ops.reference`) is held against independent formulations: row-by-row
 scalar calls, the closed-form margin derivatives, and CurricularFace's published forward. The public
 ops (:mod:`angular.ops`, fused where the extension serves the device) are held against the fp64
-reference with the tolerances of tests/test_fused.py: values, the gradient of ``cos`` and the
+reference with the tolerances of tests/ops/test_fused.py: values, the gradient of ``cos`` and the
 gradient of every per-row margin tensor.
 """
 
@@ -16,8 +16,8 @@ import random
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+import formulations  # the heads as their authors wrote them (benchmarks/, on pytest's pythonpath)
 import pytest
 import torch
 from test_fused import (
@@ -35,9 +35,6 @@ from test_fused import (
 
 from angular import ops
 from angular.ops import reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import formulations  # noqa: E402  (the heads as their authors wrote them)
 
 MARGIN_NAMES = ("m1", "m2", "m3", "lam")
 
@@ -332,7 +329,7 @@ def test_bad_per_row_arguments_name_the_argument(name, bad, error, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rows_match_reference_cuda(seed, dtype):
-    """The CUDA *_rows kernels (tests/test_fused_cuda.py holds the scalar ones)."""
+    """The CUDA *_rows kernels (tests/ops/test_fused_cuda.py holds the scalar ones)."""
     require_fused("cuda")
     for classes in (300, 70000):  # a warp per row, and a block per row with split rows
         cos, labels = make_inputs(12, classes, dtype, seed, device="cuda")
@@ -355,7 +352,7 @@ def test_fused_linear_refuses_per_row_margins_and_modulation():
 
 
 # --------------------------------------------------------------------------------------------------
-# The fused kernels serve them (skipped without the extension, failed in CI, as tests/test_fused.py).
+# The fused kernels serve them (skipped without the extension, failed in CI, as tests/ops/test_fused.py).
 
 
 def test_per_row_and_modulated_calls_dispatch_to_the_rows_kernels():
@@ -429,9 +426,8 @@ CAPABILITY_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch
-    sys.path.insert(0, sys.argv[1])
     import test_adaptive_ops as t
-    seed = int(sys.argv[2])
+    seed = int(sys.argv[1])
     for dtype in t.DTYPES:
         cos, labels = t.make_inputs(9, 1030, dtype, seed)
         t.check_rows_against_reference(
@@ -452,9 +448,15 @@ def test_rows_other_cpu_capabilities(seed, capability):
         pytest.skip(f"{capability} is this process's capability ({native}), tested above")
     if CAPABILITY_ORDER.index(capability) > CAPABILITY_ORDER.index(native):
         pytest.skip(f"this CPU does not support {capability} (it has {native})")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(), OMP_NUM_THREADS="1")
+    # The child imports this test module: it gets this process's import path.
+    env = dict(
+        os.environ,
+        ATEN_CPU_CAPABILITY=capability.lower(),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(sys.path),
+    )
     done = subprocess.run(
-        [sys.executable, "-c", CAPABILITY_SCRIPT, str(Path(__file__).parent), str(seed)],
+        [sys.executable, "-c", CAPABILITY_SCRIPT, str(seed)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, f"seed={seed} {capability}:\n{done.stdout}\n{done.stderr[-4000:]}"

@@ -501,7 +501,7 @@ def test_params_yaml_key_reaches_the_head():
     from angular import config
     from angular.nn.recognition import build_model
 
-    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())
     for value in (True, False, None):
         raw["heads"]["arcface"]["fused_linear"] = value
         head = config.parse_params(raw).heads["arcface"].heads["arcface"]

@@ -1,5 +1,5 @@
 """Every invalid argument of ``angular.ops`` raises a Python exception naming the argument, on every
-backend, and never crashes the interpreter: the cases (the table in ``tests/test_ops_api.py``) run in a
+backend, and never crashes the interpreter: the cases (the table in ``tests/ops/test_ops_api.py``) run in a
 subprocess, so a segfault or an abort in a kernel fails this test instead of killing pytest.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CASES_FILE = Path(__file__).resolve().parents[1] / "test_ops_api.py"
+CASES_FILE = Path(__file__).resolve().parent / "test_ops_api.py"
 
 # Loads the case table by path (the tests folder is not a package) and runs every case in one process.
 # With "cuda" every tensor the table makes is a CUDA tensor (the default device), so the cases reach
@@ -30,7 +30,7 @@ RUNNER = textwrap.dedent(
     spec.loader.exec_module(cases)
     results = {}
     # On CUDA, labels >= C is a device-side assert (no host sync; it kills the context): tested in
-    # tests/test_fused_cuda.py, in a process of its own.
+    # tests/ops/test_fused_cuda.py, in a process of its own.
     CUDA_ASYNC = ("device-cuda-cos-cpu-labels", "label-equal-C", "label-above-C")
     if sys.argv[2] == "cuda":
         torch.set_default_device("cuda")

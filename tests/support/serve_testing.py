@@ -3,17 +3,12 @@ the ORL faces (real images; skipped when ../shared/data/orl is absent) or on the
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-for folder in (REPO, REPO / "tests" / "pipeline"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
 from pipeline_testing import ORL, tiny_raw, write_params  # noqa: E402
 
 from pipeline import calibrate, evaluate, prepare, run_stage  # noqa: E402

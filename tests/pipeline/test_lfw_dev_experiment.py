@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LFW_DEV = REPO / "experiments" / "lfw-dev"
 FACES = REPO / "experiments" / "faces"
-sys.path.insert(0, str(FACES))
-sys.path.insert(0, str(REPO / "tests"))
 import check_data  # noqa: E402
 import dvc_yaml  # noqa: E402
 import seeds  # noqa: E402

@@ -1,6 +1,6 @@
 """Helpers of the reliability tests (docs/reliability.md): stages run as real processes, in temporary projects.
 
-The pipeline tests' helpers (``tests/pipeline/pipeline_testing.py``: the shipped params made tiny,
+The pipeline tests' helpers (``tests/support/pipeline_testing.py``: the shipped params made tiny,
 image folders, the prepared-digits fixtures) are reused from here; conftest.py re-exports the
 fixtures. A uniquely named module, so that no other test folder's helpers can shadow it.
 """
@@ -15,11 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-PIPELINE_TESTS = Path(__file__).resolve().parents[1] / "pipeline"
-if str(PIPELINE_TESTS) not in sys.path:
-    sys.path.insert(0, str(PIPELINE_TESTS))
-
-from pipeline_testing import (  # noqa: E402  (needs the path above)
+from pipeline_testing import (
     REPO,
     STEPS_PER_EPOCH,
     assert_same_state,

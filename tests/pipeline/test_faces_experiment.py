@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FACES = REPO / "experiments" / "faces"
-sys.path.insert(0, str(FACES))
-sys.path.insert(0, str(REPO / "tests" / "pipeline"))
 import check_data  # noqa: E402
 import dvc_yaml  # noqa: E402
 from pipeline_testing import ORL, shipped_raw  # noqa: E402

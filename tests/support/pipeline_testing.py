@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,6 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # the stages' package `pipeline` lives at the repository root
-    sys.path.insert(0, str(REPO))
 
 from angular.config import TrackingConfig, parse_params  # noqa: E402
 from angular.data import prepare_dataset  # noqa: E402
