@@ -75,4 +75,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build angular/_C*.so *.egg-info
+	rm -rf build angular/ops/_C*.so angular/_C*.so *.egg-info

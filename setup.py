@@ -1,4 +1,4 @@
-"""Builds the fused margin kernels as ``angular._C`` (ninja), or installs the pure-Python package.
+"""Builds the fused margin kernels as ``angular.ops._C`` (ninja), or installs the pure-Python package.
 
 - CPU kernels (``CppExtension``) whenever a C++ compiler is there.
 - CPU + CUDA kernels (``CUDAExtension``) when CUDA is available, or when ``ANGULAR_BUILD_CUDA=1``
@@ -73,16 +73,19 @@ def extension_modules():
                 inplace_file, _ = self._get_inplace_equivalent(build_py, ext)
                 if os.path.exists(inplace_file):
                     os.unlink(inplace_file)
+            # Builds before the extension moved into angular/ops/ left it at the package root.
+            for stale in glob.glob("angular/_C.*.so") + glob.glob("angular/_C.*.pyd"):
+                os.unlink(stale)
             super().copy_extensions_to_source()
 
     link_args = []
     if os.name != "nt":
-        # rpath to torch's libraries, so that `import angular._C` works before `import torch`.
+        # rpath to torch's libraries, so that `import angular.ops._C` works before `import torch`.
         from torch.utils.cpp_extension import library_paths
 
         link_args = ["-fopenmp"] + [f"-Wl,-rpath,{path}" for path in library_paths()]
     module = extension_class(
-        "angular._C",
+        "angular.ops._C",
         sources,
         include_dirs=[os.path.abspath("csrc")],
         define_macros=define_macros,

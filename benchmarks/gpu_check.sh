@@ -2,7 +2,7 @@
 # Everything that needs an NVIDIA GPU, in one run of under 9 minutes on an H100/H200 with 16 cores
 # (`make gpu-check`):
 #
-#   1. build angular._C with its CUDA kernels, in place, for this card's architecture only
+#   1. build angular.ops._C with its CUDA kernels, in place, for this card's architecture only
 #   2. the CUDA tests: pytest -m cuda over tests/ops/test_fused_cuda.py, the ops API and property
 #      suites, and, where they exist, the fused linear op's and the distributed (NCCL) head's tests
 #   3. the benchmarks: benchmarks/bench_margin.py --device cuda (it rewrites its JSON and Markdown

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Compile and link the CUDA build of angular._C without a GPU (`make cuda-check`; CI runs it), then
+# Compile and link the CUDA build of angular.ops._C without a GPU (`make cuda-check`; CI runs it), then
 # load the result, so that a .cu file that does not compile, or a missing symbol, fails.
 #
-# Builds in a temporary folder: the in-place CPU extension (angular/_C*.so) is left alone.
+# Builds in a temporary folder: the in-place CPU extension (angular/ops/_C*.so) is left alone.
 # Needs nvcc and a CUDA build of torch (pip's cu130 build has the CUDA runtime libraries).
 #
 # Environment:
@@ -95,7 +95,7 @@ fi
 so=$(find "$build/lib" -name '_C*.so' | head -n 1)
 if [ -z "$so" ]; then
   tail -n 40 "$build/log"
-  echo "cuda-check: FAILED: no angular._C library was produced"
+  echo "cuda-check: FAILED: no angular.ops._C library was produced"
   exit 1
 fi
 elapsed=$(( $(date +%s) - start ))
@@ -107,7 +107,7 @@ import sys
 
 import torch
 
-spec = importlib.util.spec_from_file_location("angular._C", sys.argv[1])
+spec = importlib.util.spec_from_file_location("angular.ops._C", sys.argv[1])
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
 has = torch._C._dispatch_has_kernel_for_dispatch_key
 # Every op the library defines (csrc/ops.cpp, csrc/sharded_ops.cpp), not a list kept by hand.

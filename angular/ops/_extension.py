@@ -1,9 +1,14 @@
-"""Loads the compiled extension (``angular._C``) once and says which backend serves the ops.
+"""Loads the compiled extension (``angular.ops._C``) once and says which backend serves the ops.
 
-Importing ``angular._C`` runs the extension's ``TORCH_LIBRARY(angular, m)`` block, which defines the
-``torch.ops.angular.*`` schemas and registers the CPU (and, when built with CUDA, CUDA) kernels. When
-the import fails, or ``ANGULAR_BACKEND=python`` is set, the ops run the Python reference and one
+Importing ``angular.ops._C`` runs the extension's ``TORCH_LIBRARY(angular, m)`` block, which defines
+the ``torch.ops.angular.*`` schemas and registers the CPU (and, when built with CUDA, CUDA) kernels.
+When the import fails, or ``ANGULAR_BACKEND=python`` is set, the ops run the Python reference and one
 warning names the reason.
+
+The extension lives in this package (``setup.py`` builds it here), so loading it imports nothing
+above ``angular.ops``. Builds before that put it at ``angular/_C*.so``: such a file is never loaded
+(it would register the same ops twice), and the reason names it so that a stale build is rebuilt,
+not silently ignored.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -27,14 +33,25 @@ def load() -> tuple[bool, str]:
     if choice == "python":
         return False, f"{BACKEND_ENV}=python is set"
     try:
-        from angular import _C  # noqa: F401  (importing registers the ops)
+        from angular.ops import _C  # noqa: F401  (importing registers the ops)
     except ImportError as error:
+        detail = f"{error}{stale_build_note()}"
         if choice != "auto":
             raise RuntimeError(
-                f"{BACKEND_ENV}={choice} but the compiled extension failed to load: {error}"
+                f"{BACKEND_ENV}={choice} but the compiled extension failed to load: {detail}"
             ) from error
-        return False, f"the compiled extension angular._C is not available ({error})"
+        return False, f"the compiled extension angular.ops._C is not available ({detail})"
     return True, ""
+
+
+def stale_build_note() -> str:
+    """Names extension libraries left at the package root by builds from before it moved into ops."""
+    root = Path(__file__).resolve().parents[1]
+    stale = sorted(path.name for path in root.glob("_C.*") if path.suffix in (".so", ".pyd"))
+    if not stale:
+        return ""
+    names = ", ".join(f"angular/{name}" for name in stale)
+    return f"; {names} is an older build, not loaded: rebuild with `make build`"
 
 
 def has_kernel(device_type: str) -> bool:
