@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) scripts/check_free_space.py $(VENV)  # a first install: room for torch?
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch>=2.4" "torchvision>=0.19" "setuptools>=64" wheel "ninja>=1.11"
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,serve]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,serve,pipeline]"
 	$(PY) -c "import angular.ops as o; print('angular backend:', o.backend())"
 	touch $@
 
