@@ -27,9 +27,9 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 from PIL import Image
@@ -61,13 +61,8 @@ def make_backbone(name: str, size: int, embedding_dim: int) -> torch.nn.Module:
 
 
 def _median_rate(call, images: int, warmup: int, repeats: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        call()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
+    """Images per second of the median call, and the seconds of every timed call."""
+    seconds = harness.timed_runs(call, warmup, repeats)
     return images / statistics.median(seconds), seconds
 
 
@@ -161,8 +156,19 @@ def markdown(rows: list[dict], input_rows: list[dict], args, load: tuple) -> str
         f"{args.repeats} after {args.warmup} warm-up; load average before / after: "
         f"{load[0]:.2f} / {load[1]:.2f}.",
         "",
-        "| backbone | input | parameters | variant | train img/s | vs fp32 | infer img/s | vs fp32 |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        *harness.table_header(
+            [
+                "backbone",
+                "input",
+                "parameters",
+                "variant",
+                "train img/s",
+                "vs fp32",
+                "infer img/s",
+                "vs fp32",
+            ],
+            align="--- --- ---: --- ---: ---: ---: ---:",
+        ),  # fmt: skip
     ]
     base = {(r["backbone"], r["size"]): r for r in rows if r["variant"] == "fp32"}
     for r in rows:
@@ -181,8 +187,9 @@ def markdown(rows: list[dict], input_rows: list[dict], args, load: tuple) -> str
             f"{args.data_size}x{args.data_size}, flip + affine augmentation; median of "
             f"{args.data_repeats} epochs.",
             "",
-            "| decoded images | DataLoader workers | img/s |",
-            "|---|---:|---:|",
+            *harness.table_header(
+                ["decoded images", "DataLoader workers", "img/s"], align="--- ---: ---:"
+            ),
         ]
         for r in input_rows:
             kind = "cached (decoded once)" if r["cached"] else "decoded every epoch"
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-size", type=int, default=64)
     parser.add_argument("--data-crop", type=int, default=128)
     parser.add_argument("--data-repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    harness.add_out_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     before = os.getloadavg()[0]

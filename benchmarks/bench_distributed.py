@@ -27,41 +27,26 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import harness
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from bench_margin import peak_extra_cpu  # noqa: E402
-
-from angular.nn.heads import FUSED_LINEAR_MIN_CLASSES, MarginSpec  # noqa: E402
-from angular.nn.sharded import ShardedMarginHead  # noqa: E402
-from angular.ops.sharded import count_communication  # noqa: E402
+from angular.nn.heads import FUSED_LINEAR_MIN_CLASSES, MarginSpec
+from angular.nn.sharded import ShardedMarginHead
+from angular.ops.sharded import count_communication
 
 EMBEDDING_DIM = 512
 ROWS_PER_RANK = 64
 FLOAT_BYTES = 4
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=20)
-
-
-def available_bytes() -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def estimated_bytes(world_size: int, classes: int, rate: float) -> int:
@@ -112,7 +97,7 @@ def measure(rank: int, world_size: int, classes: int, rate: float, steps: int) -
         step()
         barrier()
         times.append(time.perf_counter() - start)
-    peak_step = peak_extra_cpu(step, None)
+    peak_step = harness.peak_extra_cpu(step, None)
     state = sum(
         tensor.nbytes
         for values in optimizer.state.values()
@@ -194,9 +179,20 @@ def render(result: dict) -> str:
         f"Steps timed per configuration: {result['steps']}. D = {EMBEDDING_DIM}, B = "
         f"{ROWS_PER_RANK} per rank, fp32, ArcFace, SGD (momentum 0.9, weight decay).",
         "",
-        "| W | C | rate | head MiB / rank (max) | vs W=1 | target 1.1/W | logits MiB / rank | "
-        "cut by rate 0.1 | step ms (median) | bytes sent / step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *harness.table_header(
+            [
+                "W",
+                "C",
+                "rate",
+                "head MiB / rank (max)",
+                "vs W=1",
+                "target 1.1/W",
+                "logits MiB / rank",
+                "cut by rate 0.1",
+                "step ms (median)",
+                "bytes sent / step",
+            ]
+        ),
     ]
     for line in result["summary"]:
         ratio = line["head_vs_w1"]
@@ -221,7 +217,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (C <= 100,000)")
     parser.add_argument("--large-steps", type=int, default=2, help="timed steps for larger C")
     parser.add_argument("--quick", action="store_true", help="W 1,2; C 1000,4000; 2 steps")
-    parser.add_argument("--out", type=Path, default=_HERE / "results")
+    harness.add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.worlds, args.classes, args.steps = "1,2", "1000,4000", 2
@@ -242,7 +238,10 @@ def main(argv=None) -> dict:
         for world_size in worlds:
             configs = []
             for rate in rates:
-                need, free = estimated_bytes(world_size, classes, rate), available_bytes()
+                need, free = (
+                    estimated_bytes(world_size, classes, rate),
+                    harness.available_memory_bytes(),
+                )
                 if need > 0.8 * free:
                     result["skipped"].append(
                         f"W={world_size} C={classes:,} rate={rate}: about {need / 2**30:.1f} GiB "
@@ -261,7 +260,7 @@ def write(result: dict, out: Path) -> str:
     result["summary"] = summarise(result["rows"])
     result["load_average_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_distributed.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "bench_distributed.json").write_text(harness.json_text(result))
     markdown = render(result) + f"\nLoad average at the end: {result['load_average_end']}.\n"
     (out / "bench_distributed.md").write_text(markdown)
     return markdown

@@ -23,6 +23,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import harness
 import numpy as np
 
 from angular.serve.gallery import build_index, ivf_parameters
@@ -33,13 +34,8 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def median_time(action, repeats: int) -> float:
-    action()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    return statistics.median(harness.timed_runs(action, 1, repeats))
 
 
 def main() -> None:
@@ -87,9 +83,20 @@ def main() -> None:
         f"Gallery search, D = {args.dim}, {args.queries} queries, faiss {faiss.__version__} on "
         f"{args.threads} thread(s), {platform.processor() or platform.machine()}, {date.today()}",
         "",
-        "| gallery | exact batch µs/query | exact single µs | IVF batch µs/query | IVF single µs "
-        "| IVF recall@1 | exact build s | IVF build s | IVF |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *harness.table_header(
+            [
+                "gallery",
+                "exact batch µs/query",
+                "exact single µs",
+                "IVF batch µs/query",
+                "IVF single µs",
+                "IVF recall@1",
+                "exact build s",
+                "IVF build s",
+                "IVF",
+            ],
+            align="---: ---: ---: ---: ---: ---: ---: ---: ---",
+        ),  # fmt: skip
     ]
     for r in rows:
         lines.append(

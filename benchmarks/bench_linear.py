@@ -29,9 +29,7 @@ Writes ``OUT/bench_linear.json`` and ``OUT/bench_linear.md`` (``--out``, default
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -39,21 +37,18 @@ import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE.parent) not in sys.path:
-    sys.path.insert(0, str(_HERE.parent))
+import harness
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from angular import ops  # noqa: E402
-from angular.ops import linear  # noqa: E402
+from angular import ops
 
 PROVIDERS = ("fused_linear", "unfused")
 MARGIN = dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, label_smoothing=0.1)  # ArcFace, smoothing 0.1
 MIB = 2**20
 CPU_MEMORY_TARGET_MIB = 64
 CPU_SPEED_TARGET = 0.8
+BEYOND_INPUTS = "beyond x, weight, grad_weight"  # what "peak extra" memory leaves out
 
 
 def loss_of(provider: str, x, weight, labels):
@@ -79,22 +74,15 @@ def step(provider, x, weight, labels):
 # CPU memory: one subprocess per measurement.
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child_memory(provider: str, batch: int, dim: int, classes: int) -> dict:
     """Runs in the subprocess: peak RSS growth of one call, beyond grad_weight."""
     x, weight, labels = make_inputs(batch, dim, classes, torch.float32, "cpu")
-    before = _status_kib("VmRSS") * 1024
+    before = harness.process_status_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     start = time.perf_counter()
     grads = step(provider, x, weight, labels)
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") * 1024
+    peak = harness.process_status_kib("VmHWM") * 1024
     grad_weight = grads[1].numel() * grads[1].element_size()
     return dict(
         peak_extra_bytes=peak - before - grad_weight,
@@ -140,13 +128,8 @@ def cuda_case(provider, batch, dim, classes, dtype, warmup, repeats) -> dict:
         return dict(status="out of memory (inputs)")
     grad_weight = weight.numel() * weight.element_size()
     try:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        grads = step(provider, x, weight, labels)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before - grad_weight
-        del grads
+        call = lambda inputs: step(provider, *inputs)  # noqa: E731
+        peak = harness.peak_extra_cuda(call, (x, weight, labels)) - grad_weight
         for _ in range(warmup):
             step(provider, x, weight, labels)
         times = []
@@ -170,24 +153,22 @@ def cuda_case(provider, batch, dim, classes, dtype, warmup, repeats) -> dict:
 
 def machine() -> dict:
     info = dict(
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        date=harness.utc_now(),
         platform=platform.platform(),
         processor=platform.processor() or platform.machine(),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
-        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        load_average=harness.load_average_1min(),
         backend=ops.backend(),
-        fused_linear_kernel_cpu=linear._has_kernel("cpu"),
+        fused_linear_kernel_cpu=harness.has_fused_linear_kernel("cpu"),
     )
     try:
-        info["git"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=_HERE
-        ).stdout.strip()
-    except OSError:
+        info["git"] = harness.git("rev-parse", "--short", "HEAD")
+    except (OSError, subprocess.SubprocessError):
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-        info["fused_linear_kernel_cuda"] = linear._has_kernel("cuda")
+        info["fused_linear_kernel_cuda"] = harness.has_fused_linear_kernel("cuda")
     return info
 
 
@@ -232,8 +213,9 @@ def markdown(results: dict) -> str:
     ]
     if results["device"] == "cpu":
         lines += [
-            "| C | fused_linear ms | unfused ms | fused speed vs unfused | target |",
-            "|---|---|---|---|---|",
+            *harness.table_header(
+                ["C", "fused_linear ms", "unfused ms", "fused speed vs unfused", "target"]
+            ),
         ]
         for row in results["speed"]:
             t = row["median_ms"]
@@ -244,8 +226,9 @@ def markdown(results: dict) -> str:
             )
         lines += [
             "",
-            "| C | provider | peak extra MiB (beyond x, weight, grad_weight) | one call, s | target |",
-            "|---|---|---|---|---|",
+            *harness.table_header(
+                ["C", "provider", f"peak extra MiB ({BEYOND_INPUTS})", "one call, s", "target"]
+            ),
         ]
         for row in results["memory"]:
             if row["status"] != "ok":
@@ -264,8 +247,9 @@ def markdown(results: dict) -> str:
         lines += [
             f"dtype {results['dtype']}",
             "",
-            "| C | provider | median ms | peak extra MiB (beyond x, weight, grad_weight) |",
-            "|---|---|---|---|",
+            *harness.table_header(
+                ["C", "provider", "median ms", f"peak extra MiB ({BEYOND_INPUTS})"]
+            ),
         ]
         for row in results["cases"]:
             if row["status"] != "ok":
@@ -292,7 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=_HERE / "results")
+    harness.add_out_argument(parser)
     parser.add_argument("--child-memory", choices=PROVIDERS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -307,7 +291,7 @@ def main(argv=None) -> int:
         return 2
     results = run_cuda(args) if args.device == "cuda" else run_cpu(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_linear.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "bench_linear.json").write_text(harness.json_text(results, indent=2))
     text = markdown(results)
     (args.out / "bench_linear.md").write_text(text)
     print(text)

@@ -24,18 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import harness
+import torch
 
-import torch  # noqa: E402
-from bench_margin import _choice_list  # noqa: E402
-
-from angular import ops  # noqa: E402
-from angular.nn.backbones import build_backbone  # noqa: E402
-from angular.nn.heads import ArcFace  # noqa: E402
-from angular.ops import _extension  # noqa: E402
+from angular import ops
+from angular.nn.backbones import build_backbone
+from angular.nn.heads import ArcFace
 
 BACKENDS = ("fused", "python")
 CASES = ("digits", "large")
@@ -43,19 +37,6 @@ DIGITS_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 EMBEDDING_DIM = 128
 RESULT_PREFIX = "BENCH_TRAINING_RESULT "
-
-
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,43 +51,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int("--threads"),
+        type=harness.positive_int("--threads"),
         default=None,
         help="CPU threads (default: torch.get_num_threads())",
     )
     parser.add_argument(
-        "--cases", type=_choice_list("--cases", CASES), default=CASES, help="digits, large"
+        "--cases", type=harness.choice_list("--cases", CASES), default=CASES, help="digits, large"
     )
     parser.add_argument(
         "--large-classes",
-        type=_positive_int("--large-classes"),
+        type=harness.positive_int("--large-classes"),
         default=10000,
         help="classes of the 'large' case (default 10000)",
     )
     parser.add_argument(
         "--backends",
-        type=_choice_list("--backends", BACKENDS),
+        type=harness.choice_list("--backends", BACKENDS),
         default=BACKENDS,
         help="fused, python",
     )
     parser.add_argument(
-        "--batch", type=_positive_int("--batch"), default=256, help="batch size (256)"
+        "--batch", type=harness.positive_int("--batch"), default=256, help="batch size (256)"
     )
     parser.add_argument(
-        "--steps", type=_positive_int("--steps"), default=20, help="timed steps per repeat"
+        "--steps", type=harness.positive_int("--steps"), default=20, help="timed steps per repeat"
     )
     parser.add_argument(
-        "--warmup", type=_positive_int("--warmup"), default=3, help="untimed steps first"
+        "--warmup", type=harness.positive_int("--warmup"), default=3, help="untimed steps first"
     )
     parser.add_argument(
-        "--repeats", type=_positive_int("--repeats"), default=3, help="timed repeats (median)"
+        "--repeats",
+        type=harness.positive_int("--repeats"),
+        default=3,
+        help="timed repeats (median)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=_HERE / "results",
-        help="output folder (default: benchmarks/results/)",
-    )
+    harness.add_out_argument(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON spec, internal
     return parser
 
@@ -119,8 +98,8 @@ def run_worker(spec: dict) -> dict:
     device = spec["device"]
     torch.set_num_threads(spec["threads"])
     result = dict(spec, backend_served=ops.backend())
-    if spec["backend"] == "fused" and not _extension.has_kernel(device):
-        loaded, reason = _extension.load()
+    if spec["backend"] == "fused" and not harness.has_fused_kernel(device):
+        loaded, reason = harness.extension_status()
         result.update(
             status="unavailable",
             reason=reason if not loaded else f"the extension has no kernel for {device} tensors",
@@ -206,8 +185,6 @@ def _rate(run: dict | None) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    from bench_margin import machine_line
-
     settings = result["settings"]
     rows = result["runs"]
     fused_runs = [run for run in rows if run["backend_requested"] == "fused"]
@@ -215,7 +192,7 @@ def render_markdown(result: dict) -> str:
     lines = [
         "## End-to-end training throughput",
         "",
-        machine_line(result["machine"]),
+        harness.machine_line(result["machine"]),
         f"- Date: {result['machine']['date']}; command: "
         f"`{' '.join(['python benchmarks/bench_training.py', *settings['argv']])}`",
         f"- Step: small_cnn backbone on {'x'.join(map(str, IMAGE_SHAPE))} inputs (embedding "
@@ -230,7 +207,7 @@ def render_markdown(result: dict) -> str:
     header += ["fused images/s"] if fused_ok else []
     header += ["python images/s"]
     header += ["fused/python"] if fused_ok else []
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["", *harness.table_header(header)]
     for case in settings["cases"]:
         by_backend = {run["backend_requested"]: run for run in rows if run["case"] == case}
         classes = next(iter(by_backend.values()))["classes"]
@@ -243,7 +220,7 @@ def render_markdown(result: dict) -> str:
             fused, python = by_backend.get("fused"), by_backend.get("python")
             both = fused and python and fused["status"] == python["status"] == "ok"
             cells.append(f"{fused['images_per_s'] / python['images_per_s']:.2f}x" if both else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(harness.table_row(cells))
     errors = [run for run in rows if run["status"] == "error"]
     lines += [
         f"- error: {run['case']} {run['backend_requested']}: {run['reason']}" for run in errors
@@ -256,14 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker is not None:
         print(RESULT_PREFIX + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return {}
-    from bench_margin import machine_description
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or harness.default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     threads = args.threads or torch.get_num_threads()
     classes = {"digits": DIGITS_CLASSES, "large": args.large_classes}
-    machine = machine_description(device, threads)
+    machine = harness.machine_description(device, threads)
     runs = []
     start = time.perf_counter()
     for case in args.cases:
@@ -309,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_training.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "bench_training.json").write_text(harness.json_text(result))
     markdown = render_markdown(result)
     (out / "bench_training.md").write_text(markdown)
     print()

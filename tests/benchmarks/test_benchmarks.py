@@ -20,6 +20,9 @@ BENCHMARKS = ROOT / "benchmarks"
 import bench_margin  # noqa: E402
 import bench_training  # noqa: E402
 import formulations  # noqa: E402
+import harness  # noqa: E402
+import margin_providers  # noqa: E402
+import margin_report  # noqa: E402
 
 from angular.ops import reference  # noqa: E402
 
@@ -31,7 +34,7 @@ SPEC_PRESETS = {
     "sphereface": dict(s=64.0, m1=4.0, m2=0.0, m3=0.0),
     "combined": dict(s=64.0, m1=1.0, m2=0.3, m3=0.2),
 }
-FUSED_REASON = bench_margin.fused_unavailable_reason("cpu")
+FUSED_REASON = harness.fused_unavailable_reason("cpu")
 EAGER_PROVIDERS = ["reference", "insightface"] + ([] if FUSED_REASON else ["fused"])
 
 
@@ -59,7 +62,7 @@ def value_and_grad(fn, cos, labels, grad_out, op):
     return out.detach(), grad
 
 
-@pytest.mark.parametrize("op", bench_margin.OPS)
+@pytest.mark.parametrize("op", margin_providers.OPS)
 @pytest.mark.parametrize("preset", sorted(SPEC_PRESETS))
 @pytest.mark.parametrize("provider", EAGER_PROVIDERS)
 def test_provider_matches_fp64_reference(provider, preset, op):
@@ -69,11 +72,11 @@ def test_provider_matches_fp64_reference(provider, preset, op):
     generator = torch.Generator().manual_seed(seed)
     params = SPEC_PRESETS[preset]
     cos, labels, grad_out = random_inputs(37, 301, params, torch.float64, generator)
-    oracle = getattr(reference, bench_margin.OP_NAMES[op])
+    oracle = getattr(reference, margin_providers.OP_NAMES[op])
     expected, expected_grad = value_and_grad(
         lambda c, y: oracle(c, y, **params), cos, labels, grad_out, op
     )
-    fn = bench_margin.make_provider(provider, op, preset, "cpu")
+    fn = margin_providers.make_provider(provider, op, preset, "cpu")
 
     def close(actual, wanted, rtol, atol, what):
         torch.testing.assert_close(
@@ -239,7 +242,7 @@ def test_headline_marks_targets_met_and_missed():
             entry("compiled", 20.0),
         ],
     )
-    (row,) = bench_margin.headline(result)["rows"]
+    (row,) = margin_report.headline(result)["rows"]
     met = {check["target"]: check["met"] for check in row["checks"]}
     assert met == {
         "fused >= 3x reference": True,
@@ -282,7 +285,7 @@ def test_training_benchmark_tiny_run(tmp_path):
 
 def test_training_worker_reports_unavailable_fused_backend(monkeypatch):
     """Without a kernel the fused run is recorded as unavailable, never timed on the reference."""
-    monkeypatch.setattr(bench_training._extension, "has_kernel", lambda device: False)
+    monkeypatch.setattr(bench_training.harness, "has_fused_kernel", lambda device: False)
     spec = dict(case="digits", classes=10, backend="fused", device="cpu", threads=1, batch=4,
                 steps=1, warmup=1, repeats=1)  # fmt: skip
     threads = torch.get_num_threads()

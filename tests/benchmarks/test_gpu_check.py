@@ -22,6 +22,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 BENCHMARKS = ROOT / "benchmarks"
 
 import bench_margin  # noqa: E402
+import margin_providers  # noqa: E402
+import margin_report  # noqa: E402
 
 
 def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -82,13 +84,13 @@ def test_default_cuda_grid_has_odd_class_counts_beside_powers_of_two():
     grid = dict(
         bench_margin.DEFAULT_GRID["cuda"],
         presets=None,
-        ops=bench_margin.OPS,
+        ops=margin_providers.OPS,
         extra=bench_margin.ODD_GRID["cuda"],
     )
     cases = bench_margin.build_cases(grid, "cuda")
-    assert (cases[0].B, cases[0].C) == bench_margin.FOCUS_SHAPE["cuda"]
+    assert (cases[0].B, cases[0].C) == margin_providers.FOCUS_SHAPE["cuda"]
     shapes = {(c.op, c.B, c.C, c.dtype) for c in cases}
-    for op in bench_margin.OPS:
+    for op in margin_providers.OPS:
         for batch in (128, 512):
             for dtype in ("fp32", "bf16"):
                 assert {(op, batch, 85742, dtype), (op, batch, 360232, dtype)} <= shapes
@@ -117,5 +119,5 @@ def test_benchmark_writes_results_after_each_configuration(tmp_path):
     assert [len(p["measurements"]) for p in seen] == [1, 2]
     assert [len(p["not_run"]) for p in seen] == [1, 0]
     assert not any(p["complete"] for p in seen) and result["complete"]
-    assert "Partial results" in bench_margin.render_markdown(seen[0])
-    assert "Partial results" not in bench_margin.render_markdown(result)
+    assert "Partial results" in margin_report.render_markdown(seen[0])
+    assert "Partial results" not in margin_report.render_markdown(result)
