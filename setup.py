@@ -1,4 +1,5 @@
-"""Builds the fused margin kernels as ``angular.ops._C`` (ninja), or installs the pure-Python package.
+"""Builds the fused margin kernels as ``angular.ops._C`` (ninja), or installs the pure-Python
+package.
 
 - CPU kernels (``CppExtension``) whenever a C++ compiler is there.
 - CPU + CUDA kernels (``CUDAExtension``) when CUDA is available, or when ``ANGULAR_BUILD_CUDA=1``

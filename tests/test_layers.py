@@ -17,8 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The import names of the pipeline and serve extras (pyproject.toml), and torchvision, which the core
-# depends on but imports only where a ResNet backbone or an augmentation is built.
+# The import names of the pipeline and serve extras (pyproject.toml), and torchvision, which the
+# core depends on but imports only where a ResNet backbone or an augmentation is built.
 BLOCKED = (
     "dvc",
     "faiss",

@@ -2,8 +2,8 @@
 
 Importing ``angular.ops._C`` runs the extension's ``TORCH_LIBRARY(angular, m)`` block, which defines
 the ``torch.ops.angular.*`` schemas and registers the CPU (and, when built with CUDA, CUDA) kernels.
-When the import fails, or ``ANGULAR_BACKEND=python`` is set, the ops run the Python reference and one
-warning names the reason.
+When the import fails, or ``ANGULAR_BACKEND=python`` is set, the ops run the Python reference and
+one warning names the reason.
 
 The extension lives in this package (``setup.py`` builds it here), so loading it imports nothing
 above ``angular.ops``. Builds before that put it at ``angular/_C*.so``: such a file is never loaded
@@ -45,7 +45,7 @@ def load() -> tuple[bool, str]:
 
 
 def stale_build_note() -> str:
-    """Names extension libraries left at the package root by builds from before it moved into ops."""
+    """Names the libraries that builds from before the move to ``angular.ops`` left in angular/."""
     root = Path(__file__).resolve().parents[1]
     stale = sorted(path.name for path in root.glob("_C.*") if path.suffix in (".so", ".pyd"))
     if not stale:

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (``angular._C``) against the fp64 reference (docs/design.md, Testing).
+"""The fused CPU kernels (``angular.ops._C``) against the fp64 reference (docs/design.md, Testing).
 
 Every check draws fresh random cosines (the seed is in each failure message) and compares the fused
 op, called through :mod:`angular.ops` in the input dtype, with :mod:`angular.ops.reference` evaluated in
@@ -68,7 +68,7 @@ def require_fused(device_type: str) -> None:
     loaded, reason = _extension.load()
     if loaded and _extension.has_kernel(device_type):
         return
-    why = reason or f"angular._C has no {device_type} kernel"
+    why = reason or f"angular.ops._C has no {device_type} kernel"
     if REQUIRE_EXTENSION:
         pytest.fail(
             f"ANGULAR_REQUIRE_EXTENSION=1 but the fused {device_type} kernels are missing: {why}"

@@ -4,8 +4,8 @@ misaligned rows, agreement with the CPU kernels, a side stream, opcheck, torch.c
 memory.
 
 Marked ``cuda`` and skipped without a GPU; ``benchmarks/gpu_check.sh`` runs them (``pytest -m
-cuda``) on a GPU machine. With a GPU but without CUDA kernels in ``angular._C`` they skip, or fail
-under ``ANGULAR_REQUIRE_EXTENSION=1``.
+cuda``) on a GPU machine. With a GPU but without CUDA kernels in ``angular.ops._C`` they skip, or
+fail under ``ANGULAR_REQUIRE_EXTENSION=1``.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, tor
 def _fused_cpu_kernels():
     require_fused("cpu")
     if not linear._has_kernel("cpu"):
-        pytest.fail("angular._C was built without linear_margin_cross_entropy: rebuild it")
+        pytest.fail("angular.ops._C was built without linear_margin_cross_entropy: rebuild it")
 
 
 def assert_close_floor(got, want, rtol, context, *, atol=0.0):
@@ -445,7 +445,7 @@ def require_cuda_kernel():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if not linear._has_kernel("cuda"):
-        message = "angular._C has no CUDA linear_margin_cross_entropy kernel"
+        message = "angular.ops._C has no CUDA linear_margin_cross_entropy kernel"
         if REQUIRE_EXTENSION:
             pytest.fail(message)
         pytest.skip(message)
