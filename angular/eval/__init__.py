@@ -1,3 +1,10 @@
-"""Evaluation: metrics (:mod:`angular.eval.metrics`), temperature scaling
-(:mod:`angular.eval.calibration`), ensemble rules (:mod:`angular.eval.ensemble`) and plots
-(:mod:`angular.eval.plots`). Import the module you need; only ``plots`` imports matplotlib."""
+"""Evaluation as a library (docs/design.md, Pipeline: calibrate and evaluate).
+
+Metrics by kind: :mod:`~angular.eval.classification` (softmax, top-1),
+:mod:`~angular.eval.calibration` (NLL, Brier, ECE, temperature scaling), :mod:`~angular.eval.roc`, :mod:`~angular.eval.open_set`,
+:mod:`~angular.eval.pairs` (drawn pairs, LFW pairs files) and :mod:`~angular.eval.verification`
+(LFW protocol), on the input checks of :mod:`~angular.eval.checks`; :mod:`~angular.eval.metrics`
+re-exports them all. :mod:`~angular.eval.ensemble` combines heads; :mod:`~angular.eval.evaluate`
+turns trained models' outputs into the evaluate stage's metrics, :mod:`~angular.eval.report` into
+its table; :mod:`~angular.eval.plots` draws (the only module that imports matplotlib). Import the
+module you need."""

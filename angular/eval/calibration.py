@@ -1,29 +1,37 @@
-"""Temperature scaling (docs/design.md, Pipeline: calibrate; Guo et al. 2017).
+"""Calibration: how far confidence is from accuracy, and temperature scaling (docs/design.md,
+Pipeline: calibrate; Guo et al. 2017).
 
-One scalar ``T > 0`` divides a head's logits before the softmax. It is fitted on the validation
-split by minimising the negative log-likelihood of ``softmax(logits / T)`` over ``log T``; the
-original repository's hand-set ``SCALING_FACTOR`` is the same ``T`` chosen by hand.
+The metrics (NLL with its 1e-12 floor, Brier score, ECE and its reliability bins) take ``probs``
+(N, K) and ``labels`` (N,) as :mod:`angular.eval.classification` describes them. Temperature
+scaling: one scalar ``T > 0`` divides a head's logits before the softmax. It is fitted on the
+validation split by minimising the negative log-likelihood of ``softmax(logits / T)`` over
+``log T``; the original repository's hand-set ``SCALING_FACTOR`` is the same ``T`` chosen by hand.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
-from angular.eval.metrics import (
-    PROB_FLOOR,
+from angular.eval.checks import (
+    as_bool_array,
     as_float_array,
-    brier_score,
+    check_n_bins,
+    check_probs_labels,
+    check_same_length,
     check_scores_labels,
-    expected_calibration_error,
-    log_softmax,
-    softmax,
-    top1_accuracy,
+    sklearn_metrics,
 )
-from angular.eval.metrics import nll as mean_nll
+from angular.eval.classification import PROB_FLOOR, log_softmax, softmax, top1_accuracy
 
 __all__ = [
+    "nll",
+    "brier_score",
+    "reliability_bins",
+    "confidence_calibration_error",
+    "expected_calibration_error",
     "fit_temperature",
     "fit_probability_temperature",
     "temper",
@@ -39,13 +47,87 @@ LOG_T_BOUNDS = (math.log(1e-3), math.log(1e4))
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
+def nll(probs, labels) -> float:
+    """Mean negative log-likelihood of the labels, probabilities clipped at 1e-12."""
+    # Not sklearn's log_loss: it clips to [eps, 1 - eps] with the dtype's eps (so p = 1 costs
+    # 2e-16 and p = 0 costs 36, not 28) and renormalises rows that do not sum to 1.
+    probs, labels = check_probs_labels(probs, labels)
+    picked = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, PROB_FLOOR, None))))
+
+
+def brier_score(probs, labels) -> float:
+    """Mean over samples of ``sum_k (p_k - onehot_k)^2`` (0 is perfect, 2 is the worst).
+
+    Values that rounding left just above 1 (``probs`` may exceed 1 by 1e-6) count as 1."""
+    probs, labels = check_probs_labels(probs, labels)
+    # sklearn's multi-class Brier score, without the halving its "auto" applies to 2 classes. It
+    # reads a single column as a binary positive-class probability (so it gets the empty second
+    # class), and refuses values above 1.
+    if probs.shape[1] == 1:
+        probs = np.c_[probs, np.zeros(len(probs))]
+    probs = np.minimum(probs, 1.0)
+    with warnings.catch_warnings():
+        # Rows need not sum to 1: the score is defined for any values in [0, 1].
+        warnings.filterwarnings("ignore", "The y_prob values do not sum to one", UserWarning)
+        score = sklearn_metrics().brier_score_loss(
+            labels, probs, labels=np.arange(probs.shape[1]), scale_by_half=False
+        )
+    return float(score)
+
+
+def reliability_bins(confidence, correct, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins over [0, 1]: bin ``b`` holds ``lower_b < confidence <= upper_b``
+    (the first bin also holds 0).
+
+    Returns arrays of length ``n_bins``: ``bin_lower``, ``bin_upper``, ``confidence`` (mean
+    confidence in the bin), ``accuracy`` (fraction correct in the bin), ``count`` (samples in the
+    bin). Empty bins have NaN confidence and accuracy and count 0.
+    """
+    n_bins = check_n_bins(n_bins)
+    confidence = as_float_array(confidence, "confidence", ndim=1)
+    correct = as_bool_array(correct, "correct")
+    check_same_length(confidence=confidence, correct=correct)
+    if confidence.min() < 0.0 or confidence.max() > 1.0 + 1e-6:  # float32 rounding allowed
+        raise ValueError("confidence must lie in [0, 1]")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Number of inner edges strictly below the confidence: (lower, upper] bins, 0 in the first.
+    index = np.searchsorted(edges[1:-1], confidence, side="left")
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / count
+        accuracy = np.bincount(index, weights=correct.astype(np.float64), minlength=n_bins) / count
+    return {
+        "bin_lower": edges[:-1],
+        "bin_upper": edges[1:],
+        "confidence": mean_confidence,
+        "accuracy": accuracy,
+        "count": count,
+    }
+
+
+def confidence_calibration_error(confidence, correct, n_bins: int = 15) -> float:
+    """ECE from per-sample confidence and correctness: ``sum_b (n_b / N) |acc_b - conf_b|``."""
+    bins = reliability_bins(confidence, correct, n_bins)
+    filled = bins["count"] > 0
+    weights = bins["count"][filled] / bins["count"].sum()
+    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float(np.sum(weights * gaps))
+
+
+def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    """Expected calibration error (Guo et al. 2017) of the arg-max prediction, equal-width bins."""
+    probs, labels = check_probs_labels(probs, labels)
+    return confidence_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == labels, n_bins)
+
+
 def temperature_nll(logits, labels, temperature: float) -> float:
     """Mean NLL of ``softmax(logits / temperature)``, computed from log-probabilities (no clipping)."""
     logits, labels = check_scores_labels(logits, labels, "logits")
-    return _nll(logits, labels, temperature)
+    return _logits_nll(logits, labels, temperature)
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+def _logits_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     log_probs = log_softmax(logits, temperature)
     return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
 
@@ -66,7 +148,7 @@ def fit_temperature(logits, labels, *, max_iter: int = 200, tol: float = 1e-7) -
         return 1.0  # one class: every temperature gives probability 1 and NLL 0
 
     def objective(log_t: float) -> float:
-        return _nll(logits, labels, math.exp(log_t))
+        return _logits_nll(logits, labels, math.exp(log_t))
 
     low, high = LOG_T_BOUNDS
     left = high - _GOLDEN * (high - low)
@@ -114,7 +196,7 @@ def calibration_report(logits, labels, temperature: float, n_bins: int = 15) -> 
     logits, labels = check_scores_labels(logits, labels, "logits")
     probs = softmax(logits, temperature)
     return {
-        "nll": mean_nll(probs, labels),
+        "nll": nll(probs, labels),
         "ece": expected_calibration_error(probs, labels, n_bins),
         "brier": brier_score(probs, labels),
         "accuracy": top1_accuracy(probs, labels),

@@ -16,8 +16,8 @@ confidence its maximum. For ``vote`` the returned distribution is built to agree
 the winner gets the vote's confidence, and the remaining ``1 - confidence`` is spread over the other
 classes in proportion to their mean probability, each capped just below the winner's share
 (possible because a voter's confidence is at least ``1/K``). So its rows sum to 1, its maximum is
-the vote confidence and its arg-max is the winner, and the metrics of :mod:`angular.eval.metrics`
-that take ``probs`` (ECE, NLL, Brier) measure the vote itself.
+the vote confidence and its arg-max is the winner, and the metrics of
+:mod:`angular.eval.calibration` that take ``probs`` (ECE, NLL, Brier) measure the vote itself.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import special
 
-from angular.eval.metrics import PROB_FLOOR, as_float_array
+from angular.eval.checks import as_float_array
+from angular.eval.classification import PROB_FLOOR
 
 __all__ = ["MEMBER_RULES", "RULES", "combine", "select_members"]
 

@@ -17,14 +17,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from angular.eval.metrics import (
+from angular.eval.calibration import confidence_calibration_error, reliability_bins
+from angular.eval.checks import (
     as_array,
     as_bool_array,
     as_float_array,
     as_int_array,
     check_same_length,
-    confidence_calibration_error,
-    reliability_bins,
 )
 
 __all__ = [

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from angular.eval.verification import unit_rows
+
 __all__ = [
     "ExportError",
     "OnnxModel",
@@ -317,7 +319,7 @@ class OnnxModel:
             embedding, probabilities = self.run(batch)
             if flip_test:
                 mirrored, _ = self.run(batch[..., ::-1])
-                embedding = _unit(embedding) + _unit(mirrored)
+                embedding = unit_rows(embedding) + unit_rows(mirrored)
             embeddings.append(embedding)
             if probabilities is not None:
                 logits.append(np.log(np.maximum(probabilities, np.finfo(np.float32).tiny)))
@@ -332,10 +334,6 @@ class OnnxModel:
             else np.zeros((0, self.embedding_dim), np.float32),
             result,
         )
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def load_onnx(path: str | Path, *, threads: int = 0) -> OnnxModel:

@@ -245,12 +245,12 @@ class _Embedder:
 def _embedder(model: str | Path, *, device: str = "cpu", batch_size: int = 64) -> _Embedder:
     """One model file (``.pt`` or an ONNX export) ready to embed images, with its fingerprint."""
     from angular.serve.export import OnnxModel, model_fingerprint
-    from angular.serve.predict import Predictor, _load, select_device
+    from angular.serve.predict import Predictor, load_model_file, select_device
 
     path = Path(model)
     if not path.is_file():
         raise GalleryError(f"MODEL {path}: no such model file")
-    loaded = _load(path)
+    loaded = load_model_file(path)
     if isinstance(loaded, OnnxModel):
         fingerprint, dim = loaded.fingerprint, loaded.embedding_dim
     else:
@@ -368,8 +368,8 @@ def enroll(
 def default_threshold(project: str | Path, item: str, far: float) -> tuple[float, str]:
     """Evaluate's verification threshold of ``item`` at false accept rate ``far`` (pairs of people
     never seen in training), and where it came from."""
-    from angular.eval.metrics import far_key
-    from angular.serve.predict import EVALUATE_METRICS, _read_json
+    from angular.eval.verification import far_key
+    from angular.serve.predict import EVALUATE_METRICS, read_json_object
 
     path = Path(project) / EVALUATE_METRICS
     if not path.is_file():
@@ -378,7 +378,7 @@ def default_threshold(project: str | Path, item: str, far: float) -> tuple[float
             "(`dvc repro`) or pass --threshold"
         )
     key = f"threshold@{far_key(far)}"
-    found = _read_json(path, "evaluate's metrics").get("verification", {})
+    found = read_json_object(path, "evaluate's metrics").get("verification", {})
     for split in ("unknown", "test"):
         value = found.get(split, {}).get(item, {}).get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):

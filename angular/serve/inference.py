@@ -21,7 +21,14 @@ from angular.config import Crop
 from angular.data import ImageDataset
 from angular.nn.recognition import LoadedModel
 
-__all__ = ["SplitOutputs", "run_model", "run_batches", "with_progress"]
+__all__ = [
+    "SplitOutputs",
+    "run_model",
+    "run_splits",
+    "run_batches",
+    "save_outputs",
+    "with_progress",
+]
 
 
 @dataclasses.dataclass
@@ -125,4 +132,41 @@ def run_model(
         logits=logits,
         labels=np.asarray(labels, dtype=np.int64),
         identities=list(identities),
+    )
+
+
+def run_splits(
+    loaded: LoadedModel, manifest, splits: Sequence[str], *, progress: str, **options
+) -> dict[str, SplitOutputs]:
+    """:func:`run_model` on each split of a prepared data set (:class:`angular.data.Manifest`),
+    with a progress bar labelled ``<progress>, <split> images``; ``options``: run_model's."""
+    return {
+        split: run_model(
+            loaded,
+            manifest.paths(split),
+            manifest.labels(split),
+            manifest.identities(split),
+            **options,
+            progress=f"{progress}, {split} images",
+        )
+        for split in splits
+    }
+
+
+def save_outputs(path: Path, outputs: dict[str, SplitOutputs], classes: Sequence[str]) -> None:
+    """One model's outputs per split as a compressed ``.npz``: ``<split>_embeddings``,
+    ``<split>_labels``, ``<split>_identities``, ``<split>_logits_<member>``, and ``classes``."""
+    np.savez_compressed(
+        path,
+        **{
+            f"{split}_{key}": value
+            for split, out in outputs.items()
+            for key, value in (
+                ("embeddings", out.embeddings),
+                ("labels", out.labels),
+                ("identities", np.asarray(out.identities, dtype=str)),
+                *((f"logits_{m}", v) for m, v in out.logits.items()),
+            )
+        },
+        classes=np.asarray(classes, dtype=str),
     )

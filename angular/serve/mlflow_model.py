@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AngularPyfunc", "log_mlflow_model", "register_model", "signature_for"]
+__all__ = ["AngularPyfunc", "log_mlflow_model", "register_head", "register_model", "signature_for"]
 
 try:  # mlflow is a dependency of the project, but keep `angular.serve` importable without it
     from mlflow.pyfunc import PythonModel
@@ -150,3 +150,16 @@ def register_model(client, run_id: str, artifact_path: str, name: str) -> str:
         name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id
     )
     return str(version.version)
+
+
+def register_head(
+    client, run_id: str, model_path: str | Path, head: str, temperature: float, name: str
+) -> str:
+    """Log the model file's heads as MLflow models of run ``run_id`` (artifact ``best``, or
+    ``best_<head>`` for several heads), ``head`` with ``temperature``, and register ``head`` as a
+    new version of ``name``; the version."""
+    logged = log_mlflow_model(
+        client, run_id, model_path, temperatures={head: temperature}, artifact_prefix="best"
+    )
+    artifact = logged[0] if len(logged) == 1 else f"best_{head}"
+    return register_model(client, run_id, artifact, name)

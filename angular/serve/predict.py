@@ -1,11 +1,10 @@
 """Trained models on new images: who is it (or ``unknown``), and embeddings to use elsewhere.
 
 The Python API behind the ``angular predict`` and ``angular embed`` commands (:mod:`angular.cli`).
-
 A :class:`Predictor` is one head, or an ensemble of heads combined by a rule of
-:mod:`angular.eval.ensemble`, with each head's temperature (from calibration) and the open-set threshold
-on confidence (from evaluate). :func:`load_predictor` builds it from a project after ``make repro``
-(or ``dvc repro``), reading what the pipeline wrote there:
+:mod:`angular.eval.ensemble`, with each head's temperature (from calibration) and the open-set
+threshold on confidence (from evaluate). :func:`load_predictor` builds it from a project after
+``make repro`` (or ``dvc repro``), reading what the pipeline wrote there:
 
     outputs/models/<item>.pt           the trained models (angular.nn.recognition.load_model)
     outputs/calibration/<item>.json    each head's temperature (calibrate@<item>)
@@ -16,7 +15,6 @@ or from explicit model files with a temperature and a threshold given by the cal
 may also be an ONNX file written by ``angular export`` (:mod:`angular.serve.export`), run by
 onnxruntime: for ``embed`` any export, for ``predict`` one exported with ``--probabilities`` (its
 probabilities already hold the fitted temperature, so ``--temperature`` does not apply).
-
 An image is predicted as the head's (or rule's) most probable known identity when its calibrated
 confidence is at least the threshold, and as unknown otherwise (evaluate's open-set rule).
 Embeddings are those of evaluate's verification: one model's embedding, or the concatenation of
@@ -42,8 +40,9 @@ import numpy as np
 
 # numpy-only modules; torch and the models are imported when first needed, so that the command
 # line answers a mistyped path at once instead of after loading torch.
+from angular.eval.classification import softmax
 from angular.eval.ensemble import RULES, combine
-from angular.eval.metrics import softmax
+from angular.eval.verification import unit_rows
 
 if TYPE_CHECKING:
     import torch
@@ -298,16 +297,13 @@ class Predictor:
     ) -> Embeddings:
         images = _ImageCache(find_images(paths), progress="angular embed" if progress else None)
         outputs = self._outputs(images, flip_test=flip_test)
-        parts = [_unit(embeddings) for embeddings, _ in outputs.values()]
-        vectors = _unit(np.concatenate(parts, axis=1)).astype(np.float32)
+        parts = [unit_rows(embeddings) for embeddings, _ in outputs.values()]
+        vectors = unit_rows(np.concatenate(parts, axis=1)).astype(np.float32)
         return Embeddings([str(p) for p in images.paths], vectors, list(outputs))
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _load(path: Path) -> LoadedModel:
+def load_model_file(path: Path) -> LoadedModel:
+    """A model file (``.pt``, or ``.onnx`` from ``angular export``); problems raise PredictError."""
     if Path(path).suffix.lower() == ".onnx":
         from angular.serve.export import ExportError, load_onnx
 
@@ -323,7 +319,8 @@ def _load(path: Path) -> LoadedModel:
         raise PredictError(str(error)) from None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path`` (``what`` names it in the PredictError of a bad file)."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -424,14 +421,14 @@ def load_predictor(
         files = _project_models(project)
         metrics_path = project / EVALUATE_METRICS
         if metrics_path.is_file():
-            evaluated = _read_json(metrics_path, "evaluate's metrics")
+            evaluated = read_json_object(metrics_path, "evaluate's metrics")
         elif threshold is None:
             raise PredictError(
                 f"{metrics_path}: missing, so there is no open-set threshold; run the evaluate "
                 "stage (`dvc repro`) or pass --threshold"
             )
     torch_device = select_device(device)
-    models = [_load(path) for path in files]
+    models = [load_model_file(path) for path in files]
     if evaluated is not None:
         # The heads evaluate scored (a model file left over from an old run is not used).
         scored = set(evaluated.get("heads", {}))
@@ -484,7 +481,7 @@ def load_predictor(
                     f"{path}: missing; run calibrate@{loaded.item} (`dvc repro`) or pass "
                     "--temperature"
                 )
-            found = _read_json(path, "a calibration file").get("temperatures", {})
+            found = read_json_object(path, "a calibration file").get("temperatures", {})
             for member in loaded.members:
                 if member in heads:
                     if member not in found:
@@ -543,7 +540,7 @@ def embed(
     _check_batch_size(batch_size)
     files = _model_files(model_paths) if model_paths else _project_models(Path(project))
     torch_device = select_device(device)
-    models = [_load(path) for path in files]
+    models = [load_model_file(path) for path in files]
     if item is not None:
         chosen = [m for m in models if m.item == item]
         if not chosen:

@@ -16,6 +16,9 @@ from angular.data import prepare_dataset, read_manifest
 from angular.eval import metrics as M
 from angular.eval.calibration import calibration_report, fit_probability_temperature, temper
 from angular.eval.ensemble import RULES, combine
+from angular.eval.evaluate import TEMPERED_RULES
+from angular.eval.open_set import unknown_halves
+from angular.eval.pairs import pair_names
 from angular.train.loop import train_item
 from pipeline import calibrate, evaluate, run_stage
 from pipeline import train as train_stage
@@ -129,7 +132,7 @@ def test_evaluate_scores_every_head_and_rule(evaluated, monkeypatch):
     for name, values in results["heads"].items():
         assert set(values) == keys | {"ece_uncalibrated"}, name
     for name, values in results["ensembles"].items():
-        tempered = {"temperature", "ece_uncalibrated"} if name in evaluate.TEMPERED_RULES else set()
+        tempered = {"temperature", "ece_uncalibrated"} if name in TEMPERED_RULES else set()
         assert set(values) == keys | tempered, name
     for group in ("heads", "ensembles"):
         for values in results[group].values():
@@ -171,7 +174,7 @@ def test_evaluate_scores_every_head_and_rule(evaluated, monkeypatch):
         np.mean(probs["arcface"]["test"].max(1) >= arcface["threshold"])
     )
     unknown_people = np.asarray(manifest.identities("unknown"))
-    halves = evaluate.unknown_halves(unknown_people, seed=0)
+    halves = unknown_halves(unknown_people, seed=0)
     assert len(set(unknown_people[halves]) & set(unknown_people[~halves])) == 0
     found = []
     for half in (halves, ~halves):
@@ -346,7 +349,7 @@ def test_evaluate_with_flip_test_and_a_pairs_file(evaluated, tmp_path, monkeypat
     manifest = read_manifest("data/prepared")
     paths = manifest.paths("test") + manifest.paths("unknown")
     identities = manifest.identities("test") + manifest.identities("unknown")
-    names = evaluate.pair_names(paths, identities)
+    names = pair_names(paths, identities)
     assert names[0] == f"{identities[0]}_{int(paths[0].stem):04d}"  # digits: <digit>/<nnnn>.png
     rng = np.random.default_rng()
     lines, same = _lfw_pairs(names, identities, rng, 40)
