@@ -1,0 +1,58 @@
+"""The ``model`` section: the backbone that maps an image to its embedding."""
+
+from typing import Any
+
+from angular.config.rules import Section, choice, integer, number
+from angular.nn.backbones import BACKBONES, FACE_BACKBONES
+
+
+class SmallCnnOptions(Section):
+    """``model.small_cnn``: options of the small_cnn backbone (present, unused, for the resnets)."""
+
+    width: integer(1)
+    dropout: number(0.0, 1.0, high_open=True)
+    blocks: integer(1)
+    convs_per_block: integer(1)
+
+
+class MobileFaceNetOptions(Section):
+    """``model.mobilefacenet``: options of the mobilefacenet backbone."""
+
+    scale: integer(1)  # channel width multiplier: 1 is the paper's ~1M parameters
+
+
+class IResNetOptions(Section):
+    """``model.iresnet``: options of the iresnet18/34/50 backbones."""
+
+    dropout: number(0.0, 1.0, high_open=True)  # before the embedding FC (arcface_torch: 0)
+
+
+class ModelConfig(Section):
+    """``model``: the backbone that maps an image to its embedding."""
+
+    backbone: choice(*BACKBONES)
+    embedding_dim: integer(1)
+    small_cnn: SmallCnnOptions
+    # Optional: files older than the face backbones lack them.
+    mobilefacenet: MobileFaceNetOptions = MobileFaceNetOptions(scale=1)
+    iresnet: IResNetOptions = IResNetOptions(dropout=0.0)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of the backbone from this section (none for the torchvision resnets)."""
+        if self.backbone == "small_cnn":
+            return self.small_cnn.model_dump()
+        if self.backbone == "mobilefacenet":
+            return self.mobilefacenet.model_dump()
+        if self.backbone.startswith("iresnet"):
+            return self.iresnet.model_dump()
+        return {}
+
+    def backbone_kwargs(self, image_size=None) -> dict[str, Any]:
+        """:attr:`options`, plus the ``input_size`` (``data.image_size``) a face backbone's
+        embedding layer is built for."""
+        if self.backbone in FACE_BACKBONES:
+            if image_size is None:
+                raise ValueError(f"image_size: required by the {self.backbone} backbone")
+            return {**self.options, "input_size": list(image_size)}
+        return dict(self.options)
