@@ -1,5 +1,7 @@
-"""Modules: margin heads (:mod:`angular.nn.heads`), backbones (:mod:`angular.nn.backbones`) and the
-recognition model with its file format (:mod:`angular.nn.recognition`).
+"""Modules: margin heads (:mod:`angular.nn.heads`, :mod:`angular.nn.adaptive`, and sharded,
+:mod:`angular.nn.sharded`; each head type registered once in :mod:`angular.nn.registry`), backbones
+(:mod:`angular.nn.backbones`) and the recognition model with its file format
+(:mod:`angular.nn.recognition`).
 
 Depends only on :mod:`angular.ops` and PyTorch, so the heads can go into any training code without
 DVC, MLflow or matplotlib."""
@@ -12,6 +14,7 @@ from angular.nn.adaptive import (
     ElasticCosFace,
     MagFace,
     SubCenterArcFace,
+    build_adaptive_head,
 )
 from angular.nn.backbones import BACKBONES, build_backbone
 from angular.nn.heads import (
@@ -24,11 +27,13 @@ from angular.nn.heads import (
     MarginSpec,
     SphereFace,
 )
-from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead
+from angular.nn.registry import HEADS
+from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead, initial_centres
 
 __all__ = [
     "ADAPTIVE_HEADS",
     "BACKBONES",
+    "HEADS",
     "PRESETS",
     "AdaFace",
     "ArcFace",
@@ -45,5 +50,7 @@ __all__ = [
     "ShardedMarginHead",
     "SphereFace",
     "SubCenterArcFace",
+    "build_adaptive_head",
     "build_backbone",
+    "initial_centres",
 ]

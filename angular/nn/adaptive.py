@@ -14,7 +14,7 @@ holds the head's other constructor arguments; :func:`build_adaptive_head` rebuil
 ``(type, s, options)``, which is what the model file stores.
 
 Under torch.distributed (docs/design.md, "Sharded softmax"): :class:`angular.nn.sharded.ShardedAdaptiveHead`
-shards any of these heads by class, reusing :meth:`AdaptiveMarginHead._per_row` on the gathered
+shards any of these heads by class, reusing :meth:`AdaptiveMarginHead.per_row_margins` on the gathered
 batch. A head that stays whole on every rank (replicated, each rank its own local batch, e.g. in a
 DDP model) all-reduces the batch statistics its state follows (AdaFace's norm mean and std,
 CurricularFace's mean target cosine) over ``process_group`` (None: the default group) whenever
@@ -24,14 +24,15 @@ rank: those of one process on the concatenated batch. ``sync_statistics=False`` 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from angular import ops
-from angular.nn.heads import MarginHead, MarginSpec
-from angular.ops import reference, sharded
+from angular.nn.heads import MarginHead, MarginSpec, RowContext
+from angular.nn.registry import HEADS, Flag, Integer, Number, Option, register_head
+from angular.ops import sharded
 
 __all__ = [
     "ADAPTIVE_HEADS",
@@ -47,46 +48,9 @@ __all__ = [
 ]
 
 
-def _target_cos(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``cos[i, labels[i]]`` (detached), 0 for rows without a target (negative label)."""
-    rows = cos.detach().gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-    return torch.where(labels >= 0, rows, torch.zeros_like(rows))
-
-
-class RowContext:
-    """What :meth:`AdaptiveMarginHead._per_row` may read of the batch's cosines: their dtype and
-    device, and (:meth:`target_cos`) each row's detached target cosine, 0 for rows without a
-    target. The one-process head reads it off its (B, C) cosines; the sharded head all-reduces it
-    (B floats), only when a head asks for it."""
-
-    def __init__(self, cos: torch.Tensor, target_cos):
-        self.dtype = reference.compute_dtype(cos.dtype)  # the ops' arithmetic dtype
-        self.device = cos.device
-        self._target_cos = target_cos
-        self._value = None
-
-    def target_cos(self) -> torch.Tensor:
-        if self._value is None:
-            self._value = self._target_cos()
-        return self._value
-
-    @classmethod
-    def of(cls, cos: torch.Tensor, labels: torch.Tensor) -> RowContext:
-        return cls(cos, lambda: _target_cos(cos, labels))
-
-
-def add_row_term(
-    rows: torch.Tensor, extra: torch.Tensor | None, labels: torch.Tensor, reduction: str
-) -> torch.Tensor:
-    """Per-row losses plus a head's extra per-row term (rows with a target only), reduced."""
-    has_target = labels >= 0
-    if extra is not None:
-        rows = rows + torch.where(has_target, extra.to(rows.dtype), torch.zeros_like(rows))
-    return reference.reduce_rows(rows, has_target, reduction)
-
-
 class AdaptiveMarginHead(MarginHead):
-    """A :class:`MarginHead` whose margin arguments are computed per batch by :meth:`_per_row`.
+    """A :class:`MarginHead` whose margin arguments are computed per batch by
+    :meth:`per_row_margins`.
 
     State that the paper keeps between steps (EMA buffers, a generator) changes only in
     :meth:`loss` in training mode; :meth:`forward` and evaluation use it as it stands.
@@ -97,7 +61,8 @@ class AdaptiveMarginHead(MarginHead):
     every rank calls it), so a head replicated on every rank keeps the same buffers everywhere (see
     the module doc); ``sync_statistics=False``: each rank its own batch's."""
 
-    type_name: ClassVar[str]
+    per_row = True
+    type_name: str  # set by register_head
     centres_per_class = 1  # sub-center ArcFace: k
 
     def __init__(
@@ -125,7 +90,7 @@ class AdaptiveMarginHead(MarginHead):
         self.sync_statistics = sync_statistics
         self.process_group = process_group
 
-    def _statistics_group(self):
+    def statistics_group(self):
         """The group to all-reduce batch statistics over, or None: one process, or turned off."""
         if not self.sync_statistics or sharded.world_of(self.process_group)[1] == 1:
             return None
@@ -138,41 +103,45 @@ class AdaptiveMarginHead(MarginHead):
         """The head's representative scalar margin (see the module doc): ArcFace ``m`` here."""
         return MarginSpec.arcface(s, options["m"])
 
-    def _per_row(
-        self, x: torch.Tensor, rows: RowContext, labels: torch.Tensor, update: bool
-    ) -> tuple[dict, torch.Tensor | None]:
-        """Overrides of the margin arguments, and an optional per-row term added to the loss.
-        ``x`` and ``labels``: the whole batch (gathered, for the sharded head)."""
+    def per_row_margins(self, x, rows, labels, update):
         raise NotImplementedError
 
-    def _arguments(self, x, labels, update: bool):
-        cos = self.cosine(x)
-        overrides, extra = self._per_row(x, RowContext.of(cos, labels), labels, update)
-        return cos, {**self._margin_args(), **overrides}, extra
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos, arguments, _ = self._arguments(x, labels, update=False)
-        return ops.margin_logits(cos, labels, **arguments)
-
-    def loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if reduction not in ops.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
-        cos, arguments, extra = self._arguments(x, labels, update=self.training)
-        common = dict(label_smoothing=self.label_smoothing, **arguments)
-        if extra is None:
-            loss = ops.margin_cross_entropy(cos, labels, reduction=reduction, **common)
-        else:
-            rows = ops.margin_cross_entropy(cos, labels, reduction="none", **common)
-            loss = add_row_term(rows, extra, labels, reduction)
-        if self.training:
-            self.step += 1
-        return loss
+    def margin_rule(self, **arguments) -> AdaptiveMarginHead:
+        """This head's margin rule and its state, without the centres (a sharded head's rule): a
+        head of the same type and options with ``centres=False``, whose buffers are copies of this
+        head's. Its statistics see the gathered batch already, so it does not all-reduce them."""
+        rule = type(self)(
+            self.embedding_dim,
+            self.num_classes,
+            s=self.margin.s,
+            **self.options,
+            **arguments,
+            label_smoothing=self.label_smoothing,
+            straight_through=self.straight_through,
+            sync_statistics=False,
+            process_group=self.process_group,
+            centres=False,
+        )
+        with torch.no_grad():
+            for name, buffer in self.named_buffers():
+                setattr(rule, name, buffer.detach().clone())
+        return rule
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{key}={value}" for key, value in self.options.items())
         return f"{super().extra_repr()}, {options}"
 
 
+@register_head(
+    "adaface",
+    options=(
+        Option("m", 0.4, Number(low=0.0)),
+        Option("h", 0.333, Number(low=0.0)),
+        Option("t_alpha", 0.01, Number(low=0.0, high=1.0)),
+    ),
+    formula="cos(theta - m ms) - (m + m ms), ms = clip(h (|x| - mean) / (std + 1e-3), -1, 1).",
+    adaptive=True,
+)
 class AdaFace(AdaptiveMarginHead):
     """AdaFace (Kim et al., CVPR 2022): the feature norm, a proxy for image quality, sets the margin.
 
@@ -181,7 +150,6 @@ class AdaFace(AdaptiveMarginHead):
     ``batch_std`` (buffers, 20 and 100 at the start, as the reference) are EMAs with weight
     ``t_alpha`` of the batch's mean and unbiased std of the norms, updated before ``ms`` is taken."""
 
-    type_name = "adaface"
     EPS = 1e-3
 
     @classmethod
@@ -213,7 +181,7 @@ class AdaFace(AdaptiveMarginHead):
         """``ms`` per row (in the buffers' dtype), updating the EMA first when ``update``."""
         norms = x.detach().to(self.batch_mean.dtype).norm(dim=1).clamp(0.001, 100.0)
         if update:
-            group = self._statistics_group()
+            group = self.statistics_group()
             if group is None:
                 mean = norms.mean()
                 std = norms.std() if norms.numel() > 1 else torch.zeros_like(self.batch_std)
@@ -224,9 +192,17 @@ class AdaFace(AdaptiveMarginHead):
         scaled = self.h * (norms - self.batch_mean) / (self.batch_std + self.EPS)
         return scaled.clamp(-1.0, 1.0)
 
-    def _per_row(self, x, rows, labels, update):
+    def per_row_margins(self, x, rows, labels, update):
         ms = self.margin_scaler(x, update).to(rows.dtype)
         return {"m2": -self.m * ms, "m3": self.m + self.m * ms}, None
+
+
+def _elastic_options(m: float) -> tuple[Option, ...]:
+    return (
+        Option("m", m, Number(low=0.0)),
+        Option("std", 0.05, Number(low=0.0)),
+        Option("plus", False, Flag()),
+    )
 
 
 class _ElasticFace(AdaptiveMarginHead):
@@ -239,7 +215,7 @@ class _ElasticFace(AdaptiveMarginHead):
     the descending order of the target cosines (``margin[argsort(-cos_y)]``, as the reference
     indexes). Evaluation uses the mean ``m``."""
 
-    margin_key: ClassVar[str]  # "m2" (arc) or "m3" (cos)
+    margin_key: str  # "m2" (arc) or "m3" (cos)
 
     def __init__(
         self,
@@ -268,6 +244,11 @@ class _ElasticFace(AdaptiveMarginHead):
     def get_extra_state(self) -> torch.Tensor:
         return self.generator.get_state()
 
+    def margin_rule(self) -> _ElasticFace:
+        rule = super().margin_rule(seed=0)  # no draw from torch's generator: the state follows
+        rule.generator.set_state(self.generator.get_state())
+        return rule
+
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state.cpu())
 
@@ -282,26 +263,36 @@ class _ElasticFace(AdaptiveMarginHead):
             margins[valid] = margins[valid].sort().values[order]
         return margins
 
-    def _per_row(self, x, rows, labels, update):
+    def per_row_margins(self, x, rows, labels, update):
         if not update:
             return {}, None  # the mean margin (the head's MarginSpec)
         return {self.margin_key: self.draw_margins(rows, labels)}, None
 
 
+@register_head(
+    "elasticface_arc",
+    options=_elastic_options(0.5),
+    formula="cos(theta + m_i), m_i ~ N(m, std) per sample.",
+    adaptive=True,
+)
 class ElasticArcFace(_ElasticFace):
     """ElasticFace-Arc: ``cos(theta + m_i)``, ``m_i ~ N(0.5, 0.05)``."""
 
-    type_name = "elasticface_arc"
     margin_key = "m2"
 
     def __init__(self, embedding_dim, num_classes, s=64.0, m=0.5, std=0.05, plus=False, **kw):
         super().__init__(embedding_dim, num_classes, s, m, std, plus, **kw)
 
 
+@register_head(
+    "elasticface_cos",
+    options=_elastic_options(0.35),
+    formula="cos(theta) - m_i, m_i ~ N(m, std) per sample.",
+    adaptive=True,
+)
 class ElasticCosFace(_ElasticFace):
     """ElasticFace-Cos: ``cos(theta) - m_i``, ``m_i ~ N(0.35, 0.05)``."""
 
-    type_name = "elasticface_cos"
     margin_key = "m3"
 
     @classmethod
@@ -333,14 +324,24 @@ def magface_min_lambda_g(s: float, l_a: float, u_a: float, l_m: float, u_m: floa
     return s * slope * u_a**2 * l_a**2 / (u_a**2 - l_a**2)
 
 
+@register_head(
+    "magface",
+    options=(
+        Option("l_a", 10.0, Number(low=0.0, low_open=True)),
+        Option("u_a", 110.0, Number(low=0.0, low_open=True)),
+        Option("l_m", 0.45, Number(low=0.0)),
+        Option("u_m", 0.8, Number(low=0.0)),
+        Option("lambda_g", 35.0, Number(low=0.0)),
+    ),
+    formula="cos(theta + m(a)) + lambda_g g(a), a = clamp(|x|, l_a, u_a).",
+    adaptive=True,
+)
 class MagFace(AdaptiveMarginHead):
     """MagFace (Meng et al., CVPR 2021): an ArcFace margin linear in the clamped feature norm
     ``a = clamp(|x|, l_a, u_a)``, from ``l_m`` at ``l_a`` to ``u_m`` at ``u_a``, plus ``lambda_g g(a)``
     with ``g(a) = a / u_a^2 + 1 / a``. The margin is not detached: its gradient reaches the norm
     (the ops return d loss / d m2). The embedding must be unnormalised (our backbones end in a
     BatchNorm1d, as insightface's). A ``lambda_g`` below :func:`magface_min_lambda_g` is refused."""
-
-    type_name = "magface"
 
     @classmethod
     def margin_spec(cls, s, options):
@@ -380,20 +381,25 @@ class MagFace(AdaptiveMarginHead):
         super().__init__(embedding_dim, num_classes, s, options, **kw)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = l_a, u_a, l_m, u_m, lambda_g
 
-    def _per_row(self, x, rows, labels, update):
+    def per_row_margins(self, x, rows, labels, update):
         norms = x.to(rows.dtype).norm(dim=1).clamp(self.l_a, self.u_a)
         margins = (self.u_m - self.l_m) / (self.u_a - self.l_a) * (norms - self.l_a) + self.l_m
         regulariser = norms / self.u_a**2 + 1.0 / norms
         return {"m2": margins}, self.lambda_g * regulariser
 
 
+@register_head(
+    "curricularface",
+    options=(Option("m", 0.5, Number(low=0.0)),),
+    formula="cos(theta + m); hard negatives cos_j (t + cos_j).",
+    adaptive=True,
+)
 class CurricularFace(AdaptiveMarginHead):
     """CurricularFace (Huang et al., CVPR 2020): ArcFace ``cos(theta + m)`` for the target; a
     non-target ``cos_j`` above the target's ``f_y`` becomes ``cos_j (t + cos_j)``. ``t`` (a buffer, 0
     at the start) is the EMA, momentum 0.01, of the batch's mean target cosine, updated before use
     as in the reference, and passed to the ops detached."""
 
-    type_name = "curricularface"
     MOMENTUM = 0.01
 
     def __init__(self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5, **kw):
@@ -401,10 +407,10 @@ class CurricularFace(AdaptiveMarginHead):
         super().__init__(embedding_dim, num_classes, s, {"m": m}, **kw)
         self.register_buffer("t", torch.zeros(()))
 
-    def _per_row(self, x, rows, labels, update):
+    def per_row_margins(self, x, rows, labels, update):
         if update:
             has_target = labels >= 0
-            group = self._statistics_group()
+            group = self.statistics_group()
             if group is None:
                 if bool(has_target.any()):
                     mean = rows.target_cos()[has_target].to(self.t.dtype).mean()
@@ -419,6 +425,12 @@ class CurricularFace(AdaptiveMarginHead):
         return {"negative_t": float(self.t)}, None
 
 
+@register_head(
+    "subcenter_arcface",
+    options=(Option("m", 0.5, Number(low=0.0)), Option("k", 3, Integer(low=1))),
+    formula="cos(theta + m) on the max over k sub-centres per class.",
+    adaptive=True,
+)
 class SubCenterArcFace(AdaptiveMarginHead):
     """Sub-center ArcFace (Deng et al., ECCV 2020): ``K`` centres per class, laid out class-major
     (row ``c K + k`` of ``weight``, as insightface); a class's cosine is the max over its ``K``
@@ -427,8 +439,6 @@ class SubCenterArcFace(AdaptiveMarginHead):
     Inference uses that max by default. :meth:`keep_dominant` picks, per class, the sub-centre that
     most of the given training samples are closest to (the ``dominant`` buffer, saved in the model
     file); from then on :meth:`cosine` (training and inference) uses that one sub-centre per class."""
-
-    type_name = "subcenter_arcface"
 
     def __init__(
         self,
@@ -444,8 +454,9 @@ class SubCenterArcFace(AdaptiveMarginHead):
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         super().__init__(embedding_dim, num_classes, s, {"m": m, "k": k}, **kw)
         self.k = self.centres_per_class = k
-        self.weight = torch.nn.Parameter(torch.empty(num_classes * k, self.embedding_dim))
-        torch.nn.init.normal_(self.weight, std=0.01)
+        if self.weight is not None:  # a head with centres (not a sharded head's rule)
+            self.weight = torch.nn.Parameter(torch.empty(num_classes * k, self.embedding_dim))
+            torch.nn.init.normal_(self.weight, std=0.01)
         self.register_buffer("dominant", torch.full((num_classes,), -1, dtype=torch.int64))
         # Mirrors "dominant is set" on the host, so that cosine() never reads the buffer back from
         # the device (a sync per call on a GPU, a constant baked in by tracing).
@@ -457,7 +468,7 @@ class SubCenterArcFace(AdaptiveMarginHead):
 
     def subcenter_cosine(self, x: torch.Tensor) -> torch.Tensor:
         """Cosines with every sub-centre: (B, D) -> (B, C, K)."""
-        self._check_x(x)
+        self.check_x(x)
         weight = self.weight.to(x.dtype) if x.dtype != self.weight.dtype else self.weight
         cos = F.linear(F.normalize(x, dim=1), F.normalize(weight, dim=1))
         return cos.view(x.shape[0], self.num_classes, self.k)
@@ -487,13 +498,12 @@ class SubCenterArcFace(AdaptiveMarginHead):
         self.uses_dominant = True
         return self.dominant.clone()
 
-    def _per_row(self, x, rows, labels, update):
+    def per_row_margins(self, x, rows, labels, update):
         return {}, None
 
 
 ADAPTIVE_HEADS: dict[str, type[AdaptiveMarginHead]] = {
-    cls.type_name: cls
-    for cls in (AdaFace, ElasticArcFace, ElasticCosFace, MagFace, CurricularFace, SubCenterArcFace)
+    name: head.cls for name, head in HEADS.items() if head.adaptive
 }
 
 

@@ -22,16 +22,13 @@ a sub-center head is sharded and sampled by class.
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from angular import ops
-from angular.nn.adaptive import AdaptiveMarginHead, RowContext, add_row_term
+from angular.nn.adaptive import AdaptiveMarginHead
 from angular.nn.backbones import check_size
-from angular.nn.heads import FUSED_LINEAR_MIN_CLASSES, MarginHead, MarginSpec
+from angular.nn.heads import MarginHead, MarginSpec, RowContext, add_row_term, check_reduction
 from angular.ops import reference, sharded
 
 __all__ = ["ShardedAdaptiveHead", "ShardedMarginHead", "initial_centres"]
@@ -77,7 +74,7 @@ def _options_of(head: MarginHead) -> dict:
     }
 
 
-class ShardedMarginHead(nn.Module):
+class ShardedMarginHead(MarginHead):
     """A margin head whose ``num_classes`` centres are split across the ranks of ``group`` (the
     default group when None; one process, W = 1, when torch.distributed is not initialised).
 
@@ -111,15 +108,16 @@ class ShardedMarginHead(nn.Module):
         generator_seed: int = 0,
         centres_per_class: int = 1,
     ):
-        super().__init__()
         centres_per_class = check_size("centres_per_class", centres_per_class)
-        embedding_dim = check_size("embedding_dim", embedding_dim)
-        num_classes = check_size("num_classes", num_classes)
-        if not isinstance(margin, MarginSpec):
-            raise TypeError(f"margin must be a MarginSpec, got {type(margin).__name__}")
-        label_smoothing = ops.check_number("label_smoothing", label_smoothing, low=0.0)
-        if label_smoothing > 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        # The rule and its checks are MarginHead's; the centres are this rank's shard, drawn below.
+        super().__init__(
+            embedding_dim,
+            num_classes,
+            margin,
+            label_smoothing=label_smoothing,
+            straight_through=bool(straight_through),
+            centres=False,
+        )
         sample_rate = ops.check_number("sample_rate", sample_rate, low=0.0, strict=True)
         if sample_rate > 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -132,11 +130,6 @@ class ShardedMarginHead(nn.Module):
                 "every rank holds at least one class"
             )
         self.group = group
-        self.embedding_dim = embedding_dim
-        self.num_classes = num_classes
-        self.margin = margin
-        self.label_smoothing = label_smoothing
-        self.straight_through = bool(straight_through)
         self.sample_rate = sample_rate
         self.generator_seed = generator_seed
         self.centres_per_class = centres_per_class
@@ -149,7 +142,6 @@ class ShardedMarginHead(nn.Module):
                 self.class_start * k, self.class_count * k, embedding_dim, generator_seed
             )
         )
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     @classmethod
     def from_head(
@@ -174,17 +166,8 @@ class ShardedMarginHead(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
 
-    @property
-    def lam(self) -> float:
-        if self.margin.lam_schedule is None:
-            return 0.0
-        return self.margin.lam(int(self.step))
-
-    def _margin_args(self) -> dict:
-        m = self.margin
-        return dict(
-            s=m.s, m1=m.m1, m2=m.m2, m3=m.m3, lam=self.lam, straight_through=self.straight_through
-        )
+    # A sharded head has no (B, C) margin logits: nn.Module's forward (which raises) stands.
+    forward = nn.Module.forward
 
     def _check_batch(self, x, labels) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.embedding_dim:
@@ -259,37 +242,36 @@ class ShardedMarginHead(nn.Module):
         """The margin cross-entropy of the batch gathered from every rank (collective: every rank
         calls it with the same batch size). Every rank returns the same value; ``"mean"`` is over the
         gathered rows that have a target, ``"none"`` gives the gathered batch's per-row losses in rank
-        order. Advances ``step`` in training mode."""
-        self._check_batch(x, labels)
-        if reduction not in ops.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
-        if self.world_size == 1 and self.sample_rate >= 1.0 and self.centres_per_class == 1:
-            loss = self._single_process_loss(x, labels, reduction)
-        else:
-            loss = self._sharded_loss(x, labels, reduction)
-        if self.training:
-            self.step += 1
-        return loss
+        order. Advances ``step`` (and an adaptive rule's state) in training mode."""
+        return super().loss(x, labels, reduction)
 
-    def _single_process_loss(self, x, labels, reduction):
-        # What MarginHead.loss computes, so that W = 1 is exactly the single-process head.
-        if self.num_classes >= FUSED_LINEAR_MIN_CLASSES:
-            return ops.linear_margin_cross_entropy(
-                x,
-                self.weight,
-                labels,
+    def batch_loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        self._check_batch(x, labels)
+        check_reduction(reduction)
+        if (
+            self.world_size == 1
+            and self.sample_rate >= 1.0
+            and self.centres_per_class == 1
+            and not self.per_row
+        ):
+            # One rank holding every class with a fixed margin: the one-process head's loss.
+            return super().batch_loss(x, labels, reduction)
+        x_all, labels_all, cos, local_labels, num_sampled = self._gather(x, labels)
+        if not self.per_row:
+            return sharded.sharded_margin_cross_entropy(
+                cos,
+                local_labels,
+                labels_all >= 0,
+                num_classes=num_sampled,
                 label_smoothing=self.label_smoothing,
                 reduction=reduction,
-                **self._margin_args(),
+                group=self.group,
+                **self.margin_arguments(),
             )
-        weight = self.weight.to(x.dtype) if self.weight.dtype != x.dtype else self.weight
-        return ops.margin_cross_entropy(
-            F.linear(F.normalize(x, dim=1), F.normalize(weight, dim=1)),  # MarginHead.cosine
-            labels,
-            label_smoothing=self.label_smoothing,
-            reduction=reduction,
-            **self._margin_args(),
-        )
+        return self._per_row_loss(x_all, labels_all, cos, local_labels, num_sampled, reduction)
+
+    def dense_cosine(self, x: torch.Tensor) -> torch.Tensor:
+        return MarginHead.cosine(self, x)  # the shard is every class: the one-process cosine
 
     def _gather(self, x, labels):
         """The gathered batch, its cosines with this step's local sample of classes, the local
@@ -304,18 +286,51 @@ class ShardedMarginHead(nn.Module):
         cos = self.cosine(x_all, self._sampled_weight(index))
         return x_all, labels_all, cos, local_labels, num_sampled
 
-    def _sharded_loss(self, x, labels, reduction):
-        _, labels_all, cos, local_labels, num_sampled = self._gather(x, labels)
-        return sharded.sharded_margin_cross_entropy(
-            cos,
+    def _global_target_cos(self, work: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Every row's target cosine (detached, 0 without a target): the shard that owns it sends
+        it, the others 0 (an all-reduce of B floats)."""
+        own = local_labels >= 0
+        local = work.detach().gather(1, local_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return sharded.all_reduce_sum(torch.where(own, local, 0.0), self.group)
+
+    def _per_row_loss(self, x_all, labels_all, cos, local_labels, num_sampled, reduction):
+        """The loss of the shard's cosines with the rule's per-row margins (an adaptive head),
+        its state updated in training mode alike on every rank."""
+        work = cos.to(reference.compute_dtype(cos.dtype))
+        rows = RowContext(cos, lambda: self._global_target_cos(work, local_labels))
+        overrides, extra = self.per_row_margins(x_all, rows, labels_all, self.training)
+        arguments = {**self.margin_arguments(), **overrides}
+        negative_t = arguments.pop("negative_t", None)
+        threshold = None
+        if negative_t is not None:
+            threshold = self._global_threshold(rows.target_cos(), labels_all >= 0, arguments)
+        logits = reference.margin_logits(
+            work, local_labels, negative_t=negative_t, negative_threshold=threshold, **arguments
+        )
+        per_row = sharded.sharded_cross_entropy(
+            logits,
             local_labels,
             labels_all >= 0,
             num_classes=num_sampled,
             label_smoothing=self.label_smoothing,
-            reduction=reduction,
+            reduction="none",
             group=self.group,
-            **self._margin_args(),
         )
+        if extra is not None and self.rank != 0:
+            extra = extra.detach()  # its value on every rank, its gradient once (rank 0)
+        return add_row_term(per_row, extra, labels_all, reduction)
+
+    @staticmethod
+    def _global_threshold(target_cos, has_target, arguments) -> torch.Tensor:
+        """CurricularFace's per-row threshold ``f_y`` of the global target cosines (+inf for rows
+        without a target: nothing to modulate), from the one Python margin formula."""
+        margins = {
+            name: value.detach() if isinstance(value, torch.Tensor) else value
+            for name, value in arguments.items()
+            if name in ("m1", "m2", "m3", "lam")
+        }
+        f_y = reference.target_logit(torch.where(has_target, target_cos, 0.0), **margins)
+        return torch.where(has_target, f_y.detach(), torch.inf)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -370,10 +385,12 @@ class ShardedAdaptiveHead(ShardedMarginHead):
     """An adaptive head (:mod:`angular.nn.adaptive`) sharded by class like :class:`ShardedMarginHead`,
     computing what ``head`` computes on the gathered batch (docs/design.md, "Sharded softmax").
 
-    Built from the one-process ``head``: its type, options, scale, smoothing, its state (``rule``, a
-    copy of ``head`` without the centres: AdaFace's and CurricularFace's buffers, ElasticFace's
-    generator) and this rank's shard of its centres (all K sub-centres of each class for sub-center
-    ArcFace). Each step :meth:`AdaptiveMarginHead._per_row` runs on the gathered batch, identical on
+    Built from the one-process ``head``: its type, options, scale, smoothing, its margin rule and
+    state (``rule``, :meth:`~angular.nn.adaptive.AdaptiveMarginHead.margin_rule`: a head of its type
+    without centres, holding AdaFace's and CurricularFace's buffers, ElasticFace's generator) and
+    this rank's shard of its centres (all K sub-centres of each class for sub-center ArcFace). Its
+    loss is :class:`ShardedMarginHead`'s. Each step the rule's
+    :meth:`~angular.nn.adaptive.AdaptiveMarginHead.per_row_margins` runs on the gathered batch, identical on
     every rank: per-row margins, AdaFace's statistics and ElasticFace's draws need no extra
     communication; the target cosine of each row (CurricularFace's ``t`` and threshold ``f_y``,
     ElasticFace-plus's order) is all-reduced as B floats, zeros from the ranks without the target.
@@ -386,6 +403,8 @@ class ShardedAdaptiveHead(ShardedMarginHead):
     (call it on the full head, :meth:`full_state_dict`); a head that already uses its dominant
     sub-centres is refused.
     """
+
+    per_row = True
 
     def __init__(
         self,
@@ -413,10 +432,7 @@ class ShardedAdaptiveHead(ShardedMarginHead):
         rows = slice(self.class_start * k, (self.class_start + self.class_count) * k)
         self.weight = nn.Parameter(head.weight.detach()[rows].clone())
         self.step.copy_(head.step)
-        # The copy shares the process group object and leaves out the (C, D) centres.
-        memo = {id(head.weight): None, id(head.process_group): head.process_group}
-        self.rule = copy.deepcopy(head, memo)
-        self.rule.sync_statistics = False  # its statistics see the gathered batch already
+        self.rule = head.margin_rule()  # its type, options and state, without the (C, D) centres
         self.rule.train(self.training)
 
     @property
@@ -427,58 +443,8 @@ class ShardedAdaptiveHead(ShardedMarginHead):
     def options(self) -> dict:
         return self.rule.options
 
-    def _global_target_cos(self, work: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Every row's target cosine (detached, 0 without a target): the shard that owns it sends
-        it, the others 0 (an all-reduce of B floats)."""
-        own = local_labels >= 0
-        local = work.detach().gather(1, local_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-        return sharded.all_reduce_sum(torch.where(own, local, 0.0), self.group)
-
-    def loss(self, x: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """As :meth:`ShardedMarginHead.loss`, with the adaptive head's margins; updates its state
-        (and ``step``) in training mode, alike on every rank."""
-        self._check_batch(x, labels)
-        if reduction not in ops.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {ops.REDUCTIONS}, got {reduction!r}")
-        x_all, labels_all, cos, local_labels, num_sampled = self._gather(x, labels)
-        work = cos.to(reference.compute_dtype(cos.dtype))
-        rows = RowContext(cos, lambda: self._global_target_cos(work, local_labels))
-        overrides, extra = self.rule._per_row(x_all, rows, labels_all, self.training)
-        arguments = {**self._margin_args(), **overrides}
-        negative_t = arguments.pop("negative_t", None)
-        threshold = None
-        if negative_t is not None:
-            threshold = self._global_threshold(rows.target_cos(), labels_all >= 0, arguments)
-        logits = reference.margin_logits(
-            work, local_labels, negative_t=negative_t, negative_threshold=threshold, **arguments
-        )
-        per_row = sharded.sharded_cross_entropy(
-            logits,
-            local_labels,
-            labels_all >= 0,
-            num_classes=num_sampled,
-            label_smoothing=self.label_smoothing,
-            reduction="none",
-            group=self.group,
-        )
-        if extra is not None and self.rank != 0:
-            extra = extra.detach()  # its value on every rank, its gradient once (rank 0)
-        loss = add_row_term(per_row, extra, labels_all, reduction)
-        if self.training:
-            self.step += 1
-        return loss
-
-    @staticmethod
-    def _global_threshold(target_cos, has_target, arguments) -> torch.Tensor:
-        """CurricularFace's per-row threshold ``f_y`` of the global target cosines (+inf for rows
-        without a target: nothing to modulate), from the one Python margin formula."""
-        margins = {
-            name: value.detach() if isinstance(value, torch.Tensor) else value
-            for name, value in arguments.items()
-            if name in ("m1", "m2", "m3", "lam")
-        }
-        f_y = reference.target_logit(torch.where(has_target, target_cos, 0.0), **margins)
-        return torch.where(has_target, f_y.detach(), torch.inf)
+    def per_row_margins(self, x, rows, labels, update):
+        return self.rule.per_row_margins(x, rows, labels, update)
 
     @torch.no_grad()
     def full_state_dict(self) -> dict:
