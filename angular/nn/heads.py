@@ -8,6 +8,12 @@ inference. ``ArcFace``, ``CosFace``, ``SphereFace`` and ``CombinedMargin`` are p
 With ``fused_linear=True`` (the default from ``FUSED_LINEAR_MIN_CLASSES`` classes on), ``loss`` never
 forms the (B, C) cosines: :func:`angular.ops.linear_margin_cross_entropy` fuses the matmul with the
 margin and the cross-entropy, chunk by chunk over the classes (same function, same gradients).
+
+The head family: a head is a margin rule over a set of centres. The rule is the fixed ``margin``
+here, a per-row one in :mod:`angular.nn.adaptive` (:meth:`MarginHead.per_row_margins`); the
+centres are ``weight`` here, a shard with class sampling in :mod:`angular.nn.sharded`, whose head
+is a :class:`MarginHead` too. Every head type registers itself once
+(:func:`angular.nn.registry.register_head`) with its options; the config's head models follow.
 """
 
 from __future__ import annotations

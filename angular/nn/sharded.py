@@ -1,8 +1,8 @@
 """The sharded (model-parallel, Partial FC) margin head (docs/design.md, Heads and backbones, and
 "Sharded softmax").
 
-:class:`ShardedMarginHead` stands in for :class:`angular.nn.heads.MarginHead` when the class centres
-are split across the ranks of a ``torch.distributed`` process group: rank r of W holds the
+:class:`ShardedMarginHead` is a :class:`angular.nn.heads.MarginHead` whose class centres are
+split across the ranks of a ``torch.distributed`` process group: rank r of W holds the
 contiguous block of ``C // W + (r < C % W)`` centres. ``loss(x_local, labels_local)`` all-gathers
 the embeddings and labels (every rank the same batch size), takes the cosines of the gathered batch
 against the local centres (or a sample of them, ``sample_rate < 1``) and computes the margin
@@ -12,7 +12,7 @@ are never gathered, and the bytes sent per step do not depend on C.
 Gradients: the all-gather's backward multiplies this rank's embedding gradient by W, so that when
 DDP averages the backbone's gradients over the W ranks they equal the single-process head's on the
 concatenated batch; the centres (not under DDP) get the exact gradient of that loss. With W = 1 and
-``sample_rate = 1`` the head computes exactly what ``MarginHead`` computes.
+``sample_rate = 1`` (a fixed margin, one centre per class) the head runs ``MarginHead``'s loss.
 
 :class:`ShardedAdaptiveHead` does the same for the adaptive heads of :mod:`angular.nn.adaptive`
 (per-row margins, CurricularFace's modulation, sub-centres): their per-row margins come from the
