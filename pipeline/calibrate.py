@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from angular.config import load_params
 from angular.data import read_manifest
-from angular.eval.calibration import calibration_report, fit_temperature
-from angular.eval.metrics import softmax
+from angular.eval.calibration import calibrate_logits
+from angular.eval.classification import softmax
 from angular.eval.plots import reliability_diagram
 from angular.files import atomic_write_text
 from angular.nn.recognition import load_model
@@ -56,31 +56,24 @@ def calibrate_item(params, item: str, manifest, *, run=None) -> dict:
         shutil.rmtree(plots_dir)
     temperatures, metrics = {}, {}
     for member, logits in outputs.logits.items():
-        before = calibration_report(logits, outputs.labels, 1.0, config.n_bins)
-        fitted = config.method == "fit" and before["accuracy"] < 1.0
-        if fitted:
-            temperature = fit_temperature(logits, outputs.labels, max_iter=config.max_iter)
-        elif config.method == "fit":
-            # No validation image is misclassified: the NLL keeps falling as T -> 0, and the
-            # "fit" would only saturate every probability to 0 or 1 (and erase the confidence
-            # ranking that open-set recognition needs).
-            temperature = 1.0
+        found = calibrate_logits(
+            logits,
+            outputs.labels,
+            method=config.method,
+            temperature=config.temperature,
+            n_bins=config.n_bins,
+            max_iter=config.max_iter,
+        )
+        if config.method == "fit" and not found["fitted"]:
             print(
                 f"calibrate@{item}: {member} classifies every validation image correctly, so the "
                 "NLL has no minimum over T; keeping T = 1 (use more validation images, or "
                 "calibrate.method: fixed)",
                 file=sys.stderr,
             )
-        else:
-            temperature = config.temperature
-        after = calibration_report(logits, outputs.labels, temperature, config.n_bins)
+        temperature, before, after = found["temperature"], found["before"], found["after"]
         temperatures[member] = temperature
-        metrics[member] = {
-            "temperature": temperature,
-            "fitted": fitted,
-            "before": before,
-            "after": after,
-        }
+        metrics[member] = found
         for when, value in (("before", 1.0), ("after", temperature)):
             probs = softmax(logits, value)
             reliability_diagram(

@@ -37,6 +37,7 @@ __all__ = [
     "temper",
     "temperature_nll",
     "calibration_report",
+    "calibrate_logits",
     "LOG_T_BOUNDS",
 ]
 
@@ -201,3 +202,25 @@ def calibration_report(logits, labels, temperature: float, n_bins: int = 15) -> 
         "brier": brier_score(probs, labels),
         "accuracy": top1_accuracy(probs, labels),
     }
+
+
+def calibrate_logits(
+    logits, labels, *, method: str, temperature: float, n_bins: int, max_iter: int
+) -> dict:
+    """One head's temperature on its validation logits, with :func:`calibration_report` before
+    (T = 1) and after: ``{"temperature", "fitted", "before", "after"}``. ``method``: ``"fit"``
+    (:func:`fit_temperature`) or ``"fixed"`` (``temperature``, the original's hand-set one).
+
+    When every sample is classified correctly, "fit" keeps T = 1 (and ``fitted`` is False): the NLL
+    keeps falling as T -> 0, and the "fit" would only saturate every probability to 0 or 1 (and
+    erase the confidence ranking that open-set recognition needs)."""
+    before = calibration_report(logits, labels, 1.0, n_bins)
+    fitted = method == "fit" and before["accuracy"] < 1.0
+    if fitted:
+        chosen = fit_temperature(logits, labels, max_iter=max_iter)
+    elif method == "fit":
+        chosen = 1.0
+    else:
+        chosen = temperature
+    after = calibration_report(logits, labels, chosen, n_bins)
+    return {"temperature": chosen, "fitted": fitted, "before": before, "after": after}
