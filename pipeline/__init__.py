@@ -33,7 +33,7 @@ from pathlib import Path
 from angular.config import ConfigError
 from angular.data import DataError
 from angular.train.collapse import CollapseError
-from angular.train.loop import NonFiniteLossError
+from angular.train.epoch import NonFiniteLossError
 from angular.train.tracking import TrackingError
 from angular.train.world import WorkerError
 

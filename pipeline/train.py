@@ -4,7 +4,7 @@
 (a rerun after an interruption resumes from the newest), ``metrics/train/<item>.json``,
 ``plots/{loss,accuracy,collapse}/<item>.tsv`` and an MLflow run (see :mod:`angular.train.loop`).
 With ``train.distributed.world_size`` W > 1 it launches W torchrun workers that run this module
-again, rank 0 logging and writing the files (:mod:`angular.train.distributed`).
+again, rank 0 logging and writing the files (:mod:`angular.train.world`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,9 @@ from angular import ops
 from angular.config import load_params
 from angular.data import read_manifest
 from angular.serve.mlflow_model import log_mlflow_model
-from angular.train.distributed import (
-    check_supported,
-    is_worker,
-    launch,
-    train_item_distributed,
-    worker_group,
-)
-from angular.train.loop import TrainPaths, select_device, train_item
+from angular.train.loop import TrainPaths, check_supported, select_device, train_item
 from angular.train.tracking import StageRun
+from angular.train.world import ONE_PROCESS, World, is_worker, launch, worker_group
 from pipeline import (
     ACCURACY_PLOTS_DIR,
     CHECKPOINTS_DIR,
@@ -107,23 +101,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = paths_for(args.item)
     stage = f"train@{args.item}"
     distributed = params.train.distributed
-    if distributed.world_size > 1 and not is_worker():
+    if distributed.world_size == 1:
+        _train_and_log(params, args.item, item, manifest, paths, stage, ONE_PROCESS)
+    elif not is_worker():
         check_supported(params, item)
         launch("pipeline.train", [args.item, "--params", str(args.params)], distributed, stage)
-        return
-    if distributed.world_size > 1:
-        with worker_group(distributed, select_device(params.train.device)) as rank:
-            if rank == 0:
-                _train_and_log(params, args.item, item, manifest, paths, stage)
-            else:
-                train_item_distributed(params, args.item, manifest, paths)
-        return
-    _train_and_log(params, args.item, item, manifest, paths, stage)
+    else:
+        with worker_group(distributed, select_device(params.train.device)) as world:
+            _train_and_log(params, args.item, item, manifest, paths, stage, world)
 
 
-def _train_and_log(params, item_name: str, item, manifest, paths: TrainPaths, stage: str) -> None:
-    """Train (one process, or rank 0 of several) and log the run, the model and its files."""
-    train = train_item if params.train.distributed.world_size == 1 else train_item_distributed
+def _train_and_log(params, item_name: str, item, manifest, paths, stage: str, world: World) -> None:
+    """Train (one process, or every rank of several) and log the run, the model and its files
+    (rank 0)."""
+    if world.rank != 0:
+        train_item(params, item_name, manifest, paths, world=world)
+        return
     with StageRun(
         params.tracking,
         stage=stage,
@@ -131,7 +124,7 @@ def _train_and_log(params, item_name: str, item, manifest, paths: TrainPaths, st
         params=logged_params(params.raw, item_name),
         tags={"ops_backend": ops.backend()},
     ) as run:
-        metrics = train(params, item_name, manifest, paths, run=run)
+        metrics = train_item(params, item_name, manifest, paths, run=run, world=world)
         for path in (paths.model, paths.metrics):
             run.log_artifact(path)
         # The plots share the item's file name: each keeps its folder (plots/loss/arcface.tsv).

@@ -1,2 +1,3 @@
-"""Training: the loop with checkpoints and resume (:mod:`angular.train.loop`) and MLflow tracking
-(:mod:`angular.train.tracking`). Import the module you need; this package imports none of them."""
+"""Training: one trainer for one process or many (:mod:`angular.train.loop`, whose docstring maps the
+modules: epoch, checkpoint, world, session), the prioritized sampler, the collapse watch and MLflow
+tracking (:mod:`angular.train.tracking`). Import the module you need; this package imports none."""

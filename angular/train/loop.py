@@ -1,37 +1,42 @@
-"""Training one ``train@<item>`` (docs/design.md, Pipeline): a backbone and its head(s), checkpoints and resume.
+"""Training one ``train@<item>`` (docs/design.md, Pipeline): a backbone and its head(s), on one
+process or on the ranks of a process group, with checkpoints and resume.
 
-- The loss is ``head.loss`` (the fused margin cross-entropy of :mod:`angular.ops`); a joint item sums
-  the losses of its heads on one shared backbone (the original's combined mode).
-- Determinism: one seed drives the weights, the shuffling (a seeded ``torch.Generator``) and the
-  augmentations; with ``train.deterministic`` ``torch.use_deterministic_algorithms`` is on. On CPU
-  two runs with the same params give bitwise identical models.
-- A checkpoint per epoch (``epoch-0007.pt``), written atomically (a temp file in the same folder,
-  fsync, ``os.replace``), holds the model, optimizer, scheduler, RNG states, history and epoch; the
-  newest ``train.keep_checkpoints`` are kept while training, and all are removed once the model
-  file is written. A rerun after an interruption resumes from the newest intact checkpoint (its
-  zip archive's CRC-32 checks pass and it unpickles with ``weights_only``; a damaged one is
-  skipped with a message naming it) written by the same configuration (a fingerprint of the
-  params, the data and the model's tensor shapes), and ends with exactly the model of an
-  uninterrupted run.
-- A non-finite loss, or a non-finite gradient norm, stops training with
-  :class:`NonFiniteLossError` naming the epoch and step (the last good checkpoint stays), or with
-  ``train.on_nonfinite: skip`` the step is skipped and counted. Weights that turned non-finite
-  anyway (a finite step to inf) stop training at the end of the epoch, before its checkpoint.
+The package, by phase of :func:`train_item` (one trainer for any world):
+
+- :mod:`angular.train.loop` (this module): set up (seeds, model, optimizer, schedule, data), the
+  epochs, finish (the model file, metrics, plots); what the trainer refuses on several processes.
+- :mod:`angular.train.epoch`: one epoch: the pass over the batches with the step guard, and the
+  validation that makes the epoch's history row.
+- :mod:`angular.train.checkpoint`: the fingerprint of a run, checkpoints (one file per rank), resume.
+- :mod:`angular.train.world`: what only several processes need, behind :class:`World` (one
+  process: :data:`ONE_PROCESS`), and the launch of torchrun workers.
+- :mod:`angular.train.session`: the run's files and state, shared by those modules.
+
+Determinism: one seed drives the weights, the shuffling (a seeded ``torch.Generator``) and the
+augmentations; with ``train.deterministic`` ``torch.use_deterministic_algorithms`` is on. On CPU two
+runs with the same params give bitwise identical models.
+
+Several processes (``train.distributed.world_size`` W > 1; README, Scaling out): every rank builds
+the one-process model exactly as one process does (the same seeded draws, so the same initial
+backbone and centres), then keeps its shard of each head and wraps the backbone in DDP
+(:meth:`World.shard`). ``train.batch_size`` is the global batch: each rank takes ``batch_size / W``
+images a step (W must divide it). The optimizer sees each shard as one dense parameter: with
+``sample_rate < 1`` the centres a step did not sample get a zero gradient, and weight decay and
+momentum still apply to them (docs/design.md, "Sharded softmax"). Rank 0 alone validates, writes
+the plots, the metrics and the model file (today's format, the full head, as one process writes
+it) and logs to MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
-import zipfile
-from collections.abc import Callable, Mapping
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,45 +46,39 @@ from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
 from angular.files import atomic_save, atomic_write_text
 from angular.nn.recognition import RecognitionModel, build_model, model_document
+from angular.train.checkpoint import (
+    checkpoints_to_keep,
+    describe_model,
+    fingerprint,
+    kept_checkpoint,
+    prune_checkpoints,
+    rank_folder,
+    resume,
+    save_checkpoint,
+)
 from angular.train.collapse import (
     REMEDY,
     CollapseError,
     CollapseMonitor,
-    centre_cosine,
     collapse_room,
-    embedding_spread,
     init_centres,
 )
+from angular.train.epoch import train_epoch, validate
 from angular.train.sampler import IndexedDataset, PrioritizedSampler
-from angular.train.world import refuse_other_world_size
+from angular.train.session import Session, TrainPaths, say
+from angular.train.world import ONE_PROCESS, World, resolve_backend
 
 __all__ = [
     "TrainPaths",
-    "NonFiniteLossError",
     "effective_label_smoothing",
     "select_device",
     "limit_threads",
+    "check_supported",
+    "describe_model",
     "train_item",
-    "CHECKPOINT_PATTERN",
 ]
 
-CHECKPOINT_PATTERN = "epoch-*.pt"
-CHECKPOINT_FORMAT = "angular-checkpoint"
 COLLAPSE_COLUMNS = ("centre_cosine", "embedding_spread")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss turned NaN or infinite (``train.on_nonfinite: stop``)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainPaths:
-    model: Path  # the final model file
-    checkpoints: Path  # folder of per-epoch checkpoints
-    metrics: Path  # JSON: final epoch's metrics
-    loss_plot: Path  # TSV: train and val loss per epoch (DVC plots)
-    accuracy_plot: Path  # TSV: train and val accuracy per epoch (DVC plots)
-    collapse_plot: Path | None = None  # TSV: centre cosine and embedding spread per epoch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,7 +130,28 @@ def select_device(name: str) -> torch.device:
         ) from None
 
 
-def _make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+def check_supported(params: Params, item: TrainItem) -> None:
+    """Refuse what several processes cannot train (before any worker starts)."""
+    config = params.train
+    world_size = config.distributed.world_size
+    resolve_backend(config.distributed.backend, select_device(config.device))
+    if config.batch_size % world_size:
+        raise ConfigError(
+            "train.batch_size",
+            f"{config.batch_size} is the global batch and must be a multiple of "
+            f"train.distributed.world_size ({world_size}): every rank takes the same share",
+        )
+    for member, head in item.heads.items():
+        if head.fused_linear:
+            key = f"heads.{item.name}.heads.{head.name}" if item.joint else f"heads.{item.name}"
+            raise ConfigError(
+                f"{key}.fused_linear",
+                f"true is not supported with train.distributed.world_size > 1 ({member}): the "
+                "sharded head computes its shard's cosines itself; leave it null or false",
+            )
+
+
+def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -140,11 +160,11 @@ def _make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     return factory(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _constant(epoch: int) -> float:
+def constant(epoch: int) -> float:
     return 1.0
 
 
-def _make_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per epoch."""
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -152,289 +172,16 @@ def _make_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.
         return torch.optim.lr_scheduler.StepLR(
             optimizer, step_size=config.step_size, gamma=config.gamma
         )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
-
-
-def describe_model(params: Params, item: TrainItem) -> tuple[dict, dict, dict]:
-    """The ``backbone``, ``heads`` and ``image`` descriptions stored in the model file."""
-    data = params.data
-    backbone = {
-        "name": params.model.backbone,
-        "in_channels": data.channels,
-        "embedding_dim": params.model.embedding_dim,
-        "options": params.model.backbone_kwargs(data.image_size),
-    }
-    heads = {member: head.to_dict() for member, head in item.heads.items()}
-    image = {
-        "size": list(data.image_size),
-        "channels": data.channels,
-        "mean": list(data.mean),
-        "std": list(data.std),
-        # data.crop, so that serving cuts user images as prepare cut the training images
-        "crop": None if data.crop is None else data.crop.model_dump(exclude_none=True),
-    }
-    return backbone, heads, image
-
-
-def _fingerprint(
-    params: Params, item: TrainItem, manifest: Manifest, model: torch.nn.Module
-) -> str:
-    """A hash of everything that shapes the training run (a checkpoint from another is not resumed):
-    the params and data, and the names and shapes of the model's tensors (the model code may have
-    changed since the checkpoint was written)."""
-    backbone, heads, image = describe_model(params, item)
-    architecture = [(name, list(tensor.shape)) for name, tensor in model.state_dict().items()]
-    train = params.train.model_dump()
-    for key in ("items", "keep_checkpoints", "preload_images"):
-        train.pop(key)
-    # One process: the section plays no part (and the fingerprints of earlier runs stay). Several:
-    # the world size is checked on its own (angular.train.distributed), the timeout changes nothing.
-    distributed = train.pop("distributed")
-    if distributed["world_size"] > 1:
-        train["distributed"] = {
-            "backend": distributed["backend"],
-            "sample_rate": distributed["sample_rate"],
-        }
-    data = [
-        (r.path, r.md5, r.label, r.split) for r in manifest.records if r.split in ("train", "val")
-    ]
-    document = {
-        "backbone": backbone,
-        "heads": heads,
-        "image": image,
-        "train": train,
-        "classes": list(manifest.classes),
-        "data": data,
-        "architecture": architecture,
-    }
-    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, constant)
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints.
+# Set up.
 
 
-def _checkpoint_path(folder: Path, epoch: int) -> Path:
-    return folder / f"epoch-{epoch:04d}.pt"
-
-
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: Mapping, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["loader"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _damaged_member(path: Path) -> str | None:
-    """The first member of the checkpoint's zip archive whose CRC-32 does not match its bytes, or
-    None. ``torch.load`` does not check them: a flipped byte inside a tensor would load silently.
-    Raises when the file is not a zip archive at all (truncated, empty, another format)."""
-    with zipfile.ZipFile(path) as archive:
-        return archive.testzip()
-
-
-def _load_checkpoint(folder: Path, fingerprint: str, label: str) -> dict | None:
-    """The newest readable checkpoint written by this configuration, or None. Leftover temp files
-    (a save interrupted by a kill) and checkpoints of another configuration are removed."""
-    for leftover in folder.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
-    for path in sorted(folder.glob(CHECKPOINT_PATTERN), reverse=True):
-        try:
-            damaged = _damaged_member(path)
-            state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            _say(f"{label}: checkpoint {path} is unreadable ({error}); trying an older one")
-            continue
-        if damaged:
-            _say(
-                f"{label}: checkpoint {path} is corrupt ({damaged} fails its CRC-32 check); "
-                "trying an older one"
-            )
-            continue
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            _say(f"{label}: checkpoint {path} is not a checkpoint of angular; ignoring it")
-            continue
-        if state.get("fingerprint") != fingerprint:
-            _say(
-                f"{label}: checkpoints in {folder} come from other params; starting afresh "
-                "(other params, data or model code make another run)"
-            )
-            for stale in folder.glob(CHECKPOINT_PATTERN):
-                stale.unlink(missing_ok=True)
-            return None
-        return state
-    return None
-
-
-def _prune_checkpoints(folder: Path, keep: int) -> None:
-    for path in sorted(folder.glob(CHECKPOINT_PATTERN), reverse=True)[keep:]:
-        path.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# The loop.
-
-
-def _gradient_norm(model: torch.nn.Module, clip: float | None) -> torch.Tensor:
-    """The total gradient norm, clipping the gradients to ``clip`` when it is set."""
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    if clip is not None:
-        return torch.nn.utils.clip_grad_norm_(parameters, clip)
-    if not parameters:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters])
-    )
-
-
-def _non_finite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the model's floating tensors (weights and buffers) holding NaN or inf."""
-    return [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
-
-
-def _kept_checkpoint(folder: Path) -> str:
-    newest = sorted(folder.glob(CHECKPOINT_PATTERN))
-    return (
-        f"the last good checkpoint {newest[-1]} is kept"
-        if newest
-        else "no checkpoint was written yet"
-    )
-
-
-def _batch_loss(
-    model: RecognitionModel, images, labels, autocast: bool, device: torch.device, reduction="mean"
-):
-    """Summed margin loss of the heads (per sample with ``reduction="none"``), and each head's
-    count of correct arg-max predictions."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        embeddings = model(images)
-    return _loss_of_embeddings(model, embeddings, labels, autocast, device, reduction)
-
-
-def _loss_of_embeddings(
-    model: RecognitionModel, embeddings, labels, autocast: bool, device, reduction="mean"
-):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        losses = [head.loss(embeddings, labels, reduction) for head in model.heads.values()]
-    with torch.no_grad():
-        detached = embeddings.detach().float()
-        correct = {
-            name: int((head.cosine(detached).argmax(1) == labels).sum())
-            for name, head in model.heads.items()
-        }
-    return torch.stack([loss.float() for loss in losses]).sum(0), correct
-
-
-@torch.no_grad()
-def _evaluate(model: RecognitionModel, loader, autocast: bool, device) -> tuple[float, dict, float]:
-    """Validation loss, each head's accuracy, and the spread of the validation embeddings."""
-    model.eval()
-    total_loss, count = 0.0, 0
-    correct = {name: 0 for name in model.heads}
-    embeddings = []
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            batch_embeddings = model(images)
-        loss, batch_correct = _loss_of_embeddings(model, batch_embeddings, labels, autocast, device)
-        embeddings.append(batch_embeddings.float())
-        total_loss += float(loss) * len(labels)
-        count += len(labels)
-        for name, value in batch_correct.items():
-            correct[name] += value
-    spread = embedding_spread(torch.cat(embeddings)) if embeddings else math.nan
-    accuracy = {name: value / max(count, 1) for name, value in correct.items()}
-    return total_loss / max(count, 1), accuracy, spread
-
-
-def _history_row(
-    epoch, lr, train_loss, train_acc, val_loss, val_acc, model: RecognitionModel, spread, joint
-) -> dict:
-    centres = {name: centre_cosine(head.weight) for name, head in model.heads.items()}
-    row = {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "train_accuracy": sum(train_acc.values()) / len(train_acc),
-        "val_loss": val_loss,
-        "val_accuracy": sum(val_acc.values()) / len(val_acc),
-        "lr": lr,
-        "centre_cosine": max(centres.values()),  # the worst head's
-        "embedding_spread": spread,
-    }
-    if joint:  # one accuracy and centre column per head as well
-        for name in train_acc:
-            row[f"train_accuracy_{name}"] = train_acc[name]
-            row[f"val_accuracy_{name}"] = val_acc[name]
-            row[f"centre_cosine_{name}"] = centres[name]
-    return row
-
-
-def _tsv(history: list[dict], columns: list[str]) -> str:
-    lines = ["\t".join(columns)]
-    for row in history:
-        lines.append("\t".join(_format(row[c]) for c in columns))
-    return "\n".join(lines) + "\n"
-
-
-def _write_plots(paths: TrainPaths, history: list[dict]) -> None:
-    columns = list(history[0])
-    loss = ["epoch"] + [c for c in columns if c.endswith("_loss")]
-    accuracy = ["epoch"] + [c for c in columns if "_accuracy" in c]
-    atomic_write_text(paths.loss_plot, _tsv(history, loss))
-    atomic_write_text(paths.accuracy_plot, _tsv(history, accuracy))
-    if paths.collapse_plot is not None:
-        collapse = ["epoch"] + [c for c in columns if c.startswith(COLLAPSE_COLUMNS)]
-        atomic_write_text(paths.collapse_plot, _tsv(history, collapse))
-
-
-def _format(value) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.6g}"
-
-
-@dataclasses.dataclass
-class _Session:
-    """What one training run holds between its phases (set up, resume, epochs, finish)."""
-
-    label: str
-    item_name: str
-    item: TrainItem
-    config: TrainConfig
-    device: torch.device
-    model: RecognitionModel
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator
-    train_loader: DataLoader
-    val_loader: DataLoader
-    descriptions: tuple[dict, dict, dict]  # backbone, heads, image (for the model file)
-    fingerprint: str
-    paths: TrainPaths
-    classes: tuple[str, ...]
-    history: list[dict] = dataclasses.field(default_factory=list)
-    skipped_steps: int = 0
-    start_epoch: int = 0
-    collapse_epoch: int = 0  # the first epoch the monitor flagged (on_collapse: warn); 0: none
-    collapse_room: float | None = None  # the smallest room of the item's heads (None: no bound)
-
-
-def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths) -> _Session:
-    """Seed everything, build the model, optimizer, schedule and data loaders. The order of the
-    seeded steps is part of the result: changing it changes every trained model."""
+def set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths) -> Session:
+    """Seed everything, build the model, optimizer, schedule and data loaders (of one process).
+    The order of the seeded steps is part of the result: changing it changes every trained model."""
     item = params.item(item_name)
     config = params.train
     device = select_device(config.device)
@@ -460,31 +207,71 @@ def _set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPath
         model = model.to(memory_format=torch.channels_last)
     for head in model.heads.values():
         init_centres(head, config.centre_norm)
-    optimizer = _make_optimizer(config, model.parameters())
-    scheduler = _make_scheduler(config, optimizer)
-    train_loader, val_loader = _make_loaders(params, manifest, generator)
-    room = _check_room(model, config, f"train@{item_name}")
-    return _Session(
+    optimizer = make_optimizer(config, model.parameters())
+    scheduler = make_scheduler(config, optimizer)
+    train_loader, val_loader = make_loaders(params, manifest, generator)
+    room = check_room(model, config, f"train@{item_name}")
+    run_fingerprint = fingerprint(params, item, manifest, model)
+    return Session(
         label=f"train@{item_name}",
         item_name=item_name,
         item=item,
         config=config,
         device=device,
         model=model,
+        full_model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         generator=generator,
         train_loader=train_loader,
         val_loader=val_loader,
         descriptions=descriptions,
-        fingerprint=_fingerprint(params, item, manifest, model),
+        fingerprint=run_fingerprint,
+        base_fingerprint=run_fingerprint,
         paths=paths,
+        checkpoints=paths.checkpoints,
+        keep_checkpoints=config.keep_checkpoints,
         classes=tuple(manifest.classes),
         collapse_room=room,
     )
 
 
-def _check_room(model: RecognitionModel, config: TrainConfig, label: str) -> float | None:
+def spread_over(
+    session: Session, params: Params, item: TrainItem, manifest: Manifest, world: World
+) -> Session:
+    """The one-process session turned into this rank's: its shard of each head and a DDP backbone,
+    its share of the data, its own checkpoint folder."""
+    config = params.train
+    # Resuming on another world size is refused by the one-process fingerprint of these params.
+    one_process = params.model_copy(
+        update={
+            "train": config.model_copy(
+                update={"distributed": config.distributed.model_copy(update={"world_size": 1})}
+            )
+        }
+    )
+    base_fingerprint = fingerprint(one_process, item, manifest, session.model)
+    full_model = session.model if world.rank == 0 else None  # rank 0 validates and saves it
+    model = world.shard(session.model, config.distributed.sample_rate, config.seed)
+    optimizer = make_optimizer(config, model.parameters())
+    train_loader = world.train_loader(
+        session.train_loader.dataset, config.batch_size, config.num_workers, config.seed
+    )
+    return dataclasses.replace(
+        session,
+        label=f"{session.label} rank {world.rank}/{world.size}",
+        model=model,
+        full_model=full_model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(config, optimizer),
+        train_loader=train_loader,
+        base_fingerprint=base_fingerprint,
+        checkpoints=rank_folder(session.paths.checkpoints, world.rank, world.size),
+        keep_checkpoints=checkpoints_to_keep(config.keep_checkpoints, world.size),
+    )
+
+
+def check_room(model: RecognitionModel, config: TrainConfig, label: str) -> float | None:
     """Warn about heads whose collapsed state sits less than ``train.collapse.min_room`` nats above
     chance: such a head can settle there (docs/design.md, Collapse). Returns the smallest room."""
     rooms = {}
@@ -494,7 +281,7 @@ def _check_room(model: RecognitionModel, config: TrainConfig, label: str) -> flo
             continue
         rooms[name] = room
         if room < config.collapse.min_room:
-            _say(
+            say(
                 f"{label}: warning: {name}'s collapsed state (all centres on one direction) has a "
                 f"loss only {room:.2f} nats above chance (log C = {math.log(head.num_classes):.2f}; "
                 f"train.collapse.min_room is {config.collapse.min_room}); the head may collapse. "
@@ -503,7 +290,7 @@ def _check_room(model: RecognitionModel, config: TrainConfig, label: str) -> flo
     return min(rooms.values()) if rooms else None
 
 
-def _make_loaders(
+def make_loaders(
     params: Params, manifest: Manifest, generator: torch.Generator
 ) -> tuple[DataLoader, DataLoader]:
     config, data = params.train, params.data
@@ -548,135 +335,11 @@ def _make_loaders(
     return train_loader, val_loader
 
 
-def _resume(session: _Session, run) -> None:
-    """Continue from the newest checkpoint this configuration wrote, if there is one."""
-    session.paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    refuse_other_world_size(
-        session.paths.checkpoints, session.fingerprint, 1, session.label, CHECKPOINT_PATTERN
-    )
-    state = _load_checkpoint(session.paths.checkpoints, session.fingerprint, session.label)
-    if state is not None:
-        _apply_checkpoint(session, state, run)
+# --------------------------------------------------------------------------------------------------
+# The epochs, and the end.
 
 
-def _apply_checkpoint(session: _Session, state: dict, run) -> None:
-    session.model.load_state_dict(state["model"])
-    session.optimizer.load_state_dict(state["optimizer"])
-    session.scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(state["rng"], session.generator)
-    sampler = _prioritized(session)
-    if sampler is not None:
-        sampler.load_state_dict(state["sampler"])
-    session.history = list(state["history"])
-    session.skipped_steps = int(state["skipped_steps"])
-    session.start_epoch = int(state["epoch"])
-    session.collapse_epoch = int(state.get("collapse_epoch", 0))
-    _say(f"{session.label}: resuming after epoch {session.start_epoch} of {session.config.epochs}")
-    if run is not None:
-        for row in session.history:
-            run.log_metrics(row, step=row["epoch"])
-
-
-def _prioritized(session: _Session) -> PrioritizedSampler | None:
-    """The prioritized sampler of the training data (``train.sampler: prioritized``), or None."""
-    sampler = session.train_loader.batch_sampler
-    return sampler if isinstance(sampler, PrioritizedSampler) else None
-
-
-def _take_step(
-    session: _Session,
-    loss: torch.Tensor,
-    gradient_norm: Callable[[], torch.Tensor],
-    epoch: int,
-    step: int,
-) -> bool:
-    """Backpropagate ``loss`` and step the optimizer, unless the loss or the gradient norm
-    (``gradient_norm()``, which also clips) is non-finite: then training stops or the step is
-    skipped (``train.on_nonfinite``). Whether the optimizer stepped. The distributed trainer shares
-    it: its loss is the global batch's and its norm the whole model's, so every rank decides alike."""
-    optimizer = session.optimizer
-    optimizer.zero_grad(set_to_none=True)
-    problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
-    if problem is None:
-        loss.backward()
-        norm = gradient_norm()
-        if not torch.isfinite(norm):
-            problem = f"the gradient norm is {float(norm)} (the loss is finite)"
-    if problem is not None:
-        if session.config.on_nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"{session.label}: {problem} at epoch {epoch}, step {step}; training stopped "
-                f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr, set "
-                "train.grad_clip_norm, or set train.on_nonfinite: skip to skip such steps."
-            )
-        session.skipped_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
-    return True
-
-
-def _weights_broke(session: _Session, epoch: int, broken: list[str]) -> NonFiniteLossError:
-    """The error for weights that turned non-finite during ``epoch`` (``broken``: their names on
-    this process; empty when another rank found them)."""
-    return NonFiniteLossError(
-        f"{session.label}: the weights turned non-finite during epoch {epoch} "
-        f"({', '.join(broken) or 'on another rank'}); training stopped "
-        f"({_kept_checkpoint(session.paths.checkpoints)}). Lower train.lr or set "
-        "train.grad_clip_norm."
-    )
-
-
-def _train_epoch(session: _Session, epoch: int, progress: bool) -> tuple[float, dict]:
-    """One pass over the training data; returns the mean loss and each head's accuracy over the
-    steps taken. A non-finite loss or gradient stops training or is skipped
-    (``train.on_nonfinite``)."""
-    from tqdm.auto import tqdm
-
-    config, model = session.config, session.model
-    model.train()
-    total_loss, seen = 0.0, 0
-    correct = {name: 0 for name in model.heads}
-    bar = tqdm(
-        session.train_loader,
-        desc=f"{session.label} epoch {epoch}/{config.epochs}",
-        disable=not progress,
-        leave=False,
-        unit="batch",
-    )
-    sampler = _prioritized(session)
-    for step, (images, labels, *indices) in enumerate(bar, start=1):
-        images, labels = images.to(session.device), labels.to(session.device)
-        if sampler is None:
-            loss, batch_correct = _batch_loss(model, images, labels, config.bf16, session.device)
-        else:  # the per-sample losses, weighted by importance; they become the new priorities
-            (indices,) = indices
-            rows, batch_correct = _batch_loss(
-                model, images, labels, config.bf16, session.device, reduction="none"
-            )
-            loss = (sampler.weights(indices).to(rows.device) * rows).mean()
-        if not _take_step(
-            session, loss, partial(_gradient_norm, model, config.grad_clip_norm), epoch, step
-        ):
-            continue
-        if sampler is not None:
-            sampler.update(indices, rows)
-        total_loss += float(loss.detach()) * len(labels)
-        seen += len(labels)
-        for name, value in batch_correct.items():
-            correct[name] += value
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    bar.close()
-    # Finite losses and gradients can still step the weights to inf (a huge learning rate):
-    # such a model is never checkpointed, so the last checkpoint stays a good one.
-    broken = _non_finite_tensors(model)
-    if broken:
-        raise _weights_broke(session, epoch, broken)
-    train_loss = total_loss / seen if seen else math.nan
-    return train_loss, {name: value / max(seen, 1) for name, value in correct.items()}
-
-
-def _watch_collapse(session: _Session, epoch: int) -> None:
+def watch_collapse(session: Session, epoch: int) -> None:
     """Apply ``train.collapse`` to the history: stop before this epoch's checkpoint (the last good
     one stays), or warn once and go on (``train.on_collapse``)."""
     config = session.config
@@ -690,48 +353,49 @@ def _watch_collapse(session: _Session, epoch: int) -> None:
     message = f"{session.label}: collapse at epoch {epoch}: {verdict}."
     if config.on_collapse == "stop":
         raise CollapseError(
-            f"{message} Training stopped ({_kept_checkpoint(session.paths.checkpoints)}). "
+            f"{message} Training stopped ({kept_checkpoint(session.checkpoints)}). "
             f"{REMEDY}; or set train.on_collapse: warn to train on."
         )
     if session.collapse_epoch == 0:
         session.collapse_epoch = epoch
-        _say(f"{message} Training goes on (train.on_collapse: warn). {REMEDY}.")
+        say(f"{message} Training goes on (train.on_collapse: warn). {REMEDY}.")
 
 
-def _save_checkpoint(session: _Session, epoch: int, extra: Mapping | None = None) -> None:
-    sampler = _prioritized(session)
-    atomic_save(
-        {
-            **(extra or {}),
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": session.fingerprint,
-            "epoch": epoch,
-            "model": session.model.state_dict(),
-            "optimizer": session.optimizer.state_dict(),
-            "scheduler": session.scheduler.state_dict(),
-            "rng": _rng_state(session.generator),
-            "history": session.history,
-            "skipped_steps": session.skipped_steps,
-            "collapse_epoch": session.collapse_epoch,
-            **({} if sampler is None else {"sampler": sampler.state_dict()}),
-        },
-        _checkpoint_path(session.paths.checkpoints, epoch),
-    )
-    _prune_checkpoints(session.paths.checkpoints, session.config.keep_checkpoints)
+def tsv(history: list[dict], columns: list[str]) -> str:
+    lines = ["\t".join(columns)]
+    for row in history:
+        lines.append("\t".join(format_value(row[c]) for c in columns))
+    return "\n".join(lines) + "\n"
 
 
-def _finish(session: _Session) -> dict:
-    """Write the model file, the final metrics and the plots; drop the checkpoints."""
+def format_value(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def write_plots(paths: TrainPaths, history: list[dict]) -> None:
+    columns = list(history[0])
+    loss = ["epoch"] + [c for c in columns if c.endswith("_loss")]
+    accuracy = ["epoch"] + [c for c in columns if "_accuracy" in c]
+    atomic_write_text(paths.loss_plot, tsv(history, loss))
+    atomic_write_text(paths.accuracy_plot, tsv(history, accuracy))
+    if paths.collapse_plot is not None:
+        collapse = ["epoch"] + [c for c in columns if c.startswith(COLLAPSE_COLUMNS)]
+        atomic_write_text(paths.collapse_plot, tsv(history, collapse))
+
+
+def finish(session: Session) -> dict:
+    """Write the model file (the full model), the final metrics and the plots; drop the
+    checkpoints."""
     config, paths = session.config, session.paths
     final = dict(session.history[-1])
     final["skipped_steps"] = session.skipped_steps
     final["collapse_epoch"] = session.collapse_epoch
     if session.collapse_room is not None:
         final["collapse_room"] = session.collapse_room
-    _write_plots(paths, session.history)
+    write_plots(paths, session.history)
     backbone_desc, heads_desc, image = session.descriptions
     model_file = model_document(
-        session.model,
+        session.full_model,
         item=session.item_name,
         backbone=backbone_desc,
         heads=heads_desc,
@@ -749,7 +413,7 @@ def _finish(session: _Session) -> dict:
     atomic_write_text(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # The model file now holds the result. Checkpoints only serve to resume an interrupted run;
     # kept, they would let a rerun after a code change "resume" a finished run instead of training.
-    _prune_checkpoints(paths.checkpoints, 0)
+    prune_checkpoints(paths.checkpoints, 0)
     return metrics
 
 
@@ -761,47 +425,51 @@ def train_item(
     *,
     run=None,
     progress: bool | None = None,
+    world: World = ONE_PROCESS,
 ) -> dict:
     """Train the item ``item_name`` of ``train.items`` on the manifest's train split (validating on
     val each epoch), resuming from a checkpoint when one fits; write the model, metrics and plots.
 
-    ``run`` is an optional :class:`angular.train.tracking.StageRun` (per-epoch metrics).
-    ``progress``: show a tqdm bar (default: when stderr is a terminal). Returns the final epoch's
-    metrics.
+    ``run`` is an optional :class:`angular.train.tracking.StageRun` (per-epoch metrics; rank 0's).
+    ``progress``: show a tqdm bar (default: when stderr is a terminal). ``world``: the processes
+    that train together (:class:`angular.train.world.ProcessGroup`: every rank calls this). Returns
+    the final epoch's metrics (on every rank).
     """
-    session = _set_up(params, item_name, manifest, paths)
-    _resume(session, run)
+    item = params.item(item_name)
+    if world.size > 1:
+        check_supported(params, item)
+    session = set_up(params, item_name, manifest, paths)
+    if world.size > 1:
+        session = spread_over(session, params, item, manifest, world)
+    resume(session, world, run)
     if progress is None:
         progress = sys.stderr.isatty()
     config = session.config
     started = time.perf_counter()
     for epoch in range(session.start_epoch + 1, config.epochs + 1):
-        train_loss, train_accuracy = _train_epoch(session, epoch, progress)
+        world.begin_epoch(session.train_loader, epoch)
+        train_loss, train_accuracy = train_epoch(
+            session, world, epoch, progress and world.rank == 0
+        )
         lr = session.optimizer.param_groups[0]["lr"]
         session.scheduler.step()
-        val_loss, val_accuracy, spread = _evaluate(
-            session.model, session.val_loader, config.bf16, session.device
-        )
-        row = _history_row(
-            epoch,
-            lr,
-            train_loss,
-            train_accuracy,
-            val_loss,
-            val_accuracy,
-            session.model,
-            spread,
-            session.item.joint,
-        )
+        row = validate(session, world, epoch, lr, train_loss, train_accuracy)
         session.history.append(row)
-        _watch_collapse(session, epoch)
-        _write_plots(paths, session.history)
-        _save_checkpoint(session, epoch)
+        watch_collapse(session, epoch)
+        if world.rank == 0:
+            write_plots(paths, session.history)
+        save_checkpoint(session, epoch, world)
         if run is not None:
             run.log_metrics({**row, "skipped_steps": session.skipped_steps}, step=epoch)
-        _say(
-            f"{session.label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "
-            f"acc {row['train_accuracy']:.4f} | val loss {val_loss:.4f} "
-            f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)"
-        )
-    return _finish(session)
+        if world.rank == 0:
+            say(
+                f"{session.label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "
+                f"acc {row['train_accuracy']:.4f} | val loss {row['val_loss']:.4f} "
+                f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)"
+            )
+    world.gather_heads(session.model, session.full_model)
+    # The model file is written before any rank drops its checkpoints.
+    metrics = world.from_rank_zero(partial(finish, session))
+    if world.size > 1:
+        shutil.rmtree(session.checkpoints, ignore_errors=True)
+    return metrics

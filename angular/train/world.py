@@ -1,68 +1,401 @@
-"""What the one-process training path knows of runs on several processes
-(:mod:`angular.train.distributed`), kept apart so that the stages that only read a model file do not
-depend on the distributed code: the failure of a worker, the per-rank checkpoint folders, and the
-refusal of checkpoints written with another world size (they are not resharded).
+"""The processes a training run spans: its *world* (README, Scaling out).
+
+:func:`angular.train.loop.train_item` is written once, for any world; what only several processes
+need sits behind :class:`World`, whose one-process implementation (:data:`ONE_PROCESS`) does
+nothing or the plain local thing, and whose :class:`ProcessGroup` does it over
+``torch.distributed``:
+
+- the model: :meth:`World.shard` keeps this rank's shard of each head
+  (:class:`angular.nn.sharded.ShardedMarginHead`) and runs the backbone in DDP (:meth:`World.embed`);
+- the data: :meth:`World.train_loader` gives each rank its share of each global batch (a
+  ``DistributedSampler`` with ``drop_last``, reshuffled by :meth:`World.begin_epoch`);
+- the numbers every rank must agree on: the whole model's gradient norm
+  (:meth:`World.gradient_norm`), the correct predictions over all classes (:meth:`World.correct`),
+  the smallest or largest of an integer (:meth:`World.min_int`, :meth:`World.max_int`: the epoch to
+  resume, weights that broke), the full heads (:meth:`World.gather_heads`) and what rank 0 alone
+  computes (:meth:`World.from_rank_zero`: validation, the model file).
+
+The launch of the workers is here too: :func:`launch` starts ``train.distributed.world_size``
+torchrun workers and raises :class:`WorkerError` naming the ranks that failed or ended without a
+report; each worker joins the process group with :func:`worker_group`, which yields its
+:class:`ProcessGroup` and leaves the report.
+
+Test hook: ``ANGULAR_TEST_WORKER_FAULT=<rank>:<raise|hang|kill>:<epoch>:<step>`` makes that rank
+raise, sleep for ever or SIGKILL itself before that training step
+(tests/distributed/test_distributed_train.py); unset, it costs one environment lookup per run.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from angular.config import ConfigError
+from angular.config import ConfigError, DistributedConfig
+from angular.files import atomic_write_text
+from angular.nn.recognition import RecognitionModel
+from angular.nn.sharded import ShardedMarginHead
+from angular.ops.sharded import all_gather_equal
+from angular.train.session import say
 
-__all__ = ["WorkerError", "rank_folder", "refuse_other_world_size"]
+__all__ = [
+    "WORKER_ENV",
+    "FAULT_ENV",
+    "WorkerError",
+    "World",
+    "ONE_PROCESS",
+    "ProcessGroup",
+    "is_worker",
+    "resolve_backend",
+    "launch",
+    "failure_message",
+    "worker_group",
+]
 
-RANK_FOLDER = "rank-{rank}-of-{world_size}"
+WORKER_ENV = "ANGULAR_DISTRIBUTED_WORKER"  # set by launch: this process is one of the workers
+REPORTS_ENV = "ANGULAR_WORKER_REPORTS"  # the folder where each worker leaves its report
+FAULT_ENV = "ANGULAR_TEST_WORKER_FAULT"  # test only, see the module doc
+REPORT_CHARS = 400
+
+T = TypeVar("T")
 
 
 class WorkerError(RuntimeError):
     """A worker of a distributed train stage failed, died or hung; the message names the ranks."""
 
 
-def rank_folder(checkpoints: Path, rank: int, world_size: int) -> Path:
-    """Where rank ``rank`` of ``world_size`` keeps its checkpoints (one process: ``checkpoints``)."""
-    if world_size == 1:
-        return checkpoints
-    return checkpoints / RANK_FOLDER.format(rank=rank, world_size=world_size)
+# --------------------------------------------------------------------------------------------------
+# The interface, and the world of one process.
 
 
-def _world_size_of(folder: Path) -> int | None:
-    parts = folder.name.split("-")  # rank-0-of-4
-    if len(parts) == 4 and parts[0] == "rank" and parts[2] == "of" and parts[3].isdigit():
-        return int(parts[3])
-    return None
+class World:
+    """One process: every method does the local thing (or nothing). :class:`ProcessGroup`
+    overrides them for several."""
+
+    size = 1
+    rank = 0
+
+    def shard(self, model: RecognitionModel, sample_rate: float, seed: int) -> RecognitionModel:
+        """The model this process trains (several: this rank's shard of each head, a DDP
+        backbone)."""
+        return model
+
+    def embed(self, model: RecognitionModel, images: torch.Tensor) -> torch.Tensor:
+        """The embeddings of a training batch."""
+        return model(images)
+
+    def train_loader(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
+        """The loader of this rank's share of each global batch (only called on several)."""
+        raise NotImplementedError("one process keeps the loader it has")
+
+    def begin_epoch(self, loader: DataLoader, epoch: int) -> None:
+        """Before each epoch's pass (several: reshuffle the distributed sampler)."""
+
+    def before_step(self, epoch: int, step: int) -> None:
+        """Before each training step (several: the test fault hook)."""
+
+    def gradient_norm(self, model: torch.nn.Module, clip: float | None) -> torch.Tensor:
+        """The total gradient norm, clipping the gradients to ``clip`` when it is set."""
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        if clip is not None:
+            return torch.nn.utils.clip_grad_norm_(parameters, clip)
+        if not parameters:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters])
+        )
+
+    def correct(self, head: torch.nn.Module, embeddings: torch.Tensor, labels) -> int:
+        """Correct arg-max predictions of ``head`` on the batch (``embeddings`` detached)."""
+        return int((head.cosine(embeddings).argmax(1) == labels).sum())
+
+    def min_int(self, value: int) -> int:
+        return value
+
+    def max_int(self, value: int) -> int:
+        return value
+
+    def gather_heads(self, model: RecognitionModel, full_model: RecognitionModel | None) -> None:
+        """Copy each head's shards into ``full_model`` (several: collective)."""
+
+    def from_rank_zero(self, compute: Callable[[], T]) -> T:
+        """``compute()`` on rank 0, its result on every rank."""
+        return compute()
 
 
-def refuse_other_world_size(
-    checkpoints: Path, base_fingerprint: str, world_size: int, label: str, pattern: str
-) -> None:
-    """Raise :class:`ConfigError` when ``checkpoints`` holds checkpoints (files ``pattern``) of these
-    same params (the one-process fingerprint ``base_fingerprint``) written with another world
-    size. Checkpoints of other params are left to the usual rule (dropped on start)."""
-    if not checkpoints.is_dir():
-        return
-    others = {} if world_size == 1 else {1: checkpoints}
-    for folder in checkpoints.glob(RANK_FOLDER.format(rank=0, world_size="*")):
-        other = _world_size_of(folder)
-        if other is not None and other != world_size:
-            others[other] = folder
-    for other, folder in sorted(others.items()):
-        newest = sorted(folder.glob(pattern))
-        if not newest:
-            continue
-        try:
-            state = torch.load(newest[-1], map_location="cpu", weights_only=True)
-        except Exception:  # unreadable: not a run to resume
-            continue
-        if not isinstance(state, dict):
-            continue
-        if state.get("base_fingerprint", state.get("fingerprint")) == base_fingerprint:
+ONE_PROCESS = World()
+
+
+# --------------------------------------------------------------------------------------------------
+# The world of several processes.
+
+
+class ProcessGroup(World):
+    """The ranks of the current process group; the collectives run on ``device``."""
+
+    def __init__(self, device: torch.device):
+        self.size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.device = device
+        self.fault = read_fault()
+        self.backbone: DistributedDataParallel | None = None
+
+    def shard(self, model: RecognitionModel, sample_rate: float, seed: int) -> RecognitionModel:
+        heads = {
+            name: ShardedMarginHead.from_head(head, sample_rate=sample_rate, generator_seed=seed)
+            for name, head in model.heads.items()
+        }
+        model = RecognitionModel(model.backbone, heads).to(self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.backbone = DistributedDataParallel(model.backbone, device_ids=device_ids)
+        return model
+
+    def embed(self, model: RecognitionModel, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)  # DDP around model.backbone (shard)
+
+    def train_loader(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
+        """``batch_size`` is the global batch. The ``N mod W`` images a shuffle leaves over are
+        dropped each epoch, so every rank has as many batches, of the same sizes (the sharded head
+        needs that)."""
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=self.size,
+            rank=self.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        per_rank = batch_size // self.size
+        return DataLoader(
+            dataset,
+            batch_size=per_rank,
+            sampler=sampler,
+            num_workers=num_workers,
+            drop_last=len(sampler) % per_rank == 1,  # a batch of one image would break batch norm
+        )
+
+    def begin_epoch(self, loader: DataLoader, epoch: int) -> None:
+        loader.sampler.set_epoch(epoch)
+
+    def before_step(self, epoch: int, step: int) -> None:
+        fault = self.fault
+        if fault is None or (fault[0], fault[2], fault[3]) != (self.rank, epoch, step):
+            return
+        kind = fault[1]
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            while True:
+                time.sleep(1.0)
+        raise RuntimeError(f"the test fault {FAULT_ENV}={os.environ[FAULT_ENV]}")
+
+    def gradient_norm(self, model: torch.nn.Module, clip: float | None) -> torch.Tensor:
+        """The gradient norm of the whole model (the backbone's gradients are the same on every
+        rank after DDP; the shards' squares are summed over the ranks), clipping as
+        clip_grad_norm_ does."""
+        shared = [p for p in model.backbone.parameters() if p.grad is not None]
+        shards = [p for p in model.heads.parameters() if p.grad is not None]
+
+        def squares(parameters) -> torch.Tensor:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for parameter in parameters:
+                total = total + parameter.grad.detach().float().pow(2).sum()
+            return total
+
+        shard_squares = squares(shards)
+        dist.all_reduce(shard_squares)
+        norm = (squares(shared) + shard_squares).sqrt()
+        if clip is not None:
+            coefficient = (clip / (norm + 1e-6)).clamp(max=1.0)
+            for parameter in shared + shards:
+                parameter.grad.detach().mul_(coefficient.to(parameter.grad.dtype))
+        return norm
+
+    @torch.no_grad()
+    def correct(self, head: torch.nn.Module, embeddings: torch.Tensor, labels) -> int:
+        """Over all C classes for the gathered batch (collective): each rank's best class in its
+        shard, then the best of the ranks (ties: the lowest class, as argmax)."""
+        gathered = torch.cat(all_gather_equal(embeddings.contiguous(), head.group))
+        gathered_labels = torch.cat(all_gather_equal(labels.contiguous(), head.group))
+        best, index = head.cosine(gathered).max(dim=1)
+        bests = torch.stack(all_gather_equal(best, head.group))
+        indices = torch.stack(all_gather_equal(index + head.class_start, head.group))
+        predicted = indices.gather(0, bests.argmax(dim=0, keepdim=True)).squeeze(0)
+        return int((predicted == gathered_labels).sum())
+
+    def min_int(self, value: int) -> int:
+        return self.all_reduce_int(value, dist.ReduceOp.MIN)
+
+    def max_int(self, value: int) -> int:
+        return self.all_reduce_int(value, dist.ReduceOp.MAX)
+
+    def all_reduce_int(self, value: int, op) -> int:
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return int(tensor.item())
+
+    @torch.no_grad()
+    def gather_heads(self, model: RecognitionModel, full_model: RecognitionModel | None) -> None:
+        """All-gather each head's shards (collective); rank 0 copies them, with the head's state,
+        into ``full_model``."""
+        for name, head in model.heads.items():
+            state = head.full_state_dict()
+            if full_model is not None:
+                full_model.heads[name].load_state_dict(state)
+
+    def from_rank_zero(self, compute: Callable[[], T]) -> T:
+        box: list = [compute() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def read_fault() -> tuple[int, str, int, int] | None:
+    """The test fault of ``ANGULAR_TEST_WORKER_FAULT`` (module doc), or None."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    target, kind, epoch, step = spec.split(":")
+    if kind not in ("raise", "hang", "kill"):
+        raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r} (raise, hang or kill)")
+    return int(target), kind, int(epoch), int(step)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto``: nccl on CUDA, gloo on CPU."""
+    if name == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if name == "nccl" and device.type != "cuda":
+        raise ConfigError(
+            "train.distributed.backend",
+            f"nccl needs CUDA devices, and this run trains on {device.type} (train.device): "
+            "use gloo or auto",
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# The launcher (the stage's own process).
+
+
+def is_worker() -> bool:
+    """Whether this process is one of the workers :func:`launch` started."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def python_path() -> str:
+    """The workers import what this process imports (the stage's package lives in the project)."""
+    entries = [os.environ.get("PYTHONPATH", ""), *sys.path]
+    return os.pathsep.join(entry for entry in entries if entry)
+
+
+def launch(module: str, arguments: Sequence[str], config: DistributedConfig, label: str) -> None:
+    """Run ``python -m module *arguments`` as ``config.world_size`` torchrun workers on this node
+    and wait; raise :class:`WorkerError` naming the ranks when the run fails."""
+    with tempfile.TemporaryDirectory(prefix="angular-workers-") as reports:
+        environment = {
+            **os.environ,
+            WORKER_ENV: "1",
+            REPORTS_ENV: reports,
+            "PYTHONPATH": python_path(),
+        }
+        # torchrun sets 1 itself, with a warning; train.num_threads sets torch's threads anyway.
+        environment.setdefault("OMP_NUM_THREADS", "1")
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={config.world_size}",
+            "--max-restarts=0",
+            "-m",
+            module,
+            *arguments,
+        ]
+        say(f"{label}: {config.world_size} workers: torchrun {' '.join(command[3:])}")
+        status = subprocess.run(command, env=environment, check=False).returncode
+        if status != 0:
+            raise WorkerError(failure_message(label, Path(reports), config.world_size, status))
+
+
+def failure_message(label: str, reports: Path, world_size: int, status: int) -> str:
+    """One line: the ranks that reported an error (the earliest first), then the silent ones."""
+    errors = []
+    for worker in range(world_size):
+        path = reports / f"rank-{worker}.error"
+        if path.is_file():
+            errors.append((path.stat().st_mtime_ns, worker, path.read_text(encoding="utf-8")))
+    reported = {worker for _, worker, _ in errors}
+    silent = [
+        worker
+        for worker in range(world_size)
+        if worker not in reported and not (reports / f"rank-{worker}.done").exists()
+    ]
+    parts = [f"rank {worker}: {message}" for _, worker, message in sorted(errors)]
+    if silent:
+        names = ", ".join(str(worker) for worker in silent)
+        parts.append(
+            f"rank{'s' if len(silent) > 1 else ''} {names} ended without a report (killed, e.g. "
+            "SIGKILL or out of memory, or hung or waiting and stopped by torchrun)"
+        )
+    if not parts:
+        parts.append("no worker reported anything")
+    return f"{label}: the distributed run failed (torchrun exit status {status}): " + "; ".join(
+        parts
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# A worker.
+
+
+def report(kind: str, text: str) -> None:
+    """Leave this worker's report (``error`` or ``done``) where :func:`launch` reads it."""
+    folder = os.environ.get(REPORTS_ENV)
+    if folder:
+        atomic_write_text(Path(folder) / f"rank-{os.environ.get('RANK', '0')}.{kind}", text)
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) > REPORT_CHARS:
+        text = text[: REPORT_CHARS - 3] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
+@contextmanager
+def worker_group(config: DistributedConfig, device: torch.device) -> Iterator[ProcessGroup]:
+    """Join the torchrun workers' process group (the collectives time out after
+    ``config.timeout_s``); yields this rank's :class:`ProcessGroup`. Leaves the report
+    :func:`launch` reads."""
+    try:
+        backend = resolve_backend(config.backend, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+        if dist.get_world_size() != config.world_size:
             raise ConfigError(
                 "train.distributed.world_size",
-                f"{label}: {checkpoints} holds the checkpoints of an interrupted run of these "
-                f"params with world_size {other}, and this run has {world_size}; sharded "
-                f"checkpoints are not resharded. Set train.distributed.world_size: {other} to "
-                f"resume that run, or delete {checkpoints} to start afresh",
+                f"is {config.world_size}, but torchrun started {dist.get_world_size()} workers "
+                "(--nnodes x --nproc-per-node): make them equal",
             )
+        yield ProcessGroup(device)
+    except BaseException as error:
+        report("error", one_line(error))
+        raise
+    else:
+        report("done", "")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -18,14 +18,14 @@ from angular.config import ConfigError, parse_params
 from angular.data import read_manifest
 from angular.nn.adaptive import ADAPTIVE_HEADS, CurricularFace
 from angular.nn.recognition import load_model
-from angular.train import distributed, world
+from angular.train import checkpoint, world
 from angular.train import loop as training
 from pipeline import EXIT_CONFIG, EXIT_FAILURE, run_stage
 from pipeline import train as train_stage
 
 MODEL = "outputs/models/arcface.pt"
 CHECKPOINTS = "outputs/checkpoints/arcface"
-PATTERN = training.CHECKPOINT_PATTERN
+PATTERN = checkpoint.CHECKPOINT_PATTERN
 
 
 def distributed_raw(**overrides) -> dict:
@@ -59,7 +59,7 @@ def test_a_sigkilled_worker_fails_the_stage_and_a_rerun_resumes_to_the_same_mode
     capfd.readouterr()
 
     # Rank 1 SIGKILLs itself in epoch 2: rank 0 fails on its next collective.
-    monkeypatch.setenv(distributed.FAULT_ENV, "1:kill:2:3")
+    monkeypatch.setenv(world.FAULT_ENV, "1:kill:2:3")
     assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
     message = last_line(capfd)
     assert "rank 1 ended without a report" in message and "SIGKILL" in message, message
@@ -74,7 +74,7 @@ def test_a_sigkilled_worker_fails_the_stage_and_a_rerun_resumes_to_the_same_mode
     assert "train.distributed.world_size" in message and "world_size 2" in message, message
     assert (project / CHECKPOINTS / "rank-1-of-2" / "epoch-0001.pt").is_file()
 
-    monkeypatch.delenv(distributed.FAULT_ENV)
+    monkeypatch.delenv(world.FAULT_ENV)
     write_params(project, distributed_raw())
     assert run_stage(train_stage.main, ["arcface"]) == 0
     assert "resuming after epoch 1 of 3" in capfd.readouterr().err
@@ -114,7 +114,7 @@ def test_a_worker_that_raises_or_hangs_fails_the_stage_naming_its_rank(
     project, monkeypatch, capfd, fault, named
 ):
     write_params(project, distributed_raw(train__epochs=1, train__distributed__timeout_s=5.0))
-    monkeypatch.setenv(distributed.FAULT_ENV, fault)
+    monkeypatch.setenv(world.FAULT_ENV, fault)
     assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
     message = last_line(capfd)
     assert message.startswith("error: train@arcface: the distributed run failed"), message
@@ -149,7 +149,7 @@ def test_what_several_processes_cannot_train_is_refused_before_any_worker_starts
 def test_every_adaptive_head_may_train_on_several_processes():
     for name in ADAPTIVE_HEADS:
         params = parse_params(distributed_raw(train__items=[name]))
-        distributed.check_supported(params, params.item(name))
+        training.check_supported(params, params.item(name))
 
 
 def test_a_joint_item_with_fused_linear_is_refused_by_its_head_key():
@@ -157,13 +157,13 @@ def test_a_joint_item_with_fused_linear_is_refused_by_its_head_key():
     raw["heads"]["joint"]["heads"]["cosface"]["fused_linear"] = True
     params = parse_params(raw)
     with pytest.raises(ConfigError) as caught:
-        distributed.check_supported(params, params.item("joint"))
+        training.check_supported(params, params.item("joint"))
     assert caught.value.key == "heads.joint.heads.cosface.fused_linear"
 
 
 def save_checkpoint(path, **state) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": training.CHECKPOINT_FORMAT, "epoch": 1, **state}, path)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "epoch": 1, **state}, path)
 
 
 @pytest.mark.parametrize(("written", "running"), [(1, 2), (2, 1), (4, 2)])
@@ -173,18 +173,18 @@ def test_checkpoints_of_another_world_size_are_refused_naming_both(tmp_path, wri
     key = "fingerprint" if written == 1 else "base_fingerprint"
     save_checkpoint(where / "epoch-0001.pt", **{key: "these-params"})
     with pytest.raises(ConfigError) as caught:
-        world.refuse_other_world_size(folder, "these-params", running, "train@x", PATTERN)
+        checkpoint.refuse_other_world_size(folder, "these-params", running, "train@x", PATTERN)
     assert caught.value.key == "train.distributed.world_size"
     assert f"world_size {written}, and this run has {running}" in str(caught.value)
     # Checkpoints of other params, or of this world size, are no reason to refuse.
-    world.refuse_other_world_size(folder, "other-params", running, "train@x", PATTERN)
-    world.refuse_other_world_size(folder, "these-params", written, "train@x", PATTERN)
+    checkpoint.refuse_other_world_size(folder, "other-params", running, "train@x", PATTERN)
+    checkpoint.refuse_other_world_size(folder, "these-params", written, "train@x", PATTERN)
 
 
 def test_the_failure_names_the_ranks_that_reported_first_then_the_silent_ones(tmp_path):
     (tmp_path / "rank-2.error").write_text("RuntimeError: gloo timed out", encoding="utf-8")
     (tmp_path / "rank-0.done").write_text("", encoding="utf-8")
-    message = distributed._failure("train@x", tmp_path, 4, 1)
+    message = world.failure_message("train@x", tmp_path, 4, 1)
     assert message.startswith("train@x: the distributed run failed (torchrun exit status 1): ")
     assert "rank 2: RuntimeError: gloo timed out; ranks 1, 3 ended without a report" in message
     assert "rank 0" not in message
@@ -197,7 +197,7 @@ def test_one_process_fingerprints_ignore_the_distributed_section(digits_prepared
         params = parse_params(tiny_raw(**overrides))
         item = params.item("arcface")
         model = training.build_model(*training.describe_model(params, item)[:2], 8)
-        return training._fingerprint(params, item, manifest, model)
+        return checkpoint.fingerprint(params, item, manifest, model)
 
     one = fingerprint()
     assert fingerprint(train__distributed__backend="gloo", train__distributed__timeout_s=9.0) == one

@@ -32,7 +32,7 @@ from reliability_testing import (
     write_params,
 )
 
-from angular.train import loop as training
+from angular.train import epoch as training_epoch
 from pipeline import EXIT_FAILURE, run_stage
 from pipeline import prepare as prepare_stage
 from pipeline import train as train_stage
@@ -138,7 +138,7 @@ def test_a_required_store_that_fails_stops_the_stage_before_training(project):
 
 def test_a_stage_that_fails_ends_its_run_failed_and_the_store_lists_it(project, store, capsys):
     write_params(project, tracked_params(store, train__epochs=2))
-    original = training._batch_loss
+    original = training_epoch.batch_loss
     calls = {"n": 0}
 
     def nan_in_epoch_two(model, *args, **kwargs):
@@ -148,7 +148,7 @@ def test_a_stage_that_fails_ends_its_run_failed_and_the_store_lists_it(project, 
 
     # Its own patcher: undoing the fixtures' one would also undo the chdir into the project.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "_batch_loss", nan_in_epoch_two)
+        patch.setattr(training_epoch, "batch_loss", nan_in_epoch_two)
         assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
     assert "the loss is nan at epoch 2, step 5" in capsys.readouterr().err
 

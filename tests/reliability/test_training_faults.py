@@ -38,8 +38,11 @@ from reliability_testing import (
 
 from angular.config import parse_params
 from angular.data import read_manifest
+from angular.train import checkpoint
+from angular.train import epoch as training_epoch
 from angular.train import loop as training
-from angular.train.loop import NonFiniteLossError, train_item
+from angular.train.epoch import NonFiniteLossError
+from angular.train.loop import train_item
 
 EPOCHS = 3
 
@@ -66,7 +69,7 @@ def fault_at_training_batches(
     """Count training batches (1-based, over epochs) of the next run: make the loss NaN at the
     ``nan`` ones, its gradient infinite at the ``inf_grad`` ones, and raise :class:`Interrupt`
     at ``interrupt``."""
-    original_batch_loss = training._batch_loss
+    original_batch_loss = training_epoch.batch_loss
     count = {"n": 0}
 
     def batch_loss(model, *args, **kwargs):
@@ -81,7 +84,7 @@ def fault_at_training_batches(
             loss = InfiniteGradient.apply(loss)
         return loss, correct
 
-    monkeypatch.setattr(training, "_batch_loss", batch_loss)
+    monkeypatch.setattr(training_epoch, "batch_loss", batch_loss)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +171,7 @@ class RunsCode:
 
 def code_pickle(path: Path) -> str:
     torch.save(
-        {"format": training.CHECKPOINT_FORMAT, "payload": RunsCode(path.parent / "pwned")}, path
+        {"format": checkpoint.CHECKPOINT_FORMAT, "payload": RunsCode(path.parent / "pwned")}, path
     )
     return "is unreadable"
 
@@ -373,7 +376,7 @@ def test_infinite_gradients_are_skipped_and_counted_without_clipping(runs, tmp_p
 def test_weights_that_turn_non_finite_are_never_checkpointed(runs, tmp_path, monkeypatch, capsys):
     """Finite losses and gradients, but a step leaves an infinite weight (as a huge learning rate
     can) at the last step of epoch 2: epoch 2 is not checkpointed, epoch 1 stays the last one."""
-    original = training._make_optimizer
+    original = training.make_optimizer
 
     def poisoning_optimizer(config, parameters):
         optimizer = original(config, parameters)
@@ -388,7 +391,7 @@ def test_weights_that_turn_non_finite_are_never_checkpointed(runs, tmp_path, mon
         optimizer.register_step_post_hook(after_step)
         return optimizer
 
-    monkeypatch.setattr(training, "_make_optimizer", poisoning_optimizer)
+    monkeypatch.setattr(training, "make_optimizer", poisoning_optimizer)
     paths = paths_in(tmp_path)
     with pytest.raises(NonFiniteLossError) as caught:
         train_item(runs["params"], "arcface", runs["manifest"], paths)

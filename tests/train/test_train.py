@@ -22,6 +22,7 @@ from angular.data import read_manifest
 from angular.nn.heads import MarginHead
 from angular.nn.recognition import load_model
 from angular.serve.inference import run_model
+from angular.train import epoch as training_epoch
 from angular.train import loop as training
 from angular.train.collapse import CollapseError
 from angular.train.loop import train_item
@@ -35,7 +36,7 @@ class Interrupt(BaseException):
 
 def interrupt_training_at(monkeypatch, call: int) -> None:
     """Raise :class:`Interrupt` on the ``call``-th training batch (1-based, counted over epochs)."""
-    original = training._batch_loss
+    original = training_epoch.batch_loss
     count = {"n": 0}
 
     def counting(model, *args, **kwargs):
@@ -45,7 +46,7 @@ def interrupt_training_at(monkeypatch, call: int) -> None:
                 raise Interrupt
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(training, "_batch_loss", counting)
+    monkeypatch.setattr(training_epoch, "batch_loss", counting)
 
 
 def test_one_epoch_through_the_stage_writes_a_model_loadable_without_params(project):
@@ -302,7 +303,7 @@ def centres_collapse_at_epoch(monkeypatch, epoch: int) -> None:
         calls["n"] += 1
         return 0.97 if calls["n"] >= epoch else 0.0
 
-    monkeypatch.setattr(training, "centre_cosine", scripted)
+    monkeypatch.setattr(training_epoch, "centre_cosine", scripted)
 
 
 def test_a_collapse_stops_training_keeping_the_last_good_checkpoint(project, monkeypatch):

@@ -1,0 +1,71 @@
+"""What one training run holds: the files it writes (:class:`TrainPaths`) and its state between the
+phases of :func:`angular.train.loop.train_item` (:class:`Session`: set up, resume, epochs, finish),
+shared by the modules of those phases; and :func:`say`, the one way training speaks to the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from angular.config import TrainConfig, TrainItem
+from angular.nn.recognition import RecognitionModel
+from angular.train.sampler import PrioritizedSampler
+
+__all__ = ["TrainPaths", "Session", "say"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPaths:
+    model: Path  # the final model file
+    checkpoints: Path  # folder of per-epoch checkpoints
+    metrics: Path  # JSON: final epoch's metrics
+    loss_plot: Path  # TSV: train and val loss per epoch (DVC plots)
+    accuracy_plot: Path  # TSV: train and val accuracy per epoch (DVC plots)
+    collapse_plot: Path | None = None  # TSV: centre cosine and embedding spread per epoch
+
+
+@dataclasses.dataclass
+class Session:
+    """What one training run holds between its phases. On several processes ``model`` is this
+    rank's model (its shard of each head) and ``full_model`` the whole one that rank 0 validates
+    and saves (None on the other ranks); on one process they are the same model."""
+
+    label: str
+    item_name: str
+    item: TrainItem
+    config: TrainConfig
+    device: torch.device
+    model: RecognitionModel
+    full_model: RecognitionModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    train_loader: DataLoader
+    val_loader: DataLoader
+    descriptions: tuple[dict, dict, dict]  # backbone, heads, image (for the model file)
+    fingerprint: str  # of this run: checkpoints of another are not resumed
+    base_fingerprint: str  # of these params on one process: refuses another world size's files
+    paths: TrainPaths
+    checkpoints: Path  # this process's checkpoint folder (paths.checkpoints on one process)
+    keep_checkpoints: int
+    classes: tuple[str, ...]
+    history: list[dict] = dataclasses.field(default_factory=list)
+    skipped_steps: int = 0
+    start_epoch: int = 0
+    collapse_epoch: int = 0  # the first epoch the monitor flagged (on_collapse: warn); 0: none
+    collapse_room: float | None = None  # the smallest room of the item's heads (None: no bound)
+
+    def prioritized(self) -> PrioritizedSampler | None:
+        """The prioritized sampler of the training data (``train.sampler: prioritized``), or None."""
+        sampler = self.train_loader.batch_sampler
+        return sampler if isinstance(sampler, PrioritizedSampler) else None
+
+
+def say(message: str) -> None:
+    """A line for the user on stderr (progress, resumes, warnings)."""
+    print(message, file=sys.stderr, flush=True)
