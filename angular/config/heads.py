@@ -1,10 +1,16 @@
 """The ``heads`` section: each ``heads.<name>`` is a margin head, whose fields depend on its
 ``type``, or a ``joint`` group of heads sharing one backbone; validated, :attr:`Params.heads`
-holds one :class:`TrainItem` per name (:data:`HeadEntries`)."""
+holds one :class:`TrainItem` per name (:data:`HeadEntries`).
+
+The head models are generated from the head registry (:data:`angular.nn.registry.HEADS`), one per
+registered type and in its order: ``type``, ``s``, ``straight_through`` and ``fused_linear``, then
+the type's options, each typed by its rule (:func:`field_type`), the model described by the type's
+formula. A new head registered in angular.nn appears here and in the JSON schema by itself.
+"""
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import torch
 from pydantic import (
@@ -13,20 +19,23 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    create_model,
     model_validator,
 )
 
 from angular.config.items import HeadConfig, TrainItem
 from angular.config.rules import TAG, Section, describe, flag, integer, must, number, problem
-from angular.nn.adaptive import ADAPTIVE_HEADS, build_adaptive_head
-from angular.nn.heads import PRESETS, LambdaSchedule, MarginSpec
+from angular.nn import HEADS, build_adaptive_head
+from angular.nn.heads import MarginSpec
+from angular.nn.registry import Flag, Group, HeadType, Integer, Number
 
-HEAD_TYPES = (*PRESETS, *ADAPTIVE_HEADS)  # arcface, cosface, sphereface, combined, adaface, ...
+HEAD_TYPES = tuple(HEADS)  # arcface, cosface, sphereface, combined, adaface, ...
 JOINT = "joint"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _HEAD_NAMES = Field(
     json_schema_extra={"propertyNames": {"pattern": _NAME.pattern}, "minProperties": 1}
 )
+_COMMON = ("type", "s", "straight_through", "fused_linear")
 
 
 class _Head(Section):
@@ -44,65 +53,15 @@ class _Head(Section):
             margin=self.margin(),
             straight_through=self.straight_through,
             fused_linear=self.fused_linear,
-            options=self.options(),
+            options=self.options() if HEADS[self.type].adaptive else {},
         )
 
     def options(self) -> dict[str, Any]:
-        return {}
-
-
-class ArcFaceHead(_Head):
-    """cos(theta + m)."""
-
-    type: Literal["arcface"]
-    m: number(0.0)
+        """The type's registered options, as the head's constructor takes them."""
+        return self.model_dump(exclude=set(_COMMON))
 
     def margin(self) -> MarginSpec:
-        return MarginSpec.arcface(self.s, self.m)
-
-
-class CosFaceHead(_Head):
-    """cos(theta) - m."""
-
-    type: Literal["cosface"]
-    m: number(0.0)
-
-    def margin(self) -> MarginSpec:
-        return MarginSpec.cosface(self.s, self.m)
-
-
-class SphereFaceLambda(Section):
-    """lam = max(min, base (1 + gamma step)^-power)."""
-
-    base: number(0.0)
-    gamma: number(0.0)
-    power: number(0.0)
-    min: number(0.0)
-
-
-class SphereFaceHead(_Head):
-    """cos(m theta), annealed by lam."""
-
-    type: Literal["sphereface"]
-    m: number(0.0, low_open=True)
-    lam: SphereFaceLambda
-
-    def margin(self) -> MarginSpec:
-        lam = self.lam
-        schedule = LambdaSchedule(lam.base, lam.gamma, lam.power, lam.min)
-        return MarginSpec.sphereface(self.s, self.m, schedule)
-
-
-class CombinedHead(_Head):
-    """cos(m1 theta + m2) - m3."""
-
-    type: Literal["combined"]
-    m1: number(0.0, low_open=True)
-    m2: number(0.0)
-    m3: number()
-
-    def margin(self) -> MarginSpec:
-        return MarginSpec.combined(self.s, self.m1, self.m2, self.m3)
+        return HEADS[self.type].margin(self.s, self.options())
 
 
 def _by_type(value) -> str | None:
@@ -147,15 +106,8 @@ def _head_names(empty: str) -> BeforeValidator:
 
 
 class _AdaptiveHead(_Head):
-    """A head of angular.nn.adaptive: its fields besides type, s, straight_through and
-    fused_linear are its constructor's options, which it checks itself (e.g. MagFace's lambda_g
-    bound)."""
-
-    def options(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"type", "s", "straight_through", "fused_linear"})
-
-    def margin(self) -> MarginSpec:
-        return ADAPTIVE_HEADS[self.type].margin_spec(self.s, self.options())
+    """A head of angular.nn.adaptive: its options are its constructor's, which it checks itself
+    (e.g. MagFace's lambda_g bound)."""
 
     @model_validator(mode="after")
     def _head_accepts(self):
@@ -175,71 +127,37 @@ class _AdaptiveHead(_Head):
         return self
 
 
-class AdaFaceHead(_AdaptiveHead):
-    """cos(theta - m ms) - (m + m ms), ms = clip(h (|x| - mean) / (std + 1e-3), -1, 1)."""
-
-    type: Literal["adaface"]
-    m: number(0.0)
-    h: number(0.0)
-    t_alpha: number(0.0, 1.0)
-
-
-class ElasticArcFaceHead(_AdaptiveHead):
-    """cos(theta + m_i), m_i ~ N(m, std) per sample."""
-
-    type: Literal["elasticface_arc"]
-    m: number(0.0)
-    std: number(0.0)
-    plus: flag()
+def field_type(rule: Number | Integer | Flag | Group) -> Any:
+    """The config's field type (with its error wording) for a registered option's rule."""
+    if isinstance(rule, Number):
+        return number(rule.low, rule.high, low_open=rule.low_open, high_open=rule.high_open)
+    if isinstance(rule, Integer):
+        return integer(rule.low)
+    if isinstance(rule, Flag):
+        return flag()
+    fields = {option.name: (field_type(option.rule), ...) for option in rule.options}
+    return create_model(
+        rule.title, __base__=Section, __doc__=rule.doc, __module__=__name__, **fields
+    )
 
 
-class ElasticCosFaceHead(_AdaptiveHead):
-    """cos(theta) - m_i, m_i ~ N(m, std) per sample."""
-
-    type: Literal["elasticface_cos"]
-    m: number(0.0)
-    std: number(0.0)
-    plus: flag()
-
-
-class MagFaceHead(_AdaptiveHead):
-    """cos(theta + m(a)) + lambda_g g(a), a = clamp(|x|, l_a, u_a)."""
-
-    type: Literal["magface"]
-    l_a: number(0.0, low_open=True)
-    u_a: number(0.0, low_open=True)
-    l_m: number(0.0)
-    u_m: number(0.0)
-    lambda_g: number(0.0)
+def head_model(head: HeadType) -> type[_Head]:
+    """The config model of a registered head type: every option required."""
+    fields = {option.name: (field_type(option.rule), ...) for option in head.options}
+    return create_model(
+        head.title,
+        __base__=_AdaptiveHead if head.adaptive else _Head,
+        __doc__=head.formula,
+        __module__=__name__,
+        type=(Literal[head.name], ...),
+        **fields,
+    )
 
 
-class CurricularFaceHead(_AdaptiveHead):
-    """cos(theta + m); hard negatives cos_j (t + cos_j)."""
-
-    type: Literal["curricularface"]
-    m: number(0.0)
-
-
-class SubCenterArcFaceHead(_AdaptiveHead):
-    """cos(theta + m) on the max over k sub-centres per class."""
-
-    type: Literal["subcenter_arcface"]
-    m: number(0.0)
-    k: integer(1)
-
-
-_MARGIN_HEADS = (
-    Annotated[ArcFaceHead, Tag(f"{TAG}arcface")]
-    | Annotated[CosFaceHead, Tag(f"{TAG}cosface")]
-    | Annotated[SphereFaceHead, Tag(f"{TAG}sphereface")]
-    | Annotated[CombinedHead, Tag(f"{TAG}combined")]
-    | Annotated[AdaFaceHead, Tag(f"{TAG}adaface")]
-    | Annotated[ElasticArcFaceHead, Tag(f"{TAG}elasticface_arc")]
-    | Annotated[ElasticCosFaceHead, Tag(f"{TAG}elasticface_cos")]
-    | Annotated[MagFaceHead, Tag(f"{TAG}magface")]
-    | Annotated[CurricularFaceHead, Tag(f"{TAG}curricularface")]
-    | Annotated[SubCenterArcFaceHead, Tag(f"{TAG}subcenter_arcface")]
-)
+HEAD_MODELS = {name: head_model(head) for name, head in HEADS.items()}
+_MARGIN_HEADS = Union[  # noqa: UP007 (a union of a computed tuple)
+    tuple(Annotated[model, Tag(f"{TAG}{name}")] for name, model in HEAD_MODELS.items())
+]
 MarginHeadSpec = Annotated[_MARGIN_HEADS, Discriminator(_by_type), _typed(HEAD_TYPES)]
 
 
@@ -284,3 +202,17 @@ HeadEntries = Annotated[
     _HEAD_NAMES,
     AfterValidator(_train_items),
 ]
+
+
+# The generated models under the names angular.config exports.
+ArcFaceHead = HEAD_MODELS["arcface"]
+CosFaceHead = HEAD_MODELS["cosface"]
+SphereFaceHead = HEAD_MODELS["sphereface"]
+SphereFaceLambda = SphereFaceHead.model_fields["lam"].annotation
+CombinedHead = HEAD_MODELS["combined"]
+AdaFaceHead = HEAD_MODELS["adaface"]
+ElasticArcFaceHead = HEAD_MODELS["elasticface_arc"]
+ElasticCosFaceHead = HEAD_MODELS["elasticface_cos"]
+MagFaceHead = HEAD_MODELS["magface"]
+CurricularFaceHead = HEAD_MODELS["curricularface"]
+SubCenterArcFaceHead = HEAD_MODELS["subcenter_arcface"]
