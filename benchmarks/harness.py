@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from angular import ops
-from angular.ops import _extension, linear
+from angular.ops import linear
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -182,18 +182,18 @@ def available_memory_bytes() -> int:
 
 
 def extension_status() -> tuple[bool, str]:
-    """``(loaded, reason)`` of the compiled extension ``angular._C``."""
-    return _extension.load()
+    """``(loaded, reason)`` of the compiled extension ``angular.ops._C``."""
+    return ops.extension_status()
 
 
 def has_fused_kernel(device: str) -> bool:
     """Whether the extension has the margin kernels for ``device`` tensors."""
-    return _extension.has_kernel(device)
+    return ops.has_fused_kernel(device)
 
 
 def has_fused_linear_kernel(device: str) -> bool:
     """Whether the extension has the fused linear + margin kernel for ``device`` tensors."""
-    return linear._has_kernel(device)
+    return linear.has_kernel(device)
 
 
 def fused_unavailable_reason(device: str) -> str | None:

@@ -2,7 +2,7 @@
 providers, the random inputs they run on, and the measurement of one provider on one configuration
 (benchmarks/README.md, ``bench_margin.py``).
 
-- ``fused``: ``angular.ops`` served by the compiled extension (``angular._C``), what users call;
+- ``fused``: ``angular.ops`` served by the compiled extension (``angular.ops._C``), what users call;
   unavailable, with the reason, when the extension has no kernel for the device.
 - ``reference``: ``angular.ops.reference`` (the margin on the B target entries only, then
   ``F.cross_entropy``).

@@ -3,6 +3,8 @@
 
 Imports nothing above it: no training, tracking or plotting code."""
 
+from angular.ops._extension import has_kernel as has_fused_kernel
+from angular.ops._extension import load as extension_status
 from angular.ops.linear import linear_margin_cross_entropy
 from angular.ops.margin import (
     FLOAT_DTYPES,
@@ -21,6 +23,8 @@ __all__ = [
     "backend",
     "check_margin",
     "check_number",
+    "extension_status",
+    "has_fused_kernel",
     "linear_margin_cross_entropy",
     "margin_cross_entropy",
     "margin_logits",

@@ -87,7 +87,8 @@ def _check_tensors(x, weight, labels) -> None:
             raise ValueError(f"labels must be < C = {classes}, got a label {largest}")
 
 
-def _has_kernel(device_type: str) -> bool:
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension has the fused linear + margin kernel for ``device_type`` tensors."""
     loaded, _ = _extension.load()
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if not loaded or key is None or not hasattr(torch.ops.angular, "linear_margin_cross_entropy"):
@@ -97,7 +98,7 @@ def _has_kernel(device_type: str) -> bool:
 
 @torch.compiler.assume_constant_result
 def _fused_for(device_type: str) -> bool:
-    if _has_kernel(device_type):
+    if has_kernel(device_type):
         _register_python_parts()
         return True
     loaded, reason = _extension.load()
