@@ -2,6 +2,10 @@
 PRESETS, ADAPTIVE_HEADS and the sharded head's rule follow from the classes."""
 
 import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ from angular.nn import (
     SubCenterArcFace,
 )
 from angular.nn.registry import Group, Number, Option, register_head
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_head_type_is_registered_once_presets_first():
@@ -111,3 +117,68 @@ def test_a_margin_head_without_centres_draws_nothing():
     head = SphereFace(8, 100, centres=False)
     assert head.weight is None and list(head.state_dict()) == ["step"]
     assert torch.equal(torch.get_rng_state(), before)
+
+
+NEW_HEAD = """
+import json
+
+from angular.nn.heads import MarginHead, MarginSpec
+from angular.nn.registry import Number, Option, register_head
+
+
+@register_head(
+    "halfarc", options=(Option("m", 0.25, Number(low=0.0, high=1.0)),), formula="cos(theta + m/2)."
+)
+class HalfArc(MarginHead):
+    def __init__(self, embedding_dim, num_classes, s=64.0, m=0.25, **kw):
+        super().__init__(embedding_dim, num_classes, MarginSpec.arcface(s, m / 2), **kw)
+
+    @classmethod
+    def margin_spec(cls, s, options):
+        return MarginSpec.arcface(s, options["m"] / 2)
+
+
+from angular.config import HEAD_TYPES, ConfigError, parse_params, params_schema, read_yaml
+
+schema = json.loads(params_schema())
+print(HEAD_TYPES[-1])
+print(json.dumps(schema["$defs"]["HalfArcHead"], sort_keys=True))
+raw = read_yaml(open("params.yaml", encoding="utf-8").read())
+raw["heads"] = {"h": {"type": "halfarc", "s": 30.0, "m": 0.5}}
+raw["train"]["items"] = ["h"]
+print(parse_params(raw).heads["h"].heads["h"].margin == MarginSpec.arcface(30.0, 0.25))
+raw["heads"]["h"]["m"] = 2
+try:
+    parse_params(raw)
+except ConfigError as error:
+    print(error)
+"""
+
+
+def test_a_head_registered_in_one_place_appears_in_the_config_and_its_schema():
+    done = subprocess.run(
+        [sys.executable, "-c", NEW_HEAD],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    last, model, margin, error = done.stdout.splitlines()
+    assert last == "halfarc"
+    assert json.loads(model) == {
+        "additionalProperties": False,
+        "description": "cos(theta + m/2).",
+        "properties": {
+            "type": {"const": "halfarc", "type": "string"},
+            "s": {"exclusiveMinimum": 0.0, "type": "number"},
+            "straight_through": {"default": False, "type": "boolean"},
+            "fused_linear": {"anyOf": [{"type": "boolean"}, {"type": "null"}], "default": None},
+            "m": {"maximum": 1.0, "minimum": 0.0, "type": "number"},
+        },
+        "required": ["type", "s", "m"],
+        "title": "HalfArcHead",
+        "type": "object",
+    }
+    assert margin == "True"
+    assert error == "heads.h.m: must be a number in [0, 1], got 2"
