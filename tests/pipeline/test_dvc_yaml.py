@@ -80,7 +80,7 @@ DATA_DEPS = {
 @pytest.mark.parametrize("name", list(STAGE_MODULES))
 def test_deps_are_the_code_the_stage_imports(name):
     code = closure(Path(STAGE_MODULES[name].__file__))
-    assert "pipeline/__init__.py" in code and "angular/config.py" in code
+    assert "pipeline/__init__.py" in code and "angular/config/__init__.py" in code
     assert set(paths(stage(name)["deps"])) == code | DATA_DEPS[name]
 
 
