@@ -114,58 +114,18 @@ def evaluate_models(
     }
     included = select_members(val_accuracy, config.members.rule, config.members.threshold)
     ensemble_members = [name for name in member_probs if included[name]]
-    results: dict = {
-        "heads": {},
-        "ensembles": {},
+    halves = unknown_halves(first["unknown"].identities, config.verification.seed)
+    heads, ensembles = _classification_results(
+        member_probs, raw_probs_test, ensemble_members, labels, halves, classes, config, plots_dir
+    )
+    results = {
+        "heads": heads,
+        "ensembles": ensembles,
         "members": {
             name: {"val_accuracy": val_accuracy[name], "in_ensemble": included[name]}
             for name in member_probs
         },
     }
-    halves = unknown_halves(first["unknown"].identities, config.verification.seed)
-    ensembles, ensemble_temperature = _ensembles(
-        member_probs, ensemble_members, labels, config, len(classes)
-    )
-    roc_curves = {}
-    for name, (probs, predicted, confidence) in _candidates(member_probs, ensembles).items():
-        result = scores(probs, predicted, confidence, labels, config, halves)
-        if name in member_probs:
-            result["ece_uncalibrated"] = expected_calibration_error(
-                raw_probs_test[name], labels["test"], config.n_bins
-            )
-            results["heads"][name] = result
-        else:
-            rule = name.removeprefix("ensemble_")
-            if rule in ensemble_temperature:
-                temperature, untempered = ensemble_temperature[rule]
-                result["temperature"] = temperature
-                result["ece_uncalibrated"] = expected_calibration_error(
-                    untempered, labels["test"], config.n_bins
-                )
-            results["ensembles"][rule] = result
-        _plots_for(
-            name,
-            predicted,
-            confidence,
-            labels,
-            result["threshold"],
-            classes,
-            config.n_bins,
-            plots_dir,
-        )
-        if len(labels["unknown"]) > 0:
-            conf = np.concatenate([confidence["test"], confidence["unknown"]])
-            known = np.concatenate([labels["test"], labels["unknown"]]) >= 0
-            fpr, tpr, _ = roc_curve(conf, known)
-            roc_curves[name] = (fpr, tpr)
-    if roc_curves:
-        plots.roc_plot(
-            roc_curves,
-            plots_dir / "roc_open_set.png",
-            "Known vs unknown by confidence (test + unknown images)",
-            xlabel="unknown images accepted (FPR)",
-            ylabel="known images accepted (TPR)",
-        )
     # The ensemble's embedding concatenates the items that kept a member in the ensemble.
     kept_items = [item for item in outputs if any(owner[m] == item for m in ensemble_members)]
     results["verification"] = _verification_results(
@@ -183,6 +143,52 @@ def evaluate_models(
                 seed=config.verification.seed,
             )
     return json_ready(results)
+
+
+def _classification_results(
+    member_probs, raw_probs_test, ensemble_members, labels, halves, classes, config, plots_dir
+) -> tuple[dict, dict]:
+    """``(heads, ensembles)``: the :func:`scores` of each head and each rule of ``config.rules``
+    (with ``ece_uncalibrated``, and a tempered rule's ``temperature``); writes the reliability and
+    confusion plots of each and the open-set ROC of all."""
+    heads, ensembles = {}, {}
+    combined, ensemble_temperature = _ensembles(
+        member_probs, ensemble_members, labels, config, len(classes)
+    )
+    roc_curves = {}
+    for name, (probs, predicted, confidence) in _candidates(member_probs, combined).items():
+        result = scores(probs, predicted, confidence, labels, config, halves)
+        if name in member_probs:
+            result["ece_uncalibrated"] = expected_calibration_error(
+                raw_probs_test[name], labels["test"], config.n_bins
+            )
+            heads[name] = result
+        else:
+            rule = name.removeprefix("ensemble_")
+            if rule in ensemble_temperature:
+                temperature, untempered = ensemble_temperature[rule]
+                result["temperature"] = temperature
+                result["ece_uncalibrated"] = expected_calibration_error(
+                    untempered, labels["test"], config.n_bins
+                )
+            ensembles[rule] = result
+        _plots_for(
+            name, predicted, confidence, labels, result["threshold"], classes, config, plots_dir
+        )
+        if len(labels["unknown"]) > 0:
+            conf = np.concatenate([confidence["test"], confidence["unknown"]])
+            known = np.concatenate([labels["test"], labels["unknown"]]) >= 0
+            fpr, tpr, _ = roc_curve(conf, known)
+            roc_curves[name] = (fpr, tpr)
+    if roc_curves:
+        plots.roc_plot(
+            roc_curves,
+            plots_dir / "roc_open_set.png",
+            "Known vs unknown by confidence (test + unknown images)",
+            xlabel="unknown images accepted (FPR)",
+            ylabel="known images accepted (TPR)",
+        )
+    return heads, ensembles
 
 
 def _ensembles(member_probs, ensemble_members, labels, config, n_classes):
@@ -268,13 +274,13 @@ def _tempered(stacked: dict, labels: dict) -> tuple[dict, tuple[float, np.ndarra
     return tempered, (temperature, stacked["test"][0])
 
 
-def _plots_for(name, predicted, confidence, labels, threshold, classes, n_bins, plots_dir) -> None:
+def _plots_for(name, predicted, confidence, labels, threshold, classes, config, plots_dir):
     plots.reliability_diagram(
         confidence["test"],
         predicted["test"] == labels["test"],
         plots_dir / f"reliability_{name}.png",
         f"{name}: test images, calibrated",
-        n_bins=n_bins,
+        n_bins=config.n_bins,
     )
     # Open-set confusion: unknown identities as a class, rejected predictions as "unknown".
     lab = np.concatenate([labels["test"], labels["unknown"]])
