@@ -15,6 +15,10 @@ nothing or the plain local thing, and whose :class:`ProcessGroup` does it over
   resume, weights that broke), the full heads (:meth:`World.gather_heads`) and what rank 0 alone
   computes (:meth:`World.from_rank_zero`: validation, the model file).
 
+Elsewhere, by what they are about: each rank's checkpoint folder and the refusal of another world
+size's checkpoints (:mod:`angular.train.checkpoint`), what several processes cannot train
+(:func:`angular.train.loop.check_supported`).
+
 The launch of the workers is here too: :func:`launch` starts ``train.distributed.world_size``
 torchrun workers and raises :class:`WorkerError` naming the ranks that failed or ended without a
 report; each worker joins the process group with :func:`worker_group`, which yields its
@@ -89,8 +93,8 @@ class World:
     rank = 0
 
     def shard(self, model: RecognitionModel, sample_rate: float, seed: int) -> RecognitionModel:
-        """The model this process trains (several: this rank's shard of each head, a DDP
-        backbone)."""
+        """The model this process trains (several: this rank's shard of each head, its backbone run
+        through DDP by :meth:`embed`; only called on several)."""
         return model
 
     def embed(self, model: RecognitionModel, images: torch.Tensor) -> torch.Tensor:
