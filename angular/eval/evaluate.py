@@ -96,15 +96,7 @@ def evaluate_models(
     ``plots_dir``; returns the metrics, JSON-ready (:func:`json_ready`)."""
     first = outputs[next(iter(outputs))]  # every item ran on the same images
     labels = {split: first[split].labels for split in SPLITS}
-    member_probs: dict[str, dict[str, np.ndarray]] = {}
-    raw_probs_test: dict[str, np.ndarray] = {}
-    owner: dict[str, str] = {}
-    for item, item_temperatures in temperatures.items():
-        for member, temperature in item_temperatures.items():
-            logits = {split: outputs[item][split].logits[member] for split in SPLITS}
-            member_probs[member] = {s: softmax(logits[s], temperature) for s in SPLITS}
-            raw_probs_test[member] = softmax(logits["test"])
-            owner[member] = item
+    member_probs, raw_probs_test, owner = _member_probabilities(outputs, temperatures)
 
     # Members far below the best on validation (a collapsed head) stay out of the ensembles; the
     # test split plays no part in this choice.
@@ -143,6 +135,21 @@ def evaluate_models(
                 seed=config.verification.seed,
             )
     return json_ready(results)
+
+
+def _member_probabilities(outputs, temperatures):
+    """``(probs, raw_test_probs, owner)`` of each head: its calibrated probabilities per split, its
+    test probabilities at T = 1, and the item it belongs to."""
+    member_probs: dict[str, dict[str, np.ndarray]] = {}
+    raw_probs_test: dict[str, np.ndarray] = {}
+    owner: dict[str, str] = {}
+    for item, item_temperatures in temperatures.items():
+        for member, temperature in item_temperatures.items():
+            logits = {split: outputs[item][split].logits[member] for split in SPLITS}
+            member_probs[member] = {s: softmax(logits[s], temperature) for s in SPLITS}
+            raw_probs_test[member] = softmax(logits["test"])
+            owner[member] = item
+    return member_probs, raw_probs_test, owner
 
 
 def _classification_results(
