@@ -30,6 +30,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from angular import heap
+
 EXIT_ERROR = 1
 DEBUG_VARIABLE = "ANGULAR_DEBUG"
 
@@ -362,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a malformed command line: usage and exit status 2
     name = f"angular {args.command}"
+    heap.keep_freed_buffers_mapped()  # freed (B, C) buffers stay mapped (angular/heap.py)
     try:
         from angular.serve.export import ExportError
         from angular.serve.predict import PredictError

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from angular import heap
 from angular.config import ConfigError
 from angular.data import DataError
 from angular.train.collapse import CollapseError
@@ -77,6 +78,7 @@ def run_stage(
     main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None
 ) -> int:
     """Run a stage's ``main``; expected failures become one line on stderr and an exit status."""
+    heap.keep_freed_buffers_mapped()  # every stage and torchrun worker: (B, C) buffers stay mapped
     try:
         main(argv)
     except ConfigError as error:

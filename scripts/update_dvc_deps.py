@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "pipeline")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "pipeline"), str(REPO / "tests" / "support")]
 
 from test_dvc_yaml import STAGE_MODULES, closure  # noqa: E402
 
