@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 import textwrap
 
 import formulations  # the heads as their authors wrote them (benchmarks/, on pytest's pythonpath)
 import pytest
 import torch
 from test_fused import (
-    CAPABILITY_ORDER,
     DTYPES,
     TOLERANCE,
     RecordOps,
@@ -30,6 +26,7 @@ from test_fused import (
     make_inputs,
     non_contiguous_views,
     require_fused,
+    run_at_capability,
     with_grad_in_layout,
 )
 
@@ -443,24 +440,7 @@ CAPABILITY_SCRIPT = textwrap.dedent(
 def test_rows_other_cpu_capabilities(seed, capability):
     """The modulated vector kernels of each CPU capability, in subprocesses (see test_fused.py)."""
     require_fused("cpu")
-    native = torch.backends.cpu.get_cpu_capability()
-    if native not in CAPABILITY_ORDER or native == capability:
-        pytest.skip(f"{capability} is this process's capability ({native}), tested above")
-    if CAPABILITY_ORDER.index(capability) > CAPABILITY_ORDER.index(native):
-        pytest.skip(f"this CPU does not support {capability} (it has {native})")
-    # The child imports this test module: it gets this process's import path.
-    env = dict(
-        os.environ,
-        ATEN_CPU_CAPABILITY=capability.lower(),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(sys.path),
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", CAPABILITY_SCRIPT, str(seed)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, f"seed={seed} {capability}:\n{done.stdout}\n{done.stderr[-4000:]}"
-    assert json.loads(done.stdout.strip().splitlines()[-1])["capability"] == capability
+    run_at_capability(CAPABILITY_SCRIPT, seed, capability)
 
 
 @pytest.mark.slow

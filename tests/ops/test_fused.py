@@ -416,14 +416,15 @@ CAPABILITY_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
-def test_other_cpu_capabilities(seed, capability):
+def run_at_capability(script: str, seed: int, capability: str) -> None:
+    """Run ``script`` (which imports a test module) in a process pinned to CPU ``capability``;
+    skip when that is this process's capability or one this CPU lacks."""
     native = torch.backends.cpu.get_cpu_capability()
     if native not in CAPABILITY_ORDER or native == capability:
         pytest.skip(f"{capability} is this process's capability ({native}), tested above")
     if CAPABILITY_ORDER.index(capability) > CAPABILITY_ORDER.index(native):
         pytest.skip(f"this CPU does not support {capability} (it has {native})")
-    # The child imports this test module: it gets this process's import path.
+    # The child imports a test module: it gets this process's import path.
     env = dict(
         os.environ,
         ATEN_CPU_CAPABILITY=capability.lower(),
@@ -431,12 +432,17 @@ def test_other_cpu_capabilities(seed, capability):
         PYTHONPATH=os.pathsep.join(sys.path),
     )
     done = subprocess.run(
-        [sys.executable, "-c", CAPABILITY_SCRIPT, str(seed)],
+        [sys.executable, "-c", script, str(seed)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, f"seed={seed} {capability}:\n{done.stdout}\n{done.stderr[-4000:]}"
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["capability"] == capability
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_other_cpu_capabilities(seed, capability):
+    run_at_capability(CAPABILITY_SCRIPT, seed, capability)
 
 
 def test_guard_zone_gradient_is_the_references(seed):
