@@ -12,6 +12,13 @@
     angular identify MODEL IMAGES... --gallery G.npz [--threshold X | --far F]
                               [--project DIR] [--json]
 
+    angular pack images FOLDER OUT_DIR [--size 112]
+    angular pack pairs PAIRS_FILE IMAGES_ROOT OUT.bin [--size 112]
+
+``pack`` writes insightface's formats (:mod:`angular.data.recordio`,
+:mod:`angular.data.verification_bin`): an image folder (one sub-folder per identity) as
+``train.rec``/``train.idx``/``property``, and an LFW-style pairs file as a verification ``.bin``.
+
 ``--model`` of ``predict`` and ``embed`` (and MODEL of ``enroll`` / ``identify``) also takes an
 ``.onnx`` file written by ``export``.
 
@@ -184,7 +191,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="the project whose metrics/evaluate.json and params.yaml give the threshold",
     )
     identify.add_argument("--json", action="store_true", help="print one JSON document")
+    _pack_parser(commands)
     return parser
+
+
+def _pack_parser(commands) -> None:
+    pack = commands.add_parser(
+        "pack",
+        help="write insightface's formats (.rec training sets, verification .bin)",
+        description="Write the formats the public face data sets ship in, as insightface's tools "
+        "lay them out. Faces are stored as RGB JPEG (quality 95) of SIZE x SIZE; a JPEG already "
+        "so is kept byte for byte. Align the faces first: no alignment is done here.",
+    )
+    kinds = pack.add_subparsers(dest="pack_kind", required=True, metavar="KIND")
+    images = kinds.add_parser(
+        "images",
+        help="an image folder into train.rec, train.idx and property",
+        description="FOLDER holds one sub-folder of images per identity; labels follow the "
+        "sorted sub-folder names, images the sorted file names.",
+    )
+    images.add_argument("folder", metavar="FOLDER", help="one sub-folder of images per identity")
+    images.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write the set into")
+    pairs = kinds.add_parser(
+        "pairs",
+        help="an LFW-style pairs file into a verification .bin",
+        description="PAIRS_FILE is in LFW's pairs.txt format ('name n1 n2' for the same person, "
+        "'name1 n1 name2 n2' for two people); the images are IMAGES_ROOT/name/name_0001.jpg.",
+    )
+    pairs.add_argument("pairs_file", metavar="PAIRS_FILE", help="LFW-style pairs.txt")
+    pairs.add_argument("images_root", metavar="IMAGES_ROOT", help="one sub-folder per person")
+    pairs.add_argument("out", metavar="OUT.bin", help="the .bin to write")
+    for parser in (images, pairs):
+        parser.add_argument(
+            "--size", type=int, default=112, help="faces are SIZE x SIZE pixels (112)"
+        )
 
 
 def _gallery_options(parser: argparse.ArgumentParser) -> None:
@@ -351,12 +391,36 @@ def _run_identify(args) -> None:
     )
 
 
+def _run_pack(args) -> int | None:
+    from angular.data import DataError
+    from angular.data.recordio import pack_images
+    from angular.data.verification_bin import pack_pairs
+
+    name = f"angular pack {args.pack_kind}"
+    if args.size < 1:
+        print(f"{name}: error: --size must be >= 1, got {args.size}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        if args.pack_kind == "images":
+            count, classes = pack_images(args.folder, args.out_dir, size=args.size)
+            done = f"{count} image(s) of {classes} identities written to {args.out_dir}"
+        else:
+            count, same = pack_pairs(args.pairs_file, args.images_root, args.out, size=args.size)
+            done = f"{count} pairs ({same} same, {count - same} different) written to {args.out}"
+    except DataError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{name}: {done}", file=sys.stderr)
+    return None
+
+
 COMMANDS = {
     "predict": _run_predict,
     "embed": _run_embed,
     "export": _run_export,
     "enroll": _run_enroll,
     "identify": _run_identify,
+    "pack": _run_pack,
 }
 
 
@@ -370,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from angular.serve.predict import PredictError
 
         try:
-            COMMANDS[args.command](args)
+            status = COMMANDS[args.command](args)  # pack returns its exit status on bad data
         except (PredictError, ExportError) as error:
             print(f"{name}: error: {error}", file=sys.stderr)
             return EXIT_ERROR
@@ -390,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

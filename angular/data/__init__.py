@@ -1,5 +1,7 @@
 """Data: sources and the manifest of splits (:mod:`angular.data.manifest`, the prepare stage),
-and images, the Dataset and augmentation (:mod:`angular.data.images`)."""
+images, the Dataset and augmentation (:mod:`angular.data.images`), and insightface's formats:
+RecordIO training sets (:mod:`angular.data.recordio`) and verification bins
+(:mod:`angular.data.verification_bin`)."""
 
 from angular.data.images import ImageDataset, build_augmentation, load_image, normalize
 from angular.data.manifest import (
@@ -12,6 +14,8 @@ from angular.data.manifest import (
     prepare_dataset,
     read_manifest,
 )
+from angular.data.recordio import RecordFile, write_record_folder
+from angular.data.verification_bin import load_bin, read_bin, write_bin
 
 __all__ = [
     "CLASSES_FILE",
@@ -21,9 +25,14 @@ __all__ = [
     "ImageDataset",
     "Manifest",
     "Record",
+    "RecordFile",
     "build_augmentation",
+    "load_bin",
     "load_image",
     "normalize",
     "prepare_dataset",
+    "read_bin",
     "read_manifest",
+    "write_bin",
+    "write_record_folder",
 ]
