@@ -31,6 +31,17 @@ TRIM_THRESHOLD = 2**31 - 1
 
 # Set to 0 to leave the C library's defaults alone (e.g. to measure them).
 ENV_SWITCH = "ANGULAR_KEEP_HEAP"
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+_kept_in_this_process = False
+
+
+def state() -> str:
+    """``"warm"`` when this process keeps freed buffers mapped (this module set it, or the user's
+    ``MALLOC_*`` environment did), else ``"cold"``: what a benchmark records."""
+    if _kept_in_this_process or any(name in os.environ for name in USER_SETTINGS):
+        return "warm"
+    return "cold"
 
 
 def keep_freed_buffers_mapped() -> bool:
@@ -41,7 +52,7 @@ def keep_freed_buffers_mapped() -> bool:
     """
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return False
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    if any(name in os.environ for name in USER_SETTINGS):
         return False  # the user's own setting wins
     name = ctypes.util.find_library("c")
     try:
@@ -50,6 +61,8 @@ def keep_freed_buffers_mapped() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+    global _kept_in_this_process
+    _kept_in_this_process = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+    return _kept_in_this_process

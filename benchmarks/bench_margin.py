@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         "grid, none otherwise",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument(
+        "--heap",
+        choices=harness.HEAP_MODES,
+        default="cold",
+        help="CPU heap: cold (the C library's defaults: a freed B x C buffer is unmapped, a library "
+        "user's process) or warm (freed buffers stay mapped, as in the pipeline; angular/heap.py)",
+    )
     harness.add_out_argument(parser)
     return parser
 
@@ -386,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.adaptive and args.device is None:
         args.device = "cpu"
+    harness.set_heap(args.heap)  # before the first B x C buffer is allocated
     settings = resolve_settings(args)
     out = Path(settings["out"])
     out.mkdir(parents=True, exist_ok=True)

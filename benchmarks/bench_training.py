@@ -16,6 +16,7 @@ Writes ``OUT/bench_training.json`` and ``OUT/bench_training.md`` (next to ``benc
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="timed repeats (median)",
     )
+    parser.add_argument(
+        "--heap",
+        type=harness.choice_list("--heap", harness.HEAP_MODES),
+        default=None,
+        help="CPU heap modes, each in its own processes: cold (the C library's defaults), warm "
+        "(freed B x C buffers stay mapped, as in the pipeline). Default: cold,warm on CPU",
+    )
     harness.add_out_argument(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON spec, internal
     return parser
@@ -96,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_worker(spec: dict) -> dict:
     device = spec["device"]
+    heap_state = harness.set_heap(spec["heap"])  # before the first B x C buffer is allocated
     torch.set_num_threads(spec["threads"])
-    result = dict(spec, backend_served=ops.backend())
+    result = dict(spec, backend_served=ops.backend(), heap_state=heap_state)
     if spec["backend"] == "fused" and not harness.has_fused_kernel(device):
         loaded, reason = harness.extension_status()
         result.update(
@@ -137,11 +146,14 @@ def run_worker(spec: dict) -> dict:
     for index in range(spec["warmup"]):
         train_step(index)
     synchronize()
-    rates = []
+    rates, step_ms = [], []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         for index in range(spec["steps"]):
+            step_start = time.perf_counter()
             loss = train_step(index)
+            if device == "cpu":  # one step at a time: its median and its worst are what users see
+                step_ms.append((time.perf_counter() - step_start) * 1e3)
         synchronize()
         rates.append(batch * spec["steps"] / (time.perf_counter() - start))
     final_loss = float(loss)
@@ -151,6 +163,9 @@ def run_worker(spec: dict) -> dict:
         status="ok",
         images_per_s=statistics.median(rates),
         images_per_s_all=rates,
+        step_ms_median=statistics.median(step_ms) if step_ms else None,
+        step_ms_worst=max(step_ms) if step_ms else None,
+        step_ms_all=step_ms,
         final_loss=final_loss,
     )
     return result
@@ -203,16 +218,22 @@ def render_markdown(result: dict) -> str:
     unavailable = [run for run in fused_runs if run["status"] != "ok"]
     if unavailable:
         lines.append(f"- **fused backend unavailable**: {unavailable[0]['reason']}")
-    header = ["case", "classes"]
+    header = ["case", "classes", "CPU heap"]
     header += ["fused images/s"] if fused_ok else []
     header += ["python images/s"]
     header += ["fused/python"] if fused_ok else []
+    per_step = fused_ok and settings["device"] == "cpu"
+    header += ["fused step ms, median / worst"] if per_step else []
     lines += ["", *harness.table_header(header)]
-    for case in settings["cases"]:
-        by_backend = {run["backend_requested"]: run for run in rows if run["case"] == case}
+    # Runs from before the heap modes were cold: the C library's defaults.
+    for case, heap_mode in itertools.product(settings["cases"], settings.get("heap", ["cold"])):
+        by_backend = {
+            run["backend_requested"]: run
+            for run in rows
+            if run["case"] == case and run.get("heap", "cold") == heap_mode
+        }
         classes = next(iter(by_backend.values()))["classes"]
-        cells = [case, str(classes)]
-
+        cells = [case, str(classes), next(iter(by_backend.values())).get("heap_state", heap_mode)]
         if fused_ok:
             cells.append(_rate(by_backend.get("fused")))
         cells.append(_rate(by_backend.get("python")))
@@ -220,6 +241,11 @@ def render_markdown(result: dict) -> str:
             fused, python = by_backend.get("fused"), by_backend.get("python")
             both = fused and python and fused["status"] == python["status"] == "ok"
             cells.append(f"{fused['images_per_s'] / python['images_per_s']:.2f}x" if both else "-")
+            if per_step:
+                ok = fused and fused["status"] == "ok" and fused.get("step_ms_median") is not None
+                cells.append(
+                    f"{fused['step_ms_median']:.1f} / {fused['step_ms_worst']:.1f}" if ok else "-"
+                )
         lines.append(harness.table_row(cells))
     errors = [run for run in rows if run["status"] == "error"]
     lines += [
@@ -238,13 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda: no CUDA device is available")
     threads = args.threads or torch.get_num_threads()
     classes = {"digits": DIGITS_CLASSES, "large": args.large_classes}
+    heap_modes = args.heap or (harness.HEAP_MODES if device == "cpu" else ("cold",))
     machine = harness.machine_description(device, threads)
     runs = []
     start = time.perf_counter()
-    for case in args.cases:
+    for case, heap_mode in itertools.product(args.cases, heap_modes):
         for backend in args.backends:
             spec = dict(
                 case=case,
+                heap=heap_mode,
                 classes=classes[case],
                 backend=backend,
                 device=device,
@@ -261,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{run['images_per_s']:.0f} images/s" if run["status"] == "ok" else run["status"]
             )
             print(
-                f"bench_training: {case} ({classes[case]} classes) {backend}: {shown}", flush=True
+                f"bench_training: {case} ({classes[case]} classes, {heap_mode} heap) {backend}: "
+                f"{shown}",
+                flush=True,
             )
     result = dict(
         benchmark="bench_training",
@@ -277,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
             warmup=args.warmup,
             repeats=args.repeats,
             large_classes=args.large_classes,
+            heap=list(heap_modes),
             argv=sys.argv[1:] if argv is None else list(argv),
         ),
         runs=runs,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from angular import ops
+from angular import heap, ops
 from angular.ops import linear
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -270,8 +270,22 @@ def machine_description(device: str, threads: int) -> dict:
         angular_extension_reason=reason or None,
         date=utc_now(),
         load_average_1min=load_average_1min(),
+        heap=heap.state(),
         **source_state(),
     )
+
+
+HEAP_MODES = ("cold", "warm")
+
+
+def set_heap(mode: str) -> str:
+    """Put this process's CPU heap in ``mode`` and return the state it is in. ``warm`` keeps freed
+    (B, C) buffers mapped, as the pipeline's entry points do (angular/heap.py); ``cold`` is the C
+    library's defaults, what a library user's process has unless it sets them. A ``cold`` run
+    started with the user's ``MALLOC_*`` variables set stays warm, and the JSON says so."""
+    if mode == "warm":
+        heap.keep_freed_buffers_mapped()
+    return heap.state()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +305,11 @@ def machine_line(machine: dict) -> str:
         + (f", GPU {machine['gpu_name']}" if machine["gpu_name"] else "")
         + f"; torch {machine['torch_version']}; angular backend `{machine['angular_backend']}`"
         + ("" if load is None else f"; 1-min load average at start {load:.2f}")
+        + (
+            f"; CPU heap {machine['heap']}"
+            if machine.get("heap") and machine["device"] == "cpu"
+            else ""
+        )
         + (f"; commit {machine['git_commit']}" if machine.get("git_commit") else "")
         + (
             f" with uncommitted changes to {', '.join(machine['uncommitted_sources'])}"

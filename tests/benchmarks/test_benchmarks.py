@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -281,12 +282,22 @@ def test_training_benchmark_tiny_run(tmp_path):
     else:
         assert fused["reason"] and "images_per_s" not in fused
     assert "| digits | 10 |" in (tmp_path / "bench_training.md").read_text()
+    # On the CPU each case runs with the C library's heap and with freed buffers kept mapped, each
+    # in its own processes, and the per-step median and worst are recorded.
+    states = {(run["heap"], run["heap_state"]) for run in result["runs"]}
+    if not any(name.startswith("MALLOC_") for name in os.environ):
+        assert states == {("cold", "cold"), ("warm", "warm")}, states
+    markdown = (tmp_path / "bench_training.md").read_text()
+    assert "| digits | 10 | cold |" in markdown and "| digits | 10 | warm |" in markdown
+    for run in result["runs"]:
+        if run["status"] == "ok":
+            assert len(run["step_ms_all"]) == 2 and run["step_ms_worst"] >= run["step_ms_median"]
 
 
 def test_training_worker_reports_unavailable_fused_backend(monkeypatch):
     """Without a kernel the fused run is recorded as unavailable, never timed on the reference."""
     monkeypatch.setattr(bench_training.harness, "has_fused_kernel", lambda device: False)
-    spec = dict(case="digits", classes=10, backend="fused", device="cpu", threads=1, batch=4,
+    spec = dict(case="digits", classes=10, backend="fused", device="cpu", heap="cold", threads=1, batch=4,
                 steps=1, warmup=1, repeats=1)  # fmt: skip
     threads = torch.get_num_threads()
     try:
