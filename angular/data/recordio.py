@@ -156,9 +156,10 @@ def read_index(idx: Path, rec_size: int) -> tuple[np.ndarray, np.ndarray]:
     past = np.flatnonzero((offsets < 0) | (offsets + LREC.size > rec_size))
     if len(past):
         key, offset = keys[past[0]], offsets[past[0]]
+        more = f" (with {len(past) - 1} more of the {len(keys)} records)" if len(past) > 1 else ""
         raise DataError(
             f"{idx}: record {key}: offset {offset} is past the end of the .rec "
-            f"({rec_size} bytes); the .rec is truncated or belongs to another index"
+            f"({rec_size} bytes){more}; the .rec is truncated or belongs to another index"
         )
     return keys, offsets
 
@@ -185,10 +186,10 @@ class RecordFile(Dataset):
     the file and the record key."""
 
     def __init__(self, path: str | Path, transform: Callable | None = None):
+        self._handle: int | None = None  # the .rec's descriptor, opened by process _pid
+        self._pid: int | None = None
         self.rec_path, self.idx_path, property_path = locate(path)
         self.transform = transform
-        self._handle: int | None = None
-        self._pid: int | None = None
         self._size = self.rec_path.stat().st_size
         self._keys, self._offsets = read_index(self.idx_path, self._size)
         self.property = self._read_property(property_path)
