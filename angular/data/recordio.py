@@ -340,11 +340,22 @@ class RecordFile(Dataset):
     def labels(self) -> np.ndarray:
         """Every image's label (int64, in image order), from the record headers alone: one small
         read per record, no image decoded."""
-        want = IR_HEADER.size + 4
+        want = IR_HEADER.size + 4  # the header and the first of its labels, if any
+        fd, size = self._fd(), LREC.size + want
         out = np.empty(len(self), dtype=np.int64)
-        for index, (key, offset) in enumerate(zip(self.image_keys, self._image_offsets)):
-            head = self._read(int(key), offset, limit=want)
-            out[index] = self._label(int(key), self._unpack(int(key), head)[0])
+        for index, (key, offset) in enumerate(zip(self.image_keys.tolist(), self._image_offsets)):
+            head = os.pread(fd, size, offset)
+            if len(head) == size:  # the usual record: one part holding the whole header
+                magic, lrecord = LREC.unpack_from(head)
+                flag, label = IR_HEADER.unpack_from(head, LREC.size)[:2]
+                need = IR_HEADER.size + (4 if flag else 0)
+                if magic == MAGIC and lrecord >> LENGTH_BITS == 0 and lrecord >= need:
+                    if flag:
+                        label = struct.unpack_from("<f", head, LREC.size + IR_HEADER.size)[0]
+                    out[index] = self._label(key, RecordHeader(0, label, key, 0))
+                    continue
+            record = self._read(key, offset, limit=want)  # parts, or a fault to report
+            out[index] = self._label(key, self._unpack(key, record)[0])
         return out
 
     def fingerprint(self) -> str:

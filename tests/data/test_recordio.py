@@ -425,3 +425,21 @@ def test_fixture_dataloader_two_workers_same_as_in_process():
         results.append([(x.clone(), y.clone()) for x, y in loader])
     for (a, la), (b, lb) in zip(*results):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_image_records_with_label_arrays(tmp_path, small_set):
+    """Some sets store each image's label as a one-element array (flag 1): the first label counts,
+    in `[i]` and in `labels()` alike."""
+    _, images = small_set
+    records = {0: pack_header(RecordHeader(2, 0.0, 0, 0, (4.0, 6.0)), b"")}
+    for key, (label, data) in enumerate(images[:3], 1):
+        records[key] = pack_header(RecordHeader(1, 0.0, key, 0, (float(label + key % 2),)), data)
+    records[4] = pack_header(RecordHeader(2, 0.0, 4, 0, (1.0, 2.0)), b"")
+    records[5] = pack_header(RecordHeader(2, 0.0, 5, 0, (2.0, 4.0)), b"")
+    with open(tmp_path / "train.rec", "wb") as rec, open(tmp_path / "train.idx", "w") as idx:
+        for key, record in records.items():
+            idx.write(f"{key}\t{rec.tell()}\n")
+            rec.write(frame_record(record))
+    reader = RecordFile(tmp_path)
+    assert reader.num_classes == 2 and len(reader) == 3
+    assert reader.labels().tolist() == [1, 0, 1] == [reader[i][1] for i in range(3)]
