@@ -8,7 +8,8 @@ faces written here with ``write_record_folder``. The image folder is the same JP
 files into a temporary folder. Each item is decoded to an RGB uint8 tensor (C, H, W) with its
 label, in batches of ``--batch-size``; the workers persist across epochs, and one untimed epoch
 warms them and the page cache (both sources are read from memory: this measures the reading and
-decoding, not the disk). The figure is the median over ``--repeats`` epochs.
+decoding, not the disk). The figure is the median over ``--repeats`` epochs of each, the two
+sources' epochs interleaved (a change in the machine's load falls on both).
 
 ``python benchmarks/bench_recordio.py`` writes ``OUT/bench_recordio.{json,md}``.
 """
@@ -19,6 +20,7 @@ import argparse
 import io
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import harness
@@ -31,6 +33,7 @@ from angular.data import RecordFile, write_record_folder
 
 FIXTURE = (harness.REPOSITORY / "../shared/data/insightface").resolve()
 WORKERS = (0, 1, 2)
+REC, FOLDER = ".rec (RecordFile)", "image folder (JPEG files)"
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -79,19 +82,24 @@ def image_folder(reader: RecordFile, folder: Path, count: int) -> list[tuple[Pat
     return items
 
 
-def images_per_second(dataset: Dataset, workers: int, batch_size: int, repeats: int) -> dict:
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
-    )
-
-    def epoch() -> None:
-        for _ in loader:
-            pass
-
-    seconds = harness.timed_runs(epoch, 1, repeats)
-    rates = [len(dataset) / s for s in seconds]
-    median, iqr = harness.quantiles(rates)
-    return dict(images_per_s=median, iqr=iqr, epochs=repeats)
+def images_per_second(datasets: dict, workers: int, batch_size: int, repeats: int) -> dict:
+    """Median images/s (and IQR) of each dataset's epochs, the datasets' epochs interleaved so
+    that a change in the machine's load falls on all of them alike."""
+    loaders = {
+        name: DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
+        )
+        for name, dataset in datasets.items()
+    }
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    for round_ in range(repeats + 1):  # round 0 starts the workers and warms the caches
+        for name, loader in loaders.items():
+            start = time.perf_counter()
+            for _ in loader:
+                pass
+            if round_:
+                rates[name].append(len(datasets[name]) / (time.perf_counter() - start))
+    return {name: harness.quantiles(values) for name, values in rates.items()}
 
 
 def main(argv=None) -> None:
@@ -124,24 +132,24 @@ def main(argv=None) -> None:
         reader = RecordFile(source, transform=to_tensor)
         count = min(args.images or len(reader), len(reader))
         items = image_folder(reader, temporary / "folder", count)
-        datasets = {
-            ".rec (RecordFile)": torch.utils.data.Subset(reader, range(count)),
-            "image folder (JPEG files)": FolderFaces(items),
-        }
+        datasets = {REC: torch.utils.data.Subset(reader, range(count)), FOLDER: FolderFaces(items)}
+        fetch = fetch_microseconds(reader, items)
         rows = []
         for workers in WORKERS:
-            for name, dataset in datasets.items():
-                result = images_per_second(dataset, workers, args.batch_size, args.repeats)
-                rows.append(dict(source=name, workers=workers, **result))
+            results = images_per_second(datasets, workers, args.batch_size, args.repeats)
+            for name, (median, iqr) in results.items():
+                rows.append(dict(source=name, workers=workers, images_per_s=median, iqr=iqr))
                 print(rows[-1], flush=True)
 
     machine = harness.machine_description("cpu", torch.get_num_threads())
-    by = {(row["source"], row["workers"]): row["images_per_s"] for row in rows}
+    by = {(row["source"], row["workers"]): row for row in rows}
     lines = [
         "# Reading faces: .rec against an image folder",
         "",
-        f"- Faces: {count} from {label}; batch {args.batch_size}; median of {args.repeats} "
-        "epochs after a warm-up epoch (page cache warm)",
+        f"- Faces: {count} from {label}; batch {args.batch_size}; median (IQR) of {args.repeats} "
+        "interleaved epochs each, after a warm-up epoch (page cache warm)",
+        f"- Fetching the encoded bytes alone, no decoding (in-process, median of 5 passes): "
+        f".rec {fetch[REC]:.1f} us/image, folder {fetch[FOLDER]:.1f} us/image",
         harness.machine_line(machine),
         "",
         *harness.table_header(
@@ -149,26 +157,28 @@ def main(argv=None) -> None:
         ),
     ]
     for workers in WORKERS:
-        rec, folder = by[(".rec (RecordFile)", workers)], by[("image folder (JPEG files)", workers)]
-        lines.append(
-            harness.table_row(
-                [str(workers), f"{rec:,.0f}", f"{folder:,.0f}", f"{rec / folder:.2f}"]
-            )
-        )
+        rec, folder = by[(REC, workers)], by[(FOLDER, workers)]
+        cells = [f"{row['images_per_s']:,.0f} ({row['iqr']:,.0f})" for row in (rec, folder)]
+        ratio = rec["images_per_s"] / folder["images_per_s"]
+        lines.append(harness.table_row([str(workers), *cells, f"{ratio:.2f}"]))
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     harness.replace_file(args.out / "bench_recordio.md", text)
-    document = dict(
-        machine=machine,
-        faces=count,
-        source=label,
-        rows=rows,
-        median_ratio=statistics.median(
-            by[(".rec (RecordFile)", w)] / by[("image folder (JPEG files)", w)] for w in WORKERS
-        ),
-    )
+    document = dict(machine=machine, faces=count, source=label, fetch_us_per_image=fetch, rows=rows)
     harness.replace_file(args.out / "bench_recordio.json", harness.json_text(document))
+
+
+def fetch_microseconds(reader: RecordFile, items: list[tuple[Path, int]]) -> dict[str, float]:
+    """Microseconds per image to get the encoded bytes: the .rec record, or the file's bytes."""
+    actions = {
+        REC: lambda: [reader.image_record(i) for i in range(len(items))],
+        FOLDER: lambda: [path.read_bytes() for path, _ in items],
+    }
+    return {
+        name: 1e6 * statistics.median(harness.timed_runs(action, 1, 5)) / len(items)
+        for name, action in actions.items()
+    }
 
 
 if __name__ == "__main__":
