@@ -203,7 +203,7 @@ class RecordFile(Dataset):
                 )
             self.image_keys = np.arange(1, first, dtype=np.int64)
             self.identity_keys = np.arange(first, end, dtype=np.int64)
-            self._image_offsets = self._offsets_of(self.image_keys)
+            self._image_offsets = self._offsets_of(self.image_keys, "record 0's header announces")
             self.num_classes = end - first
         else:  # no header record: every record is an image
             self.image_keys = self._keys[self._keys != 0]
@@ -228,14 +228,12 @@ class RecordFile(Dataset):
             raise DataError(f"{path}: {text[:60]!r} is not 'num_classes,height,width'")
         return values
 
-    def _offsets_of(self, keys: np.ndarray) -> np.ndarray:
+    def _offsets_of(self, keys: np.ndarray, wanted_by: str = "") -> np.ndarray:
         positions = np.searchsorted(self._keys, keys).clip(0, len(self._keys) - 1)
         missing = np.flatnonzero(self._keys[positions] != keys)
         if len(missing):
-            raise DataError(
-                f"{self.idx_path}: record {keys[missing[0]]} is missing ({len(missing)} of the "
-                f"{len(keys)} records that record 0's header announces)"
-            )
+            count = f" ({len(missing)} of the {len(keys)} records {wanted_by})" if wanted_by else ""
+            raise DataError(f"{self.idx_path}: record {keys[missing[0]]} is missing{count}")
         return self._offsets[positions]
 
     # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import struct
 from pathlib import Path
 
@@ -203,6 +204,10 @@ def test_dataloader_two_workers_same_as_in_process(small_set):
     for (a, la), (b, lb) in zip(batches[0], batches[2]):
         assert torch.equal(a, b) and torch.equal(la, lb)
     assert reader[5][1] == 2  # the parent's handle still works
+    copy = pickle.loads(pickle.dumps(reader))  # as a spawned worker receives it: opens its own
+    assert torch.equal(copy[4][0], reader[4][0]) and copy[4][1] == reader[4][1]
+    with pytest.raises(DataError, match=r"train.idx: record 99 is missing$"):
+        reader.read_record(99)
 
 
 def test_fingerprint_covers_index_and_sizes_not_image_bytes(small_set, tmp_path):
