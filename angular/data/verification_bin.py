@@ -77,21 +77,24 @@ def load_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     same-ness. See :func:`read_bin` for the safety of loading."""
     path = Path(path)
     encoded, same = read_bin(path)
-    arrays = []
+    images = None  # filled in place once the first image gives the size: no second copy
     for index, data in enumerate(encoded):
         try:
             with Image.open(io.BytesIO(data)) as image:
-                arrays.append(np.asarray(image.convert("RGB")))
+                array = np.asarray(image.convert("RGB"))
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
             raise DataError(f"{path}: image {index}: cannot decode ({error})") from None
-        if arrays[-1].shape != arrays[0].shape:
+        if images is None:
+            images = np.empty((len(encoded), *array.shape), dtype=np.uint8)
+        if array.shape != images.shape[1:]:
             raise DataError(
-                f"{path}: image {index} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]}, image 0 "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}: the faces must share one size"
+                f"{path}: image {index} is {array.shape[1]}x{array.shape[0]}, image 0 "
+                f"{images.shape[2]}x{images.shape[1]}: the faces must share one size"
             )
-    if not arrays:
-        return np.zeros((0, 0, 0, 3), dtype=np.uint8), same
-    return np.stack(arrays), same
+        images[index] = array
+    if images is None:
+        images = np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    return images, same
 
 
 def write_bin(path: str | Path, images: Sequence[bytes], same: Sequence[bool]) -> None:
