@@ -1,5 +1,7 @@
 """The ``train`` section: which items train (one stage each) and how."""
 
+import functools
+import sys
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -9,6 +11,7 @@ from angular.config.rules import (
     UNIQUE,
     Section,
     choice,
+    describe,
     flag,
     integer,
     must,
@@ -18,7 +21,8 @@ from angular.config.rules import (
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "poly")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SMOOTHING_MODES = ("all", "others")
 NONFINITE_POLICIES = ("stop", "skip")
 COLLAPSE_POLICIES = ("stop", "warn")
@@ -108,6 +112,11 @@ class TrainConfig(Section):
     weight_decay: number(0.0)
     momentum: number(0.0, 1.0, high_open=True)
     schedule: choice(*SCHEDULES)
+    # Optional (older files lack them); their defaults are today's training.
+    poly_power: number(0.0, low_open=True) = 2.0  # schedule: poly (insightface's PolyScheduler: 2)
+    warmup_steps: integer(0) = 0  # linear warm-up over these optimizer steps (0: none)
+    warmup_epochs: number(0.0) = 0.0  # or over these epochs (not both)
+    accumulate: integer(1) = 1  # micro-batches per optimizer step (train.batch_size in all)
     step_size: integer(1)
     gamma: number(0.0, 1.0, low_open=True)
     label_smoothing: number(0.0, 1.0, high_open=True)
@@ -118,7 +127,7 @@ class TrainConfig(Section):
         BeforeValidator(_augment),
         WithJsonSchema({"anyOf": [{"type": "array", "items": _TRANSFORM}, {"type": "null"}]}),
     ]
-    bf16: flag()
+    precision: choice(*PRECISIONS)  # replaces bf16 (true: bf16, false: fp32), still read
     # NHWC conv backbones (BENCHMARKS.md, "Face backbones on CPU"); optional: older files lack it.
     channels_last: flag() = False
     device: choice(*DEVICES)
@@ -136,6 +145,29 @@ class TrainConfig(Section):
     sampler: choice(*SAMPLERS)
     prioritized: PrioritizedConfig  # sampler: prioritized only
 
+    model_config = ConfigDict(json_schema_extra=lambda schema: bf16_in_schema(schema))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_is_precision(cls, value):
+        return bf16_to_precision(value)
+
+    @model_validator(mode="after")
+    def _one_warmup_and_whole_micro_batches(self):
+        if self.warmup_steps and self.warmup_epochs:
+            raise problem(
+                f"give train.warmup_steps ({self.warmup_steps}) or train.warmup_epochs "
+                f"({self.warmup_epochs:g}), not both; set the other to 0",
+                "warmup_epochs",
+            )
+        if self.batch_size % self.accumulate:
+            raise problem(
+                f"{self.accumulate} does not divide train.batch_size ({self.batch_size}), the "
+                "images of one optimizer step: its micro-batches must be equal; use a divisor",
+                "accumulate",
+            )
+        return self
+
     @model_validator(mode="after")
     def _sampler_runs_in_one_process(self):
         if self.sampler == "prioritized" and self.distributed.world_size > 1:
@@ -145,3 +177,46 @@ class TrainConfig(Section):
                 "sampler",
             )
         return self
+
+
+# --------------------------------------------------------------------------------------------------
+# train.bf16, the key train.precision replaced.
+
+BF16_DEPRECATION = (
+    "params: train.bf16 is deprecated: use train.precision (fp32 | bf16 | fp16); "
+    "bf16: true is precision: bf16, bf16: false is precision: fp32"
+)
+
+
+@functools.cache
+def say_bf16_is_deprecated() -> None:
+    """Once per process: the old key still works, and what replaces it."""
+    print(BF16_DEPRECATION, file=sys.stderr, flush=True)
+
+
+def bf16_to_precision(value):
+    """A ``train`` mapping with ``bf16`` read as ``precision`` (both given: an error)."""
+    if not isinstance(value, Mapping) or "bf16" not in value:
+        return value
+    if "precision" in value:
+        raise problem(
+            "give train.precision or the deprecated train.bf16, not both; remove bf16", "bf16"
+        )
+    bf16 = value["bf16"]
+    if not isinstance(bf16, bool):
+        raise problem(f"must be true or false, got {describe(bf16)}", "bf16")
+    say_bf16_is_deprecated()
+    converted = {k: v for k, v in value.items() if k != "bf16"}
+    converted["precision"] = "bf16" if bf16 else "fp32"
+    return converted
+
+
+def bf16_in_schema(schema: dict) -> None:
+    """Editors accept the deprecated ``bf16`` in place of ``precision`` (not both)."""
+    schema["properties"]["bf16"] = {
+        "type": "boolean",
+        "deprecated": True,
+        "description": "deprecated: train.precision (true: bf16, false: fp32)",
+    }
+    schema["required"] = [key for key in schema["required"] if key != "precision"]
+    schema["oneOf"] = [{"required": ["precision"]}, {"required": ["bf16"]}]

@@ -49,6 +49,12 @@ __all__ = [
 CHECKPOINT_PATTERN = "epoch-*.pt"
 CHECKPOINT_FORMAT = "angular-checkpoint"
 RANK_FOLDER = "rank-{rank}-of-{world_size}"
+TRAINING_CONTROL_DEFAULTS = {
+    "accumulate": 1,
+    "warmup_steps": 0,
+    "warmup_epochs": 0.0,
+    "poly_power": 2.0,
+}
 
 
 def describe_model(params: Params, item: TrainItem) -> tuple[dict, dict, dict]:
@@ -81,6 +87,13 @@ def fingerprint(params: Params, item: TrainItem, manifest: Manifest, model: torc
     train = params.train.model_dump()
     for key in ("items", "keep_checkpoints", "preload_images"):
         train.pop(key)
+    # The keys of issue 28 at their defaults play no part, and fp32 and bf16 read as the bf16 flag
+    # they replaced: the checkpoints of runs before them still resume.
+    for key, default in TRAINING_CONTROL_DEFAULTS.items():
+        if train[key] == default:
+            train.pop(key)
+    if train["precision"] in ("fp32", "bf16"):
+        train["bf16"] = train.pop("precision") == "bf16"
     # One process: the section plays no part (and the fingerprints of earlier runs stay). Several:
     # the world size is checked on its own (refuse_other_world_size), the timeout changes nothing.
     distributed = train.pop("distributed")
@@ -265,6 +278,12 @@ def resume(session: Session, world: World, run) -> None:
     session.skipped_steps = int(state["skipped_steps"])
     session.start_epoch = int(state["epoch"])
     session.collapse_epoch = int(state.get("collapse_epoch", 0))
+    session.step_lrs = [(int(step), float(lr)) for step, lr in state.get("step_lrs", [])]
+    if session.scaler is not None:  # fp16 is in the fingerprint: the state is there
+        session.scaler.load_state_dict(state["scaler"]["state"])
+        session.scaler_skipped_steps = int(state["scaler"]["skipped_steps"])
+        session.scaler_skips_in_a_row = int(state["scaler"]["skips_in_a_row"])
+        session.scale_reported = bool(state["scaler"]["reported"])
     say(f"{session.label}: resuming after epoch {session.start_epoch} of {session.config.epochs}")
     if run is not None:
         for row in session.history:
@@ -317,10 +336,22 @@ def save_checkpoint(session: Session, epoch: int, world: World) -> None:
             "skipped_steps": session.skipped_steps,
             "collapse_epoch": session.collapse_epoch,
             **({} if sampler is None else {"sampler": sampler.state_dict()}),
+            "step_lrs": session.step_lrs,
+            **({} if session.scaler is None else {"scaler": scaler_state(session)}),
         },
         checkpoint_path(session.checkpoints, epoch),
     )
     prune_checkpoints(session.checkpoints, session.keep_checkpoints)
+
+
+def scaler_state(session: Session) -> dict:
+    """The fp16 loss scaler's state (scale, growth count) and its counts, for a bitwise resume."""
+    return {
+        "state": session.scaler.state_dict(),
+        "skipped_steps": session.scaler_skipped_steps,
+        "skips_in_a_row": session.scaler_skips_in_a_row,
+        "reported": session.scale_reported,
+    }
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:

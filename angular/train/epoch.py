@@ -10,12 +10,20 @@ step guard (:func:`take_step`), then the validation that makes the epoch's histo
   stays), or with ``train.on_nonfinite: skip`` the step is skipped and counted; every rank decides
   alike. Weights that turned non-finite anyway (a finite step to inf) stop training at the end of
   the epoch, before its checkpoint.
+- ``train.precision``: autocast in bf16 or fp16 (:func:`autocast_dtype`). In fp16 the loss is
+  scaled (``torch.amp.GradScaler``); a step whose gradients overflow is skipped and the scale
+  lowered, as the scaler does, and counted (``scaler_skipped_steps``): that is normal, no failure.
+  A non-finite loss is still one. A scale that keeps falling is reported once
+  (:func:`skip_scaled_step`).
+- ``train.accumulate`` N: each batch is cut into N micro-batches, each backpropagated on its own
+  with its share of the batch (N micro-batches give the update of one batch; BatchNorm sees the
+  micro-batches' statistics).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -23,11 +31,15 @@ import torch
 from angular.nn.recognition import RecognitionModel
 from angular.train.checkpoint import kept_checkpoint
 from angular.train.collapse import centre_cosine, embedding_spread
-from angular.train.session import Session
+from angular.train.session import Session, say
 from angular.train.world import ONE_PROCESS, World
 
 __all__ = [
     "NonFiniteLossError",
+    "SCALE_FLOOR",
+    "SKIPS_IN_A_ROW",
+    "autocast_dtype",
+    "micro_batches",
     "batch_loss",
     "loss_of_embeddings",
     "evaluate",
@@ -38,23 +50,48 @@ __all__ = [
 ]
 
 
+# A falling fp16 loss scale is reported once it is below SCALE_FLOOR (it then shrinks the
+# gradients instead of guarding them from underflow) or after SKIPS_IN_A_ROW skipped steps.
+SCALE_FLOOR = 1.0
+SKIPS_IN_A_ROW = 20
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss turned NaN or infinite (``train.on_nonfinite: stop``)."""
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` (None: fp32, no autocast)."""
+    return AUTOCAST_DTYPES[precision]
+
+
+def autocasting(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def micro_batches(size: int, count: int) -> list[slice]:
+    """``count`` consecutive slices of a batch of ``size`` as equal as can be (none empty)."""
+    base, extra = divmod(size, count)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + base + (index < extra))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def batch_loss(
     model: RecognitionModel,
     images,
     labels,
-    autocast: bool,
+    autocast: torch.dtype | None,
     device: torch.device,
     reduction="mean",
     *,
     world: World = ONE_PROCESS,
 ):
     """Summed margin loss of the heads (per sample with ``reduction="none"``), and each head's
-    count of correct arg-max predictions, of a training batch."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    count of correct arg-max predictions, of a training batch (``autocast``: its dtype, or None)."""
+    with autocasting(device, autocast):
         embeddings = world.embed(model, images)
     return loss_of_embeddings(model, embeddings, labels, autocast, device, reduction, world=world)
 
@@ -63,20 +100,22 @@ def loss_of_embeddings(
     model: RecognitionModel,
     embeddings,
     labels,
-    autocast: bool,
+    autocast: torch.dtype | None,
     device,
     reduction="mean",
     *,
     world: World = ONE_PROCESS,
 ):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with autocasting(device, autocast):
         losses = [head.loss(embeddings, labels, reduction) for head in model.heads.values()]
     with torch.no_grad():
         detached = embeddings.detach().float()
         correct = {
             name: world.correct(head, detached, labels) for name, head in model.heads.items()
         }
-    return torch.stack([loss.float() for loss in losses]).sum(0), correct
+    # Summed in fp32 at least (a half-precision loss is widened; an fp64 model keeps fp64).
+    widest = torch.float64 if any(x.dtype == torch.float64 for x in losses) else torch.float32
+    return torch.stack([loss.to(widest) for loss in losses]).sum(0), correct
 
 
 def non_finite_tensors(model: torch.nn.Module) -> list[str]:
@@ -90,21 +129,32 @@ def non_finite_tensors(model: torch.nn.Module) -> list[str]:
 
 def take_step(
     session: Session,
-    loss: torch.Tensor,
+    losses: Iterator[torch.Tensor],
     gradient_norm: Callable[[], torch.Tensor],
     epoch: int,
     step: int,
 ) -> bool:
-    """Backpropagate ``loss`` and step the optimizer, unless the loss or the gradient norm
-    (``gradient_norm()``, which also clips) is non-finite: then training stops or the step is
-    skipped (``train.on_nonfinite``). Whether the optimizer stepped."""
-    optimizer = session.optimizer
+    """Backpropagate each of ``losses`` (the micro-batches' losses, each weighted by its share of
+    the batch, computed as they are drawn) and step the optimizer, unless a loss or the gradient
+    norm (``gradient_norm()``, which also clips) is non-finite: then training stops or the step is
+    skipped (``train.on_nonfinite``). In fp16 a non-finite gradient norm is the loss scaler's
+    skipped step (:func:`skip_scaled_step`) instead. Whether the optimizer stepped."""
+    optimizer, scaler = session.optimizer, session.scaler
     optimizer.zero_grad(set_to_none=True)
-    problem = None if torch.isfinite(loss) else f"the loss is {float(loss.detach())}"
+    problem = None
+    for loss in losses:
+        if not torch.isfinite(loss):
+            problem = f"the loss is {float(loss.detach())}"
+            break
+        (loss if scaler is None else scaler.scale(loss)).backward()
     if problem is None:
-        loss.backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clipping and the norm see the true gradients
         norm = gradient_norm()
         if not torch.isfinite(norm):
+            if scaler is not None:
+                skip_scaled_step(session, epoch, step)
+                return False
             problem = f"the gradient norm is {float(norm)} (the loss is finite)"
     if problem is not None:
         if session.config.on_nonfinite == "stop":
@@ -117,7 +167,93 @@ def take_step(
         optimizer.zero_grad(set_to_none=True)
         return False
     optimizer.step()
+    if scaler is not None:
+        scaler.update()
+        session.scaler_skips_in_a_row = 0
     return True
+
+
+def skip_scaled_step(session: Session, epoch: int, step: int) -> None:
+    """The fp16 step whose gradients overflowed: not taken; the scale backs off (and its growth
+    count restarts) as ``GradScaler.update`` does, set from the gradient norm every rank agrees on
+    rather than from each rank's own gradients, so that every rank keeps the same scale. Reported
+    once, with its cause, when the scale keeps falling."""
+    scaler = session.scaler
+    scale = scaler.get_scale()
+    broken = [
+        name
+        for name, parameter in session.model.named_parameters()
+        if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all())
+    ]
+    scaler.update(new_scale=scale * scaler.get_backoff_factor())
+    state = scaler.state_dict()
+    state["_growth_tracker"] = 0
+    scaler.load_state_dict(state)
+    session.optimizer.zero_grad(set_to_none=True)
+    session.scaler_skipped_steps += 1
+    session.scaler_skips_in_a_row += 1
+    falling = scaler.get_scale() < SCALE_FLOOR or session.scaler_skips_in_a_row >= SKIPS_IN_A_ROW
+    if falling and not session.scale_reported:
+        session.scale_reported = True
+        where = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        say(
+            f"{session.label}: warning: the fp16 loss scale fell to {scaler.get_scale():g} after "
+            f"{session.scaler_skips_in_a_row} skipped steps in a row (epoch {epoch}, step {step}): "
+            f"the gradients of {where or 'a shard on another rank'} stay non-finite however far "
+            "the loss is scaled down, while the loss is finite: the backward overflows fp16 "
+            "(activations or gradients beyond 65504) or the model diverges. Lower train.lr, or "
+            "use train.precision: bf16 (fp32's range)."
+        )
+
+
+def micro_batch_losses(
+    session: Session, world: World, images, labels, indices, dtype, taken: list
+) -> Iterator[torch.Tensor]:
+    """The loss of each of the batch's ``train.accumulate`` micro-batches, weighted by its share
+    of the batch, computed as it is drawn (so that one micro-batch's graph lives at a time); each
+    also goes to ``taken`` with its correct counts and per-sample losses (prioritized sampler)."""
+    model, sampler = session.model, session.prioritized()
+    parts = micro_batches(len(labels), session.config.accumulate)
+    whole = len(parts) == 1  # one batch: today's path, untouched
+    # A head counts its training steps (SphereFace's lam schedule): each micro-batch starts from
+    # the step's count, so that the batch counts once and every micro-batch sees the same lam.
+    counters = [head.step for head in model.heads.values() if hasattr(head, "step")]
+    counts = [counter.clone() for counter in counters]
+    for part in parts:
+        if not whole:
+            for counter, count in zip(counters, counts):
+                counter.copy_(count)
+        part_labels = labels if whole else labels[part]
+        part_images = images if whole else images[part]
+        if sampler is None:
+            loss, correct = batch_loss(
+                model, part_images, part_labels, dtype, session.device, world=world
+            )
+            rows = None
+        else:  # the per-sample losses, weighted by importance: the new priorities
+            rows, correct = batch_loss(
+                model,
+                part_images,
+                part_labels,
+                dtype,
+                session.device,
+                reduction="none",
+                world=world,
+            )
+            weights = sampler.weights(indices if whole else indices[part])
+            loss = (weights.to(rows.device) * rows).mean()
+        if not whole:
+            loss = loss * (len(part_labels) / len(labels))
+        taken.append((loss, correct, rows))
+        yield loss
+
+
+def record_lr(session: Session, step: int) -> None:
+    """Note the learning rate optimizer step ``step`` (counted over the run) used, then step a
+    schedule by steps."""
+    session.step_lrs.append((step, session.optimizer.param_groups[0]["lr"]))
+    if session.scheduler_by_step:
+        session.scheduler.step()
 
 
 def train_epoch(session: Session, world: World, epoch: int, progress: bool) -> tuple[float, dict]:
@@ -137,29 +273,28 @@ def train_epoch(session: Session, world: World, epoch: int, progress: bool) -> t
         unit="batch",
     )
     sampler = session.prioritized()
+    dtype = autocast_dtype(config.precision)
+    steps_before = (epoch - 1) * len(session.train_loader)
     for step, (images, labels, *indices) in enumerate(bar, start=1):
         world.before_step(epoch, step)
         images, labels = images.to(session.device), labels.to(session.device)
-        if sampler is None:
-            loss, batch_correct = batch_loss(
-                model, images, labels, config.bf16, session.device, world=world
-            )
-        else:  # the per-sample losses, weighted by importance; they become the new priorities
-            (indices,) = indices
-            rows, batch_correct = batch_loss(
-                model, images, labels, config.bf16, session.device, reduction="none", world=world
-            )
-            loss = (sampler.weights(indices).to(rows.device) * rows).mean()
+        indices = indices[0] if indices else None
+        taken = []  # (loss, correct, per-sample losses) of each micro-batch computed
+        losses = micro_batch_losses(session, world, images, labels, indices, dtype, taken)
         gradient_norm = partial(world.gradient_norm, model, config.grad_clip_norm)
-        if not take_step(session, loss, gradient_norm, epoch, step):
+        stepped = take_step(session, losses, gradient_norm, epoch, step)
+        record_lr(session, steps_before + step)
+        if not stepped:
             continue
+        loss = taken[0][0] if len(taken) == 1 else sum(entry[0].detach() for entry in taken)
         if sampler is not None:
-            sampler.update(indices, rows)
+            sampler.update(indices, torch.cat([entry[2] for entry in taken]))
         global_batch = len(labels) * world.size  # every rank takes as many images a step
         total_loss += float(loss.detach()) * global_batch
         seen += global_batch
-        for name, value in batch_correct.items():
-            correct[name] += value
+        for _, part_correct, _ in taken:
+            for name, value in part_correct.items():
+                correct[name] += value
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     bar.close()
     # Finite losses and gradients can still step the weights to inf (a huge learning rate):
@@ -181,15 +316,18 @@ def train_epoch(session: Session, world: World, epoch: int, progress: bool) -> t
 
 
 @torch.no_grad()
-def evaluate(model: RecognitionModel, loader, autocast: bool, device) -> tuple[float, dict, float]:
-    """Validation loss, each head's accuracy, and the spread of the validation embeddings."""
+def evaluate(
+    model: RecognitionModel, loader, autocast: torch.dtype | None, device
+) -> tuple[float, dict, float]:
+    """Validation loss, each head's accuracy, and the spread of the validation embeddings
+    (``autocast``: its dtype, or None)."""
     model.eval()
     total_loss, count = 0.0, 0
     correct = {name: 0 for name in model.heads}
     embeddings = []
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with autocasting(device, autocast):
             batch_embeddings = model(images)
         loss, batch_correct = loss_of_embeddings(model, batch_embeddings, labels, autocast, device)
         embeddings.append(batch_embeddings.float())
@@ -235,7 +373,7 @@ def validate(
     def row() -> dict:
         model = session.full_model
         val_loss, val_accuracy, spread = evaluate(
-            model, session.val_loader, session.config.bf16, session.device
+            model, session.val_loader, autocast_dtype(session.config.precision), session.device
         )
         return history_row(
             epoch,

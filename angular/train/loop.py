@@ -41,7 +41,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from angular import devices
+from angular import devices, ops
 from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
 from angular.files import atomic_save, atomic_write_text
@@ -65,6 +65,7 @@ from angular.train.collapse import (
 )
 from angular.train.epoch import train_epoch, validate
 from angular.train.sampler import IndexedDataset, PrioritizedSampler
+from angular.train.schedule import make_scheduler
 from angular.train.session import Session, TrainPaths, say
 from angular.train.world import ONE_PROCESS, World, resolve_backend
 
@@ -74,6 +75,7 @@ __all__ = [
     "select_device",
     "limit_threads",
     "check_supported",
+    "check_precision",
     "describe_model",
     "train_item",
 ]
@@ -160,19 +162,29 @@ def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     return factory(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def constant(epoch: int) -> float:
-    return 1.0
-
-
-def make_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch."""
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=config.step_size, gamma=config.gamma
+def check_precision(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler of fp16 (None for fp32 and bf16), after checking that fp16 can train here:
+    autocast has fp16 on the device, and the margin ops' backend computes an fp16 loss. (Every
+    backend of angular does today: the compiled CPU and CUDA kernels take fp16 cosines and compute
+    in fp32, the Python reference too; the check catches a build or backend without them.)"""
+    if precision != "fp16":
+        return None
+    if not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(
+            "train.precision", f"fp16 needs autocast on {device.type}; use bf16 or fp32"
         )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, constant)
+    cos = torch.zeros(2, 3, dtype=torch.float16, device=device, requires_grad=True)
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    try:
+        ops.margin_cross_entropy(cos, labels, s=1.0).backward()
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            "train.precision",
+            f"fp16 has no kernel in the margin ops' {ops.backend()} backend on {device.type} "
+            f"({type(error).__name__}: {reason}); use bf16 or fp32",
+        ) from None
+    return torch.amp.GradScaler(device.type)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,8 +220,9 @@ def set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths
     for head in model.heads.values():
         init_centres(head, config.centre_norm)
     optimizer = make_optimizer(config, model.parameters())
-    scheduler = make_scheduler(config, optimizer)
     train_loader, val_loader = make_loaders(params, manifest, generator)
+    scheduler, by_step = make_scheduler(config, optimizer, len(train_loader))
+    scaler = check_precision(config.precision, device)
     room = check_room(model, config, f"train@{item_name}")
     run_fingerprint = fingerprint(params, item, manifest, model)
     return Session(
@@ -222,6 +235,7 @@ def set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths
         full_model=model,
         optimizer=optimizer,
         scheduler=scheduler,
+        scheduler_by_step=by_step,
         generator=generator,
         train_loader=train_loader,
         val_loader=val_loader,
@@ -233,6 +247,7 @@ def set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths
         keep_checkpoints=config.keep_checkpoints,
         classes=tuple(manifest.classes),
         collapse_room=room,
+        scaler=scaler,
     )
 
 
@@ -257,13 +272,15 @@ def spread_over(
     train_loader = world.train_loader(
         session.train_loader.dataset, config.batch_size, config.num_workers, config.seed
     )
+    scheduler, by_step = make_scheduler(config, optimizer, len(train_loader))
     return dataclasses.replace(
         session,
         label=f"{session.label} rank {world.rank}/{world.size}",
         model=model,
         full_model=full_model,
         optimizer=optimizer,
-        scheduler=make_scheduler(config, optimizer),
+        scheduler=scheduler,
+        scheduler_by_step=by_step,
         train_loader=train_loader,
         base_fingerprint=base_fingerprint,
         checkpoints=rank_folder(session.paths.checkpoints, world.rank, world.size),
@@ -372,7 +389,7 @@ def format_value(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
-def write_plots(paths: TrainPaths, history: list[dict]) -> None:
+def write_plots(paths: TrainPaths, history: list[dict], step_lrs: list[tuple[int, float]]) -> None:
     columns = list(history[0])
     loss = ["epoch"] + [c for c in columns if c.endswith("_loss")]
     accuracy = ["epoch"] + [c for c in columns if "_accuracy" in c]
@@ -381,6 +398,9 @@ def write_plots(paths: TrainPaths, history: list[dict]) -> None:
     if paths.collapse_plot is not None:
         collapse = ["epoch"] + [c for c in columns if c.startswith(COLLAPSE_COLUMNS)]
         atomic_write_text(paths.collapse_plot, tsv(history, collapse))
+    if paths.lr_plot is not None:
+        rows = [{"step": step, "lr": lr} for step, lr in step_lrs]
+        atomic_write_text(paths.lr_plot, tsv(rows, ["step", "lr"]))
 
 
 def finish(session: Session) -> dict:
@@ -389,10 +409,12 @@ def finish(session: Session) -> dict:
     config, paths = session.config, session.paths
     final = dict(session.history[-1])
     final["skipped_steps"] = session.skipped_steps
+    if session.scaler is not None:
+        final["scaler_skipped_steps"] = session.scaler_skipped_steps
     final["collapse_epoch"] = session.collapse_epoch
     if session.collapse_room is not None:
         final["collapse_room"] = session.collapse_room
-    write_plots(paths, session.history)
+    write_plots(paths, session.history, session.step_lrs)
     backbone_desc, heads_desc, image = session.descriptions
     model_file = model_document(
         session.full_model,
@@ -415,6 +437,19 @@ def finish(session: Session) -> dict:
     # kept, they would let a rerun after a code change "resume" a finished run instead of training.
     prune_checkpoints(paths.checkpoints, 0)
     return metrics
+
+
+def log_epoch(run, session: Session, row: dict, first_step: int) -> None:
+    """The epoch's row to MLflow (at step = epoch), and its steps' learning rates (``lr_by_step``
+    at step = the optimizer step: the first of the epoch, each change and the last)."""
+    counts = {"skipped_steps": session.skipped_steps}
+    if session.scaler is not None:
+        counts["scaler_skipped_steps"] = session.scaler_skipped_steps
+    run.log_metrics({**row, **counts}, step=row["epoch"])
+    steps = session.step_lrs[first_step:]
+    for index, (step, lr) in enumerate(steps):
+        if index in (0, len(steps) - 1) or lr != steps[index - 1][1]:
+            run.log_metrics({"lr_by_step": lr}, step=step)
 
 
 def train_item(
@@ -448,19 +483,23 @@ def train_item(
     started = time.perf_counter()
     for epoch in range(session.start_epoch + 1, config.epochs + 1):
         world.begin_epoch(session.train_loader, epoch)
+        epoch_steps = len(session.step_lrs)
         train_loss, train_accuracy = train_epoch(
             session, world, epoch, progress and world.rank == 0
         )
-        lr = session.optimizer.param_groups[0]["lr"]
-        session.scheduler.step()
+        if session.scheduler_by_step:  # the last step's (the schedule has moved on)
+            lr = session.step_lrs[-1][1]
+        else:
+            lr = session.optimizer.param_groups[0]["lr"]
+            session.scheduler.step()
         row = validate(session, world, epoch, lr, train_loss, train_accuracy)
         session.history.append(row)
         watch_collapse(session, epoch)
         if world.rank == 0:
-            write_plots(paths, session.history)
+            write_plots(paths, session.history, session.step_lrs)
         save_checkpoint(session, epoch, world)
         if run is not None:
-            run.log_metrics({**row, "skipped_steps": session.skipped_steps}, step=epoch)
+            log_epoch(run, session, row, epoch_steps)
         if world.rank == 0:
             say(
                 f"{session.label} epoch {epoch}/{config.epochs}: loss {train_loss:.4f} "

@@ -27,6 +27,7 @@ class TrainPaths:
     loss_plot: Path  # TSV: train and val loss per epoch (DVC plots)
     accuracy_plot: Path  # TSV: train and val accuracy per epoch (DVC plots)
     collapse_plot: Path | None = None  # TSV: centre cosine and embedding spread per epoch
+    lr_plot: Path | None = None  # TSV: the learning rate of each optimizer step
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class Session:
     full_model: RecognitionModel | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler_by_step: bool  # stepped after each optimizer step (warm-up, poly), else each epoch
     generator: torch.Generator
     train_loader: DataLoader
     val_loader: DataLoader
@@ -59,6 +61,11 @@ class Session:
     start_epoch: int = 0
     collapse_epoch: int = 0  # the first epoch the monitor flagged (on_collapse: warn); 0: none
     collapse_room: float | None = None  # the smallest room of the item's heads (None: no bound)
+    scaler: torch.amp.GradScaler | None = None  # the fp16 loss scaler (train.precision: fp16)
+    scaler_skipped_steps: int = 0  # steps the scaler skipped (inf/nan gradients: normal in fp16)
+    scaler_skips_in_a_row: int = 0
+    scale_reported: bool = False  # a falling loss scale is reported once
+    step_lrs: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, lr)
 
     def prioritized(self) -> PrioritizedSampler | None:
         """The prioritized sampler of the training data (``train.sampler: prioritized``), or None."""
