@@ -198,13 +198,13 @@ def bf16_to_precision(value):
     """A ``train`` mapping with ``bf16`` read as ``precision`` (both given: an error)."""
     if not isinstance(value, Mapping) or "bf16" not in value:
         return value
+    bf16 = value["bf16"]
+    if not isinstance(bf16, bool):
+        raise problem(f"must be true or false, got {describe(bf16)}", "bf16")
     if "precision" in value:
         raise problem(
             "give train.precision or the deprecated train.bf16, not both; remove bf16", "bf16"
         )
-    bf16 = value["bf16"]
-    if not isinstance(bf16, bool):
-        raise problem(f"must be true or false, got {describe(bf16)}", "bf16")
     say_bf16_is_deprecated()
     converted = {k: v for k, v in value.items() if k != "bf16"}
     converted["precision"] = "bf16" if bf16 else "fp32"

@@ -72,10 +72,18 @@ def patch_training_batches(monkeypatch, *, inf_grad=(), nan=(), interrupt=None, 
 # The key, and the deprecated one.
 
 
+def old_style(bf16, **overrides) -> dict:
+    """Params that give the deprecated train.bf16 (whichever key the shipped file has)."""
+    raw = tiny_raw(**overrides)
+    raw["train"].pop("precision", None)
+    raw["train"]["bf16"] = bf16
+    return raw
+
+
 def test_bf16_still_reads_as_precision_with_one_deprecation_line(capsys):
     say_bf16_is_deprecated.cache_clear()
-    assert parse_params(tiny_raw(train__bf16=True)).train.precision == "bf16"
-    assert parse_params(tiny_raw(train__bf16=False)).train.precision == "fp32"
+    assert parse_params(old_style(True)).train.precision == "bf16"
+    assert parse_params(old_style(False)).train.precision == "fp32"
     lines = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
     assert lines == [
         "params: train.bf16 is deprecated: use train.precision (fp32 | bf16 | fp16); "
@@ -105,7 +113,7 @@ def test_precision_is_read(precision):
 
 
 def test_precision_and_bf16_together_or_a_bad_precision_are_refused_in_one_line():
-    raw = tiny_raw()
+    raw = old_style(False)
     raw["train"]["precision"] = "fp32"
     with pytest.raises(ConfigError) as caught:
         parse_params(raw)
@@ -117,7 +125,7 @@ def test_precision_and_bf16_together_or_a_bad_precision_are_refused_in_one_line(
     with pytest.raises(ConfigError, match=r"^train\.precision: must be one of fp32, bf16, fp16"):
         parse_params(raw)
     with pytest.raises(ConfigError, match=r"^train\.bf16: must be true or false, got 'yes'"):
-        parse_params(tiny_raw(train__bf16="yes"))
+        parse_params(old_style("yes"))
 
 
 def test_fp32_and_bf16_keep_the_fingerprints_of_the_bf16_flag(digits_prepared):
@@ -136,7 +144,7 @@ def test_fp32_and_bf16_keep_the_fingerprints_of_the_bf16_flag(digits_prepared):
         raw = new_style()
         raw["train"]["precision"] = precision
         prints[precision] = of(raw)
-        assert prints[precision] == of(tiny_raw(train__bf16=flag))
+        assert prints[precision] == of(old_style(flag))
     raw = new_style()
     raw["train"]["precision"] = "fp16"
     assert of(raw) not in prints.values() and prints["fp32"] != prints["bf16"]
