@@ -1,7 +1,8 @@
 """Checkpoints and resume, for one process or many (docs/design.md, Pipeline).
 
 - A checkpoint per epoch (``epoch-0007.pt``), written atomically (a temp file in the same folder,
-  fsync, ``os.replace``), holds the model, optimizer, scheduler, RNG states, history and epoch; the
+  fsync, ``os.replace``), holds the model, optimizer, scheduler, RNG states, history and epoch (and
+  each step's learning rate, and in fp16 the loss scaler's state and counts); the
   newest ``train.keep_checkpoints`` are kept while training (at least two on several processes,
   since a kill can leave one rank an epoch ahead), and all are removed once the model file is
   written. On several processes each rank writes its own file (its shard of each head, the shared
