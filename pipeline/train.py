@@ -1,8 +1,8 @@
 """Stage ``train@<item>``: one backbone and its head(s) for an entry of ``train.items``.
 
 ``python -m pipeline.train arcface``. Writes ``outputs/models/<item>.pt``, per-epoch checkpoints
-(a rerun after an interruption resumes from the newest), ``metrics/train/<item>.json``,
-``plots/{loss,accuracy,collapse}/<item>.tsv`` and an MLflow run (see :mod:`angular.train.loop`).
+(a rerun resumes from the newest), ``metrics/train/<item>.json``, the plots
+``plots/{loss,accuracy,collapse,lr}/<item>.tsv`` and an MLflow run (:mod:`angular.train.loop`).
 With ``train.distributed.world_size`` W > 1 it launches W torchrun workers that run this module
 again, rank 0 logging and writing the files (:mod:`angular.train.world`).
 """
@@ -24,6 +24,7 @@ from pipeline import (
     CHECKPOINTS_DIR,
     COLLAPSE_PLOTS_DIR,
     LOSS_PLOTS_DIR,
+    LR_PLOTS_DIR,
     PREPARED_DIR,
     TRAIN_METRICS_DIR,
     model_path,
@@ -45,13 +46,17 @@ PARAM_KEYS = (
     "train.weight_decay",
     "train.momentum",
     "train.schedule",
+    "train.poly_power",
+    "train.warmup_steps",
+    "train.warmup_epochs",
+    "train.accumulate",
     "train.step_size",
     "train.gamma",
     "train.label_smoothing",
     "train.label_smoothing_mode",
     "train.grad_clip_norm",
     "train.augment",
-    "train.bf16",
+    "train.precision",
     "train.channels_last",
     "train.device",
     "train.seed",
@@ -78,6 +83,7 @@ def paths_for(item: str) -> TrainPaths:
         loss_plot=LOSS_PLOTS_DIR / f"{item}.tsv",
         accuracy_plot=ACCURACY_PLOTS_DIR / f"{item}.tsv",
         collapse_plot=COLLAPSE_PLOTS_DIR / f"{item}.tsv",
+        lr_plot=LR_PLOTS_DIR / f"{item}.tsv",
     )
 
 
@@ -112,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _train_and_log(params, item_name: str, item, manifest, paths, stage: str, world: World) -> None:
-    """Train (one process, or every rank of several) and log the run, the model and its files
-    (rank 0)."""
+    """Train (one process, or every rank of several); rank 0 logs the run, model and files."""
     if world.rank != 0:
         train_item(params, item_name, manifest, paths, world=world)
         return
@@ -128,19 +133,16 @@ def _train_and_log(params, item_name: str, item, manifest, paths, stage: str, wo
         for path in (paths.model, paths.metrics):
             run.log_artifact(path)
         # The plots share the item's file name: each keeps its folder (plots/loss/arcface.tsv).
-        for path in (paths.loss_plot, paths.accuracy_plot, paths.collapse_plot):
+        for path in (paths.loss_plot, paths.accuracy_plot, paths.collapse_plot, paths.lr_plot):
             run.log_artifact(path, path.parent.as_posix())
-        # The model as an MLflow model too: `mlflow models predict` serves it (T = 1 here;
-        # calibration comes later).
+        # Also as an MLflow model, served by `mlflow models predict` (T = 1 until calibrate).
         run.call(
             lambda client, run_id: log_mlflow_model(client, run_id, paths.model),
             "logging the MLflow model",
         )
-    print(
-        f"{stage}: val accuracy {metrics['val_accuracy']:.4f} after {metrics['epoch']} epochs; "
-        f"model {paths.model}",
-        file=sys.stderr,
-    )
+    accuracy, epochs = metrics["val_accuracy"], metrics["epoch"]
+    message = f"{stage}: val accuracy {accuracy:.4f} after {epochs} epochs; model {paths.model}"
+    print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,11 @@ BAD_VALUES: dict[str, list] = {
     "train.weight_decay": [-0.1],
     "train.momentum": [1.0, -0.1],
     "train.schedule": ["linear"],
+    "train.poly_power": [0.0, -2.0, math.inf],
+    "train.warmup_steps": [-1, 1.5],
+    "train.warmup_epochs": [-0.5, math.nan],
+    "train.accumulate": [0, 3, -1],  # 3 does not divide the batch
+    "train.precision": ["fp8", "FP16", "half"],
     "train.step_size": [0],
     "train.gamma": [0.0, 1.5],
     "train.label_smoothing": [1.0, -0.1],
@@ -264,7 +269,7 @@ def test_the_key_tables_cover_every_key_of_the_shipped_file():
     assert not missing, f"add these keys of params.yaml to BAD_VALUES: {missing}"
     stale = sorted(set(BAD_VALUES) - set(SHIPPED))
     assert not stale, f"BAD_VALUES lists keys params.yaml no longer has: {stale}"
-    assert booleans >= {"data.skip_bad_images", "train.bf16", "tracking.required"}
+    assert booleans >= {"data.skip_bad_images", "train.deterministic", "tracking.required"}
     assert len(SHIPPED) >= 80
 
 
@@ -299,6 +304,10 @@ def test_a_section_that_is_not_a_mapping_names_its_key(key):
 # Keys that may be left out (older params files): their default (angular/config.py's docstring).
 OPTIONAL = {
     "train.channels_last": False,
+    "train.poly_power": 2.0,
+    "train.warmup_steps": 0,
+    "train.warmup_epochs": 0.0,
+    "train.accumulate": 1,
     "data.max_images_per_class": None,
     "data.crop": None,
     "evaluate.verification.pairs_file": None,
@@ -432,8 +441,11 @@ def test_a_learning_rate_in_exponent_notation_is_a_number(tmp_path):
 def test_yes_is_not_a_boolean(tmp_path):
     """YAML 1.1 read ``yes`` as true; DVC (YAML 1.2) reads a string: the stage says so."""
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(tiny_raw(), sort_keys=False).replace("bf16: false", "bf16: no"))
-    with pytest.raises(ConfigError, match=r"^train\.bf16: must be true or false, got 'no'"):
+    text = yaml.safe_dump(tiny_raw(), sort_keys=False)
+    path.write_text(text.replace("deterministic: true", "deterministic: no"))
+    with pytest.raises(
+        ConfigError, match=r"^train\.deterministic: must be true or false, got 'no'"
+    ):
         load_params(path)
 
 

@@ -128,6 +128,7 @@ def test_outputs_are_where_the_stages_write():
             paths_for.loss_plot,
             paths_for.accuracy_plot,
             paths_for.collapse_plot,
+            paths_for.lr_plot,
         )
     }
     assert resolved(stage("train")["metrics"]) == {paths_for.metrics.as_posix()}
@@ -153,6 +154,7 @@ def test_outputs_are_where_the_stages_write():
         pipeline.LOSS_PLOTS_DIR.as_posix(),
         pipeline.ACCURACY_PLOTS_DIR.as_posix(),
         pipeline.COLLAPSE_PLOTS_DIR.as_posix(),
+        pipeline.LR_PLOTS_DIR.as_posix(),
         pipeline.CALIBRATE_PLOTS_DIR.as_posix(),
         pipeline.EVALUATE_PLOTS_DIR.as_posix(),
     }

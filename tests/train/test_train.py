@@ -268,7 +268,7 @@ def test_sgd_step_schedule_bf16_augmentation_and_the_originals_smoothing(project
             train__schedule="step",
             train__step_size=1,
             train__gamma=0.5,
-            train__bf16=True,
+            train__precision="bf16",
             train__label_smoothing_mode="others",
             train__augment=[{"name": "RandomAffine", "degrees": 10}],
         )
