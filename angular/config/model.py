@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from angular.config.rules import Section, choice, integer, number
+from angular.config.rules import Section, choice, flag, integer, number
 from angular.nn.backbones import BACKBONES, FACE_BACKBONES
 
 
@@ -19,12 +19,14 @@ class MobileFaceNetOptions(Section):
     """``model.mobilefacenet``: options of the mobilefacenet backbone."""
 
     scale: integer(1)  # channel width multiplier: 1 is the paper's ~1M parameters
+    checkpoint: flag() = False  # recompute the bottlenecks' activations in backward (less memory)
 
 
 class IResNetOptions(Section):
     """``model.iresnet``: options of the iresnet18/34/50 backbones."""
 
     dropout: number(0.0, 1.0, high_open=True)  # before the embedding FC (arcface_torch: 0)
+    checkpoint: flag() = False  # recompute the blocks' activations in backward (using_ckpt)
 
 
 class ModelConfig(Section):
@@ -43,9 +45,9 @@ class ModelConfig(Section):
         if self.backbone == "small_cnn":
             return self.small_cnn.model_dump()
         if self.backbone == "mobilefacenet":
-            return self.mobilefacenet.model_dump()
+            return _network_options(self.mobilefacenet)
         if self.backbone.startswith("iresnet"):
-            return self.iresnet.model_dump()
+            return _network_options(self.iresnet)
         return {}
 
     def backbone_kwargs(self, image_size=None) -> dict[str, Any]:
@@ -56,3 +58,13 @@ class ModelConfig(Section):
                 raise ValueError(f"image_size: required by the {self.backbone} backbone")
             return {**self.options, "input_size": list(image_size)}
         return dict(self.options)
+
+
+def _network_options(section: MobileFaceNetOptions | IResNetOptions) -> dict[str, Any]:
+    """A face backbone's options, ``checkpoint`` only when on: it changes memory and time, not the
+    network, so the model files and resume fingerprints of runs without it stay as they were (and
+    a model file without it loads with checkpointing off)."""
+    options = section.model_dump()
+    if not options["checkpoint"]:
+        del options["checkpoint"]
+    return options

@@ -16,14 +16,20 @@ The face backbones divide the input by 16 (four stride-2 stages) and their embed
 whole final map (the GDC's kernel, the FC's input), so they are built for one ``input_size``
 (``params.yaml``'s ``data.image_size``; 112x112 as published) and need at least
 :data:`MIN_FACE_INPUT` pixels a side (a 2x2 final map); another size is a clear error.
+
+With ``checkpoint=True`` (``model.<backbone>.checkpoint``; arcface_torch's ``using_ckpt``) the face
+backbones' residual blocks keep no activations for the backward pass and recompute them there:
+less memory for more time, the same numbers (:class:`CheckpointedBlock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -41,6 +47,12 @@ def _check_images(images: torch.Tensor, in_channels: int) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != in_channels:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must have shape (B, {in_channels}, H, W), got {shape}")
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _check_dropout(dropout) -> None:
@@ -183,12 +195,74 @@ def _conv_bn(in_c: int, out_c: int, kernel: int, stride: int, groups: int = 1, a
     return nn.Sequential(*layers)
 
 
-class Bottleneck(nn.Module):
+class RunningStatsFrozen:
+    """While entered, the BatchNorms of ``module`` update copies of their running statistics
+    (``running_mean``, ``running_var``, ``num_batches_tracked``), dropped on exit: the buffers are
+    left as they were.
+
+    The recompute context of a checkpointed block: the first forward has updated the statistics
+    already, and a second update would move them twice as far per step as without checkpointing.
+    Copies rather than ``track_running_stats=False``, which would save other tensors for backward
+    than the first forward did (torch's checkpoint refuses that); swapped, not copied back, so the
+    buffers are never written in place. A class, not a generator, so that it can be entered again
+    (a second backward with ``retain_graph``)."""
+
+    STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, module: nn.Module):
+        norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        self.norms = [m for m in module.modules() if isinstance(m, norms) and m.track_running_stats]
+        self.originals: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        for norm in self.norms:
+            for name in self.STATISTICS:
+                buffer = getattr(norm, name)
+                if buffer is not None:
+                    self.originals.append((norm, name, buffer))
+                    setattr(norm, name, buffer.clone())
+
+    def __exit__(self, *exc) -> None:
+        # Also on torch's early stop of the recompute (an exception raised through the block).
+        for norm, name, buffer in self.originals:
+            setattr(norm, name, buffer)
+        self.originals.clear()
+
+
+class CheckpointedBlock(nn.Module):
+    """A residual block whose :meth:`compute` is run under ``torch.utils.checkpoint`` (non-reentrant)
+    when ``checkpoint`` is on, the block is training and gradients are enabled; in eval mode or
+    under ``torch.no_grad`` it is a plain call. The recompute restores the RNG and autocast state
+    (torch's defaults) and updates no BatchNorm running statistics (:class:`RunningStatsFrozen`),
+    so the loss, the gradients and the running statistics equal the plain call's."""
+
+    def __init__(self, checkpoint: bool = False):
+        super().__init__()
+        self.checkpoint = _check_flag("checkpoint", checkpoint)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                self.compute, x, use_reentrant=False, context_fn=self._contexts
+            )
+        return self.compute(x)
+
+    def _contexts(self):
+        # (around the first forward, around the recompute)
+        return contextlib.nullcontext(), RunningStatsFrozen(self)
+
+
+class Bottleneck(CheckpointedBlock):
     """MobileNetV2's inverted residual with PReLU: 1x1 expand, 3x3 depthwise, linear 1x1 project;
     a shortcut when the shape is kept."""
 
-    def __init__(self, in_c: int, out_c: int, expansion: int, stride: int):
-        super().__init__()
+    def __init__(
+        self, in_c: int, out_c: int, expansion: int, stride: int, checkpoint: bool = False
+    ):
+        super().__init__(checkpoint)
         hidden = in_c * expansion
         self.residual = stride == 1 and in_c == out_c
         self.layers = nn.Sequential(
@@ -197,7 +271,7 @@ class Bottleneck(nn.Module):
             _conv_bn(hidden, out_c, 1, 1, act=False),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layers(x) if self.residual else self.layers(x)
 
 
@@ -207,7 +281,7 @@ class MobileFaceNet(_FaceBackbone):
     (2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1), a 1x1 conv to 512,
     then the linear global depthwise conv over the whole final map (7x7 at 112x112) and a linear
     layer with BN to the embedding. ``scale`` multiplies the 64/128 channel widths (insightface's
-    default ``mbf`` is ``scale=2``)."""
+    default ``mbf`` is ``scale=2``); ``checkpoint`` checkpoints the bottlenecks."""
 
     SETTINGS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
 
@@ -217,9 +291,11 @@ class MobileFaceNet(_FaceBackbone):
         embedding_dim: int = 128,
         input_size=(112, 112),
         scale: int = 1,
+        checkpoint: bool = False,
     ):
         super().__init__(in_channels, embedding_dim, input_size)
         scale = check_size("scale", scale)
+        self.checkpoint = _check_flag("checkpoint", checkpoint)
         width = 64 * scale
         layers = [
             _conv_bn(in_channels, width, 3, 2),
@@ -229,7 +305,8 @@ class MobileFaceNet(_FaceBackbone):
         for expansion, out_c, repeats, stride in self.SETTINGS:
             for index in range(repeats):
                 out = out_c * scale
-                layers.append(Bottleneck(channels, out, expansion, stride if index == 0 else 1))
+                first_stride = stride if index == 0 else 1
+                layers.append(Bottleneck(channels, out, expansion, first_stride, checkpoint))
                 channels = out
         layers.append(_conv_bn(channels, 512, 1, 1))
         self.features = nn.Sequential(*layers)
@@ -247,12 +324,12 @@ class MobileFaceNet(_FaceBackbone):
         return self.embedding(self.features(images))
 
 
-class IBasicBlock(nn.Module):
+class IBasicBlock(CheckpointedBlock):
     """arcface_torch's block: BN, 3x3 conv, BN, PReLU, 3x3 conv (the stride), BN; plus the
     shortcut (a 1x1 conv with BN when the shape changes)."""
 
-    def __init__(self, in_c: int, out_c: int, stride: int):
-        super().__init__()
+    def __init__(self, in_c: int, out_c: int, stride: int, checkpoint: bool = False):
+        super().__init__(checkpoint)
         self.layers = nn.Sequential(
             nn.BatchNorm2d(in_c, eps=1e-5),
             nn.Conv2d(in_c, out_c, 3, 1, padding=1, bias=False),
@@ -269,7 +346,7 @@ class IBasicBlock(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x) + self.shortcut(x)
 
 
@@ -277,7 +354,7 @@ class IResNet(_FaceBackbone):
     """insightface's IResNet (arcface_torch ``iresnet.py``): a 3x3 stride-1 stem with BN and PReLU,
     four stages of :class:`IBasicBlock` (64, 128, 256, 512 channels, each starting with stride 2),
     then the embedding layer BN - Dropout - FC (over the whole 7x7 map at 112x112) - BN, whose BN
-    scale is fixed at 1 as there."""
+    scale is fixed at 1 as there; ``checkpoint`` checkpoints the blocks (``using_ckpt`` there)."""
 
     LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3)}
 
@@ -288,11 +365,13 @@ class IResNet(_FaceBackbone):
         embedding_dim: int = 128,
         input_size=(112, 112),
         dropout: float = 0.0,
+        checkpoint: bool = False,
     ):
         super().__init__(in_channels, embedding_dim, input_size)
         if depth not in self.LAYERS:
             raise ValueError(f"depth must be one of {sorted(self.LAYERS)}, got {depth}")
         _check_dropout(dropout)
+        self.checkpoint = _check_flag("checkpoint", checkpoint)
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, 64, 3, 1, padding=1, bias=False),
             nn.BatchNorm2d(64, eps=1e-5),
@@ -302,7 +381,7 @@ class IResNet(_FaceBackbone):
         for stage, repeats in enumerate(self.LAYERS[depth]):
             out_c = 64 * 2**stage
             for index in range(repeats):
-                layers.append(IBasicBlock(channels, out_c, 2 if index == 0 else 1))
+                layers.append(IBasicBlock(channels, out_c, 2 if index == 0 else 1, checkpoint))
                 channels = out_c
         self.features = nn.Sequential(*layers)
         height, width = _final_map(self.input_size)
@@ -339,8 +418,8 @@ def build_backbone(
 ) -> nn.Module:
     """Backbone by its name in ``params.yaml``: one of :data:`BACKBONES`. ``options`` go to
     :class:`SmallCNN` (``width``, ``dropout``, ``blocks``, ``convs_per_block``), to
-    :class:`MobileFaceNet` (``input_size``, ``scale``) or to :class:`IResNet` (``input_size``,
-    ``dropout``); the torchvision ResNets take none."""
+    :class:`MobileFaceNet` (``input_size``, ``scale``, ``checkpoint``) or to :class:`IResNet`
+    (``input_size``, ``dropout``, ``checkpoint``); the torchvision ResNets take none."""
     if name not in BACKBONES:
         raise ValueError(f"name: unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     if name == "small_cnn":
