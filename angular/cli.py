@@ -12,7 +12,7 @@
     angular identify MODEL IMAGES... --gallery G.npz [--threshold X | --far F]
                               [--project DIR] [--json]
 
-    angular pack images FOLDER OUT_DIR [--size 112]
+    angular pack images FOLDER OUT_DIR [--size 112] [--landmarks FILE]
     angular pack pairs PAIRS_FILE IMAGES_ROOT OUT.bin [--size 112]
 
 ``pack`` writes insightface's formats (:mod:`angular.data.recordio`,
@@ -201,7 +201,8 @@ def _pack_parser(commands) -> None:
         help="write insightface's formats (.rec training sets, verification .bin)",
         description="Write the formats the public face data sets ship in, as insightface's tools "
         "lay them out. Faces are stored as RGB JPEG (quality 95) of SIZE x SIZE; a JPEG already "
-        "so is kept byte for byte. Align the faces first: no alignment is done here.",
+        "so is kept byte for byte. Faces must be aligned: give `pack images` a landmarks file "
+        "(--landmarks) or align them first.",
     )
     kinds = pack.add_subparsers(dest="pack_kind", required=True, metavar="KIND")
     images = kinds.add_parser(
@@ -212,6 +213,12 @@ def _pack_parser(commands) -> None:
     )
     images.add_argument("folder", metavar="FOLDER", help="one sub-folder of images per identity")
     images.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write the set into")
+    images.add_argument(
+        "--landmarks",
+        metavar="FILE",
+        help="align each face onto the ArcFace template first, from FILE's five landmarks "
+        "(TSV: path score x1 y1 ... x5 y5, paths relative to FOLDER)",
+    )
     pairs = kinds.add_parser(
         "pairs",
         help="an LFW-style pairs file into a verification .bin",
@@ -402,7 +409,9 @@ def _run_pack(args) -> int | None:
         return EXIT_ERROR
     try:
         if args.pack_kind == "images":
-            count, classes = pack_images(args.folder, args.out_dir, size=args.size)
+            count, classes = pack_images(
+                args.folder, args.out_dir, size=args.size, landmarks=args.landmarks
+            )
             done = f"{count} image(s) of {classes} identities written to {args.out_dir}"
         else:
             count, same = pack_pairs(args.pairs_file, args.images_root, args.out, size=args.size)

@@ -1,8 +1,10 @@
 """Data: sources and the manifest of splits (:mod:`angular.data.manifest`, the prepare stage),
 images, the Dataset and augmentation (:mod:`angular.data.images`), and insightface's formats:
 RecordIO training sets (:mod:`angular.data.recordio`) and verification bins
-(:mod:`angular.data.verification_bin`)."""
+(:mod:`angular.data.verification_bin`), and face alignment onto the ArcFace template
+(:mod:`angular.data.align`)."""
 
+from angular.data.align import align_face, read_landmarks, similarity_transform
 from angular.data.images import ImageDataset, build_augmentation, load_image, normalize
 from angular.data.manifest import (
     CLASSES_FILE,
@@ -26,13 +28,16 @@ __all__ = [
     "Manifest",
     "Record",
     "RecordFile",
+    "align_face",
     "build_augmentation",
     "load_bin",
     "load_image",
     "normalize",
     "prepare_dataset",
     "read_bin",
+    "read_landmarks",
     "read_manifest",
+    "similarity_transform",
     "write_bin",
     "write_record_folder",
 ]

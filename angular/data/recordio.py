@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from angular.data.align import align_face, landmarks_for, read_landmarks
 from angular.data.manifest import DataError
 
 __all__ = [
@@ -411,14 +412,23 @@ def write_record_folder(
     return key, len(ranges)
 
 
-def encode_face(path: str | Path, size: int) -> bytes:
+def encode_face(
+    path: str | Path, size: int, landmarks: np.ndarray | None = None, row: str = ""
+) -> bytes:
     """An image file as insightface stores faces: JPEG, RGB, ``size`` x ``size``. A JPEG that is
     already so is kept byte for byte (no second compression); any other is converted, resized
-    (bilinear) and encoded at quality 95."""
+    (bilinear) and encoded at quality 95. With ``landmarks`` ((5, 2) pixels) the face is aligned
+    (:func:`angular.data.align.align_face`) instead of resized; landmarks that do not fit the
+    image are an error naming ``row`` (where they came from)."""
     path = Path(path)
     try:
         with Image.open(path) as image:
-            if image.format == "JPEG" and image.mode == "RGB" and image.size == (size, size):
+            if landmarks is not None:
+                try:
+                    image = align_face(image, landmarks, size)
+                except ValueError as error:
+                    raise DataError(f"{row or path}: {error}") from None
+            elif image.format == "JPEG" and image.mode == "RGB" and image.size == (size, size):
                 return path.read_bytes()
             image = image.convert("RGB")
             if image.size != (size, size):
@@ -426,6 +436,8 @@ def encode_face(path: str | Path, size: int) -> bytes:
             buffer = io.BytesIO()
             image.save(buffer, "JPEG", quality=JPEG_QUALITY)
             return buffer.getvalue()
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: cannot read the image ({error})") from None
 
@@ -451,13 +463,21 @@ def image_folder(folder: str | Path) -> list[tuple[str, list[Path]]]:
     return identities
 
 
-def pack_images(folder: str | Path, out_dir: str | Path, size: int = 112) -> tuple[int, int]:
+def pack_images(
+    folder: str | Path, out_dir: str | Path, size: int = 112, landmarks: str | Path | None = None
+) -> tuple[int, int]:
     """``angular pack images``: an image folder (one sub-folder per identity, labels in sorted
-    name order) into ``train.rec``/``train.idx``/``property``. Returns ``(images, classes)``."""
+    name order) into ``train.rec``/``train.idx``/``property``. With ``landmarks`` (a TSV,
+    :func:`angular.data.align.read_landmarks`, paths relative to ``folder``) each face is aligned
+    first; an image without a row is an error that lists them. Returns ``(images, classes)``."""
     identities = image_folder(folder)
+    paths = [(label, path) for label, (_, files) in enumerate(identities) for path in files]
+    names = [path.relative_to(folder).as_posix() for _, path in paths]
+    points: list[np.ndarray | None] = [None] * len(paths)
+    if landmarks is not None:
+        points = landmarks_for(names, read_landmarks(landmarks), landmarks)
     images = (
-        (label, encode_face(path, size))
-        for label, (_, paths) in enumerate(identities)
-        for path in paths
+        (label, encode_face(path, size, where, f"{landmarks}, row {name}"))
+        for (label, path), where, name in zip(paths, points, names)
     )
     return write_record_folder(out_dir, images, image_size=(size, size))
