@@ -127,3 +127,73 @@ def test_pack_images_round_trips_the_mxnet_fixture(tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     for name in ("train.rec", "train.idx", "property"):
         assert (tmp_path / "set" / name).read_bytes() == (FIXTURE / name).read_bytes(), name
+
+
+LFW_DEV = REPO / "../shared/data/lfw-dev"
+
+
+def landmark_row(name: str, points: np.ndarray) -> str:
+    return f"{name}\t0.99\t" + "\t".join(f"{v:.4f}" for v in points.ravel()) + "\n"
+
+
+def test_pack_images_aligns_with_landmarks(people, tmp_path, capsys):
+    """Landmarks at the template's points scaled into each photo: the aligned crop is the photo
+    resized onto 112x112; an image without a row, and a row outside its image, are one line."""
+    from angular.data.align import ARCFACE_TEMPLATE
+
+    header = "path\tscore\t" + "\t".join(f"x{k}\ty{k}" for k in range(1, 6)) + "\n"
+    rows = {
+        "Ann/Ann_0001.jpg": ARCFACE_TEMPLATE * 24 / 112,
+        "Ann/Ann_0002.jpg": ARCFACE_TEMPLATE * 30 / 112 + [5.0, 0.0],
+        "Bo/Bo_0001.jpg": ARCFACE_TEMPLATE * 24 / 112,
+    }
+    (tmp_path / "lm.tsv").write_text(header + "".join(landmark_row(*r) for r in rows.items()))
+    args = ["pack", "images", str(people), str(tmp_path / "set"), "--landmarks"]
+    assert cli.main([*args, str(tmp_path / "lm.tsv")]) == 0, capsys.readouterr().err
+    assert "3 image(s) of 2 identities" in capsys.readouterr().err
+    reader = RecordFile(tmp_path / "set")
+    assert len(reader) == 3 and reader.property == (2, 112, 112)
+    image, label = reader[1]
+    assert image.size == (112, 112) and label == 0
+    assert np.abs(np.asarray(image, float)[8:-8, 8:-8] - 128).max() <= 2  # the grey PNG
+
+    del rows["Bo/Bo_0001.jpg"]
+    (tmp_path / "missing.tsv").write_text(header + "".join(landmark_row(*r) for r in rows.items()))
+    assert cli.main([*args, str(tmp_path / "missing.tsv")]) == cli.EXIT_ERROR
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no landmarks for 1 image(s): Bo/Bo_0001.jpg" in error
+
+    rows["Bo/Bo_0001.jpg"] = ARCFACE_TEMPLATE * 3  # 24x24 photo, landmarks for a larger one
+    (tmp_path / "far.tsv").write_text(header + "".join(landmark_row(*r) for r in rows.items()))
+    assert cli.main([*args, str(tmp_path / "far.tsv")]) == cli.EXIT_ERROR
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert "far.tsv, row Bo/Bo_0001.jpg: landmark 1 at (114.884, 155.089) lies outside" in error
+
+
+@pytest.mark.skipif(
+    not (LFW_DEV / "landmarks.tsv").is_file() or not (FIXTURE / "train.rec").is_file(),
+    reason="no ../shared/data (lfw-dev and the insightface fixture)",
+)
+def test_pack_images_with_landmarks_makes_the_mxnet_fixtures_faces(tmp_path, capsys):
+    """lfw-dev's first two people aligned and packed: MXNet's records, JPEG byte for byte; a
+    person with a photograph the detector missed is named."""
+    for person in ("Abdullah_Gul", "Adrien_Brody", "Dominique_de_Villepin"):
+        (tmp_path / "faces" / person).mkdir(parents=True)
+        for photo in (LFW_DEV / person).iterdir():
+            (tmp_path / "faces" / person / photo.name).symlink_to(photo)
+    args = ["pack", "images", str(tmp_path / "faces"), str(tmp_path / "set")]
+    landmarks = ["--landmarks", str(LFW_DEV / "landmarks.tsv")]
+    assert cli.main([*args, *landmarks]) == cli.EXIT_ERROR
+    assert (
+        "no landmarks for 1 image(s): Dominique_de_Villepin/Dominique_de_Villepin_0013.jpg"
+        in capsys.readouterr().err
+    )
+    for photo in (tmp_path / "faces" / "Dominique_de_Villepin").iterdir():
+        photo.unlink()
+    (tmp_path / "faces" / "Dominique_de_Villepin").rmdir()
+    assert cli.main([*args, *landmarks]) == 0, capsys.readouterr().err
+    ours, theirs = RecordFile(tmp_path / "set"), RecordFile(FIXTURE)
+    assert len(ours) == 19 + 12 and ours.labels().tolist() == theirs.labels()[:31].tolist()
+    for index in range(len(ours)):
+        assert ours.image_record(index) == theirs.image_record(index), index
