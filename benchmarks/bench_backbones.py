@@ -3,6 +3,7 @@
     python benchmarks/bench_backbones.py                       # the default grid (64x64 and 112x112)
     python benchmarks/bench_backbones.py --sizes 64 --backbones small_cnn mobilefacenet --repeats 3
     python benchmarks/bench_backbones.py --data ../shared/data/lfw-dev   # + the input pipeline
+    python benchmarks/bench_backbones.py --checkpoint --backbones iresnet18 mobilefacenet
 
 For each backbone and input size (batch ``--batch``, one grey channel, ``--threads`` threads):
 
@@ -13,6 +14,12 @@ each in three variants: ``fp32`` (as the pipeline runs today), ``channels_last``
 batch in NHWC) and ``bf16`` (``torch.autocast("cpu", torch.bfloat16)``, as ``train.bf16``). A
 variant is timed ``--repeats`` times after ``--warmup`` untimed calls; the table gives the median
 images/s and its ratio to ``fp32`` of the same backbone measured in the same run.
+
+With ``--checkpoint`` it compares, instead of the variants, a forward and backward in train mode
+(fp32, no head) of each face backbone without and with activation checkpointing
+(``model.<backbone>.checkpoint``): the peak memory allocated during the step beyond what was
+allocated before it (the profiler's CPU allocation events, ``harness.peak_extra_cpu``) and the
+median seconds.
 
 With ``--data`` it also times the input side of an epoch on that image folder: decoding every JPEG
 (crop, resize) each epoch against augmenting cached decoded images (``train.preload_images``), and
@@ -51,12 +58,14 @@ AUGMENT = v2.Compose(
 )
 
 
-def make_backbone(name: str, size: int, embedding_dim: int) -> torch.nn.Module:
+def make_backbone(
+    name: str, size: int, embedding_dim: int, checkpoint: bool = False
+) -> torch.nn.Module:
     options = {}
     if name == "small_cnn":
         options = dict(SMALL_CNN)
     elif name in FACE_BACKBONES:
-        options = {"input_size": (size, size)}
+        options = {"input_size": (size, size), "checkpoint": checkpoint}
     return build_backbone(name, in_channels=1, embedding_dim=embedding_dim, **options)
 
 
@@ -103,6 +112,60 @@ def time_backbone(name: str, size: int, variant: str, args) -> dict:
         "train_seconds": train_s,
         "infer_seconds": infer_s,
     }
+
+
+def measure_checkpointing(name: str, size: int, args) -> list[dict]:
+    """Peak extra bytes and seconds of a forward + backward without and with checkpointing."""
+    rows = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        net = make_backbone(name, size, args.embedding_dim, checkpoint).train()
+        images = torch.randn(args.batch, 1, size, size)
+
+        def step(inp, net=net):
+            net.zero_grad(set_to_none=True)
+            net(inp).square().sum().backward()
+
+        step(images)  # warm: the allocator and the kernels' first-call work
+        peak = harness.peak_extra_cpu(step, images)
+        seconds = harness.timed_runs(
+            lambda step=step, images=images: step(images), args.warmup, args.repeats
+        )
+        rows.append(
+            {
+                "backbone": name,
+                "size": size,
+                "checkpoint": checkpoint,
+                "peak_extra_bytes": peak,
+                "median_seconds": statistics.median(seconds),
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def checkpoint_markdown(rows: list[dict], args, load: tuple) -> str:
+    lines = [
+        f"CPU `{platform.processor() or platform.machine()}`, {args.threads} thread(s), batch "
+        f"{args.batch}, one grey channel, fp32; a forward and backward in train mode; median of "
+        f"{args.repeats} after {args.warmup} warm-up; load average before / after: "
+        f"{load[0]:.2f} / {load[1]:.2f}.",
+        "",
+        *harness.table_header(
+            ["backbone", "input", "checkpoint", "peak extra MiB", "vs off", "seconds", "vs off"],
+            align="--- --- --- ---: ---: ---: ---:",
+        ),
+    ]
+    off = {(r["backbone"], r["size"]): r for r in rows if not r["checkpoint"]}
+    for r in rows:
+        ref = off[(r["backbone"], r["size"])]
+        lines.append(
+            f"| {r['backbone']} | {r['size']}x{r['size']} | {'on' if r['checkpoint'] else 'off'} "
+            f"| {r['peak_extra_bytes'] / 2**20:.1f} | "
+            f"{r['peak_extra_bytes'] / ref['peak_extra_bytes']:.2f}x | "
+            f"{r['median_seconds']:.3f} | {r['median_seconds'] / ref['median_seconds']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 class _Folder(Dataset):
@@ -206,6 +269,11 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=80)
     parser.add_argument("--embedding-dim", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="compare the face backbones without and with activation checkpointing instead",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, help="a folder of identities of JPEGs (lfw-dev)")
@@ -217,6 +285,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     before = os.getloadavg()[0]
+    if args.checkpoint:
+        return run_checkpointing(args, before)
     rows = []
     for size in args.sizes:
         for name in args.backbones:
@@ -237,6 +307,30 @@ def main(argv=None) -> int:
     )
     table = markdown(rows, input_rows, args, load)
     (args.out / "bench_backbones.md").write_text(table, encoding="utf-8")
+    print(table)
+    return 0
+
+
+def run_checkpointing(args, before: float) -> int:
+    """``--checkpoint``: writes ``bench_checkpointing.json`` and ``bench_checkpointing.md``."""
+    rows = []
+    for size in args.sizes:
+        for name in (name for name in args.backbones if name in FACE_BACKBONES):
+            for row in measure_checkpointing(name, size, args):
+                rows.append(row)
+                print(
+                    f"{name} {size}x{size} checkpoint={row['checkpoint']}: peak extra "
+                    f"{row['peak_extra_bytes'] / 2**20:.1f} MiB, {row['median_seconds']:.3f} s",
+                    flush=True,
+                )
+    load = (before, os.getloadavg()[0])
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {"rows": rows, "load_average": load, "args": vars(args)}
+    (args.out / "bench_checkpointing.json").write_text(
+        json.dumps(document, indent=1, default=str), encoding="utf-8"
+    )
+    table = checkpoint_markdown(rows, args, load)
+    (args.out / "bench_checkpointing.md").write_text(table, encoding="utf-8")
     print(table)
     return 0
 
