@@ -126,11 +126,11 @@ def measure_checkpointing(name: str, size: int, args) -> list[dict]:
             net.zero_grad(set_to_none=True)
             net(inp).square().sum().backward()
 
-        step(images)  # warm: the allocator and the kernels' first-call work
-        peak = harness.peak_extra_cpu(step, images)
         seconds = harness.timed_runs(
             lambda step=step, images=images: step(images), args.warmup, args.repeats
         )
+        # After the timing (the profiler's hooks may slow the steps after it), on a warm allocator.
+        peak = harness.peak_extra_cpu(step, images)
         rows.append(
             {
                 "backbone": name,
