@@ -308,6 +308,8 @@ OPTIONAL = {
     "train.warmup_steps": 0,
     "train.warmup_epochs": 0.0,
     "train.accumulate": 1,
+    "model.mobilefacenet.checkpoint": False,
+    "model.iresnet.checkpoint": False,
     "data.max_images_per_class": None,
     "data.crop": None,
     "evaluate.verification.pairs_file": None,
