@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -205,8 +206,12 @@ def test_training_logs_every_epoch_and_the_model(project, empty_store):
         a.path
         for folder in client.list_artifacts(logged.info.run_id, "plots")
         for a in client.list_artifacts(logged.info.run_id, folder.path)
-    }  # each plot keeps its folder: the three share the file name arcface.tsv
-    assert plots == {f"plots/{kind}/arcface.tsv" for kind in ("loss", "accuracy", "collapse")}
+    }  # each plot keeps its folder: the four share the file name arcface.tsv
+    kinds = ("loss", "accuracy", "collapse", "lr")
+    assert plots == {f"plots/{kind}/arcface.tsv" for kind in kinds}
+    # The learning rate of every optimizer step where it changes (and each epoch's first and last).
+    by_step = client.get_metric_history(logged.info.run_id, "lr_by_step")
+    assert by_step and all(math.isfinite(m.value) and m.value > 0 for m in by_step)
     # The MLflow model (angular.serve.mlflow_model), with its signature.
     assert "model/MLmodel" in {a.path for a in client.list_artifacts(logged.info.run_id, "model")}
 
