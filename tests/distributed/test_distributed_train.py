@@ -8,6 +8,7 @@ there are few of them, on tiny params; the rest call the pieces directly.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -62,7 +63,10 @@ def test_a_sigkilled_worker_fails_the_stage_and_a_rerun_resumes_to_the_same_mode
     monkeypatch.setenv(world.FAULT_ENV, "1:kill:2:3")
     assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
     message = last_line(capfd)
-    assert "rank 1 ended without a report" in message and "SIGKILL" in message, message
+    # Rank 1 is named as silent. Rank 0 usually reports its failed collective, but torchrun may
+    # stop it first (once in CI: "ranks 0, 1 ended without a report"); both are the right message.
+    assert re.search(r"ranks? (\d+, )*1 ended without a report", message), message
+    assert "SIGKILL" in message, message
     assert not (project / MODEL).exists()
     for rank in (0, 1):
         assert (project / CHECKPOINTS / f"rank-{rank}-of-2" / "epoch-0001.pt").is_file()
