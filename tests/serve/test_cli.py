@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import torch
 import yaml
 from pipeline_testing import ORL, tiny_raw, write_params
+from serve_testing import run_cli
 
 from angular import cli
 from angular.eval import metrics as M
@@ -68,21 +67,6 @@ def orl_project(tmp_path_factory) -> Path:
     raw["evaluate"]["embedding_plot"] = False
     raw["tracking"]["enabled"] = False
     return run_pipeline(folder, raw)
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m angular.cli ARGS`` in ``cwd``, as a user runs it."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.pop("ANGULAR_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "angular.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def saved_outputs(project: Path, items, split: str):

@@ -5,14 +5,12 @@ pairs file, read back with angular.data; against the MXNet-written fixture when
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_testing import run_cli
 
 from angular import cli
 from angular.data import RecordFile, read_bin
@@ -38,21 +36,6 @@ def people(tmp_path) -> Path:
     Image.fromarray(np.full((30, 40), 128, np.uint8)).save(root / "Ann" / "Ann_0002.jpg", "PNG")
     (root / "Bo" / "Bo_0001.jpg").write_bytes(jpeg(2, 24))
     return root
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m angular.cli ARGS`` in ``cwd``, as a user runs it."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.pop("ANGULAR_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "angular.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_pack_images_and_pairs_as_a_user_runs_them(people, tmp_path):

@@ -3,6 +3,9 @@ the ORL faces (real images; skipped when ../shared/data/orl is absent) or on the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,18 @@ def faces_raw(path: Path, *, unknown: int, epochs: int, evaluate_too: bool = Tru
 
 def digits_raw(**overrides) -> dict:
     return tiny_raw(train__items=["arcface"], train__epochs=1, **overrides)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m angular.cli ARGS`` in ``cwd``, as a user runs it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("ANGULAR_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "angular.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
