@@ -11,7 +11,8 @@ with that least penalty ``d`` while its accuracy falls to chance.
 - :func:`centre_cosine` and :func:`embedding_spread` measure it each epoch;
 - :func:`collapsed_loss` is the loss of the collapsed state for a margin, and
   :func:`collapse_room` its height above chance (``log C``), checked when training starts;
-- :class:`CollapseMonitor` applies the thresholds of ``train.collapse`` to the history.
+- :class:`CollapseMonitor` applies the thresholds of ``train.collapse`` to the history;
+- :class:`DriftMonitor` sees a partial collapse: centres drifting together, a falling spread.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from angular.ops import reference
 __all__ = [
     "CollapseError",
     "CollapseMonitor",
+    "DriftMonitor",
     "centre_cosine",
     "collapse_room",
     "collapsed_loss",
@@ -168,6 +170,91 @@ class CollapseMonitor:
                 "trading accuracy for a collapsed state"
             )
         return None
+
+
+# The spread of a fresh network's embeddings is high and falls in the first epochs before training
+# spreads them again (lfw-dev: 0.63, 0.34, 0.43 ...), and it moves by up to 40% from one epoch to the
+# next; the drift rule compares 3-epoch means from the third epoch on.
+SPREAD_SETTLE_EPOCHS = 2
+SPREAD_WINDOW = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftMonitor:
+    """Partial collapse: the centres drift together, or the embeddings fall onto fewer directions,
+    while the training loss still improves (docs/design.md, Collapse). Far from the full collapse
+    :class:`CollapseMonitor` stops, it costs verification of unseen people and nothing else shows
+    it. Applied after each epoch; it warns, it never stops a run.
+
+    - the centres' mean pairwise cosine rose by more than ``max_centre_cosine_rise`` above its
+      lowest value so far, and the loss is below that epoch's;
+    - the embedding spread's 3-epoch mean fell below ``(1 - max_spread_drop)`` of its best so far
+      (from the third epoch on), and the loss is below that epoch's.
+
+    The thresholds were chosen on the committed runs (digits, ORL, lfw-dev; the healthy ones rise
+    by at most 0.21 and drop by at most 0.16) and on the drifting ArcFace run of issue 27
+    (0.01 -> 0.47 -> 0.81, spread 0.41 -> 0.21), which both rules flag."""
+
+    max_centre_cosine_rise: float = 0.3
+    max_spread_drop: float = 0.3
+
+    def measures(self, history: list[dict]) -> dict[str, float]:
+        """The latest epoch's ``centre_cosine_rise`` (the largest over a joint item's heads) and
+        ``spread_drop``, nan where the history is too short to say."""
+        return {
+            "centre_cosine_rise": max(
+                (rise for _, rise, _ in self._cosine_rises(history)), default=math.nan
+            ),
+            "spread_drop": self._spread_drop(history)[0],
+        }
+
+    def verdict(self, history: list[dict]) -> str | None:
+        """What drifted, in words, or None. ``history`` rows as training writes them."""
+        loss = history[-1]["train_loss"]
+        for head, rise, low in self._cosine_rises(history):
+            if rise > self.max_centre_cosine_rise and loss < low["train_loss"]:
+                value = history[-1][f"centre_cosine{head and '_' + head}"]
+                return (
+                    f"the class centres of {head or 'the head'} drift together: their mean "
+                    f"pairwise cosine rose from {value - rise:.3f} at epoch {low['epoch']} to "
+                    f"{value:.3f} (> train.collapse.max_centre_cosine_rise "
+                    f"{self.max_centre_cosine_rise}) while the loss kept falling"
+                )
+        drop, best = self._spread_drop(history)
+        if drop > self.max_spread_drop and loss < best["train_loss"]:
+            return (
+                f"the embedding spread (3-epoch mean) fell by {drop:.0%} from its best at epoch "
+                f"{best['epoch']} (> train.collapse.max_spread_drop {self.max_spread_drop}) while "
+                "the loss kept falling: the embeddings crowd onto fewer directions"
+            )
+        return None
+
+    @staticmethod
+    def _cosine_rises(history: list[dict]):
+        """(head, rise above the lowest value so far, the row of that lowest value) per head;
+        head is "" for an item of one head."""
+        keys = [k for k in history[-1] if k.startswith("centre_cosine_")] or ["centre_cosine"]
+        for key in keys:
+            rows = [r for r in history if math.isfinite(r[key])]
+            if not rows:
+                continue
+            low = min(rows, key=lambda r: r[key])
+            yield key.removeprefix("centre_cosine").lstrip("_"), rows[-1][key] - low[key], low
+
+    @staticmethod
+    def _spread_drop(history: list[dict]) -> tuple[float, dict | None]:
+        """(how far the latest 3-epoch mean of the spread is below its best, the best's last row)."""
+        rows = history[SPREAD_SETTLE_EPOCHS:]
+        if len(rows) < SPREAD_WINDOW or "embedding_spread" not in rows[-1]:
+            return math.nan, None
+        means = []
+        for end in range(SPREAD_WINDOW, len(rows) + 1):
+            window = [r["embedding_spread"] for r in rows[end - SPREAD_WINDOW : end]]
+            means.append((sum(window) / SPREAD_WINDOW, rows[end - 1]))
+        best_mean, best_row = max(means, key=lambda m: m[0])
+        if not (math.isfinite(best_mean) and best_mean > 0):
+            return math.nan, None
+        return 1.0 - means[-1][0] / best_mean, best_row
 
 
 REMEDY = (
