@@ -28,7 +28,8 @@ from angular.config.rules import (
     text,
 )
 
-SOURCES = ("digits", "imagefolder")
+SOURCES = ("digits", "imagefolder", "insightface_rec")
+RECORDIO = "insightface_rec"  # an insightface RecordIO set: train.rec, train.idx, property
 
 
 def _unknown_identities(value):
@@ -102,6 +103,16 @@ _CROP_SCHEMA = WithJsonSchema(
 )
 
 
+class Align(Section):
+    """``data.align``: align each face onto the ArcFace template from five landmarks
+    (:mod:`angular.data.align`) into a ``size`` x ``size`` crop, which is then resized to
+    ``data.image_size`` like any image. ``landmarks``: a TSV, header ``path score x1 y1 ... x5
+    y5``, one row per image, ``path`` relative to ``data.path``."""
+
+    landmarks: text()
+    size: integer(1) = 112  # the template's 112x112 scaled to this side (insightface's rule)
+
+
 def _per_channel_schema(low: dict) -> WithJsonSchema:
     one = {"type": "number", **low}
     return WithJsonSchema({"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]})
@@ -119,7 +130,12 @@ class DataConfig(Section):
         | Annotated[tuple[Annotated[str, Field(min_length=1)], ...], UNIQUE],
         BeforeValidator(_unknown_identities),
     ]
-    val_fraction: number(0.0, 1.0, low_open=True, high_open=True)
+    # (0, 1); 0 (no validation split) only for insightface_rec, whose sets are validated on
+    # verification bins: see _val_may_be_empty.
+    val_fraction: Annotated[
+        number(0.0, 1.0, low_open=True, high_open=True),
+        WithJsonSchema({"type": "number", "minimum": 0, "exclusiveMaximum": 1}),
+    ]
     test_fraction: number(0.0, 1.0, high_open=True)
     min_images_per_class: integer(1)
     skip_bad_images: flag()
@@ -128,6 +144,7 @@ class DataConfig(Section):
     # splitting (None: every image).
     max_images_per_class: integer(1, optional=True) = None
     crop: Annotated[Crop | None, BeforeValidator(_crop), _CROP_SCHEMA] = None  # before resizing
+    align: Align | None = None  # imagefolder: faces aligned from landmarks, before resizing
     image_size: must(
         tuple[Annotated[int, Field(strict=True, ge=1)], Annotated[int, Field(strict=True, ge=1)]],
         "[height, width], two integers >= 1",
@@ -137,6 +154,18 @@ class DataConfig(Section):
     # A number or one per channel; stored as one per channel.
     mean: Annotated[tuple[float, ...], _per_channel_schema({})]
     std: Annotated[tuple[float, ...], _per_channel_schema({"exclusiveMinimum": 0})]
+
+    @field_validator("val_fraction", mode="wrap")
+    @classmethod
+    def _val_may_be_empty(cls, value, handler, info: ValidationInfo):
+        if is_number(value) and value == 0:
+            if info.data.get("source") == RECORDIO:
+                return 0.0
+            raise problem(
+                f"must be a number in (0, 1), got {value!r} (0, no validation split, only with "
+                f"data.source {RECORDIO})"
+            )
+        return handler(value)
 
     @field_validator("mean", "std", mode="before")
     @classmethod
@@ -154,15 +183,41 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _sources_and_splits_agree(self):
-        if self.source == "imagefolder" and self.path is None:
-            raise problem("required when data.source is imagefolder", "path")
-        for name in ("path", "test_path"):
+        if self.source != "digits" and self.path is None:
+            what = "a RecordIO set's folder or .rec" if self.source == RECORDIO else "a folder"
+            raise problem(f"required when data.source is {self.source} ({what})", "path")
+        if self.source == "digits" and self.path is not None:
+            raise problem(
+                "only used when data.source is imagefolder or insightface_rec (it is digits); "
+                "set it to null",
+                "path",
+            )
+        for name in ("test_path", "align"):
             if self.source != "imagefolder" and getattr(self, name) is not None:
                 raise problem(
                     f"only used when data.source is imagefolder (it is {self.source}); "
                     "set it to null",
                     name,
                 )
+        if self.source == RECORDIO and self.crop is not None:
+            raise problem(
+                f"not used with data.source {RECORDIO} (its faces are read as stored, "
+                "aligned by whoever packed them); set it to null",
+                "crop",
+            )
+        if self.align is not None and self.crop is not None:
+            raise problem(
+                "give data.align or data.crop, not both (an aligned face is already cut to the "
+                "template)",
+                "align",
+            )
+        if self.align is not None and self.test_path is not None:
+            raise problem(
+                "not supported with data.test_path (the landmarks name images of data.path): "
+                "put the test identities under data.path, or align them with `angular pack "
+                "images --landmarks`",
+                "align",
+            )
         if self.val_fraction + self.test_fraction >= 1.0:
             raise problem(
                 "val_fraction + test_fraction must be < 1 (training needs images), got "

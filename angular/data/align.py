@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from angular.data.manifest import DataError
+from angular.data.errors import DataError
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -116,9 +116,11 @@ def align_face(image: Image.Image, landmarks: np.ndarray, size: int = 112) -> Im
     )
 
 
-def read_landmarks(path: str | Path) -> dict[str, np.ndarray]:
+def read_landmarks(path: str | Path, *, allow_nan: bool = False) -> dict[str, np.ndarray]:
     """A landmarks TSV as ``{relative path: (5, 2) float64 points}``. A missing column, a
-    malformed or repeated row, or a NaN point is one ``DataError`` naming the file and line."""
+    malformed or repeated row, or a NaN point is one ``DataError`` naming the file and line;
+    with ``allow_nan`` NaN rows are kept (for :func:`check_landmarks` to refuse per image, so
+    that prepare can skip them under ``data.skip_bad_images``)."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8") as handle:
@@ -145,7 +147,7 @@ def read_landmarks(path: str | Path) -> dict[str, np.ndarray]:
             values = [float(row[i]) for i in where]
         except ValueError:
             raise DataError(f"{path}, line {line}: a coordinate is not a number") from None
-        if not all(math.isfinite(v) for v in values):
+        if not (allow_nan or all(math.isfinite(v) for v in values)):
             raise DataError(f"{path}, line {line}: a landmark is NaN or infinite")
         name = row[header.index("path")].replace("\\", "/")
         if name in landmarks:

@@ -11,7 +11,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from angular.config import AugmentSpec, ConfigError, Crop
-from angular.data.manifest import DataError, crop_region
+from angular.data.errors import DataError
+from angular.data.manifest import crop_region
+from angular.data.recordio import PackedImage
 
 __all__ = ["load_image", "normalize", "ImageDataset", "build_augmentation"]
 
@@ -25,13 +27,18 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 
 def load_image(
-    path: str | Path, *, image_size: Sequence[int], channels: int, crop: Crop | None = None
+    path: str | Path | PackedImage,
+    *,
+    image_size: Sequence[int],
+    channels: int,
+    crop: Crop | None = None,
 ) -> torch.Tensor:
-    """An image as a (channels, height, width) uint8 tensor: upright (as its EXIF orientation
-    says), cropped to ``crop`` (``data.crop``), converted to grey (``channels`` 1) or RGB (3)
-    whatever the source's colours, and resized (bilinear) to ``image_size``."""
+    """An image file, or a :class:`~angular.data.recordio.PackedImage` (a record of a RecordIO
+    set), as a (channels, height, width) uint8 tensor: upright (as its EXIF orientation says),
+    cropped to ``crop`` (``data.crop``), converted to grey (``channels`` 1) or RGB (3) whatever
+    the source's colours, and resized (bilinear) to ``image_size``."""
     try:
-        with Image.open(path) as image:
+        with path.decode() if isinstance(path, PackedImage) else Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             if crop is not None:
                 region = crop_region(crop, *image.size)
@@ -47,6 +54,8 @@ def load_image(
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        if isinstance(error, DataError):  # a bad record: the reader's line names it
+            raise
         raise DataError(f"{path}: cannot read the image ({error}); rerun prepare") from error
     if array.ndim == 2:
         array = array[:, :, None]
@@ -66,13 +75,17 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 class ImageDataset(Dataset):
     """Images of a manifest split: ``(normalised float image (C, H, W), label)`` per item.
 
+    ``paths``: image files, or :class:`~angular.data.recordio.PackedImage` records (what
+    :meth:`angular.data.Manifest.paths` gives for each source); records are read by offset, in
+    each DataLoader worker through its own file handle.
+
     ``preload`` decodes every image once (into one uint8 tensor); otherwise each access decodes.
     ``augment`` (training only) is applied to the [0, 1] image before normalising.
     """
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        paths: Sequence[Path | PackedImage],
         labels: Sequence[int],
         *,
         image_size: Sequence[int],
@@ -85,7 +98,7 @@ class ImageDataset(Dataset):
     ):
         if len(paths) != len(labels):
             raise ValueError(f"paths has {len(paths)} entries but labels has {len(labels)}")
-        self.paths = [Path(p) for p in paths]
+        self.paths = [p if isinstance(p, PackedImage) else Path(p) for p in paths]
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.image_size = tuple(image_size)
         self.channels = channels

@@ -39,10 +39,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from angular.data.align import align_face, landmarks_for, read_landmarks
-from angular.data.manifest import DataError
+from angular.data.errors import DataError
 
 __all__ = [
     "MAGIC",
+    "PackedImage",
     "RecordHeader",
     "RecordFile",
     "fingerprint",
@@ -326,15 +327,32 @@ class RecordFile(Dataset):
         header, payload = self._unpack(key, self._read(key, self._image_offsets[index]))
         return self._label(key, header), payload
 
-    def __getitem__(self, index: int):
+    def decode(self, index: int) -> tuple[Image.Image, int]:
+        """``(PIL image as stored, label)`` of the ``index``-th image record, decoded (loaded)."""
         label, payload = self.image_record(index)
-        key = int(self.image_keys[index])
         try:
-            with Image.open(io.BytesIO(payload)) as image:
-                image = image.convert("RGB")
+            image = Image.open(io.BytesIO(payload))
+            image.load()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+            key = int(self.image_keys[index])
             raise self._error(key, f"cannot decode the image ({error})") from None
+        except Image.DecompressionBombError as error:
+            raise self._error(int(self.image_keys[index]), f"refused by PIL ({error})") from None
+        return image, label
+
+    def __getitem__(self, index: int):
+        image, label = self.decode(index)
+        image = image.convert("RGB")
         return (image if self.transform is None else self.transform(image)), label
+
+    def image(self, index: int) -> PackedImage:
+        """The ``index``-th image record as a :class:`PackedImage` (read when decoded)."""
+        if not 0 <= index < len(self):
+            raise DataError(
+                f"{self.rec_path}: image {index} does not exist (the set holds {len(self)}); "
+                "rerun prepare"
+            )
+        return PackedImage(self, index)
 
     def labels(self) -> np.ndarray:
         """Every image's label (int64, in image order), from the record headers alone: one small
@@ -360,6 +378,27 @@ class RecordFile(Dataset):
     def fingerprint(self) -> str:
         """:func:`fingerprint` of this set."""
         return fingerprint(self.rec_path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class PackedImage:
+    """One image of a RecordIO set, the ``index``-th image record of ``file``: what a manifest row
+    of a ``data.source: insightface_rec`` set resolves to, where an image file's row resolves to
+    its path. Images of one set share one :class:`RecordFile`, so pickling a list of them (to a
+    DataLoader worker) carries the index once, and each process reads through its own handle."""
+
+    file: RecordFile
+    index: int
+
+    def decode(self) -> Image.Image:
+        """The image as stored (a :class:`DataError` naming the file and record when it is bad)."""
+        return self.file.decode(self.index)[0]
+
+    def __str__(self) -> str:
+        return f"{self.file.rec_path}, record {int(self.file.image_keys[self.index])}"
+
+    def __repr__(self) -> str:
+        return f"PackedImage({str(self.file.rec_path)!r}, index={self.index})"
 
 
 # -------------------------------------------------------------------------------------------------
