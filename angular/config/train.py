@@ -17,6 +17,7 @@ from angular.config.rules import (
     must,
     number,
     problem,
+    text,
     unique,
 )
 
@@ -84,6 +85,24 @@ class DistributedConfig(Section):
 SAMPLERS = ("uniform", "prioritized")
 
 
+class VerificationConfig(Section):
+    """``train.verification``: insightface's verification sets (``.bin`` files, relative to the
+    folder the stage runs in), scored on the model's embeddings every ``every_steps`` optimizer
+    steps and at the end (angular.train.verification); the best checkpoint is kept by their mean
+    accuracy. TAR is reported at ``evaluate.fars``."""
+
+    bins: Annotated[
+        must(
+            Annotated[tuple[text(), ...], Field(min_length=1)],
+            "a non-empty list of .bin files",
+            show=repr,
+        ),
+        unique("a verification set"),
+        UNIQUE,
+    ]
+    every_steps: integer(1)
+
+
 class PrioritizedConfig(Section):
     """``train.prioritized``: the prioritized sampler (angular.train.sampler): priority
     ``(loss + eps)^alpha``, importance weight ``(N P)^-beta`` over its largest."""
@@ -141,6 +160,10 @@ class TrainConfig(Section):
     on_collapse: choice(*COLLAPSE_POLICIES)
     collapse: CollapseConfig
     keep_checkpoints: integer(1)
+    # Also a checkpoint every N training steps within an epoch (0: at the epoch ends only).
+    checkpoint_every_steps: integer(0) = 0
+    # Verification sets scored every N steps, the best checkpoint kept (null: none).
+    verification: VerificationConfig | None = None
     distributed: DistributedConfig
     sampler: choice(*SAMPLERS)
     prioritized: PrioritizedConfig  # sampler: prioritized only

@@ -28,8 +28,10 @@ from angular.eval.bins import bin_metrics
 __all__ = [
     "bin_inputs",
     "bin_pixels",
+    "bin_stems",
     "clear_bin_cache",
     "embed_bin",
+    "embed_bins",
     "load_bin_set",
     "verify_bins",
 ]
@@ -81,8 +83,11 @@ def load_bin_set(path: str | Path, data) -> tuple[torch.Tensor, np.ndarray]:
         for old in [k for k in _CACHE if k[0] == key[0] and k[3:] == key[3:]]:
             del _CACHE[old]  # the file changed: drop its stale decoding
         images, same = load_bin(path)
-        if len(same) == 0:
-            raise DataError(f"{path}: no pairs")
+        if same.all() or not same.any():  # also no pairs at all
+            raise DataError(
+                f"{path}: {int(same.sum())} same and {int((~same).sum())} different pairs; a "
+                "verification set needs both"
+            )
         _CACHE[key] = (bin_pixels(images, data), same)
     return _CACHE[key]
 
@@ -137,6 +142,32 @@ def embed_bin(
     return embeddings, torch.cat(outputs[1]).numpy() if flip else None
 
 
+def bin_stems(bins: Sequence[str | Path]) -> list[str]:
+    """The sets' names (file stems: ``lfw``, ``cfp_fp``); repeated names are a ``ValueError``."""
+    stems = [Path(path).stem for path in bins]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise ValueError(f"verification sets must have distinct file names; repeated: {repeated}")
+    return stems
+
+
+def embed_bins(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    bins: Sequence[str | Path],
+    data,
+    **options,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """``{stem: (same, embeddings, flipped)}`` of each set (:func:`load_bin_set`, then
+    :func:`embed_bin` with ``options``), in the order given; every file is read and checked
+    before any is embedded."""
+    stems = bin_stems(bins)
+    sets = [load_bin_set(path, data) for path in bins]
+    return {
+        stem: (same, *embed_bin(embed, pixels, data, **options))
+        for stem, (pixels, same) in zip(stems, sets)
+    }
+
+
 def verify_bins(
     embed: Callable[[torch.Tensor], torch.Tensor],
     bins: Sequence[str | Path],
@@ -149,18 +180,11 @@ def verify_bins(
     device: str | torch.device | None = None,
 ) -> dict[str, dict[str, float]]:
     """The :func:`~angular.eval.bins.bin_metrics` of each set, keyed by its file stem (``lfw``,
-    ``cfp_fp``), in the order given. Each set is decoded once (:func:`load_bin_set`), embedded by
-    :func:`embed_bin`; a bad set raises one :class:`~angular.data.DataError` line naming it."""
-    stems = [Path(path).stem for path in bins]
-    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
-    if repeated:
-        raise ValueError(f"verification sets must have distinct file names; repeated: {repeated}")
+    ``cfp_fp``), in the order given: :func:`embed_bins` (each set decoded once, then cached),
+    then the metrics. A bad set raises one :class:`~angular.data.DataError` line naming it."""
+    embedded = embed_bins(embed, bins, data, batch_size=batch_size, flip=flip, device=device)
     results = {}
-    for path, stem in zip(bins, stems):
-        pixels, same = load_bin_set(path, data)
-        embeddings, flipped = embed_bin(
-            embed, pixels, data, batch_size=batch_size, flip=flip, device=device
-        )
+    for path, (stem, (same, embeddings, flipped)) in zip(bins, embedded.items()):
         try:
             results[stem] = bin_metrics(embeddings, flipped, same, fars, folds)
         except ValueError as error:

@@ -29,9 +29,9 @@ from functools import partial
 import torch
 
 from angular.nn.recognition import RecognitionModel
-from angular.train.checkpoint import kept_checkpoint
+from angular.train.checkpoint import kept_checkpoint, non_finite_tensors, restore_rng
 from angular.train.collapse import centre_cosine, embedding_spread
-from angular.train.session import Session, say
+from angular.train.session import EpochProgress, Session, say
 from angular.train.world import ONE_PROCESS, World
 
 __all__ = [
@@ -116,15 +116,6 @@ def loss_of_embeddings(
     # Summed in fp32 at least (a half-precision loss is widened; an fp64 model keeps fp64).
     widest = torch.float64 if any(x.dtype == torch.float64 for x in losses) else torch.float32
     return torch.stack([loss.to(widest) for loss in losses]).sum(0), correct
-
-
-def non_finite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the model's floating tensors (weights and buffers) holding NaN or inf."""
-    return [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
 
 
 def take_step(
@@ -256,26 +247,42 @@ def record_lr(session: Session, step: int) -> None:
         session.scheduler.step()
 
 
-def train_epoch(session: Session, world: World, epoch: int, progress: bool) -> tuple[float, dict]:
-    """One pass over this process's share of the training data; returns the mean loss and each
-    head's accuracy over the steps taken, those of the global batches (the same on every rank)."""
+def train_epoch(
+    session: Session,
+    world: World,
+    epoch: int,
+    progress: bool,
+    after_step: Callable[[int, int], None] | None = None,
+) -> tuple[float, dict]:
+    """One pass over this process's share of the training data (the rest of it when a checkpoint
+    within this epoch was resumed); returns the mean loss and each head's accuracy over the steps
+    taken, those of the global batches (the same on every rank). ``after_step(epoch, step)`` runs
+    after each step (checkpoints and verification by step)."""
     from tqdm.auto import tqdm
 
     config, model = session.config, session.model
     model.train()
-    total_loss, seen = 0.0, 0
-    correct = {name: 0 for name in model.heads}
+    done = session.progress
+    if done is None or done.epoch != epoch:
+        done = EpochProgress(epoch, correct={name: 0 for name in model.heads})
+    session.progress = done
+    batches = iter(session.train_loader)
+    if session.resume_rng is not None:  # resumed within this epoch: the RNG of that step
+        restore_rng(session.resume_rng, session.generator)
+        session.resume_rng = None
     bar = tqdm(
-        session.train_loader,
+        batches,
         desc=f"{session.label} epoch {epoch}/{config.epochs}",
         disable=not progress,
         leave=False,
         unit="batch",
+        total=len(session.train_loader),
+        initial=done.step,
     )
     sampler = session.prioritized()
     dtype = autocast_dtype(config.precision)
     steps_before = (epoch - 1) * len(session.train_loader)
-    for step, (images, labels, *indices) in enumerate(bar, start=1):
+    for step, (images, labels, *indices) in enumerate(bar, start=done.step + 1):
         world.before_step(epoch, step)
         images, labels = images.to(session.device), labels.to(session.device)
         indices = indices[0] if indices else None
@@ -284,18 +291,20 @@ def train_epoch(session: Session, world: World, epoch: int, progress: bool) -> t
         gradient_norm = partial(world.gradient_norm, model, config.grad_clip_norm)
         stepped = take_step(session, losses, gradient_norm, epoch, step)
         record_lr(session, steps_before + step)
-        if not stepped:
-            continue
-        loss = taken[0][0] if len(taken) == 1 else sum(entry[0].detach() for entry in taken)
-        if sampler is not None:
-            sampler.update(indices, torch.cat([entry[2] for entry in taken]))
         global_batch = len(labels) * world.size  # every rank takes as many images a step
-        total_loss += float(loss.detach()) * global_batch
-        seen += global_batch
-        for _, part_correct, _ in taken:
-            for name, value in part_correct.items():
-                correct[name] += value
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        done.step, done.position = step, done.position + global_batch
+        if stepped:
+            loss = taken[0][0] if len(taken) == 1 else sum(entry[0].detach() for entry in taken)
+            if sampler is not None:
+                sampler.update(indices, torch.cat([entry[2] for entry in taken]))
+            done.total_loss += float(loss.detach()) * global_batch
+            done.seen += global_batch
+            for _, part_correct, _ in taken:
+                for name, value in part_correct.items():
+                    done.correct[name] += value
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if after_step is not None:
+            after_step(epoch, step)
     bar.close()
     # Finite losses and gradients can still step the weights to inf (a huge learning rate):
     # such a model is never checkpointed, so the last checkpoint stays a good one.
@@ -307,8 +316,9 @@ def train_epoch(session: Session, world: World, epoch: int, progress: bool) -> t
             f"({kept_checkpoint(session.checkpoints)}). Lower train.lr or set "
             "train.grad_clip_norm."
         )
-    train_loss = total_loss / seen if seen else math.nan
-    return train_loss, {name: value / max(seen, 1) for name, value in correct.items()}
+    session.progress = None
+    train_loss = done.total_loss / done.seen if done.seen else math.nan
+    return train_loss, {name: value / max(done.seen, 1) for name, value in done.correct.items()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from angular.data import ImageDataset, Manifest, build_augmentation
 from angular.files import atomic_save, atomic_write_text
 from angular.nn.recognition import RecognitionModel, build_model, model_document
 from angular.train.checkpoint import (
+    checkpoint_by_step,
     checkpoints_to_keep,
     describe_model,
     fingerprint,
@@ -64,7 +65,7 @@ from angular.train.collapse import (
     init_centres,
 )
 from angular.train.epoch import train_epoch, validate
-from angular.train.sampler import IndexedDataset, PrioritizedSampler
+from angular.train.sampler import EpochBatchSampler, IndexedDataset, PrioritizedSampler
 from angular.train.schedule import make_scheduler
 from angular.train.session import Session, TrainPaths, say
 from angular.train.world import ONE_PROCESS, World, resolve_backend
@@ -257,7 +258,7 @@ def spread_over(
     """The one-process session turned into this rank's: its shard of each head and a DDP backbone,
     its share of the data, its own checkpoint folder."""
     config = params.train
-    # Resuming on another world size is refused by the one-process fingerprint of these params.
+    # The one-process fingerprint of these params: a checkpoint of another world size resumes.
     one_process = params.model_copy(
         update={
             "train": config.model_copy(
@@ -340,13 +341,12 @@ def make_loaders(
             num_workers=config.num_workers,
         )
     else:
+        # DataLoader(shuffle=True)'s order, resumable within an epoch (EpochBatchSampler).
         train_loader = DataLoader(
             train_set,
-            batch_size=config.batch_size,
-            shuffle=True,
+            batch_sampler=EpochBatchSampler(len(train_set), config.batch_size, generator=generator),
             generator=generator,
             num_workers=config.num_workers,
-            drop_last=drop_last,
         )
     val_loader = DataLoader(val_set, batch_size=max(config.batch_size, 256), shuffle=False)
     return train_loader, val_loader
@@ -452,6 +452,12 @@ def log_epoch(run, session: Session, row: dict, first_step: int) -> None:
             run.log_metrics({"lr_by_step": lr}, step=step)
 
 
+def after_step(session: Session, world: World, epoch: int, step: int) -> None:
+    """What runs after each training step: a checkpoint within the epoch
+    (``train.checkpoint_every_steps``)."""
+    checkpoint_by_step(session, world, epoch, step)
+
+
 def train_item(
     params: Params,
     item_name: str,
@@ -485,7 +491,7 @@ def train_item(
         world.begin_epoch(session.train_loader, epoch)
         epoch_steps = len(session.step_lrs)
         train_loss, train_accuracy = train_epoch(
-            session, world, epoch, progress and world.rank == 0
+            session, world, epoch, progress and world.rank == 0, partial(after_step, session, world)
         )
         if session.scheduler_by_step:  # the last step's (the schedule has moved on)
             lr = session.step_lrs[-1][1]

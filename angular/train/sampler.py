@@ -15,13 +15,14 @@ priorities: a run resumed from a checkpoint draws what an uninterrupted one woul
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, RandomSampler, Sampler
 
-__all__ = ["IndexedDataset", "PrioritizedSampler"]
+__all__ = ["EpochBatchSampler", "IndexedDataset", "PrioritizedSampler", "order_permutation"]
 
 
 class IndexedDataset(Dataset):
@@ -69,6 +70,12 @@ class PrioritizedSampler(Sampler[list[int]]):
         self.generator = generator
         self.priorities = torch.ones(size, dtype=torch.float64)
         self.seen = torch.zeros(size, dtype=torch.bool)
+        self.skip = 0  # batches of the next pass already taken (a resume within an epoch)
+
+    def resume_after(self, batches: int) -> None:
+        """The next pass draws only the epoch's batches after its first ``batches`` (the draws
+        continue from the generator's state, which the checkpoint restores)."""
+        self.skip = int(batches)
 
     def _batch_sizes(self) -> list[int]:
         full, rest = divmod(self.size, self.batch_size)
@@ -78,7 +85,8 @@ class PrioritizedSampler(Sampler[list[int]]):
         return len(self._batch_sizes())
 
     def __iter__(self) -> Iterator[list[int]]:
-        for size in self._batch_sizes():
+        skip, self.skip = self.skip, 0
+        for size in self._batch_sizes()[skip:]:
             draw = torch.multinomial(
                 self.probabilities(), size, replacement=True, generator=self.generator
             )
@@ -129,3 +137,100 @@ class PrioritizedSampler(Sampler[list[int]]):
             )
         self.priorities = priorities.to(torch.float64).clone()
         self.seen = seen.to(torch.bool).clone()
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """The batches one rank takes each epoch, resumable at any point of the epoch, on any world
+    size (docs/design.md, "Resume").
+
+    Each epoch has an *order*, a permutation of the ``size`` images. One process (``generator``
+    given, ``world_size`` 1): the permutation torch's ``RandomSampler`` draws from the loader's
+    seeded generator, drawn exactly as ``DataLoader(shuffle=True)`` draws it (today's order, bitwise);
+    the order is recorded as the generator's state before that draw. Several processes: the
+    permutation of a generator seeded ``seed + epoch`` (``DistributedSampler``'s); the order is that
+    seed. Rank r of W takes positions r, r + W, ... of the permutation (its ``size mod W`` last
+    images are dropped, so every rank has as many) and cuts them into batches of ``batch_size``; a
+    last batch of one image is dropped (it would break batch norm).
+
+    "Where an epoch stopped" is its order and its *position*: the images of the permutation the
+    ranks consumed together (the global batches taken). :meth:`resume` makes the next pass continue
+    from there, on this world size or another: the rest of the permutation is cut as above (the
+    rest's ``len mod W`` last images dropped). On the world size that stopped this gives exactly the
+    batches the uninterrupted pass would have given.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if generator is None and world_size == 1:
+            raise ValueError("one process draws its order from a generator: give one")
+        self.size, self.batch_size = size, batch_size
+        self.world_size, self.rank = world_size, rank
+        self.generator, self.seed = generator, seed
+        self.epoch = 0
+        self.order: dict | None = None  # the order of the pass under way (or last)
+        self.pending: tuple[dict, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, order: dict, position: int) -> None:
+        """The next pass continues the epoch of ``order`` after its first ``position`` images."""
+        self.pending = (dict(order), int(position))
+        self.order = self.pending[0]
+
+    def __len__(self) -> int:
+        """The batches of a whole epoch (from its start)."""
+        return self.batches_of((self.size - self.size % self.world_size) // self.world_size)
+
+    def batches_of(self, images: int) -> int:
+        full, rest = divmod(images, self.batch_size)
+        return full + (rest > 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.pending is not None:
+            order, position = self.pending
+            self.pending = None
+        else:
+            order, position = self.fresh_order(), 0
+        self.order = order
+        if "generator" in order and self.world_size == 1 and self.generator is not None:
+            # One process: RandomSampler's own pass (it draws a second, empty permutation at its
+            # end), so that the generator moves on exactly as in an uninterrupted run.
+            self.generator.set_state(order["generator"])
+            indices = iter(RandomSampler(range(self.size), generator=self.generator))
+            for _ in itertools.islice(indices, position):
+                pass
+        else:
+            rest = order_permutation(order, self.size)[position:]
+            rest = rest[: len(rest) - len(rest) % self.world_size]
+            indices = iter(rest[self.rank :: self.world_size].tolist())
+        batch = list(itertools.islice(indices, self.batch_size))
+        while batch:
+            following = list(itertools.islice(indices, self.batch_size))
+            if following or len(batch) > 1 or self.batch_size == 1:
+                yield batch
+            batch = following
+
+    def fresh_order(self) -> dict:
+        if self.world_size == 1:
+            return {"generator": self.generator.get_state()}
+        return {"seed": self.seed + self.epoch}
+
+
+def order_permutation(order: Mapping, size: int) -> torch.Tensor:
+    """The permutation of ``size`` images an epoch's order (:class:`EpochBatchSampler`) names."""
+    generator = torch.Generator()
+    if "generator" in order:
+        generator.set_state(order["generator"])
+    else:
+        generator.manual_seed(int(order["seed"]))
+    return torch.randperm(size, generator=generator)

@@ -16,7 +16,7 @@ from angular.config import TrainConfig, TrainItem
 from angular.nn.recognition import RecognitionModel
 from angular.train.sampler import PrioritizedSampler
 
-__all__ = ["TrainPaths", "Session", "say"]
+__all__ = ["TrainPaths", "EpochProgress", "Session", "say"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,20 @@ class TrainPaths:
     accuracy_plot: Path  # TSV: train and val accuracy per epoch (DVC plots)
     collapse_plot: Path | None = None  # TSV: centre cosine and embedding spread per epoch
     lr_plot: Path | None = None  # TSV: the learning rate of each optimizer step
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """How far the epoch under way has come (a checkpoint within an epoch saves it): the steps
+    taken, the images of the epoch's order the ranks consumed together (``position``,
+    :class:`angular.train.sampler.EpochBatchSampler`), and the running sums of its history row."""
+
+    epoch: int
+    step: int = 0
+    position: int = 0
+    total_loss: float = 0.0
+    seen: int = 0
+    correct: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -66,6 +80,9 @@ class Session:
     scaler_skips_in_a_row: int = 0
     scale_reported: bool = False  # a falling loss scale is reported once
     step_lrs: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, lr)
+    progress: EpochProgress | None = None  # the epoch under way (or resumed within)
+    resume_rng: dict | None = None  # restored once the resumed epoch's pass has started
+    best: dict | None = None  # the best verification so far (angular.train.verification)
 
     def prioritized(self) -> PrioritizedSampler | None:
         """The prioritized sampler of the training data (``train.sampler: prioritized``), or None."""

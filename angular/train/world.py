@@ -7,8 +7,8 @@ nothing or the plain local thing, and whose :class:`ProcessGroup` does it over
 
 - the model: :meth:`World.shard` keeps this rank's shard of each head
   (:class:`angular.nn.sharded.ShardedMarginHead`) and runs the backbone in DDP (:meth:`World.embed`);
-- the data: :meth:`World.train_loader` gives each rank its share of each global batch (a
-  ``DistributedSampler`` with ``drop_last``, reshuffled by :meth:`World.begin_epoch`);
+- the data: :meth:`World.train_loader` gives each rank its share of each global batch
+  (:class:`angular.train.sampler.EpochBatchSampler`, reshuffled by :meth:`World.begin_epoch`);
 - the numbers every rank must agree on: the whole model's gradient norm
   (:meth:`World.gradient_norm`), the correct predictions over all classes (:meth:`World.correct`),
   the smallest or largest of an integer (:meth:`World.min_int`, :meth:`World.max_int`: the epoch to
@@ -46,13 +46,14 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from angular.config import ConfigError, DistributedConfig
 from angular.files import atomic_write_text
 from angular.nn.recognition import RecognitionModel
 from angular.nn.sharded import ShardedMarginHead
 from angular.ops.sharded import all_gather_equal
+from angular.train.sampler import EpochBatchSampler
 from angular.train.session import say
 
 __all__ = [
@@ -172,26 +173,15 @@ class ProcessGroup(World):
     def train_loader(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int):
         """``batch_size`` is the global batch. The ``N mod W`` images a shuffle leaves over are
         dropped each epoch, so every rank has as many batches, of the same sizes (the sharded head
-        needs that)."""
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=self.size,
-            rank=self.rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=True,
+        needs that); :class:`EpochBatchSampler` draws ``DistributedSampler``'s order and can resume
+        within an epoch, on any world size."""
+        sampler = EpochBatchSampler(
+            len(dataset), batch_size // self.size, world_size=self.size, rank=self.rank, seed=seed
         )
-        per_rank = batch_size // self.size
-        return DataLoader(
-            dataset,
-            batch_size=per_rank,
-            sampler=sampler,
-            num_workers=num_workers,
-            drop_last=len(sampler) % per_rank == 1,  # a batch of one image would break batch norm
-        )
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
 
     def begin_epoch(self, loader: DataLoader, epoch: int) -> None:
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
 
     def before_step(self, epoch: int, step: int) -> None:
         fault = self.fault

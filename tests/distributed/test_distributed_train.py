@@ -1,6 +1,6 @@
 """train with train.distributed.world_size > 1 (README, Scaling out): torchrun workers on gloo, a
-SIGKILLed worker and the bitwise resume, a worker that raises or hangs, checkpoints of another world
-size, and what is refused before any worker starts.
+SIGKILLed worker and the bitwise resume, a worker that raises or hangs, and what is refused before
+any worker starts (resuming on another world size: test_reshard_resume.py).
 
 The end-to-end tests launch torchrun (each launch starts three Python processes: seconds each), so
 there are few of them, on tiny params; the rest call the pieces directly.
@@ -26,7 +26,6 @@ from pipeline import train as train_stage
 
 MODEL = "outputs/models/arcface.pt"
 CHECKPOINTS = "outputs/checkpoints/arcface"
-PATTERN = checkpoint.CHECKPOINT_PATTERN
 
 
 def distributed_raw(**overrides) -> dict:
@@ -70,13 +69,6 @@ def test_a_sigkilled_worker_fails_the_stage_and_a_rerun_resumes_to_the_same_mode
     assert not (project / MODEL).exists()
     for rank in (0, 1):
         assert (project / CHECKPOINTS / f"rank-{rank}-of-2" / "epoch-0001.pt").is_file()
-
-    # The same params on one process: refused, not resharded (nothing is trained or removed).
-    write_params(project, distributed_raw(train__distributed__world_size=1))
-    assert run_stage(train_stage.main, ["arcface"]) == EXIT_CONFIG
-    message = last_line(capfd)
-    assert "train.distributed.world_size" in message and "world_size 2" in message, message
-    assert (project / CHECKPOINTS / "rank-1-of-2" / "epoch-0001.pt").is_file()
 
     monkeypatch.delenv(world.FAULT_ENV)
     write_params(project, distributed_raw())
@@ -163,26 +155,6 @@ def test_a_joint_item_with_fused_linear_is_refused_by_its_head_key():
     with pytest.raises(ConfigError) as caught:
         training.check_supported(params, params.item("joint"))
     assert caught.value.key == "heads.joint.heads.cosface.fused_linear"
-
-
-def save_checkpoint(path, **state) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "epoch": 1, **state}, path)
-
-
-@pytest.mark.parametrize(("written", "running"), [(1, 2), (2, 1), (4, 2)])
-def test_checkpoints_of_another_world_size_are_refused_naming_both(tmp_path, written, running):
-    folder = tmp_path / "checkpoints"
-    where = folder if written == 1 else folder / f"rank-0-of-{written}"
-    key = "fingerprint" if written == 1 else "base_fingerprint"
-    save_checkpoint(where / "epoch-0001.pt", **{key: "these-params"})
-    with pytest.raises(ConfigError) as caught:
-        checkpoint.refuse_other_world_size(folder, "these-params", running, "train@x", PATTERN)
-    assert caught.value.key == "train.distributed.world_size"
-    assert f"world_size {written}, and this run has {running}" in str(caught.value)
-    # Checkpoints of other params, or of this world size, are no reason to refuse.
-    checkpoint.refuse_other_world_size(folder, "other-params", running, "train@x", PATTERN)
-    checkpoint.refuse_other_world_size(folder, "these-params", written, "train@x", PATTERN)
 
 
 def test_the_failure_names_the_ranks_that_reported_first_then_the_silent_ones(tmp_path):
