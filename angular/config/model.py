@@ -2,8 +2,12 @@
 
 from typing import Any
 
-from angular.config.rules import Section, choice, flag, integer, number
+from pydantic import model_validator
+from torch import nn
+
+from angular.config.rules import ConfigError, Section, choice, flag, integer, number, problem, text
 from angular.nn.backbones import BACKBONES, FACE_BACKBONES
+from angular.nn.published import PUBLISHED_FORMATS, PublishedWeightsError, load_published_backbone
 
 
 class SmallCnnOptions(Section):
@@ -23,10 +27,27 @@ class MobileFaceNetOptions(Section):
 
 
 class IResNetOptions(Section):
-    """``model.iresnet``: options of the iresnet18/34/50 backbones."""
+    """``model.iresnet``: options of the iresnet18/34/50/100/200 backbones."""
 
     dropout: number(0.0, 1.0, high_open=True)  # before the embedding FC (arcface_torch: 0)
     checkpoint: flag() = False  # recompute the blocks' activations in backward (using_ckpt)
+
+
+class InitFrom(Section):
+    """``model.init_from``: published weights the training stage's backbone starts from (the heads
+    start fresh). ``insightface``: an arcface_torch ``backbone.pth`` of the same iresnet depth
+    (``angular.nn.published``)."""
+
+    format: choice(*PUBLISHED_FORMATS)
+    path: text()  # relative to where the stage runs (the project root)
+
+    def load_into(self, backbone: nn.Module) -> None:
+        """Copy the file's weights into ``backbone``; a file that does not fit is a
+        :class:`ConfigError` of ``model.init_from.path`` naming the file and the first bad key."""
+        try:
+            load_published_backbone(backbone, self.format, self.path)
+        except PublishedWeightsError as error:
+            raise ConfigError("model.init_from.path", str(error)) from None
 
 
 class ModelConfig(Section):
@@ -38,6 +59,17 @@ class ModelConfig(Section):
     # Optional: files older than the face backbones lack them.
     mobilefacenet: MobileFaceNetOptions = MobileFaceNetOptions(scale=1)
     iresnet: IResNetOptions = IResNetOptions(dropout=0.0)
+    init_from: InitFrom | None = None  # null: the backbone starts from random weights
+
+    @model_validator(mode="after")
+    def _published_weights_fit_the_backbone(self):
+        if self.init_from is not None and not self.backbone.startswith("iresnet"):
+            raise problem(
+                f"{self.init_from.format} weights are an IResNet's: model.backbone must be an "
+                f"iresnet, got {self.backbone}",
+                "init_from",
+            )
+        return self
 
     @property
     def options(self) -> dict[str, Any]:

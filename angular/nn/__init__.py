@@ -1,7 +1,7 @@
 """Modules: margin heads (:mod:`angular.nn.heads`, :mod:`angular.nn.adaptive`, and sharded,
 :mod:`angular.nn.sharded`; each head type registered once in :mod:`angular.nn.registry`), backbones
-(:mod:`angular.nn.backbones`) and the recognition model with its file format
-(:mod:`angular.nn.recognition`).
+(:mod:`angular.nn.backbones`), published weights loaded into them (:mod:`angular.nn.published`)
+and the recognition model with its file format (:mod:`angular.nn.recognition`).
 
 Depends only on :mod:`angular.ops` and PyTorch, so the heads can go into any training code without
 DVC, MLflow or matplotlib."""
@@ -27,6 +27,11 @@ from angular.nn.heads import (
     MarginSpec,
     SphereFace,
 )
+from angular.nn.published import (
+    PublishedWeightsError,
+    insightface_state_dict,
+    load_insightface_backbone,
+)
 from angular.nn.registry import HEADS
 from angular.nn.sharded import ShardedAdaptiveHead, ShardedMarginHead, initial_centres
 
@@ -46,6 +51,7 @@ __all__ = [
     "MagFace",
     "MarginHead",
     "MarginSpec",
+    "PublishedWeightsError",
     "ShardedAdaptiveHead",
     "ShardedMarginHead",
     "SphereFace",
@@ -53,4 +59,6 @@ __all__ = [
     "build_adaptive_head",
     "build_backbone",
     "initial_centres",
+    "insightface_state_dict",
+    "load_insightface_backbone",
 ]

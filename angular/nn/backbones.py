@@ -9,8 +9,11 @@
   input planes, and the classifier replaced by a linear embedding with batch norm.
 - ``mobilefacenet``: MobileFaceNet (Chen et al., 2018; insightface's ``mbf``): inverted residual
   bottlenecks with PReLU and a global depthwise conv (GDC) embedding; about 1M parameters.
-- ``iresnet18`` / ``iresnet34`` / ``iresnet50``: the improved ResNets of insightface's arcface_torch
-  (BN-conv-BN-PReLU-conv-BN blocks, a BN-Dropout-FC-BN embedding layer).
+- ``iresnet18`` / ``iresnet34`` / ``iresnet50`` / ``iresnet100`` / ``iresnet200``: the improved
+  ResNets of insightface's arcface_torch (BN-conv-BN-PReLU-conv-BN blocks, a BN-Dropout-FC-BN
+  embedding layer), with its blocks per stage; its published ``backbone.pth`` files load into them
+  (:mod:`angular.nn.published`, whose key mapping reads the ``INSIGHTFACE_NAMES`` kept here beside
+  the layers they name).
 
 The face backbones divide the input by 16 (four stride-2 stages) and their embedding layer reads the
 whole final map (the GDC's kernel, the FC's input), so they are built for one ``input_size``
@@ -328,6 +331,18 @@ class IBasicBlock(CheckpointedBlock):
     """arcface_torch's block: BN, 3x3 conv, BN, PReLU, 3x3 conv (the stride), BN; plus the
     shortcut (a 1x1 conv with BN when the shape changes)."""
 
+    # Our module -> arcface_torch's (its IBasicBlock's attributes), in the order of both state dicts.
+    INSIGHTFACE_NAMES = {
+        "layers.0": "bn1",
+        "layers.1": "conv1",
+        "layers.2": "bn2",
+        "layers.3": "prelu",
+        "layers.4": "conv2",
+        "layers.5": "bn3",
+        "shortcut.0": "downsample.0",
+        "shortcut.1": "downsample.1",
+    }
+
     def __init__(self, in_c: int, out_c: int, stride: int, checkpoint: bool = False):
         super().__init__(checkpoint)
         self.layers = nn.Sequential(
@@ -354,9 +369,25 @@ class IResNet(_FaceBackbone):
     """insightface's IResNet (arcface_torch ``iresnet.py``): a 3x3 stride-1 stem with BN and PReLU,
     four stages of :class:`IBasicBlock` (64, 128, 256, 512 channels, each starting with stride 2),
     then the embedding layer BN - Dropout - FC (over the whole 7x7 map at 112x112) - BN, whose BN
-    scale is fixed at 1 as there; ``checkpoint`` checkpoints the blocks (``using_ckpt`` there)."""
+    scale is fixed at 1 as there; ``checkpoint`` checkpoints the blocks (``using_ckpt`` there).
 
-    LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3)}
+    The tensors are arcface_torch's, in its order, under other names: ``features.<n>`` for its
+    stem and ``layer<stage>.<i>`` blocks, ``embedding.<n>`` for its ``bn2``, ``fc`` and
+    ``features`` (:attr:`INSIGHTFACE_STEM`, :attr:`IBasicBlock.INSIGHTFACE_NAMES`,
+    :attr:`INSIGHTFACE_EMBEDDING`; our names stay, so earlier model files still load)."""
+
+    # Blocks per stage, as arcface_torch's iresnet18 ... iresnet200.
+    LAYERS = {
+        18: (2, 2, 2, 2),
+        34: (3, 4, 6, 3),
+        50: (3, 4, 14, 3),
+        100: (3, 13, 30, 3),
+        200: (6, 26, 60, 6),
+    }
+    # Our module -> arcface_torch's: the stem (features.0-2, then the blocks) and the embedding
+    # layer (embedding.1 and .2, Dropout and Flatten, hold no tensors).
+    INSIGHTFACE_STEM = {"features.0": "conv1", "features.1": "bn1", "features.2": "prelu"}
+    INSIGHTFACE_EMBEDDING = {"embedding.0": "bn2", "embedding.3": "fc", "embedding.4": "features"}
 
     def __init__(
         self,
@@ -372,13 +403,15 @@ class IResNet(_FaceBackbone):
             raise ValueError(f"depth must be one of {sorted(self.LAYERS)}, got {depth}")
         _check_dropout(dropout)
         self.checkpoint = _check_flag("checkpoint", checkpoint)
+        self.depth = depth
+        self.blocks_per_stage = self.LAYERS[depth]
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, 64, 3, 1, padding=1, bias=False),
             nn.BatchNorm2d(64, eps=1e-5),
             nn.PReLU(64),
         ]
         channels = 64
-        for stage, repeats in enumerate(self.LAYERS[depth]):
+        for stage, repeats in enumerate(self.blocks_per_stage):
             out_c = 64 * 2**stage
             for index in range(repeats):
                 layers.append(IBasicBlock(channels, out_c, 2 if index == 0 else 1, checkpoint))
@@ -409,8 +442,17 @@ BACKBONES = (
     "iresnet18",
     "iresnet34",
     "iresnet50",
+    "iresnet100",
+    "iresnet200",
 )
-FACE_BACKBONES = ("mobilefacenet", "iresnet18", "iresnet34", "iresnet50")
+FACE_BACKBONES = (
+    "mobilefacenet",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "iresnet200",
+)
 
 
 def build_backbone(
