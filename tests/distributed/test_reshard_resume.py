@@ -1,0 +1,248 @@
+"""Resuming on another world size (issue 28, part 6): a checkpoint written by W ranks resumes on W'
+ranks, the sharded centres and their optimizer state regrouped exactly, the replicated parts taken
+from rank 0, the epoch continued from the global position where it stopped.
+
+The end-to-end test moves one run W = 2 -> 3 -> 1 through the stage (torchrun workers on gloo,
+stopped by the test fault hook) within an epoch, with SGD momentum; the others check the pieces.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pipeline_testing import model_state, tiny_raw, write_params
+
+from angular.ops import sharded
+from angular.train import checkpoint, reshard, world
+from angular.train import epoch as training_epoch
+from angular.train.sampler import EpochBatchSampler, order_permutation
+from pipeline import EXIT_FAILURE, run_stage
+from pipeline import train as train_stage
+
+CHECKPOINTS = "outputs/checkpoints/arcface"
+CENTRES = "heads.arcface.weight"
+BATCH = 96  # a multiple of 1, 2 and 3 (the global batch): 10 steps an epoch on every world size
+
+
+def reshard_raw(world_size: int) -> dict:
+    return tiny_raw(
+        train__epochs=2,
+        train__batch_size=BATCH,
+        train__optimizer="sgd",
+        train__momentum=0.9,
+        train__checkpoint_every_steps=3,
+        train__distributed__world_size=world_size,
+        train__distributed__backend="gloo",
+        train__distributed__timeout_s=20.0,
+    )
+
+
+def gathered(folder, world_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The full centre matrix and its momentum from the W rank files ``name``, and rank 0's state."""
+    states = [
+        torch.load(checkpoint.rank_folder(folder, rank, world_size) / name, weights_only=True)
+        for rank in range(world_size)
+    ]
+    index = states[0]["parameter_names"].index(CENTRES)
+    centres = torch.cat([state["model"][CENTRES] for state in states])
+    momentum = torch.cat(
+        [state["optimizer"]["state"][index]["momentum_buffer"] for state in states]
+    )
+    return centres, momentum, states[0]
+
+
+def assert_replicated_equal(first: dict, second: dict) -> None:
+    """The parts every rank holds alike: backbone weights and buffers, the head's step, the
+    backbone's momentum, schedule, history and the epoch's position."""
+    for key, value in first["model"].items():
+        if key != CENTRES:
+            assert torch.equal(value, second["model"][key]), key
+    names = first["parameter_names"]
+    assert names == second["parameter_names"]
+    for index, name in enumerate(names):
+        if name != CENTRES:
+            assert torch.equal(
+                first["optimizer"]["state"][index]["momentum_buffer"],
+                second["optimizer"]["state"][index]["momentum_buffer"],
+            ), name
+    for key in ("epoch", "step", "position", "partial", "scheduler", "step_lrs", "history"):
+        assert first[key] == second[key], key
+
+
+class Interrupt(BaseException):
+    """Stops the one-process stage at its first training step (not an Exception: not caught)."""
+
+
+@pytest.mark.slow
+def test_a_run_moves_from_2_to_3_to_1_ranks_within_an_epoch_with_its_centres_and_momentum(
+    project, monkeypatch, capfd
+):
+    root = project / CHECKPOINTS
+    # W = 2: steps 1-5 of epoch 1, a checkpoint after step 3, rank 1 killed before step 6.
+    write_params(project, reshard_raw(2))
+    monkeypatch.setenv(world.FAULT_ENV, "1:kill:1:6")
+    assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
+    name = "epoch-0000-step-000003.pt"
+    centres_2, momentum_2, first_2 = gathered(root, 2, name)
+    assert first_2["position"] == 3 * BATCH
+    assert float(momentum_2.abs().sum()) > 0  # the centres have momentum to regroup
+
+    # W = 3: resumes after step 3; its moved checkpoint is written at once, W = 2's removed.
+    write_params(project, reshard_raw(3))
+    monkeypatch.setenv(world.FAULT_ENV, "2:kill:1:8")
+    capfd.readouterr()
+    assert run_stage(train_stage.main, ["arcface"]) == EXIT_FAILURE
+    err = capfd.readouterr().err
+    assert "moved the checkpoint of 2 ranks (epoch-0000-step-000003.pt) onto 3" in err, err
+    assert "resuming at step 3 of epoch 1 of 2" in err, err
+    assert not list(root.glob("rank-*-of-2"))
+    centres_3, momentum_3, first_3 = gathered(root, 3, name)
+    shard_rows = [
+        torch.load(root / f"rank-{r}-of-3" / name, weights_only=True)["model"][CENTRES].shape[0]
+        for r in range(3)
+    ]
+    classes = centres_2.shape[0]
+    assert shard_rows == [sharded.shard_range(classes, 3, r)[1] for r in range(3)]
+    assert torch.equal(centres_3, centres_2) and torch.equal(momentum_3, momentum_2)
+    assert_replicated_equal(first_3, first_2)
+    # It trained on: steps 4-7, a checkpoint after step 6.
+    centres_6, momentum_6, first_6 = gathered(root, 3, "epoch-0000-step-000006.pt")
+    assert first_6["position"] == 6 * BATCH and not torch.equal(centres_6, centres_3)
+
+    # W = 1 (in this process): resumes after step 6; stopped at its first step, the moved
+    # checkpoint holds the same full centres and momentum.
+    monkeypatch.delenv(world.FAULT_ENV)
+    write_params(project, reshard_raw(1))
+
+    def interrupted(*args, **kwargs):
+        raise Interrupt
+
+    monkeypatch.setattr(training_epoch, "batch_loss", interrupted)
+    with pytest.raises(Interrupt):
+        run_stage(train_stage.main, ["arcface"])
+    err = capfd.readouterr().err
+    assert "moved the checkpoint of 3 ranks (epoch-0000-step-000006.pt) onto 1" in err, err
+    assert not list(root.glob("rank-*"))
+    one = torch.load(root / "epoch-0000-step-000006.pt", weights_only=True)
+    index = one["parameter_names"].index(CENTRES)
+    assert torch.equal(one["model"][CENTRES], centres_6)
+    assert torch.equal(one["optimizer"]["state"][index]["momentum_buffer"], momentum_6)
+    assert_replicated_equal(one, first_6)
+
+    # And it trains to the end, on one process.
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    assert run_stage(train_stage.main, ["arcface"]) == 0
+    assert "resuming at step 6 of epoch 1 of 2" in capfd.readouterr().err
+    state = model_state(project / "outputs/models/arcface.pt")
+    assert state[CENTRES].shape == centres_6.shape
+    assert all(
+        bool(torch.isfinite(value).all()) for value in state.values() if value.is_floating_point()
+    )
+
+
+def test_the_rest_of_an_epoch_goes_to_the_new_ranks_once_each():
+    """W = 2 takes 3 steps, W = 3 the rest of the epoch: every image of the permutation is taken at
+    most once, those of the first 3 steps by W = 2, in the order's positions."""
+    size, batch = 935, 96
+    order = {"seed": 11}
+    permutation = order_permutation(order, size).tolist()
+    first = []
+    for rank in range(2):
+        sampler = EpochBatchSampler(size, batch // 2, world_size=2, rank=rank, seed=10)
+        sampler.set_epoch(1)
+        assert sampler.order is None
+        batches = list(sampler)[:3]
+        assert sampler.order == order
+        first += [index for b in batches for index in b]
+    assert sorted(first) == sorted(permutation[: 3 * batch])
+    rest = []
+    for rank in range(3):
+        sampler = EpochBatchSampler(size, batch // 3, world_size=3, rank=rank, seed=10)
+        sampler.resume(order, 3 * batch)
+        rest += [index for b in sampler for index in b]
+    left = size - 3 * batch
+    assert sorted(rest) == sorted(permutation[3 * batch : 3 * batch + left - left % 3])
+
+
+def shard_state(full: torch.Tensor, momentum: torch.Tensor, world_size: int, rank: int) -> dict:
+    start, count = sharded.shard_range(full.shape[0], world_size, rank)
+    return {
+        "model": {"backbone.w": torch.ones(2), "heads.h.weight": full[start : start + count]},
+        "parameter_names": ["backbone.w", "heads.h.weight"],
+        "optimizer": {
+            "state": {
+                0: {"momentum_buffer": torch.full((2,), 3.0)},
+                1: {"momentum_buffer": momentum[start : start + count], "step": torch.tensor(7.0)},
+            },
+            "param_groups": [{"lr": 0.1, "params": [0, 1]}],
+        },
+        "epoch": 1,
+    }
+
+
+@pytest.mark.parametrize(("old", "new"), [(2, 3), (3, 1), (1, 4), (4, 2), (5, 5)])
+def test_regrouping_rows_is_exact_for_every_pair_of_world_sizes(old, new):
+    classes = 11
+    full = torch.randn(classes, 4, dtype=torch.float64)
+    momentum = torch.randn(classes, 4, dtype=torch.float64)
+    states = [shard_state(full, momentum, old, rank) for rank in range(old)]
+    for rank in range(new):
+        start, count = sharded.shard_range(classes, new, rank)
+        parts = [state["model"]["heads.h.weight"] for state in states]
+        assert torch.equal(reshard.take_rows(parts, start, count), full[start : start + count])
+        moments = [state["optimizer"]["state"][1]["momentum_buffer"] for state in states]
+        assert torch.equal(
+            reshard.take_rows(moments, start, count), momentum[start : start + count]
+        )
+    with pytest.raises(ValueError, match=r"rows \[9, 13\) are not in the 11 rows saved"):
+        reshard.take_rows([full], 9, 4)
+
+
+def test_a_sharded_head_regroups_its_state_dict_through_the_model(digits_prepared):
+    """regrouped_state on a real one-process model: from 2 shards of a random head to the whole."""
+    from pipeline_testing import tiny_raw as raw_of
+
+    from angular.config import parse_params
+    from angular.train import loop as training
+
+    params = parse_params(raw_of())
+    item = params.item("arcface")
+    model = training.build_model(*training.describe_model(params, item)[:2], 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    names = [name for name, _ in model.named_parameters()]
+    full = torch.randn(10, 16)
+    momentum = torch.randn(10, 16)
+    states = []
+    for rank in range(2):
+        start, count = sharded.shard_range(10, 2, rank)
+        state = {key: value.clone() for key, value in model.state_dict().items()}
+        state[CENTRES] = full[start : start + count]
+        entries = {
+            position: {"momentum_buffer": torch.randn_like(parameter) * 0 + position}
+            for position, (_, parameter) in enumerate(model.named_parameters())
+        }
+        entries[names.index(CENTRES)] = {"momentum_buffer": momentum[start : start + count]}
+        states.append(
+            {
+                "model": state,
+                "parameter_names": names,
+                "optimizer": {
+                    "state": entries,
+                    "param_groups": optimizer.state_dict()["param_groups"],
+                },
+                "history": [],
+            }
+        )
+    result = reshard.regrouped_state(states, model, optimizer)
+    assert torch.equal(result["model"][CENTRES], full)
+    assert torch.equal(
+        result["optimizer"]["state"][names.index(CENTRES)]["momentum_buffer"], momentum
+    )
+    model.load_state_dict(result["model"])
+    optimizer.load_state_dict(result["optimizer"])
+    # Shards of another number of classes do not regroup: one ValueError (resume turns it into a
+    # ConfigError of train.distributed.world_size, one line).
+    states[1]["model"][CENTRES] = full[5:9]
+    with pytest.raises(ValueError, match="rows"):
+        reshard.regrouped_state(states, model, optimizer)
