@@ -1,6 +1,7 @@
 """Stage ``prepare``: the data source -> ``data/prepared`` (manifest of splits + class list).
 
-``python -m pipeline.prepare``; reads ``data.*`` of ``params.yaml`` (see :mod:`angular.data`).
+``python -m pipeline.prepare``; reads ``data.*`` of ``params.yaml`` (see :mod:`angular.data`): an
+image folder, the digits, or an insightface RecordIO set (``data.source: insightface_rec``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PARAM_KEYS = (
     "data.seed",
     "data.max_images_per_class",
     "data.crop",
+    "data.align",
 )
 
 
@@ -54,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{info['unknown_identities']} unknown; images: {counts}",
             file=sys.stderr,
         )
+        if "recordio" in info:  # what identifies the set (docs/design.md, Pipeline: prepare)
+            print(
+                f"prepare: {info['recordio']['rec']}: {info['recordio']['images']} images, "
+                f"fingerprint {info['recordio']['fingerprint'][:16]} (index and file sizes)",
+                file=sys.stderr,
+            )
         if info["skipped"]:
             print(
                 f"prepare: skipped {len(info['skipped'])} file(s) or folder(s) "

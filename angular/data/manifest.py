@@ -261,11 +261,14 @@ def _one_line(problems: list[str]) -> str:
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def _keep_alignable(scan: _Scan, root: Path, align: Align, param: str, *, skip_bad: bool) -> None:
+def _keep_alignable(
+    scan: _Scan, root: Path, align: Align, param: str, *, skip_bad: bool, min_images: int
+) -> None:
     """Look up each image's landmarks (``data.align.landmarks``, rows named by the path relative
     to ``root``) and check them against the image's size, keeping them in ``scan.landmarks``. An
     image without a row, or whose points are NaN or outside it, is an error listing them, or with
-    ``skip_bad`` is skipped and counted (and an identity left with no image with it)."""
+    ``skip_bad`` is skipped and counted (and so is an identity left with fewer than
+    ``min_images``)."""
     landmarks = read_landmarks(align.landmarks, allow_nan=True)
     problems: list[tuple[Path, str]] = []
     for name, files in list(scan.images.items()):
@@ -273,7 +276,7 @@ def _keep_alignable(scan: _Scan, root: Path, align: Align, param: str, *, skip_b
         for path, digest in files:
             points = landmarks.get(path.relative_to(root).as_posix())
             if points is None:
-                problems.append((path, "no row"))
+                problems.append((path, "no landmarks"))
                 continue
             with Image.open(path) as image:  # the header only: the size
                 size = image.size
@@ -284,14 +287,17 @@ def _keep_alignable(scan: _Scan, root: Path, align: Align, param: str, *, skip_b
                 continue
             scan.landmarks[path] = points
             kept.append((path, digest))
-        if kept:
+        if len(kept) >= min_images:
             scan.images[name] = kept
-        else:
+        else:  # only when images were dropped: with skip_bad, or an error follows
             del scan.images[name]
-            if skip_bad:
-                scan.skipped.append(
-                    {"path": str(root / name), "reason": "no image with usable landmarks"}
-                )
+            scan.skipped.append(
+                {
+                    "path": str(root / name),
+                    "reason": f"only {len(kept)} image(s) with usable landmarks; every identity "
+                    f"needs at least data.min_images_per_class = {min_images}",
+                }
+            )
     if problems and not skip_bad:
         listed = _one_line(
             [f"{path.relative_to(root).as_posix()} ({why})" for path, why in problems]
@@ -509,7 +515,14 @@ def prepare_dataset(config: DataConfig, out_dir: str | Path) -> Manifest:
         root, param, skip_bad=config.skip_bad_images, min_images=config.min_images_per_class
     )
     if config.align is not None:
-        _keep_alignable(scan, root, config.align, param, skip_bad=config.skip_bad_images)
+        _keep_alignable(
+            scan,
+            root,
+            config.align,
+            param,
+            skip_bad=config.skip_bad_images,
+            min_images=config.min_images_per_class,
+        )
     test_scan = None
     if config.test_path is not None:
         test_scan = _scan_folder(
