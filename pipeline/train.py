@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from angular import ops
 from angular.config import load_params
@@ -31,6 +32,10 @@ from pipeline import (
     run_stage,
     stage_parser,
 )
+
+# train.verification's best model of each item (outputs/best/<item>.pt): not a DVC output, since
+# only runs with train.verification write it.
+BEST_MODELS_DIR = Path("outputs/best")
 
 # The keys of params.yaml this stage reads (its `params` in dvc.yaml; heads.<item> besides).
 PARAM_KEYS = (
@@ -84,6 +89,7 @@ def paths_for(item: str) -> TrainPaths:
         accuracy_plot=ACCURACY_PLOTS_DIR / f"{item}.tsv",
         collapse_plot=COLLAPSE_PLOTS_DIR / f"{item}.tsv",
         lr_plot=LR_PLOTS_DIR / f"{item}.tsv",
+        best_model=BEST_MODELS_DIR / f"{item}.pt",
     )
 
 
@@ -132,6 +138,8 @@ def _train_and_log(params, item_name: str, item, manifest, paths, stage: str, wo
         metrics = train_item(params, item_name, manifest, paths, run=run, world=world)
         for path in (paths.model, paths.metrics):
             run.log_artifact(path)
+        if paths.best_model.is_file():  # train.verification's best (not a DVC output)
+            run.log_artifact(paths.best_model, "best")
         # The plots share the item's file name: each keeps its folder (plots/loss/arcface.tsv).
         for path in (paths.loss_plot, paths.accuracy_plot, paths.collapse_plot, paths.lr_plot):
             run.log_artifact(path, path.parent.as_posix())

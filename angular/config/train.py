@@ -85,7 +85,7 @@ class DistributedConfig(Section):
 SAMPLERS = ("uniform", "prioritized")
 
 
-class VerificationConfig(Section):
+class TrainVerificationConfig(Section):
     """``train.verification``: insightface's verification sets (``.bin`` files, relative to the
     folder the stage runs in), scored on the model's embeddings every ``every_steps`` optimizer
     steps and at the end (angular.train.verification); the best checkpoint is kept by their mean
@@ -163,7 +163,7 @@ class TrainConfig(Section):
     # Also a checkpoint every N training steps within an epoch (0: at the epoch ends only).
     checkpoint_every_steps: integer(0) = 0
     # Verification sets scored every N steps, the best checkpoint kept (null: none).
-    verification: VerificationConfig | None = None
+    verification: TrainVerificationConfig | None = None
     distributed: DistributedConfig
     sampler: choice(*SAMPLERS)
     prioritized: PrioritizedConfig  # sampler: prioritized only

@@ -45,7 +45,7 @@ from angular import devices, ops
 from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
 from angular.files import atomic_save, atomic_write_text
-from angular.nn.recognition import RecognitionModel, build_model, model_document
+from angular.nn.recognition import RecognitionModel, build_model
 from angular.train.checkpoint import (
     checkpoint_by_step,
     checkpoints_to_keep,
@@ -67,7 +67,8 @@ from angular.train.collapse import (
 from angular.train.epoch import train_epoch, validate
 from angular.train.sampler import EpochBatchSampler, IndexedDataset, PrioritizedSampler
 from angular.train.schedule import make_scheduler
-from angular.train.session import Session, TrainPaths, say
+from angular.train.session import Session, TrainPaths, model_file, say
+from angular.train.verification import Verifier, make_verifier
 from angular.train.world import ONE_PROCESS, World, resolve_backend
 
 __all__ = [
@@ -406,7 +407,7 @@ def write_plots(paths: TrainPaths, history: list[dict], step_lrs: list[tuple[int
 def finish(session: Session) -> dict:
     """Write the model file (the full model), the final metrics and the plots; drop the
     checkpoints."""
-    config, paths = session.config, session.paths
+    paths = session.paths
     final = dict(session.history[-1])
     final["skipped_steps"] = session.skipped_steps
     if session.scaler is not None:
@@ -414,23 +415,10 @@ def finish(session: Session) -> dict:
     final["collapse_epoch"] = session.collapse_epoch
     if session.collapse_room is not None:
         final["collapse_room"] = session.collapse_room
+    if session.last_verification is not None:
+        final["verification"] = {"last": session.last_verification, "best": session.best}
     write_plots(paths, session.history, session.step_lrs)
-    backbone_desc, heads_desc, image = session.descriptions
-    model_file = model_document(
-        session.full_model,
-        item=session.item_name,
-        backbone=backbone_desc,
-        heads=heads_desc,
-        classes=session.classes,
-        image=image,
-        training={
-            "epochs": config.epochs,
-            "seed": config.seed,
-            "fingerprint": session.fingerprint,
-            "final": final,
-        },
-    )
-    atomic_save(model_file, paths.model)
+    atomic_save(model_file(session, final), paths.model)
     metrics = {key: value for key, value in final.items() if key not in ("lr",)}
     atomic_write_text(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # The model file now holds the result. Checkpoints only serve to resume an interrupted run;
@@ -452,9 +440,14 @@ def log_epoch(run, session: Session, row: dict, first_step: int) -> None:
             run.log_metrics({"lr_by_step": lr}, step=step)
 
 
-def after_step(session: Session, world: World, epoch: int, step: int) -> None:
-    """What runs after each training step: a checkpoint within the epoch
-    (``train.checkpoint_every_steps``)."""
+def after_step(
+    session: Session, world: World, verifier: Verifier | None, run, epoch: int, step: int
+) -> None:
+    """What runs after each training step: the verification by step (``train.verification``),
+    then a checkpoint within the epoch (``train.checkpoint_every_steps``)."""
+    run_step = (epoch - 1) * len(session.train_loader) + step
+    if verifier is not None and verifier.due(run_step):
+        verifier.verify(session, world, run, run_step, epoch)
     checkpoint_by_step(session, world, epoch, step)
 
 
@@ -483,6 +476,9 @@ def train_item(
     if world.size > 1:
         session = spread_over(session, params, item, manifest, world)
     resume(session, world, run)
+    verifier = make_verifier(params, world)
+    if session.best is None and paths.best_model is not None and world.rank == 0:
+        paths.best_model.unlink(missing_ok=True)  # an earlier run's
     if progress is None:
         progress = sys.stderr.isatty()
     config = session.config
@@ -491,7 +487,11 @@ def train_item(
         world.begin_epoch(session.train_loader, epoch)
         epoch_steps = len(session.step_lrs)
         train_loss, train_accuracy = train_epoch(
-            session, world, epoch, progress and world.rank == 0, partial(after_step, session, world)
+            session,
+            world,
+            epoch,
+            progress and world.rank == 0,
+            partial(after_step, session, world, verifier, run),
         )
         if session.scheduler_by_step:  # the last step's (the schedule has moved on)
             lr = session.step_lrs[-1][1]
@@ -512,6 +512,9 @@ def train_item(
                 f"acc {row['train_accuracy']:.4f} | val loss {row['val_loss']:.4f} "
                 f"acc {row['val_accuracy']:.4f} ({time.perf_counter() - started:.1f} s)"
             )
+    last_step = config.epochs * len(session.train_loader)
+    if verifier is not None and (session.last_verification or {}).get("step") != last_step:
+        verifier.verify(session, world, run, last_step, config.epochs)
     world.gather_heads(session.model, session.full_model)
     # The model file is written before any rank drops its checkpoints.
     metrics = world.from_rank_zero(partial(finish, session))

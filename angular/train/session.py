@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from angular.config import TrainConfig, TrainItem
-from angular.nn.recognition import RecognitionModel
+from angular.nn.recognition import RecognitionModel, model_document
 from angular.train.sampler import PrioritizedSampler
 
-__all__ = ["TrainPaths", "EpochProgress", "Session", "say"]
+__all__ = ["TrainPaths", "EpochProgress", "Session", "model_file", "say"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class TrainPaths:
     accuracy_plot: Path  # TSV: train and val accuracy per epoch (DVC plots)
     collapse_plot: Path | None = None  # TSV: centre cosine and embedding spread per epoch
     lr_plot: Path | None = None  # TSV: the learning rate of each optimizer step
+    best_model: Path | None = None  # the model file of the best verification (train.verification)
 
 
 @dataclasses.dataclass
@@ -83,11 +84,33 @@ class Session:
     progress: EpochProgress | None = None  # the epoch under way (or resumed within)
     resume_rng: dict | None = None  # restored once the resumed epoch's pass has started
     best: dict | None = None  # the best verification so far (angular.train.verification)
+    last_verification: dict | None = None  # the latest (not saved: the end verifies again)
 
     def prioritized(self) -> PrioritizedSampler | None:
         """The prioritized sampler of the training data (``train.sampler: prioritized``), or None."""
         sampler = self.train_loader.batch_sampler
         return sampler if isinstance(sampler, PrioritizedSampler) else None
+
+
+def model_file(session: Session, final: dict) -> dict:
+    """The model file of the run's full model as it is now (rank 0's ``full_model``), with
+    ``final`` (the metrics it was chosen or finished with) in its training record."""
+    backbone, heads, image = session.descriptions
+    config = session.config
+    return model_document(
+        session.full_model,
+        item=session.item_name,
+        backbone=backbone,
+        heads=heads,
+        classes=session.classes,
+        image=image,
+        training={
+            "epochs": config.epochs,
+            "seed": config.seed,
+            "fingerprint": session.fingerprint,
+            "final": final,
+        },
+    )
 
 
 def say(message: str) -> None:
