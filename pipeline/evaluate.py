@@ -1,11 +1,11 @@
 """Stage ``evaluate``: every trained head and every ensemble rule on the test and unknown images.
 
-``python -m pipeline.evaluate``. Runs each item's model on the val, test and unknown images (and on
-a pairs file's images under ``pairs_root``), then :func:`angular.eval.evaluate.evaluate_models`
-(its module doc says what is measured) with the temperatures of calibrate. Writes
-``metrics/evaluate.json``, the plots (``outputs/plots/evaluate/``) and ``outputs/evaluate/``:
-``<item>.npz`` (embeddings, logits, labels and identities of the val, test and unknown images) and
-``report.md`` (the main metrics as a table).
+``python -m pipeline.evaluate``. Runs each item's model on the val, test and unknown images, a pairs
+file's images under ``pairs_root`` and the ``.bin`` sets of ``evaluate.verification.bins``, then
+:func:`angular.eval.evaluate.evaluate_models` (its module doc says what is measured) with the
+temperatures of calibrate. Writes ``metrics/evaluate.json``, the plots
+(``outputs/plots/evaluate/``) and ``outputs/evaluate/``: ``<item>.npz`` (embeddings, logits, labels
+and identities of the val, test and unknown images) and ``report.md`` (the main metrics, a table).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from angular.files import atomic_write_text
 from angular.nn.recognition import load_model
 from angular.serve.inference import run_model, run_splits, save_outputs
 from angular.serve.mlflow_model import register_head
+from angular.train.bins import embed_bins
 from angular.train.loop import limit_threads
 from angular.train.tracking import StageRun
 from pipeline import (
@@ -42,24 +43,28 @@ from pipeline import (
 PARAM_KEYS = ("evaluate", "train.items", "data.crop")
 
 
-def load_temperatures(item: str) -> dict[str, float]:
+def load_temperatures(item: str, members) -> dict[str, float]:
     path = calibration_path(item)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run calibrate@{item} first (dvc repro)")
-    return json.loads(path.read_text(encoding="utf-8"))["temperatures"]
+    found = json.loads(path.read_text(encoding="utf-8"))["temperatures"]
+    for member in (member for member in members if member not in found):
+        raise FileNotFoundError(f"{path} has no temperature for {member}; rerun calibrate@{item}")
+    return {member: found[member] for member in members}
 
 
 def run_item(params, item: str, manifest, external):
-    """The item's outputs per split (saved as ``<item>.npz``), its heads' temperatures, and the
-    embeddings of ``external.paths`` (None without a ``pairs_root``)."""
+    """Its outputs per split (saved), temperatures, embeddings of the pairs file and the sets."""
     loaded = load_model(model_path(item))
     if loaded.classes != list(manifest.classes):
         raise FileNotFoundError(
             f"{model_path(item)} was trained on other classes than {PREPARED_DIR}; "
             f"rerun train@{item} (dvc repro)"
         )
-    temperatures = load_temperatures(item)
-    config = params.evaluate
+    temperatures = load_temperatures(item, loaded.members)
+    config = params.evaluate  # the .bin sets first: a bad file stops the stage before the rest
+    bins = config.verification.bins
+    sets = embed_bins(loaded.model, bins, params.data, batch_size=config.batch_size)
     options = dict(batch_size=config.batch_size, flip_test=config.verification.flip_test)
     outputs = run_splits(loaded, manifest, SPLITS, progress=f"evaluate: {item}", **options)
     embeddings = None
@@ -74,12 +79,7 @@ def run_item(params, item: str, manifest, external):
             progress=f"evaluate: {item}, images of the pairs file",
         ).embeddings
     save_outputs(EVALUATE_DIR / f"{item}.npz", outputs, list(manifest.classes))
-    for member in loaded.members:
-        if member not in temperatures:
-            raise FileNotFoundError(
-                f"{calibration_path(item)} has no temperature for {member}; rerun calibrate@{item}"
-            )
-    return outputs, {member: temperatures[member] for member in loaded.members}, embeddings
+    return outputs, temperatures, embeddings, sets
 
 
 def evaluate(params, manifest, *, run=None) -> dict:
@@ -88,13 +88,12 @@ def evaluate(params, manifest, *, run=None) -> dict:
     except PairsError as error:
         raise ConfigError(error.key, error.problem) from None
     for folder in (EVALUATE_DIR, EVALUATE_PLOTS_DIR):
-        if folder.exists():
-            shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    outputs, temperatures, external_embeddings = {}, {}, {}
+    outputs, temperatures, external_embeddings, sets = {}, {}, {}, {}
     for item in params.train.items:
         found = run_item(params, item, manifest, external)
-        outputs[item], temperatures[item], external_embeddings[item] = found
+        outputs[item], temperatures[item], external_embeddings[item], sets[item] = found
     results = evaluate_models(
         outputs,
         temperatures,
@@ -104,6 +103,7 @@ def evaluate(params, manifest, *, run=None) -> dict:
         file_pairs=pairs,
         external=external,
         external_embeddings=external_embeddings,
+        bins=sets,
     )
     atomic_write_text(EVALUATE_METRICS, json.dumps(results, indent=2) + "\n")
     atomic_write_text(EVALUATE_DIR / "report.md", report_table(results))
@@ -133,7 +133,7 @@ def register_best(params, members: dict, run) -> None:
     this run, with its fitted temperature, and register it under ``tracking.register_model``."""
     best = max(members, key=lambda name: members[name]["val_accuracy"])
     item = params.members()[best][0]
-    temperature = load_temperatures(item)[best]
+    temperature = load_temperatures(item, [best])[best]
     name = params.tracking.register_model
 
     def register(client, run_id):

@@ -1,6 +1,7 @@
 """The ``calibrate`` and ``evaluate`` sections: the temperature of each member, then the ensembles,
 the open-set threshold and verification."""
 
+from pathlib import PurePath
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, WithJsonSchema, model_validator
@@ -18,6 +19,7 @@ from angular.config.rules import (
     unique,
 )
 from angular.eval.ensemble import MEMBER_RULES, RULES
+from angular.eval.verification import DEFAULT_FARS
 
 CALIBRATION_METHODS = ("fit", "fixed")
 
@@ -31,6 +33,28 @@ class CalibrateConfig(Section):
     max_iter: integer(1)
     batch_size: integer(1)
     num_threads: integer(0)
+
+
+def _bins(value):
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
+        raise problem(f"must be a list of verification set files (.bin), got {value!r}")
+    stems = [PurePath(path).stem for path in value]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise problem(
+            f"names two sets {repeated[0]!r}: the metrics are keyed by the file name, so the "
+            f"files must have distinct names, got {value!r}"
+        )
+    return value
+
+
+def _fars(value):
+    if not isinstance(value, list) or not value:
+        raise problem(f"must be a non-empty list of false accept rates in (0, 1), got {value!r}")
+    for far in value:
+        if not (is_number(far) and 0.0 < far < 1.0):
+            raise problem(f"must be false accept rates in (0, 1), got {far!r} in {value!r}")
+    return [float(far) for far in value]
 
 
 class VerificationConfig(Section):
@@ -52,6 +76,30 @@ class VerificationConfig(Section):
     # The false accept rate whose threshold (threshold@far=F of each embedding, on these pairs)
     # `angular identify` uses by default to reject people who are not in the gallery.
     gallery_far: number(0.0, 1.0, low_open=True, high_open=True) = 1e-2
+    # insightface's verification sets (lfw.bin, cfp_fp.bin, agedb_30.bin, ...; relative to the
+    # folder the stage runs in), each scored by insightface's protocol (angular.eval.bins) with
+    # every trained model; reported under its file name ([]: none).
+    bins: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_bins),
+        WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1}}),
+        UNIQUE,
+    ] = ()
+    # The false accept rates of every TAR the stage reports (drawn pairs, the pairs file, the
+    # sets), in this order; e.g. [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1] as IJB-C is quoted.
+    fars: Annotated[
+        tuple[float, ...],
+        BeforeValidator(_fars),
+        unique("a false accept rate"),
+        WithJsonSchema(
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            }
+        ),
+        UNIQUE,
+    ] = DEFAULT_FARS
 
     @model_validator(mode="after")
     def _root_of_a_pairs_file(self):

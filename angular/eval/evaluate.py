@@ -19,12 +19,19 @@ and each rule of ``evaluate.rules`` (:mod:`angular.eval.ensemble`):
 - ``ece`` (and ``nll``) of the calibrated probabilities on test; heads also ``ece_uncalibrated``.
 
 Verification (LFW protocol, :func:`angular.eval.verification.verification_metrics`: 10-fold
-accuracy with the threshold chosen on the other folds, ROC AUC, EER, TAR at FAR 1e-1, 1e-2, 1e-3,
-flagged when the impostor pairs are too few to resolve a FAR) on pairs of unknown images and
+accuracy with the threshold chosen on the other folds, ROC AUC, EER, TAR at each FAR of
+``evaluate.verification.fars`` (default 1e-1, 1e-2, 1e-3), flagged when the impostor pairs are too
+few to resolve a FAR) on pairs of unknown images and
 pairs of test images (every genuine pair and a seeded sample of impostor pairs,
 ``evaluate.verification``), and on the pairs of an LFW-style ``pairs_file`` when one is given (:func:`angular.eval.pairs.
 pairs_of_file`), by each item's embedding and by the ``ensemble`` of their concatenated normalised
 embeddings.
+
+insightface's verification sets (``evaluate.verification.bins``; ``bins`` of
+:func:`evaluate_models`): :func:`angular.eval.bins.bin_metrics` (insightface's 10-fold protocol with
+the flip test, AUC, EER, TAR at ``evaluate.verification.fars``) of each item's embedding and of the
+``ensemble`` (the items' flip-test unit embeddings concatenated), under ``bins/<file stem>``; the key
+is absent without sets.
 
 Plots (ROC, open-set confusion and reliability per head and rule, verification ROC, t-SNE of the
 embeddings) go to ``plots_dir``; the metrics come back as one JSON-ready dictionary.
@@ -39,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from angular.eval import plots
+from angular.eval.bins import bin_metrics, flip_embeddings
 from angular.eval.calibration import (
     expected_calibration_error,
     fit_probability_temperature,
@@ -59,20 +67,22 @@ from angular.eval.open_set import (
 from angular.eval.pairs import ExternalPairs, verification_pairs
 from angular.eval.roc import roc_curve
 from angular.eval.verification import (
-    DEFAULT_FARS,
     cosine_similarity_pairs,
     thresholds_at_far,
     unit_rows,
     verification_metrics,
 )
 
-__all__ = ["SPLITS", "TEMPERED_RULES", "evaluate_models", "json_ready", "scores"]
+__all__ = ["SPLITS", "TEMPERED_RULES", "BinEmbeddings", "evaluate_models", "json_ready", "scores"]
 
 SPLITS = ("val", "test", "unknown")
 # Rules whose distribution gets a temperature of its own, fitted on validation: the mean of
 # calibrated heads is under-confident where they disagree, their product over-confident. (vote's
 # distribution is built around the vote's confidence, max_conf's is one calibrated head's.)
 TEMPERED_RULES = ("mean_prob", "sum_log_prob")
+# One verification set as an item's model embedded it (angular.train.bins.embed_bins): its pairs'
+# same-ness (P,), the (2P, D) embeddings of its images and those of their mirrors.
+BinEmbeddings = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def evaluate_models(
@@ -85,6 +95,7 @@ def evaluate_models(
     file_pairs: tuple | None = None,
     external: ExternalPairs | None = None,
     external_embeddings: Mapping[str, np.ndarray] | None = None,
+    bins: Mapping[str, Mapping[str, BinEmbeddings]] | None = None,
 ) -> dict:
     """The metrics of every head, every ensemble rule and every embedding (see the module doc).
 
@@ -92,7 +103,9 @@ def evaluate_models(
     order of ``train.items``; ``temperatures``: item -> its heads' temperatures, in the order of
     the model's heads; ``config``: ``evaluate`` of the params. ``file_pairs`` (pairs among the
     test + unknown images) or ``external`` with ``external_embeddings`` (item -> embeddings of
-    ``external.paths``): :func:`angular.eval.pairs.pairs_of_file`. Writes the plots to
+    ``external.paths``): :func:`angular.eval.pairs.pairs_of_file`. ``bins``: item -> set (file
+    stem) -> :data:`BinEmbeddings`, every item with the same sets (None, or no sets: no ``bins``
+    key). Writes the plots to
     ``plots_dir``; returns the metrics, JSON-ready (:func:`json_ready`)."""
     first = outputs[next(iter(outputs))]  # every item ran on the same images
     labels = {split: first[split].labels for split in SPLITS}
@@ -123,6 +136,12 @@ def evaluate_models(
     results["verification"] = _verification_results(
         outputs, kept_items, config, plots_dir, file_pairs, external, external_embeddings
     )
+    stems = list(bins[next(iter(bins))]) if bins else []
+    if stems:
+        results["bins"] = {
+            stem: _bin_results({item: bins[item][stem] for item in bins}, kept_items, config)
+            for stem in stems
+        }
     if config.embedding_plot and len(labels["unknown"]) > 0:
         for item in outputs:
             test, unknown = outputs[item]["test"], outputs[item]["unknown"]
@@ -379,13 +398,29 @@ def _verification(embeddings: dict[str, np.ndarray], pairs, config):
             same,
             folds=config.verification.folds,
             seed=config.verification.seed,
+            fars=config.verification.fars,
             fold_of=fold_of,
         )
-        fars = sorted({*DEFAULT_FARS, config.verification.gallery_far}, reverse=True)
+        fars = sorted({*config.verification.fars, config.verification.gallery_far}, reverse=True)
         results[name].update(thresholds_at_far(similarity, same, fars))
         fpr, tpr, _ = roc_curve(similarity, same)
         curves[name] = (fpr, tpr)
     return results, curves
+
+
+def _bin_results(embedded: Mapping[str, BinEmbeddings], kept_items, config) -> dict:
+    """:func:`angular.eval.bins.bin_metrics` of one set (item -> :data:`BinEmbeddings`) for each
+    item's embedding and, with more than one item, the ``ensemble`` of ``kept_items``."""
+    fars, folds = config.verification.fars, config.verification.folds
+    results = {
+        item: bin_metrics(embeddings, flipped, same, fars, folds)
+        for item, (same, embeddings, flipped) in embedded.items()
+    }
+    if len(embedded) > 1:
+        same = embedded[kept_items[0]][0]
+        kept = [flip_embeddings(*embedded[item][1:]) for item in kept_items]
+        results["ensemble"] = bin_metrics(np.concatenate(kept, axis=1), None, same, fars, folds)
+    return results
 
 
 def json_ready(value):

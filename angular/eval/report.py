@@ -1,11 +1,10 @@
 """The evaluation's main metrics as a markdown table (``outputs/evaluate/report.md``, and what the
-evaluate stage prints), from the metrics of :func:`angular.eval.evaluate.evaluate_models`."""
+evaluate stage prints), from the metrics of :func:`angular.eval.evaluate.evaluate_models` (or, for
+a table of verification metrics alone, :func:`verification_table`)."""
 
 from __future__ import annotations
 
-from angular.eval.verification import DEFAULT_FARS, far_key
-
-__all__ = ["MAIN_COLUMNS", "flat_metrics", "report_table"]
+__all__ = ["MAIN_COLUMNS", "flat_metrics", "report_table", "verification_table"]
 
 MAIN_COLUMNS = (
     "closed_set_accuracy",
@@ -71,37 +70,55 @@ def report_table(results: dict) -> str:
         what = (
             "the pairs of the pairs file" if split == "pairs_file" else f"pairs of {split} images"
         )
-        lines += ["", f"Verification on {what}:", ""]
-        tar_keys = [f"tar@{far_key(far)}" for far in DEFAULT_FARS]
-        keys = ["accuracy", "auc", "eer", *tar_keys, "n_genuine", "n_impostor"]
-        if any("n_dropped_trained_identity" in values for values in entries.values()):
-            keys.append("n_dropped_trained_identity")
-        lines += ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-        for name, values in entries.items():
-            cells = []
-            for key in keys:
-                value = values.get(key)
-                if value is None and key in tar_keys:
-                    cells.append("n/r")
-                    unresolvable = True
-                elif value is None:
-                    cells.append("")
-                else:
-                    cells.append(f"{value:.0f}" if key.startswith("n_") else f"{value:.4f}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        table, unresolved = verification_table(entries)
+        lines += ["", f"Verification on {what}:", "", *table]
+        unresolvable |= unresolved
+    for stem, entries in results.get("bins", {}).items():
+        table, unresolved = verification_table(entries)
+        lines += ["", f"Verification set {stem} (insightface's protocol, flip test):", "", *table]
+        unresolvable |= unresolved
     if unresolvable:
         lines += ["", "n/r: not resolvable, the false accept rate is below 1 / impostor pairs."]
     return "\n".join(lines) + "\n"
 
 
+def verification_table(entries: dict[str, dict]) -> tuple[list[str], bool]:
+    """``(lines, unresolvable)``: the verification metrics of each embedding (name -> the metrics
+    of :func:`angular.eval.verification.verification_metrics` or
+    :func:`angular.eval.bins.bin_metrics`) as markdown table lines, TARs in the order computed
+    (``n/r`` where not resolvable), and whether any TAR was not resolvable."""
+    first = next(iter(entries.values()))
+    tar_keys = [key for key in first if key.startswith("tar@")]
+    keys = ["accuracy", "auc", "eer", *tar_keys, "n_genuine", "n_impostor"]
+    if any("n_dropped_trained_identity" in values for values in entries.values()):
+        keys.append("n_dropped_trained_identity")
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    unresolvable = False
+    for name, values in entries.items():
+        cells = []
+        for key in keys:
+            value = values.get(key)
+            if value is None and key in tar_keys:
+                cells.append("n/r")
+                unresolvable = True
+            elif value is None:
+                cells.append("")
+            else:
+                cells.append(f"{value:.0f}" if key.startswith("n_") else f"{value:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines, unresolvable
+
+
 def flat_metrics(results: dict) -> dict[str, float]:
-    """The metrics of heads, ensembles and verification under one name each, as MLflow logs them
-    (``heads/<name>/<key>``, ``verification/<split>/<name>/<key>``); nulls left out."""
+    """The metrics of heads, ensembles, verification and the verification sets under one name
+    each, as MLflow logs them (``heads/<name>/<key>``, ``verification/<split>/<name>/<key>``,
+    ``bins/<set>/<name>/<key>``); nulls left out."""
     flat = {}
     for group in ("heads", "ensembles"):
         for name, values in results[group].items():
             flat.update({f"{group}/{name}/{k}": v for k, v in values.items()})
-    for split, entries in results["verification"].items():
-        for name, values in entries.items():
-            flat.update({f"verification/{split}/{name}/{k}": v for k, v in values.items()})
+    for group in ("verification", "bins"):
+        for split, entries in results.get(group, {}).items():
+            for name, values in entries.items():
+                flat.update({f"{group}/{split}/{name}/{k}": v for k, v in values.items()})
     return {k: v for k, v in flat.items() if v is not None}

@@ -327,14 +327,16 @@ def test_bad_sets_are_one_line_naming_the_file(tmp_path):
     (tmp_path / "text.bin").write_text("not a pickle")
     image = png(random_faces(np.random.default_rng(13), 1, 24, 20)[0])
     write_bin(tmp_path / "all_same.bin", [image] * 6, [True, True, True])
+    write_bin(tmp_path / "short.bin", [image] * 6, [True, False, True])
     cases = [
-        (tmp_path / "text.bin", r"text\.bin: not a verification \.bin"),
-        (tmp_path / "missing.bin", r"missing\.bin: cannot read"),
-        (tmp_path / "all_same.bin", r"all_same\.bin: same has no impostor \(False\) pair"),
+        (tmp_path / "text.bin", 2, r"text\.bin: not a verification \.bin"),
+        (tmp_path / "missing.bin", 2, r"missing\.bin: cannot read"),
+        (tmp_path / "all_same.bin", 2, r"all_same\.bin: 3 same and 0 different pairs; a "),
+        (tmp_path / "short.bin", 10, r"short\.bin: folds \(10\) must not exceed .* pairs \(3\)$"),
     ]
-    for path, message in cases:
+    for path, folds, message in cases:
         with pytest.raises(DataError, match=f"^{tmp_path}/" + message) as error:
-            verify_bins(model, [path], data, FARS, folds=2)
+            verify_bins(model, [path], data, FARS, folds=folds)
         assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=r"distinct file names; repeated: \['lfw'\]"):
         verify_bins(model, [tmp_path / "lfw.bin", tmp_path / "x" / "lfw.bin"], data, FARS)
