@@ -112,6 +112,11 @@ class Manifest:
     def paths(self, split: str) -> list[Path | PackedImage]:
         """The images of a split (:meth:`resolve`), which :func:`angular.data.load_image` and
         :class:`angular.data.ImageDataset` read whatever the source."""
+        if self.info.get("source") == RECORDIO_SOURCE:  # millions of rows: check indices at once
+            indices = [int(r.path) for r in self.split(split)]
+            if indices and not 0 <= min(indices) <= max(indices) < len(self.record_file):
+                self.record_file.image(min(indices) if min(indices) < 0 else max(indices))
+            return [PackedImage(self.record_file, index) for index in indices]
         return [self.resolve(r) for r in self.split(split)]
 
     @functools.cached_property
@@ -653,16 +658,25 @@ def read_manifest(prepared_dir: str | Path) -> Manifest:
             raise DataError(f"{path} is missing: run the prepare stage first (dvc repro prepare)")
     document = json.loads(classes_path.read_text(encoding="utf-8"))
     with open(manifest_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+        reader = csv.reader(
+            handle
+        )  # not DictReader: a RecordIO set's manifest has millions of rows
+        header = next(reader, None)
+        if tuple(header or ()) != MANIFEST_COLUMNS:
             raise DataError(
-                f"{manifest_path}: expected the columns {','.join(MANIFEST_COLUMNS)}, "
-                f"got {reader.fieldnames}"
+                f"{manifest_path}: expected the columns {','.join(MANIFEST_COLUMNS)}, got {header}"
             )
-        records = tuple(
-            Record(row["path"], row["identity"], int(row["label"]), row["split"], row["md5"])
-            for row in reader
-        )
+        splits = {split: split for split in SPLITS}  # one string per split, not one per row
+        try:
+            records = tuple(
+                Record(path, identity, int(label), splits.get(split, split), md5)
+                for path, identity, label, split, md5 in reader
+            )
+        except ValueError as error:
+            raise DataError(
+                f"{manifest_path}, line {reader.line_num}: not a manifest row ({error}); "
+                "rerun prepare"
+            ) from None
     info = {k: v for k, v in document.items() if k not in ("classes", "unknown")}
     return Manifest(
         prepared_dir, records, tuple(document["classes"]), tuple(document["unknown"]), info

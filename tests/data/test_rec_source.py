@@ -7,6 +7,7 @@ by :func:`angular.data.recordio.write_record_folder` covers everything; the MXNe
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 
@@ -397,3 +398,28 @@ def test_a_short_training_on_the_fixture(tmp_path, num_workers):
     )
     assert outputs.embeddings.shape == (len(manifest.split("unknown")), 16)
     assert np.isfinite(outputs.embeddings).all()
+
+
+def test_the_prepare_stage_on_a_record_set(synthetic, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project, rec_config(synthetic, val_fraction=0.0))
+    result = run_stage_process(project, "prepare")
+    assert result.returncode == 0, result.stderr
+    fingerprint = RecordFile(synthetic).fingerprint()
+    assert f"{sum(COUNTS)} images, fingerprint {fingerprint[:16]}" in result.stderr
+    metrics = json.loads((project / "metrics" / "prepare.json").read_text())
+    assert metrics["images"]["val"] == 0 and sum(metrics["images"].values()) == sum(COUNTS)
+    manifest = read_manifest(project / "data" / "prepared")
+    assert manifest.info["recordio"]["fingerprint"] == fingerprint
+    assert Path(manifest.info["recordio"]["rec"]).is_absolute()  # data.path was absolute
+
+
+def test_a_damaged_manifest_row_is_one_line(synthetic, tmp_path):
+    prepare_dataset(parse_params(rec_config(synthetic)).data, tmp_path / "prepared")
+    path = tmp_path / "prepared" / "manifest.csv"
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0]  # a row without its last field
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}, line 4: not a manifest row .*rerun prepare$"):
+        read_manifest(tmp_path / "prepared")
