@@ -1,6 +1,7 @@
 // The op schemas of namespace `angular` (docs/design.md, Ops), and the Python module angular._C whose import
 // runs this registration. Kernels: csrc/cpu/margin_cpu.cpp (CPU) and csrc/cuda/margin_cuda.cpp
-// (CUDA); fake implementations and autograd: angular/ops/margin.py.
+// (CUDA); autograd of margin_cross_entropy_loss: csrc/autograd.cpp; fake implementations and the
+// autograd of the other ops: angular/ops/margin.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -36,6 +37,21 @@ TORCH_LIBRARY(angular, m) {
       "margin_cross_entropy_backward(Tensor grad_rows, Tensor cos, Tensor labels, Tensor lse, "
       "float s, float m1, float m2, float m3, float lam, float label_smoothing, "
       "bool straight_through) -> Tensor",
+      tags);
+  // The loss that angular.ops.margin_cross_entropy returns (scalar margins): the per-row loss
+  // reduced in the kernels (reduction: 0 none, 1 mean, 2 sum; enum Reduction in op_common.h), every
+  // argument checked there, autograd in C++ (csrc/autograd.cpp). -> (loss: (B,) for none, else a
+  // scalar; lse (B,); divisor: the scalar the backward divides the upstream gradient by, the rows
+  // with a target for mean, else 1). lse and divisor are not differentiable.
+  m.def(
+      "margin_cross_entropy_loss(Tensor cos, Tensor labels, float s, float m1, float m2, float m3, "
+      "float lam, float label_smoothing, bool straight_through, int reduction) "
+      "-> (Tensor, Tensor, Tensor)",
+      tags);
+  m.def(
+      "margin_cross_entropy_loss_backward(Tensor grad, Tensor cos, Tensor labels, Tensor lse, "
+      "Tensor divisor, float s, float m1, float m2, float m3, float lam, float label_smoothing, "
+      "bool straight_through, int reduction) -> Tensor",
       tags);
   // Per-row margins and negative modulation (docs/design.md, Per-row margins and negative
   // modulation): margins is (4, B) in the arithmetic dtype (rows m1, m2, m3, lam); negative_t None

@@ -26,8 +26,19 @@ dtype (floats repeated) and ``negative_t`` (None: off); their backwards also ret
     margin_cross_entropy_rows_backward(grad_loss_rows, cos, labels, lse, margins, s, label_smoothing,
                                        straight_through, negative_t) -> (grad_cos, grad_margins)
 
-Per-row losses are 0 for rows with a negative label; the reduction happens here, in Python, so that
-the kernels see one per-row upstream gradient whatever the reduction.
+With scalar margins (what a training step with a fixed margin calls), ``margin_cross_entropy`` is one
+call of the reduced loss op, whose kernels check every argument (the same messages as the Python
+checks below), reduce the per-row losses in a fixed order, and whose autograd is registered in C++
+(``csrc/autograd.cpp``)::
+
+    margin_cross_entropy_loss(cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through,
+                              reduction) -> (loss, lse, divisor)
+    margin_cross_entropy_loss_backward(grad_loss, cos, labels, lse, divisor, s, m1, m2, m3, lam,
+                                       label_smoothing, straight_through, reduction) -> grad_cos
+
+``reduction`` is a code of ``REDUCTION_CODES``; ``divisor`` is what the backward divides the
+upstream gradient by (the rows with a target for ``mean``, else 1). Per-row losses are 0 for rows
+with a negative label. The ``*_rows`` path reduces its per-row losses here, in Python.
 
 Non-finite values inside ``cos`` are not checked for (that would cost a pass over B x C); they act
 row by row, as in ``F.cross_entropy``: NaN or +inf anywhere in a row with a target, or a non-finite
@@ -49,6 +60,11 @@ __all__ = ["backend", "margin_logits", "margin_cross_entropy"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+# The reduction argument of the margin_cross_entropy_loss op (enum Reduction in csrc/op_common.h).
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+# Margin and scalar arguments the fast path hands to the op unchecked (its kernels check their
+# values); anything else (bool, numpy numbers, symbolic floats) takes the checked path.
+_PLAIN_NUMBERS = (float, int)
 
 
 def backend() -> str:
@@ -270,6 +286,32 @@ def margin_cross_entropy(
     with no target at all has mean loss 0). The loss is fp32 (fp64 for fp64 ``cos``). Per-row
     margins and ``negative_t`` as in :func:`margin_logits`.
     """
+    if (
+        isinstance(cos, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and negative_t is None
+        and type(s) in _PLAIN_NUMBERS
+        and type(m1) in _PLAIN_NUMBERS
+        and type(m2) in _PLAIN_NUMBERS
+        and type(m3) in _PLAIN_NUMBERS
+        and type(lam) in _PLAIN_NUMBERS
+        and type(label_smoothing) in _PLAIN_NUMBERS
+        and reduction in REDUCTION_CODES
+        and _fused_for(cos.device.type)
+    ):
+        # The op checks every argument (messages as below), in its kernels and autograd.
+        return torch.ops.angular.margin_cross_entropy_loss.default(
+            cos,
+            labels,
+            s,
+            m1,
+            m2,
+            m3,
+            lam,
+            label_smoothing,
+            bool(straight_through),
+            REDUCTION_CODES[reduction],
+        )[0]
     s = check_number("s", s, low=0.0, strict=True)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
     if label_smoothing > 1.0:
@@ -294,19 +336,29 @@ def margin_cross_entropy(
             negative_t=negative_t,
         )
     if negative_t is None and not _any_tensor(m1, m2, m3, lam):
-        per_row, _ = torch.ops.angular.margin_cross_entropy(
-            cos, labels, s, m1, m2, m3, lam, label_smoothing, bool(straight_through)
-        )
-    else:
-        per_row, _ = torch.ops.angular.margin_cross_entropy_rows(
+        # Margins that are not plain Python numbers (symbolic floats under torch.compile, numpy
+        # scalars), checked above: the same op as the fast path.
+        return torch.ops.angular.margin_cross_entropy_loss.default(
             cos,
             labels,
-            _margin_rows(cos, m1, m2, m3, lam),
             s,
+            m1,
+            m2,
+            m3,
+            lam,
             label_smoothing,
             bool(straight_through),
-            negative_t,
-        )
+            REDUCTION_CODES[reduction],
+        )[0]
+    per_row, _ = torch.ops.angular.margin_cross_entropy_rows(
+        cos,
+        labels,
+        _margin_rows(cos, m1, m2, m3, lam),
+        s,
+        label_smoothing,
+        bool(straight_through),
+        negative_t,
+    )
     return reference.reduce_rows(per_row, labels >= 0, reduction)
 
 
@@ -357,6 +409,21 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake("angular::margin_cross_entropy_backward")
     def _(grad_rows, cos, labels, lse, s, m1, m2, m3, lam, label_smoothing, straight_through):
+        return torch.empty_like(cos, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("angular::margin_cross_entropy_loss")
+    def _(cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through, reduction):
+        dtype = reference.compute_dtype(cos.dtype)
+        batch = cos.shape[0]
+        loss_shape = (batch,) if reduction == REDUCTION_CODES["none"] else ()
+        return (
+            cos.new_empty(loss_shape, dtype=dtype),
+            cos.new_empty(batch, dtype=dtype),
+            cos.new_empty((), dtype=dtype),
+        )
+
+    @torch.library.register_fake("angular::margin_cross_entropy_loss_backward")
+    def _(grad, cos, labels, lse, divisor, s, m1, m2, m3, lam, label_smoothing, st, reduction):
         return torch.empty_like(cos, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("angular::margin_logits_rows")

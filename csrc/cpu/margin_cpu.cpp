@@ -322,6 +322,46 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
   return {loss, lse};
 }
 
+// The largest label, checked against C (the Python check's message); -1 ... are rows without a
+// target.
+void check_labels(const at::Tensor& label_vec, int64_t classes) {
+  const int64_t* label = label_vec.const_data_ptr<int64_t>();
+  int64_t largest = label[0];
+  for (int64_t row = 1; row < label_vec.size(0); ++row) {
+    largest = std::max(largest, label[row]);
+  }
+  check_largest_label(largest, classes);
+}
+
+// The reduced loss, the per-row loss reduced in row order (in double, rounded once), and the
+// divisor the backward scales the upstream gradient by: the rows with a target (at least 1) for
+// mean, else 1.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce_loss(const at::Tensor& per_row,
+                                                           const at::Tensor& lse,
+                                                           const at::Tensor& label_vec,
+                                                           int64_t reduction) {
+  const auto kind = static_cast<Reduction>(reduction);
+  at::Tensor divisor = at::empty({}, per_row.options());
+  at::Tensor loss = kind == Reduction::kNone ? per_row : at::empty({}, per_row.options());
+  AT_DISPATCH_FLOATING_TYPES(per_row.scalar_type(), "margin_cross_entropy_loss", [&] {
+    const scalar_t* rows = per_row.const_data_ptr<scalar_t>();
+    const int64_t* label = label_vec.const_data_ptr<int64_t>();
+    double total = 0.0;
+    int64_t targets = 0;
+    for (int64_t row = 0; row < per_row.size(0); ++row) {
+      total += static_cast<double>(rows[row]);
+      targets += label[row] >= 0 ? 1 : 0;
+    }
+    const scalar_t divide_by =
+        kind == Reduction::kMean ? static_cast<scalar_t>(std::max<int64_t>(targets, 1)) : 1;
+    *divisor.mutable_data_ptr<scalar_t>() = divide_by;
+    if (kind != Reduction::kNone) {
+      *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total) / divide_by;
+    }
+  });
+  return {loss, lse, divisor};
+}
+
 // d loss / d cos; and d loss / d margins into margin_grad ((4, B), zeros) if defined. The one
 // backward of margin_cross_entropy(_rows) (global_classes 0: label smoothing over the C columns,
 // rows without a target are 0) and of sharded_margin_cross_entropy_backward (global_classes > 0:
@@ -331,9 +371,10 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor&
                                   const at::Tensor& labels, const at::Tensor& lse, double s,
                                   const OpMargins& margins, double label_smoothing,
                                   bool straight_through, const at::Tensor& margin_grad,
-                                  int64_t global_classes) {
+                                  int64_t global_classes, const at::Tensor& divisor = {}) {
   const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
-  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
+  // Often expanded: read by stride; a scalar (a reduced loss's gradient) is every row's.
+  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);
   const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
   const at::Tensor label_vec = labels.contiguous();
   at::Tensor out = empty_output(cos);
@@ -348,7 +389,10 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor&
     const int64_t row_stride = cos.stride(0), col_stride = cos.stride(1);
     const acc_t* grad_data = grad_vec.const_data_ptr<acc_t>();
     const acc_t* lse_data = lse_vec.const_data_ptr<acc_t>();
-    const int64_t grad_stride = grad_vec.stride(0), lse_stride = lse_vec.stride(0);
+    const int64_t grad_stride = grad_vec.dim() == 0 ? 0 : grad_vec.stride(0);
+    const int64_t lse_stride = lse_vec.stride(0);
+    // The mean's divisor divides the upstream gradient, as autograd's division did; x / 1 == x.
+    const acc_t divide_by = divisor.defined() ? *divisor.const_data_ptr<acc_t>() : acc_t(1);
     const int64_t* label = label_vec.const_data_ptr<int64_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const acc_t eps = static_cast<acc_t>(label_smoothing);
@@ -366,7 +410,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor&
         scalar_t* dst_row = dst + row * cols;
         const int64_t y = label[row];
         const bool has_target = y >= 0 && y < cols;
-        const acc_t g = grad_data[row * grad_stride];
+        const acc_t g = grad_data[row * grad_stride] / divide_by;
         if (sharded ? g == acc_t(0) : !has_target) {
           std::fill(dst_row + first, dst_row + end, scalar_t(0));
           return;
@@ -442,6 +486,29 @@ at::Tensor margin_cross_entropy_backward_cpu(const at::Tensor& grad_rows, const 
   check_cross_entropy_backward(grad_rows, cos, labels, lse, op);
   return cross_entropy_backward(grad_rows, cos, labels, lse, s, scalar_margins(m1, m2, m3, lam),
                                 label_smoothing, straight_through, at::Tensor(), 0);
+}
+
+// The reduced loss (csrc/ops.cpp): every argument checked here (check_loss_arguments, then the
+// labels' values), so that the Python entry point validates nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_cross_entropy_loss_cpu(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam, double label_smoothing, bool straight_through, int64_t reduction) {
+  check_loss_arguments(cos, labels, s, m1, m2, m3, lam, label_smoothing, reduction);
+  const at::Tensor label_vec = labels.contiguous();
+  check_labels(label_vec, cos.size(1));
+  auto [per_row, lse] = cross_entropy_forward(cos, label_vec, s, scalar_margins(m1, m2, m3, lam),
+                                              label_smoothing, "angular::margin_cross_entropy_loss");
+  return reduce_loss(per_row, lse, label_vec, reduction);
+}
+
+at::Tensor margin_cross_entropy_loss_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& divisor, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, bool straight_through, int64_t reduction) {
+  check_loss_backward(grad, cos, labels, lse, divisor, reduction,
+                      "angular::margin_cross_entropy_loss_backward");
+  return cross_entropy_backward(grad, cos, labels, lse, s, scalar_margins(m1, m2, m3, lam),
+                                label_smoothing, straight_through, at::Tensor(), 0, divisor);
 }
 
 OpMargins row_margins(const at::Tensor& rows, std::optional<double> negative_t) {
@@ -544,6 +611,8 @@ TORCH_LIBRARY_IMPL(angular, CPU, m) {
   m.impl("margin_logits_backward", &margin_logits_backward_cpu);
   m.impl("margin_cross_entropy", &margin_cross_entropy_cpu);
   m.impl("margin_cross_entropy_backward", &margin_cross_entropy_backward_cpu);
+  m.impl("margin_cross_entropy_loss", &margin_cross_entropy_loss_cpu);
+  m.impl("margin_cross_entropy_loss_backward", &margin_cross_entropy_loss_backward_cpu);
   m.impl("margin_logits_rows", &margin_logits_rows_cpu);
   m.impl("margin_logits_rows_backward", &margin_logits_rows_backward_cpu);
   m.impl("margin_cross_entropy_rows", &margin_cross_entropy_rows_cpu);

@@ -59,13 +59,22 @@ cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, co
                                          int64_t splits, void* workspace,
                                          const RowOutputs& outputs, cudaStream_t stream);
 
+// The reduction of margin_cross_entropy_loss, one block in a fixed order (deterministic): checks
+// every label (< cols; a device-side assert with the message of the CPU check otherwise), sums the
+// per-row loss (arithmetic type; 0 for rows without a target) into loss (a scalar; nothing for
+// reduction none, whose loss is row_loss) and writes divisor (a scalar): the rows with a target,
+// at least 1, for mean, else 1. reduction: 0 none, 1 mean, 2 sum (angular::Reduction).
+cudaError_t launch_loss_reduction(DType dtype, Rows shape, const void* row_loss, int64_t reduction,
+                                  void* loss, void* divisor, cudaStream_t stream);
+
 // out (contiguous, dtype) = d loss / d cos, from the per-row upstream gradient and saved lse
-// (arithmetic type, read with the given strides); margin_grad as in launch_logits_backward. Also
-// the sharded backward (p.shard, p.num_classes).
+// (arithmetic type, read with the given strides; grad_stride 0: one gradient for every row);
+// divisor (a scalar of the arithmetic type, or null for 1) divides the upstream gradient;
+// margin_grad as in launch_logits_backward. Also the sharded backward (p.shard, p.num_classes).
 cudaError_t launch_cross_entropy_backward(DType dtype, Rows shape, Matrix cos,
                                           const void* grad_rows, int64_t grad_stride,
                                           const void* lse, int64_t lse_stride,
-                                          const MarginParams& p, void* out, void* margin_grad,
-                                          cudaStream_t stream);
+                                          const void* divisor, const MarginParams& p, void* out,
+                                          void* margin_grad, cudaStream_t stream);
 
 }  // namespace angular::cuda

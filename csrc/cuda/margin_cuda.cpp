@@ -124,17 +124,20 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& cos,
 
 at::Tensor cross_entropy_backward(const at::Tensor& grad_rows, const at::Tensor& cos,
                                   const at::Tensor& labels, const at::Tensor& lse,
-                                  const MarginParams& p, const at::Tensor& margin_grad) {
+                                  const MarginParams& p, const at::Tensor& margin_grad,
+                                  const at::Tensor& divisor = {}) {
   const c10::cuda::CUDAGuard guard(cos.device());
   const at::ScalarType acc_dtype = compute_dtype(cos.scalar_type());
-  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);  // often expanded: read by stride
+  // Often expanded: read by stride; a scalar (a reduced loss's gradient) is every row's.
+  const at::Tensor grad_vec = as_dtype(grad_rows, acc_dtype);
   const at::Tensor lse_vec = as_dtype(lse, acc_dtype);
   const at::Tensor label_vec = labels.contiguous();
   const at::Tensor cos_in = streamable(cos);
   at::Tensor out = empty_matrix(cos);
   C10_CUDA_CHECK(launch_cross_entropy_backward(
       dtype_of(cos), rows_of(cos, label_vec), matrix_of(cos_in), grad_vec.const_data_ptr(),
-      grad_vec.stride(0), lse_vec.const_data_ptr(), lse_vec.stride(0), p, out.mutable_data_ptr(),
+      grad_vec.dim() == 0 ? 0 : grad_vec.stride(0), lse_vec.const_data_ptr(), lse_vec.stride(0),
+      divisor.defined() ? divisor.const_data_ptr() : nullptr, p, out.mutable_data_ptr(),
       margin_grad.defined() ? margin_grad.mutable_data_ptr() : nullptr, current_stream()));
   return out;
 }
@@ -176,6 +179,38 @@ at::Tensor margin_cross_entropy_backward_cuda(const at::Tensor& grad_rows, const
   return cross_entropy_backward(
       grad_rows, cos, labels, lse,
       MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through}, at::Tensor());
+}
+
+// The reduced loss (csrc/ops.cpp): the forward pass (one kernel, plus a combine when rows are
+// split), then one reduction kernel that also checks every label; no host synchronisation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_cross_entropy_loss_cuda(
+    const at::Tensor& cos, const at::Tensor& labels, double s, double m1, double m2, double m3,
+    double lam, double label_smoothing, bool straight_through, int64_t reduction) {
+  check_loss_arguments(cos, labels, s, m1, m2, m3, lam, label_smoothing, reduction);
+  const c10::cuda::CUDAGuard guard(cos.device());
+  const at::Tensor label_vec = labels.contiguous();
+  auto [per_row, lse] = cross_entropy_forward(
+      cos, label_vec, MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through},
+      "angular::margin_cross_entropy_loss");
+  const bool reduced = static_cast<Reduction>(reduction) != Reduction::kNone;
+  at::Tensor loss = reduced ? at::empty({}, per_row.options()) : per_row;
+  at::Tensor divisor = at::empty({}, per_row.options());
+  C10_CUDA_CHECK(launch_loss_reduction(dtype_of(per_row), rows_of(cos, label_vec),
+                                       per_row.const_data_ptr(), reduction,
+                                       loss.mutable_data_ptr(), divisor.mutable_data_ptr(),
+                                       current_stream()));
+  return {loss, lse, divisor};
+}
+
+at::Tensor margin_cross_entropy_loss_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& cos, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& divisor, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, bool straight_through, int64_t reduction) {
+  check_loss_backward(grad, cos, labels, lse, divisor, reduction,
+                      "angular::margin_cross_entropy_loss_backward");
+  return cross_entropy_backward(
+      grad, cos, labels, lse, MarginParams{s, m1, m2, m3, lam, label_smoothing, straight_through},
+      at::Tensor(), divisor);
 }
 
 at::Tensor margin_logits_rows_cuda(const at::Tensor& cos, const at::Tensor& labels,
@@ -270,6 +305,8 @@ TORCH_LIBRARY_IMPL(angular, CUDA, m) {
   m.impl("margin_logits_backward", &margin_logits_backward_cuda);
   m.impl("margin_cross_entropy", &margin_cross_entropy_cuda);
   m.impl("margin_cross_entropy_backward", &margin_cross_entropy_backward_cuda);
+  m.impl("margin_cross_entropy_loss", &margin_cross_entropy_loss_cuda);
+  m.impl("margin_cross_entropy_loss_backward", &margin_cross_entropy_loss_backward_cuda);
   m.impl("margin_logits_rows", &margin_logits_rows_cuda);
   m.impl("margin_logits_rows_backward", &margin_logits_rows_backward_cuda);
   m.impl("margin_cross_entropy_rows", &margin_cross_entropy_rows_cuda);

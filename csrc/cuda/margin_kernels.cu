@@ -37,6 +37,11 @@
 #include "cuda/launchers.h"
 #include "margin_math.h"
 
+// The label check's device-side assert prints its message where torch has the printf variant.
+#ifndef CUDA_KERNEL_ASSERT_PRINTF
+#define CUDA_KERNEL_ASSERT_PRINTF(cond, msg, ...) CUDA_KERNEL_ASSERT(cond)
+#endif
+
 namespace angular::cuda {
 namespace {
 
@@ -372,7 +377,8 @@ struct CrossEntropyBackward {
   int64_t grad_stride;
   const acc_t* __restrict__ lse;
   int64_t lse_stride;
-  acc_t* __restrict__ margin_grad;  // (4, B) or null
+  const acc_t* __restrict__ divisor;  // divides the upstream gradient; null: 1
+  acc_t* __restrict__ margin_grad;    // (4, B) or null
   struct Row {
     int64_t target;
     acc_t scale;
@@ -385,7 +391,8 @@ struct CrossEntropyBackward {
   __device__ Row row(int64_t row, int64_t first, int64_t end) const {
     Row r{labels[row], acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), false};
     const bool has_target = r.target >= 0 && r.target < cols;
-    const acc_t g = grad_rows[row * grad_stride];
+    const acc_t g = divisor != nullptr ? grad_rows[row * grad_stride] / *divisor
+                                       : grad_rows[row * grad_stride];
     if (m.shard ? g == acc_t(0) : !has_target) {
       r.zero = true;
       return r;
@@ -619,6 +626,43 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The reduction of margin_cross_entropy_loss (launch_loss_reduction): one block; thread t adds
+// rows t, t + kThreads, ... in order, then a fixed tree over the threads, so the sum's order never
+// depends on timing. Every label is checked here, once.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    loss_reduction_kernel(Rows shape, const acc_t* __restrict__ row_loss, int64_t reduction,
+                          acc_t* __restrict__ loss, acc_t* __restrict__ divisor) {
+  __shared__ double sums[kThreads];
+  __shared__ int64_t targets[kThreads];
+  double sum = 0.0;
+  int64_t count = 0;
+  for (int64_t row = threadIdx.x; row < shape.rows; row += kThreads) {
+    const int64_t y = shape.labels[row];
+    CUDA_KERNEL_ASSERT_PRINTF(y < shape.cols, "labels must be < C = %lld, got a label %lld",
+                              static_cast<long long>(shape.cols), static_cast<long long>(y));
+    sum += static_cast<double>(row_loss[row]);  // 0 for a row without a target
+    count += y >= 0 ? 1 : 0;
+  }
+  sums[threadIdx.x] = sum;
+  targets[threadIdx.x] = count;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width >>= 1) {
+    if (threadIdx.x < width) {
+      sums[threadIdx.x] += sums[threadIdx.x + width];
+      targets[threadIdx.x] += targets[threadIdx.x + width];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const acc_t divide_by = reduction == 1 ? static_cast<acc_t>(max64(targets[0], 1)) : acc_t(1);
+    *divisor = divide_by;
+    if (reduction != 0) {
+      *loss = static_cast<acc_t>(sums[0]) / divide_by;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -668,8 +712,8 @@ cudaError_t logits_backward(Rows shape, Matrix grad, Matrix cos, const MarginPar
 template <typename scalar_t>
 cudaError_t cross_entropy_backward(Rows shape, Matrix cos, const void* grad_rows,
                                    int64_t grad_stride, const void* lse, int64_t lse_stride,
-                                   const MarginParams& p, void* out, void* margin_grad,
-                                   cudaStream_t stream) {
+                                   const void* divisor, const MarginParams& p, void* out,
+                                   void* margin_grad, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   const CrossEntropyBackward<scalar_t> op{Margin<acc_t>(p, shape.rows),
                                           shape.labels,
@@ -679,6 +723,7 @@ cudaError_t cross_entropy_backward(Rows shape, Matrix cos, const void* grad_rows
                                           grad_stride,
                                           static_cast<const acc_t*>(lse),
                                           lse_stride,
+                                          static_cast<const acc_t*>(divisor),
                                           static_cast<acc_t*>(margin_grad)};
   return launch_map(shape, cos, static_cast<scalar_t*>(out), op, stream);
 }
@@ -852,13 +897,30 @@ cudaError_t launch_cross_entropy_forward(DType dtype, Rows shape, Matrix cos, co
 cudaError_t launch_cross_entropy_backward(DType dtype, Rows shape, Matrix cos,
                                           const void* grad_rows, int64_t grad_stride,
                                           const void* lse, int64_t lse_stride,
-                                          const MarginParams& p, void* out, void* margin_grad,
-                                          cudaStream_t stream) {
+                                          const void* divisor, const MarginParams& p, void* out,
+                                          void* margin_grad, cudaStream_t stream) {
   if (is_empty(shape)) {
     return cudaSuccess;
   }
   ANGULAR_DISPATCH_DTYPE(dtype, cross_entropy_backward, shape, cos, grad_rows, grad_stride, lse,
-                         lse_stride, p, out, margin_grad, stream);
+                         lse_stride, divisor, p, out, margin_grad, stream);
+}
+
+cudaError_t launch_loss_reduction(DType dtype, Rows shape, const void* row_loss, int64_t reduction,
+                                  void* loss, void* divisor, cudaStream_t stream) {
+  if (shape.rows <= 0 || reduction < 0 || reduction > 2) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype == DType::kDouble) {
+    loss_reduction_kernel<double><<<1, kThreads, 0, stream>>>(
+        shape, static_cast<const double*>(row_loss), reduction, static_cast<double*>(loss),
+        static_cast<double*>(divisor));
+  } else {
+    loss_reduction_kernel<float><<<1, kThreads, 0, stream>>>(
+        shape, static_cast<const float*>(row_loss), reduction, static_cast<float*>(loss),
+        static_cast<float*>(divisor));
+  }
+  return cudaGetLastError();
 }
 
 #undef ANGULAR_DISPATCH_DTYPE

@@ -224,8 +224,8 @@ def test_ops_dispatch_to_the_fused_kernels():
     assert angular_ops == [
         "angular.margin_logits.default",
         "angular.margin_logits_backward.default",
-        "angular.margin_cross_entropy.default",
-        "angular.margin_cross_entropy_backward.default",
+        "angular.margin_cross_entropy_loss.default",
+        "angular.margin_cross_entropy_loss_backward.default",
     ]
 
 

@@ -43,6 +43,11 @@ def opcheck_samples(device: str):
         )
         grad_rows = torch.rand_like(loss)
         grad_logits = torch.randn_like(cos)
+        reduction = index % 3  # none, mean, sum (ops.margin.REDUCTION_CODES)
+        reduced, lse_reduced, divisor = torch.ops.angular.margin_cross_entropy_loss(
+            cos, labels, *margin, eps, straight_through, reduction
+        )
+        grad_loss = torch.rand_like(reduced) + 0.5
         samples += [
             (torch.ops.angular.margin_logits, (grad_cos, labels, *margin, straight_through)),
             (
@@ -57,6 +62,24 @@ def opcheck_samples(device: str):
                 torch.ops.angular.margin_cross_entropy_backward,
                 (grad_rows, cos, labels, lse, *margin, eps, straight_through),
             ),
+            (
+                torch.ops.angular.margin_cross_entropy_loss,
+                (grad_cos, labels, *margin, eps, straight_through, reduction),
+            ),
+            (
+                torch.ops.angular.margin_cross_entropy_loss_backward,
+                (
+                    grad_loss,
+                    cos,
+                    labels,
+                    lse_reduced,
+                    divisor,
+                    *margin,
+                    eps,
+                    straight_through,
+                    reduction,
+                ),
+            ),
         ]
     return samples
 
@@ -69,6 +92,8 @@ def run_opcheck(device: str) -> None:
         torch.ops.angular.margin_logits_backward,
         torch.ops.angular.margin_cross_entropy,
         torch.ops.angular.margin_cross_entropy_backward,
+        torch.ops.angular.margin_cross_entropy_loss,
+        torch.ops.angular.margin_cross_entropy_loss_backward,
     }
     for op, args in samples:
         torch.library.opcheck(op, args)
