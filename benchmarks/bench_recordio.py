@@ -11,7 +11,13 @@ warms them and the page cache (both sources are read from memory: this measures 
 decoding, not the disk). The figure is the median over ``--repeats`` epochs of each, the two
 sources' epochs interleaved (a change in the machine's load falls on both).
 
-``python benchmarks/bench_recordio.py`` writes ``OUT/bench_recordio.{json,md}``.
+With ``--pipeline`` both sides go through what the trainer reads (``angular.data.ImageDataset``,
+``preload`` off): the ``.rec``'s images as the manifest of a ``data.source: insightface_rec`` set
+gives them (``PackedImage`` records), the folder's as paths, each decoded, converted to RGB,
+resized to ``--image-size`` and normalised.
+
+``python benchmarks/bench_recordio.py`` writes ``OUT/bench_recordio.{json,md}``
+(``OUT/bench_recordio_pipeline.{json,md}`` with ``--pipeline``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from angular.data import RecordFile, write_record_folder
+from angular.data import ImageDataset, RecordFile, write_record_folder
 
 FIXTURE = (harness.REPOSITORY / "../shared/data/insightface").resolve()
 WORKERS = (0, 1, 2)
@@ -117,6 +123,17 @@ def main(argv=None) -> None:
         default=None,
         help="read only the first N faces",
     )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="read both through angular.data.ImageDataset, as the trainer does",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=harness.positive_int("--image-size"),
+        default=112,
+        help="with --pipeline: the side images are resized to (112)",
+    )
     parser.add_argument("--batch-size", type=harness.positive_int("--batch-size"), default=64)
     parser.add_argument("--repeats", type=harness.positive_int("--repeats"), default=3)
     harness.add_out_argument(parser)
@@ -133,6 +150,8 @@ def main(argv=None) -> None:
         count = min(args.images or len(reader), len(reader))
         items = image_folder(reader, temporary / "folder", count)
         datasets = {REC: torch.utils.data.Subset(reader, range(count)), FOLDER: FolderFaces(items)}
+        if args.pipeline:
+            datasets = pipeline_datasets(reader, items, args.image_size)
         fetch = fetch_microseconds(reader, items)
         rows = []
         for workers in WORKERS:
@@ -143,11 +162,17 @@ def main(argv=None) -> None:
 
     machine = harness.machine_description("cpu", torch.get_num_threads())
     by = {(row["source"], row["workers"]): row for row in rows}
+    through = (
+        f"; through ImageDataset (decode, RGB, resize to {args.image_size}x{args.image_size}, "
+        "normalise), as the trainer reads them"
+        if args.pipeline
+        else ""
+    )
     lines = [
         "# Reading faces: .rec against an image folder",
         "",
         f"- Faces: {count} from {label}; batch {args.batch_size}; median (IQR) of {args.repeats} "
-        "interleaved epochs each, after a warm-up epoch (page cache warm)",
+        f"interleaved epochs each, after a warm-up epoch (page cache warm){through}",
         f"- Fetching the encoded bytes alone, no decoding (in-process, median of 5 passes): "
         f".rec {fetch[REC]:.1f} us/image, folder {fetch[FOLDER]:.1f} us/image",
         harness.machine_line(machine),
@@ -164,9 +189,26 @@ def main(argv=None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    harness.replace_file(args.out / "bench_recordio.md", text)
+    name = "bench_recordio_pipeline" if args.pipeline else "bench_recordio"
+    harness.replace_file(args.out / f"{name}.md", text)
     document = dict(machine=machine, faces=count, source=label, fetch_us_per_image=fetch, rows=rows)
-    harness.replace_file(args.out / "bench_recordio.json", harness.json_text(document))
+    if args.pipeline:
+        document["image_size"] = args.image_size
+    harness.replace_file(args.out / f"{name}.json", harness.json_text(document))
+
+
+def pipeline_datasets(reader: RecordFile, items: list[tuple[Path, int]], size: int) -> dict:
+    """The trainer's Dataset on both sources: the records (as a prepared manifest resolves
+    them) and the files, the same faces in the same order."""
+    common = dict(
+        image_size=(size, size), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, preload=False
+    )
+    labels = [label for _, label in items]
+    records = [reader.image(index) for index in range(len(items))]
+    return {
+        REC: ImageDataset(records, labels, **common),
+        FOLDER: ImageDataset([path for path, _ in items], labels, **common),
+    }
 
 
 def fetch_microseconds(reader: RecordFile, items: list[tuple[Path, int]]) -> dict[str, float]:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from angular.config import AugmentSpec, ConfigError, Crop
 from angular.data.errors import DataError
 from angular.data.manifest import crop_region
-from angular.data.recordio import PackedImage
+from angular.data.recordio import PackedImage, PackedImages
 
 __all__ = ["load_image", "normalize", "ImageDataset", "build_augmentation"]
 
@@ -98,7 +98,10 @@ class ImageDataset(Dataset):
     ):
         if len(paths) != len(labels):
             raise ValueError(f"paths has {len(paths)} entries but labels has {len(labels)}")
-        self.paths = [p if isinstance(p, PackedImage) else Path(p) for p in paths]
+        # Records of one set are held as one index array (PackedImages), files as paths.
+        self.paths = PackedImages.of(paths) or [
+            p if isinstance(p, PackedImage) else Path(p) for p in paths
+        ]
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.image_size = tuple(image_size)
         self.channels = channels

@@ -31,7 +31,7 @@ import io
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from angular.data.errors import DataError
 __all__ = [
     "MAGIC",
     "PackedImage",
+    "PackedImages",
     "RecordHeader",
     "RecordFile",
     "fingerprint",
@@ -399,6 +400,38 @@ class PackedImage:
 
     def __repr__(self) -> str:
         return f"PackedImage({str(self.file.rec_path)!r}, index={self.index})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class PackedImages(Sequence):
+    """Many images of one set as ``indices`` into ``file``: a sequence of :class:`PackedImage`
+    held as one array, not one object per image. A Dataset of millions of images keeps it so:
+    forked DataLoader workers would otherwise copy a list of objects page by page as they touch
+    the objects' reference counts."""
+
+    file: RecordFile
+    indices: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, images: Sequence[PackedImage]) -> PackedImages | None:
+        """The images as one :class:`PackedImages` when they are all records of one set."""
+        if not images or not all(isinstance(image, PackedImage) for image in images):
+            return None
+        file = images[0].file
+        if any(image.file is not file for image in images):
+            return None
+        return cls(file, np.fromiter((image.index for image in images), np.int64, len(images)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return PackedImages(self.file, self.indices[position])
+        return PackedImage(self.file, int(self.indices[position]))
+
+    def __repr__(self) -> str:
+        return f"PackedImages({str(self.file.rec_path)!r}, {len(self)} images)"
 
 
 # -------------------------------------------------------------------------------------------------

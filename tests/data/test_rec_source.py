@@ -32,6 +32,7 @@ from angular.data import (
 )
 from angular.data.recordio import (
     PackedImage,
+    PackedImages,
     RecordHeader,
     frame_record,
     pack_header,
@@ -313,6 +314,9 @@ def test_an_image_dataset_of_records_reads_in_workers(synthetic, tmp_path, num_w
         manifest.paths("train"), manifest.labels("train"), preload=True, **common
     )
     lazy = ImageDataset(manifest.paths("train"), manifest.labels("train"), preload=False, **common)
+    # One array of indices into one reader, not an object per image (forked workers share it).
+    assert isinstance(lazy.paths, PackedImages) and lazy.paths.indices.dtype == np.int64
+    assert [p.index for p in lazy.paths] == [p.index for p in manifest.paths("train")]
     restored = pickle.loads(pickle.dumps(lazy))  # as a spawned worker receives it
     assert restored.paths[0].file is restored.paths[-1].file  # one reader for the set
     assert restored.paths[0].file._handle is None  # the parent's handle stays with the parent
