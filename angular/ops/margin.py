@@ -203,11 +203,21 @@ def _check_tensors(cos, labels) -> None:
         torch._assert_async((labels < classes).all(), f"labels must be < C = {classes}")
 
 
-# Evaluated once per device type while torch.compile traces (its answer cannot change within a
-# process), so that the dispatcher query and the one-time registration stay out of the graph.
+# Whether the fused kernels serve a device type, decided at its first call: the answer cannot
+# change within a process, and the dispatcher query costs more than the fused op's forward at
+# small shapes.
+_fused_devices: dict[str, bool] = {}
+
+
+# Evaluated once per device type while torch.compile traces, so that the dispatcher query and the
+# one-time registration stay out of the graph.
 @torch.compiler.assume_constant_result
 def _fused_for(device_type: str) -> bool:
-    if _extension.has_kernel(device_type):
+    fused = _fused_devices.get(device_type)
+    if fused is not None:
+        return fused
+    fused = _fused_devices[device_type] = _extension.has_kernel(device_type)
+    if fused:
         _register_python_parts()
         return True
     loaded, reason = _extension.load()
