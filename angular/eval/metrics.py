@@ -3,13 +3,15 @@
 The metrics live in the modules of their kind: input validation in :mod:`angular.eval.checks`,
 probabilities in :mod:`angular.eval.classification`, calibration (NLL, Brier, ECE) in
 :mod:`angular.eval.calibration`, ROC curves in :mod:`angular.eval.roc`, open-set metrics in
-:mod:`angular.eval.open_set`, pairs in :mod:`angular.eval.pairs` and verification in
-:mod:`angular.eval.verification`. This module only re-exports them (it imports each of those
-modules; import the one you need where start-up time matters).
+:mod:`angular.eval.open_set`, pairs in :mod:`angular.eval.pairs`, verification in
+:mod:`angular.eval.verification`, insightface's ``.bin`` protocol in :mod:`angular.eval.bins` and
+IJB-style templates in :mod:`angular.eval.templates`. This module only re-exports them (it imports
+each of those modules; import the one you need where start-up time matters).
 """
 
 from __future__ import annotations
 
+from angular.eval.bins import bin_metrics
 from angular.eval.calibration import (
     brier_score,
     confidence_calibration_error,
@@ -43,6 +45,7 @@ from angular.eval.pairs import (
     verification_pairs,
 )
 from angular.eval.roc import roc_auc, roc_curve, threshold_at_far
+from angular.eval.templates import pool_templates, template_verification
 from angular.eval.verification import (
     DEFAULT_FARS,
     balanced_accuracy,
@@ -81,6 +84,9 @@ __all__ = [
     "verification_metrics",
     "thresholds_at_far",
     "far_key",
+    "bin_metrics",
+    "pool_templates",
+    "template_verification",
     "DEFAULT_FARS",
     "MAX_IMPOSTOR_PAIRS",
     "PROB_FLOOR",
