@@ -14,7 +14,8 @@ of streaming the bytes an ideal kernel moves (read cos twice, write the gradient
 
 Prints a table and writes ``OUT/bench_host_cost.json`` when ``--out`` is given.
 
-    .venv/bin/python benchmarks/bench_host_cost.py [--repeats 2000] [--throughput] [--out DIR]
+    .venv/bin/python benchmarks/bench_host_cost.py [--repeats 2000] [--throughput [--heap warm]]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -132,12 +133,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time B = 256, C = 32,768 on all threads against the memory roofline",
     )
+    parser.add_argument(
+        "--throughput-shape",
+        type=harness.int_list("--throughput-shape"),
+        default=(256, 32768),
+        help="B,C of the throughput case (default 256,32768)",
+    )
+    parser.add_argument(
+        "--throughput-repeats", type=harness.positive_int("--throughput-repeats"), default=10
+    )
+    parser.add_argument(
+        "--heap",
+        choices=harness.HEAP_MODES,
+        default="cold",
+        help="CPU heap of the throughput case (harness.set_heap; warm: as the pipeline runs)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_host_cost.json")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.throughput_shape) != 2:
+        parser.error("--throughput-shape: expected B,C")
     if not harness.has_fused_kernel("cpu"):
         sys.exit(
             f"bench_host_cost: no fused CPU kernel ({harness.fused_unavailable_reason('cpu')})"
@@ -157,9 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"  ratio {cost['ratio']:.2f}x (target <= {TARGET_HOST_RATIO}x: {'met' if cost['met'] else 'missed'})"
     )
     if args.throughput:
-        result["throughput"] = tp = throughput(256, 32768, 10)
+        batch, classes = args.throughput_shape
+        heap_state = harness.set_heap(args.heap)
+        result["throughput"] = tp = throughput(batch, classes, args.throughput_repeats)
+        tp["heap"] = heap_state
         print(
-            f"throughput, B=256 C=32768 fp32, {tp['threads']} threads: fused {tp['fused_ms']:.2f} ms, "
+            f"throughput, B={batch} C={classes} fp32, {tp['threads']} threads, heap {heap_state}: "
+            f"fused {tp['fused_ms']:.2f} ms, "
             f"roofline {tp['roofline_ms']:.2f} ms, ratio {tp['ratio']:.2f}x "
             f"(target <= {TARGET_ROOFLINE_RATIO}x: {'met' if tp['met'] else 'missed'})"
         )
