@@ -126,7 +126,7 @@ def fingerprint(params: Params, item: TrainItem, manifest: Manifest, model: torc
     if train["precision"] in ("fp32", "bf16"):
         train["bf16"] = train.pop("precision") == "bf16"
     # One process: the section plays no part (and the fingerprints of earlier runs stay). Several:
-    # the world size is checked on its own (refuse_other_world_size), the timeout changes nothing.
+    # the world size plays no part (another one resumes, regrouped), the timeout changes nothing.
     distributed = train.pop("distributed")
     if distributed["world_size"] > 1:
         train["distributed"] = {

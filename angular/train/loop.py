@@ -7,7 +7,11 @@ The package, by phase of :func:`train_item` (one trainer for any world):
   epochs, finish (the model file, metrics, plots); what the trainer refuses on several processes.
 - :mod:`angular.train.epoch`: one epoch: the pass over the batches with the step guard, and the
   validation that makes the epoch's history row.
-- :mod:`angular.train.checkpoint`: the fingerprint of a run, checkpoints (one file per rank), resume.
+- :mod:`angular.train.checkpoint`: the fingerprint of a run, checkpoints (one file per rank, at
+  epoch ends and every ``train.checkpoint_every_steps``), resume (also on another world size, the
+  checkpoint regrouped by :mod:`angular.train.reshard`).
+- :mod:`angular.train.sampler`: each epoch's order of the images, resumable within an epoch.
+- :mod:`angular.train.verification`: the verification sets scored by step, the best kept.
 - :mod:`angular.train.world`: what only several processes need, behind :class:`World` (one
   process: :data:`ONE_PROCESS`), and the launch of torchrun workers.
 - :mod:`angular.train.session`: the run's files and state, shared by those modules.
@@ -475,8 +479,8 @@ def train_item(
     session = set_up(params, item_name, manifest, paths)
     if world.size > 1:
         session = spread_over(session, params, item, manifest, world)
+    verifier = make_verifier(params, world)  # a bad set fails here, before training
     resume(session, world, run)
-    verifier = make_verifier(params, world)
     if session.best is None and paths.best_model is not None and world.rank == 0:
         paths.best_model.unlink(missing_ok=True)  # an earlier run's
     if progress is None:

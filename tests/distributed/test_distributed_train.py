@@ -179,6 +179,6 @@ def test_one_process_fingerprints_ignore_the_distributed_section(digits_prepared
     assert fingerprint(train__distributed__backend="gloo", train__distributed__timeout_s=9.0) == one
     two = fingerprint(train__distributed__world_size=2)
     assert two != one
-    # Several processes: the world size is checked on its own (refuse_other_world_size).
+    # Several processes: the world size plays no part (another one resumes, regrouped).
     assert fingerprint(train__distributed__world_size=4) == two
     assert fingerprint(train__distributed__world_size=2, train__distributed__sample_rate=0.5) != two

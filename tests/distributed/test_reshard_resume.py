@@ -246,3 +246,60 @@ def test_a_sharded_head_regroups_its_state_dict_through_the_model(digits_prepare
     states[1]["model"][CENTRES] = full[5:9]
     with pytest.raises(ValueError, match="rows"):
         reshard.regrouped_state(states, model, optimizer)
+
+
+def checkpoint_state(model, optimizer) -> dict:
+    return {
+        "model": model.state_dict(),
+        "parameter_names": [name for name, _ in model.named_parameters()],
+        "optimizer": optimizer.state_dict(),
+        "history": [],
+    }
+
+
+def test_an_adaptive_heads_rule_state_moves_between_one_process_and_its_shard(digits_prepared):
+    """CurricularFace's state (its EMA t, its step) is the one-process head's ``t`` and the shard's
+    ``rule.t``: regrouped both ways, with the centres and their momentum."""
+    from angular.config import parse_params
+    from angular.nn.recognition import RecognitionModel
+    from angular.nn.sharded import ShardedMarginHead
+    from angular.train import loop as training
+
+    params = parse_params(tiny_raw(train__items=["curricularface"]))
+    item = params.item("curricularface")
+    one = training.build_model(*training.describe_model(params, item)[:2], 10)
+    head = one.heads["curricularface"]
+    with torch.no_grad():
+        head.weight.copy_(torch.randn_like(head.weight))
+        head.t.fill_(0.375)
+        head.step.fill_(41)
+    optimizer = torch.optim.SGD(one.parameters(), lr=0.1, momentum=0.9)
+    one(torch.randn(2, 1, *params.data.image_size)).sum().backward()
+    head.weight.grad = torch.randn_like(head.weight)
+    optimizer.step()
+
+    shard = RecognitionModel(one.backbone, {"curricularface": ShardedMarginHead.from_head(head)})
+    shard_optimizer = torch.optim.SGD(shard.parameters(), lr=0.1, momentum=0.9)
+    state = reshard.regrouped_state([checkpoint_state(one, optimizer)], shard, shard_optimizer)
+    shard.load_state_dict(state["model"])
+    shard_optimizer.load_state_dict(state["optimizer"])
+    moved = shard.heads["curricularface"]
+    assert float(moved.rule.t) == 0.375 and int(moved.step) == 41
+    assert torch.equal(moved.weight, head.weight)
+    names = [name for name, _ in shard.named_parameters()]
+    index = names.index("heads.curricularface.weight")
+    momentum = optimizer.state_dict()["state"][index]["momentum_buffer"]
+    assert torch.equal(shard_optimizer.state_dict()["state"][index]["momentum_buffer"], momentum)
+
+    # And back to one process.
+    fresh = training.build_model(*training.describe_model(params, item)[:2], 10)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    back = reshard.regrouped_state(
+        [checkpoint_state(shard, shard_optimizer)], fresh, fresh_optimizer
+    )
+    fresh.load_state_dict(back["model"])
+    assert float(fresh.heads["curricularface"].t) == 0.375
+    assert_same = [
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), one.state_dict().values())
+    ]
+    assert all(assert_same)

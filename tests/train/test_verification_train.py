@@ -4,13 +4,10 @@ an independent scoring of the saved models; a bad set refused in one line before
 
 from __future__ import annotations
 
-import io
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from pipeline_testing import (
     REPO,
     STEPS_PER_EPOCH,
@@ -19,10 +16,10 @@ from pipeline_testing import (
     paths_in,
     tiny_raw,
 )
+from verification_testing import synthetic_bin
 
 from angular.config import ConfigError, parse_params
 from angular.data import read_manifest
-from angular.data.verification_bin import write_bin
 from angular.nn.recognition import load_model
 from angular.train import epoch as training_epoch
 from angular.train.bins import verify_bins
@@ -46,30 +43,6 @@ class Recorder:
             for metrics, step in self.logged
             if "verification/mean_accuracy" in metrics
         }
-
-
-def synthetic_bin(path, pairs: int = 12, seed: int = 0):
-    """A small .bin: ``pairs`` pairs of random 20 x 20 RGB JPEGs, half of them "same" (the same
-    picture with noise), the rest two pictures."""
-    rng = np.random.default_rng(seed)
-
-    def jpeg(pixels) -> bytes:
-        out = io.BytesIO()
-        Image.fromarray(pixels).save(out, format="JPEG", quality=95)
-        return out.getvalue()
-
-    images, same = [], []
-    for index in range(pairs):
-        first = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-        if index % 2 == 0:
-            noise = rng.integers(-20, 21, first.shape)
-            second = np.clip(first.astype(int) + noise, 0, 255).astype(np.uint8)
-        else:
-            second = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-        images += [jpeg(first), jpeg(second)]
-        same.append(index % 2 == 0)
-    write_bin(path, images, same)
-    return path
 
 
 def verification_raw(bins, every_steps: int, **overrides) -> dict:
