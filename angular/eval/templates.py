@@ -13,9 +13,11 @@ protocol files (IJB-C's names; IJB-B's are the same with ``ijbb``):
   of the template/media list; :func:`read_face_scores`.
 
 :func:`pool_templates` turns the images' embeddings into one unit embedding per template: each
-image embedding (with a flip test: plus its mirror's) L2-normalised, optionally multiplied by its
+image embedding (with a flip test: plus its mirror's) L2-normalised (or not: eval_ijbc's
+``use_norm_score``, where the embedding's norm weights the image), optionally multiplied by its
 detector score (eval_ijbc's ``use_detector_score``, the quality weighting), averaged per media,
-the media averaged per template, L2-normalised. :func:`template_verification` scores the pairs by
+the media averaged per template, L2-normalised. eval_ijbc's defaults, those of published IJB
+numbers, are a flip test, the detector score and the norms kept (``normalize_images=False``). :func:`template_verification` scores the pairs by
 cosine similarity and reports :func:`angular.eval.verification.verification_metrics`: TAR at each
 FAR (IJB-C is quoted at 1e-6 ... 1e-1, ``evaluate.verification.fars``), AUC, EER. The TAR is the
 highest at a FAR <= F (eval_ijbc reads the ROC point whose FAR is nearest to F; on IJB-C's 15.6M
@@ -41,10 +43,12 @@ __all__ = [
     "TemplateError",
     "TemplateMediaList",
     "TemplatePairs",
+    "check_same_images",
     "pool_templates",
     "read_face_scores",
     "read_template_media",
     "read_template_pairs",
+    "template_rows",
     "template_similarity",
     "template_verification",
 ]
@@ -212,11 +216,12 @@ def pool_templates(
     *,
     weights=None,
     flipped=None,
+    normalize_images: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(template ids (T,) sorted, unit template embeddings (T, D) float64)`` of the images'
-    ``embeddings`` (N, D): each image's (plus ``flipped``, its mirror's) L2-normalised, times its
-    ``weights`` (e.g. the detector scores; None: 1), averaged per (template, media), the media
-    averaged per template, L2-normalised."""
+    ``embeddings`` (N, D): each image's (plus ``flipped``, its mirror's) L2-normalised (unless
+    ``normalize_images`` is False), times its ``weights`` (e.g. the detector scores; None: 1),
+    averaged per (template, media), the media averaged per template, L2-normalised."""
     features = as_float_array(embeddings, "embeddings", ndim=2)
     templates, medias = as_int_array(templates, "templates"), as_int_array(medias, "medias")
     if not len(features) == len(templates) == len(medias) > 0:
@@ -233,7 +238,8 @@ def pool_templates(
         if flipped.shape != features.shape:
             raise ValueError(f"flipped has shape {flipped.shape}, embeddings {features.shape}")
         features += flipped[order]
-    features = unit_rows(features)
+    if normalize_images:
+        features = unit_rows(features)
     if weights is not None:
         weights = as_float_array(weights, "weights", ndim=1)
         if len(weights) != len(features):
@@ -251,14 +257,13 @@ def pool_templates(
     return media_template[template_start], unit_rows(pooled)
 
 
-def template_similarity(
-    template_ids: np.ndarray, unit: np.ndarray, pairs: TemplatePairs, *, media_path=None
-) -> np.ndarray:
-    """Cosine similarity of each pair's templates (rows of ``unit``, ids ``template_ids`` sorted
-    as :func:`pool_templates` gives them); a template not among them raises one
+def template_rows(
+    template_ids: np.ndarray, pairs: TemplatePairs, *, media_path=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of each pair's two templates among ``template_ids`` (sorted, as
+    :func:`pool_templates` gives them); a template not among them raises one
     :class:`TemplateError` naming the pairs file's line (and ``media_path``, the list it is
     missing from)."""
-    similarity = np.empty(len(pairs.same), dtype=np.float64)
     rows = []
     for side in (pairs.first, pairs.second):
         row = np.minimum(np.searchsorted(template_ids, side), len(template_ids) - 1)
@@ -270,13 +275,23 @@ def template_similarity(
                 f"not in{where} ({len(unknown)} pair(s) name unknown templates)"
             )
         rows.append(row)
+    return rows[0], rows[1]
+
+
+def template_similarity(
+    template_ids: np.ndarray, unit: np.ndarray, pairs: TemplatePairs, *, media_path=None
+) -> np.ndarray:
+    """Cosine similarity of each pair's templates (rows of ``unit``, ids ``template_ids``:
+    :func:`template_rows`), ``PAIR_CHUNK`` pairs at a time."""
+    first, second = template_rows(template_ids, pairs, media_path=media_path)
+    similarity = np.empty(len(pairs.same), dtype=np.float64)
     for start in range(0, len(similarity), PAIR_CHUNK):
         part = slice(start, start + PAIR_CHUNK)
-        similarity[part] = np.einsum("pd,pd->p", unit[rows[0][part]], unit[rows[1][part]])
+        similarity[part] = np.einsum("pd,pd->p", unit[first[part]], unit[second[part]])
     return similarity
 
 
-def _check_same_images(face_scores: FaceScores, media_list: TemplateMediaList) -> None:
+def check_same_images(face_scores: FaceScores, media_list: TemplateMediaList) -> None:
     """The landmarks file lists the template/media list's images, in its order (eval_ijbc reads
     both by row)."""
     if face_scores.names == media_list.names:
@@ -302,12 +317,13 @@ def template_verification(
     fars: Sequence[float] = DEFAULT_FARS,
     face_scores: FaceScores | None = None,
     flipped=None,
+    normalize_images: bool = True,
     folds: int = 10,
     seed: int = 0,
 ) -> dict[str, float]:
     """1:1 verification of ``pairs`` on the images' ``embeddings`` (rows in ``media_list``'s
-    order; ``flipped``: their mirrors'), pooled by :func:`pool_templates`, weighted by
-    ``face_scores``'s detector scores when given (whose images must be ``media_list``'s, in its
+    order; ``flipped``: their mirrors'), pooled by :func:`pool_templates` (``normalize_images``),
+    weighted by ``face_scores``'s detector scores when given (whose images must be ``media_list``'s, in its
     order). Returns :func:`~angular.eval.verification.verification_metrics` (``tar@far=F`` for
     each of ``fars``, ``auc``, ``eer``, the 10-fold ``accuracy``, pair counts) and
     ``n_templates``."""
@@ -319,10 +335,15 @@ def template_verification(
         )
     weights = None
     if face_scores is not None:
-        _check_same_images(face_scores, media_list)
+        check_same_images(face_scores, media_list)
         weights = face_scores.scores
     template_ids, unit = pool_templates(
-        embeddings, media_list.templates, media_list.medias, weights=weights, flipped=flipped
+        embeddings,
+        media_list.templates,
+        media_list.medias,
+        weights=weights,
+        flipped=flipped,
+        normalize_images=normalize_images,
     )
     similarity = template_similarity(template_ids, unit, pairs, media_path=media_list.path)
     result = verification_metrics(similarity, pairs.same, folds=folds, seed=seed, fars=fars)

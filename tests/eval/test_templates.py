@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from angular.data import DataError
 from angular.eval.templates import (
     TemplateError,
     TemplatePairs,
@@ -23,6 +26,7 @@ from angular.eval.templates import (
     template_similarity,
     template_verification,
 )
+from angular.train.templates import verify_templates
 
 REPO = Path(__file__).resolve().parents[2]
 LFW_DEV = REPO / "../shared/data/lfw-dev"
@@ -32,12 +36,13 @@ FARS = (1e-1, 1e-2)
 # --- references --------------------------------------------------------------------------------
 
 
-def reference_pool(embeddings, templates, medias, weights=None, flipped=None):
+def reference_pool(embeddings, templates, medias, weights=None, flipped=None, norm_score=False):
     """eval_ijbc's image2template_feature, in fp64 loops: {template: unit embedding}."""
     features = np.asarray(embeddings, np.float64)
     if flipped is not None:
         features = features + np.asarray(flipped, np.float64)
-    features = features / np.sqrt((features**2).sum(axis=1, keepdims=True))
+    if not norm_score:
+        features = features / np.sqrt((features**2).sum(axis=1, keepdims=True))
     if weights is not None:
         features = features * np.asarray(weights, np.float64)[:, None]
     pooled = {}
@@ -81,15 +86,24 @@ def random_protocol(rng, n_images=300, n_templates=25, dim=8):
 # --- pooling and scoring -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("norm_score", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("flip", [False, True])
-def test_pooling_matches_eval_ijbc(weighted, flip):
-    rng = np.random.default_rng(int(weighted) * 2 + int(flip))
+def test_pooling_matches_eval_ijbc(weighted, flip, norm_score):
+    rng = np.random.default_rng(int(weighted) * 4 + int(flip) * 2 + int(norm_score))
     embeddings, templates, medias = random_protocol(rng)
+    embeddings *= rng.uniform(0.5, 3.0, size=(len(embeddings), 1)).astype(np.float32)  # norms
     weights = rng.uniform(0.1, 1.0, size=len(templates)) if weighted else None
     flipped = rng.normal(size=embeddings.shape) if flip else None
-    ids, unit = pool_templates(embeddings, templates, medias, weights=weights, flipped=flipped)
-    expected = reference_pool(embeddings, templates, medias, weights, flipped)
+    ids, unit = pool_templates(
+        embeddings,
+        templates,
+        medias,
+        weights=weights,
+        flipped=flipped,
+        normalize_images=not norm_score,
+    )
+    expected = reference_pool(embeddings, templates, medias, weights, flipped, norm_score)
     assert ids.tolist() == sorted(expected)
     np.testing.assert_allclose(unit, np.stack([expected[t] for t in ids]), rtol=0, atol=1e-13)
     assert unit.dtype == np.float64
@@ -340,3 +354,121 @@ def test_pooling_refuses_bad_arrays(change, message):
     arguments.update(change)
     with pytest.raises(ValueError, match=message):
         pool_templates(**arguments)
+
+
+# --- with a model: angular.train.templates ------------------------------------------------------
+
+
+def pixel_embed(images: torch.Tensor) -> torch.Tensor:
+    """A stand-in model: the normalised image at 16 x 16, grey, centred."""
+    grey = torch.nn.functional.interpolate(images.mean(1, keepdim=True), size=(16, 16))
+    flat = grey.flatten(1)
+    return flat - flat.mean(1, keepdim=True)
+
+
+@pytest.mark.skipif(not (LFW_DEV / "landmarks.tsv").is_file(), reason="no ../shared/data/lfw-dev")
+def test_verify_templates_runs_a_model_on_the_aligned_photographs(tmp_path):
+    """lfw-dev photographs as an IJB-style set: verify_templates against the same pipeline done
+    here by hand (align_face, numpy normalisation, the stand-in model, template_verification)."""
+    from angular.data import align_face, read_landmarks
+
+    landmarks = read_landmarks(LFW_DEV / "landmarks.tsv")
+    people: dict[str, list[str]] = {}
+    for name in sorted(landmarks):
+        people.setdefault(name.split("/")[0], []).append(name)
+    chosen = [person for person in sorted(people) if len(people[person]) >= 6][:6]
+    names, templates, medias, owner = [], [], [], {}
+    for p, person in enumerate(chosen):
+        for half in range(2):
+            owner[10 * p + half] = person
+            photos = people[person][3 * half : 3 * half + 3]
+            names += photos
+            templates += [10 * p + half] * 3
+            medias += [100 * p + 10 * half, 100 * p + 10 * half, 100 * p + 10 * half + 1]
+    scores = np.linspace(0.5, 1.0, len(names))
+    files = write_protocol(
+        tmp_path,
+        names,
+        templates,
+        medias,
+        all_pairs(sorted(owner), owner),
+        [landmarks[n] for n in names],
+        scores,
+    )
+    data = types.SimpleNamespace(image_size=(112, 112), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    found = verify_templates(pixel_embed, LFW_DEV, *files, data, FARS, batch_size=5)
+
+    face_scores = read_face_scores(files[2])
+    faces = np.stack(
+        [
+            np.asarray(align_face(Image.open(LFW_DEV / n), face_scores.landmarks[i]))
+            for i, n in enumerate(names)
+        ]
+    )
+    inputs = torch.from_numpy(((faces / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)).float()
+    with torch.no_grad():
+        embeddings, flipped = pixel_embed(inputs).numpy(), pixel_embed(inputs.flip(-1)).numpy()
+    expected = template_verification(
+        embeddings,
+        read_template_media(files[0]),
+        read_template_pairs(files[1]),
+        fars=FARS,
+        face_scores=face_scores,
+        flipped=flipped,
+        normalize_images=False,
+    )
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        assert found[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+    assert found["n_templates"] == 12 and found["n_genuine"] == 6
+
+
+def test_verify_templates_checks_every_file_before_embedding(tmp_path):
+    calls = []
+
+    def embed(images):
+        calls.append(len(images))
+        return images.flatten(1)[:, :4]
+
+    image = tmp_path / "faces" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray(np.full((60, 50, 3), 128, np.uint8)).save(image)
+    points = np.array([[15, 20], [35, 20], [25, 30], [18, 42], [32, 42]], float)
+    data = types.SimpleNamespace(image_size=(112, 112), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    files = write_protocol(
+        tmp_path,
+        ["a.png", "b.png"],
+        [1, 2],
+        [1, 2],
+        [(1, 2, False), (1, 3, True)],
+        [points, points],
+        [0.9, 0.8],
+    )
+    with pytest.raises(
+        DataError, match=r"pair_label\.txt: line 2: template 3 is not in \S*tid_mid"
+    ):
+        verify_templates(embed, tmp_path / "faces", *files, data, FARS)
+    assert calls == []
+    files = write_protocol(
+        tmp_path,
+        ["a.png", "b.png"],
+        [1, 2],
+        [1, 2],
+        [(1, 2, False), (1, 1, True)],
+        [points, points],
+        [0.9, 0.8],
+    )
+    with pytest.raises(DataError, match=r"^\S*faces/b\.png: cannot read the image"):
+        verify_templates(embed, tmp_path / "faces", *files, data, FARS, folds=2)
+    far_out = points + 500
+    files = write_protocol(
+        tmp_path,
+        ["a.png", "b.png"],
+        [1, 2],
+        [1, 2],
+        [(1, 2, False), (1, 1, True)],
+        [far_out, points],
+        [0.9, 0.8],
+    )
+    with pytest.raises(DataError, match=r"5pts_score\.txt: line 1: a\.png: landmark 1 at"):
+        verify_templates(embed, tmp_path / "faces", *files, data, FARS, folds=2)
