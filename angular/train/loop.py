@@ -221,6 +221,8 @@ def set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths
     model = build_model(backbone_desc, heads_desc, num_classes, label_smoothing=smoothing).to(
         device
     )
+    if params.model.init_from is not None:  # published weights for the backbone; heads start fresh
+        params.model.init_from.load_into(model.backbone)
     if config.channels_last:  # conv weights in NHWC; PyTorch then runs the convs in NHWC
         model = model.to(memory_format=torch.channels_last)
     for head in model.heads.values():
