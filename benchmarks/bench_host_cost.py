@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput-repeats", type=harness.positive_int("--throughput-repeats"), default=10
     )
     parser.add_argument(
+        "--throughput-threads",
+        type=harness.positive_int("--throughput-threads"),
+        default=None,
+        help="threads of the throughput case (default: torch's default, all cores)",
+    )
+    parser.add_argument(
         "--heap",
         choices=harness.HEAP_MODES,
         default="cold",
@@ -178,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.throughput:
         batch, classes = args.throughput_shape
         heap_state = harness.set_heap(args.heap)
+        torch.set_num_threads(args.throughput_threads or threads)
         result["throughput"] = tp = throughput(batch, classes, args.throughput_repeats)
+        torch.set_num_threads(threads)
         tp["heap"] = heap_state
         print(
             f"throughput, B={batch} C={classes} fp32, {tp['threads']} threads, heap {heap_state}: "

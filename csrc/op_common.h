@@ -1,8 +1,10 @@
 // What the CPU and CUDA front ends share: the defensive input checks and the
 // dtype rules of docs/design.md, Math (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
 //
-// angular/ops/margin.py validates every argument with messages for users first; these checks only make
-// sure no call that bypasses it (torch.ops.angular.* directly) can read out of bounds.
+// angular/ops/margin.py validates the arguments of most ops with messages for users first; the checks
+// here only make sure no call that bypasses it (torch.ops.angular.* directly) can read out of bounds.
+// The exception is margin_cross_entropy_loss, which the Python entry point calls unchecked: its
+// checks (check_loss_arguments, further down) are the user-facing ones.
 #pragma once
 
 #include <ATen/core/Tensor.h>
