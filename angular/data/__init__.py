@@ -1,8 +1,10 @@
 """Data: sources and the manifest of splits (:mod:`angular.data.manifest`, the prepare stage),
 images, the Dataset and augmentation (:mod:`angular.data.images`), and insightface's formats:
-RecordIO training sets (:mod:`angular.data.recordio`) and verification bins
+RecordIO training sets (:mod:`angular.data.recordio`; a ``data.source: insightface_rec``
+manifest's rows resolve to its :class:`PackedImage` records) and verification bins
 (:mod:`angular.data.verification_bin`), and face alignment onto the ArcFace template
-(:mod:`angular.data.align`)."""
+(:mod:`angular.data.align`, ``data.align`` in prepare). Bad data raises :class:`DataError`
+(:mod:`angular.data.errors`)."""
 
 from angular.data.align import align_face, read_landmarks, similarity_transform
 from angular.data.images import ImageDataset, build_augmentation, load_image, normalize
@@ -16,7 +18,7 @@ from angular.data.manifest import (
     prepare_dataset,
     read_manifest,
 )
-from angular.data.recordio import RecordFile, write_record_folder
+from angular.data.recordio import PackedImage, PackedImages, RecordFile, write_record_folder
 from angular.data.verification_bin import load_bin, read_bin, write_bin
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "DataError",
     "ImageDataset",
     "Manifest",
+    "PackedImage",
+    "PackedImages",
     "Record",
     "RecordFile",
     "align_face",
