@@ -63,8 +63,8 @@ def run_item(params, item: str, manifest, external):
         )
     temperatures = load_temperatures(item, loaded.members)
     config = params.evaluate  # the .bin sets first: a bad file stops the stage before the rest
-    bins = config.verification.bins
-    sets = embed_bins(loaded.model, bins, params.data, batch_size=config.batch_size)
+    bins, folds = config.verification.bins, config.verification.folds
+    sets = embed_bins(loaded.model, bins, params.data, batch_size=config.batch_size, folds=folds)
     options = dict(batch_size=config.batch_size, flip_test=config.verification.flip_test)
     outputs = run_splits(loaded, manifest, SPLITS, progress=f"evaluate: {item}", **options)
     embeddings = None

@@ -155,13 +155,20 @@ def embed_bins(
     embed: Callable[[torch.Tensor], torch.Tensor],
     bins: Sequence[str | Path],
     data,
+    *,
+    folds: int | None = None,
     **options,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """``{stem: (same, embeddings, flipped)}`` of each set (:func:`load_bin_set`, then
-    :func:`embed_bin` with ``options``), in the order given; every file is read and checked
-    before any is embedded."""
+    :func:`embed_bin` with ``options``), in the order given; every file is read and checked (at
+    least ``folds`` pairs, when given) before any is embedded."""
     stems = bin_stems(bins)
     sets = [load_bin_set(path, data) for path in bins]
+    for path, (_, same) in zip(bins, sets):
+        if folds is not None and len(same) < folds:
+            raise DataError(
+                f"{path}: folds ({folds}) must not exceed the number of pairs ({len(same)})"
+            )
     return {
         stem: (same, *embed_bin(embed, pixels, data, **options))
         for stem, (pixels, same) in zip(stems, sets)
@@ -182,7 +189,9 @@ def verify_bins(
     """The :func:`~angular.eval.bins.bin_metrics` of each set, keyed by its file stem (``lfw``,
     ``cfp_fp``), in the order given: :func:`embed_bins` (each set decoded once, then cached),
     then the metrics. A bad set raises one :class:`~angular.data.DataError` line naming it."""
-    embedded = embed_bins(embed, bins, data, batch_size=batch_size, flip=flip, device=device)
+    embedded = embed_bins(
+        embed, bins, data, folds=folds, batch_size=batch_size, flip=flip, device=device
+    )
     results = {}
     for path, (stem, (same, embeddings, flipped)) in zip(bins, embedded.items()):
         try:
