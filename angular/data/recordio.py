@@ -60,6 +60,9 @@ MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 LREC = struct.Struct("<II")  # magic, lrecord
 IR_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
+# A one-part record's first 36 bytes: magic, lrecord, then the IRHeader's flag and label, its two
+# ids skipped, and the first of its labels (when flag > 0).
+RECORD_HEAD = struct.Struct("<IIIf16xf")
 LENGTH_BITS = 29
 LENGTH_MASK = (1 << LENGTH_BITS) - 1
 REC_FILE, IDX_FILE, PROPERTY_FILE = "train.rec", "train.idx", "property"
@@ -357,24 +360,32 @@ class RecordFile(Dataset):
 
     def labels(self) -> np.ndarray:
         """Every image's label (int64, in image order), from the record headers alone: one small
-        read per record, no image decoded."""
+        read per record, no image decoded. Scales to millions of records: the per-record loop
+        only reads and unpacks; the labels are checked all at once."""
         want = IR_HEADER.size + 4  # the header and the first of its labels, if any
         fd, size = self._fd(), LREC.size + want
-        out = np.empty(len(self), dtype=np.int64)
-        for index, (key, offset) in enumerate(zip(self.image_keys.tolist(), self._image_offsets)):
+        values = np.empty(len(self), dtype=np.float64)
+        keys = self.image_keys.tolist()
+        for index, offset in enumerate(self._image_offsets.tolist()):
             head = os.pread(fd, size, offset)
             if len(head) == size:  # the usual record: one part holding the whole header
-                magic, lrecord = LREC.unpack_from(head)
-                flag, label = IR_HEADER.unpack_from(head, LREC.size)[:2]
+                magic, lrecord, flag, label, first = RECORD_HEAD.unpack_from(head)
                 need = IR_HEADER.size + (4 if flag else 0)
                 if magic == MAGIC and lrecord >> LENGTH_BITS == 0 and lrecord >= need:
-                    if flag:
-                        label = struct.unpack_from("<f", head, LREC.size + IR_HEADER.size)[0]
-                    out[index] = self._label(key, RecordHeader(0, label, key, 0))
+                    values[index] = first if flag else label
                     continue
-            record = self._read(key, offset, limit=want)  # parts, or a fault to report
-            out[index] = self._label(key, self._unpack(key, record)[0])
-        return out
+            key = keys[index]
+            header = self._unpack(key, self._read(key, offset, limit=want))[0]  # or its fault
+            values[index] = header.labels[0] if header.labels else header.label
+        limit = np.inf if self.num_classes is None else self.num_classes
+        with np.errstate(invalid="ignore"):
+            good = np.isfinite(values) & (values == np.floor(values)) & (values >= 0)
+            good &= values < limit
+        if not good.all():
+            first_bad = int(np.argmin(good))
+            key = keys[first_bad]
+            self._label(key, RecordHeader(0, float(values[first_bad]), key, 0))  # raises
+        return values.astype(np.int64)
 
     def fingerprint(self) -> str:
         """:func:`fingerprint` of this set."""

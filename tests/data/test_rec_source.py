@@ -250,15 +250,16 @@ def index_of(folder: Path) -> dict[int, int]:
     return {int(key): int(offset) for key, offset in (line.split("\t") for line in lines)}
 
 
-def test_a_label_out_of_range_names_the_record(tmp_path):
-    """A record whose label lies beyond the header's identities: prepare names it."""
+@pytest.mark.parametrize("bad", [7.0, 1.5, -1.0, float("nan")])
+def test_a_label_out_of_range_names_the_record(tmp_path, bad):
+    """A record whose label is not one of the header's identities: prepare names it."""
     rng = np.random.default_rng(2)
     folder = tmp_path / "set"
     images = [(0, random_jpeg(rng)), (0, random_jpeg(rng)), (1, random_jpeg(rng))]
     write_record_folder(folder, images)
     # Record 2 rewritten in place with label 7 (the same length: every offset stays right).
     header, payload = unpack_header(RecordFile(folder).read_record(2))
-    record = frame_record(pack_header(RecordHeader(0, 7.0, 2, 0), payload))
+    record = frame_record(pack_header(RecordHeader(0, bad, 2, 0), payload))
     data = bytearray((folder / "train.rec").read_bytes())
     start = index_of(folder)[2]
     data[start : start + len(record)] = record
@@ -266,7 +267,7 @@ def test_a_label_out_of_range_names_the_record(tmp_path):
     raw = rec_config(folder, unknown_identities=0, val_fraction=0.0, test_fraction=0.3)
     rec = folder / "train.rec"
     with pytest.raises(
-        DataError, match=rf"^{rec}: record 2: label 7.0 is not a class in \[0, 2\)$"
+        DataError, match=rf"^{rec}: record 2: label {bad} is not a class in \[0, 2\)$"
     ):
         prepare_dataset(parse_params(raw).data, tmp_path / "p")
 
