@@ -303,3 +303,51 @@ def test_an_adaptive_heads_rule_state_moves_between_one_process_and_its_shard(di
         torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), one.state_dict().values())
     ]
     assert all(assert_same)
+
+
+def test_adam_moments_and_step_counts_regroup_to_the_state_that_continues_alike():
+    """Adam: the moments of the centres regroup by rows, its step count is rank 0's; the regrouped
+    optimizer then steps exactly as the original (fp64)."""
+    from angular.nn.recognition import RecognitionModel
+
+    torch.manual_seed(3)
+    model = RecognitionModel(torch.nn.Linear(5, 4).double(), {"h": torch.nn.Module()})
+    model.heads["h"].weight = torch.nn.Parameter(torch.randn(7, 4, dtype=torch.float64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        for parameter in model.parameters():
+            parameter.grad = torch.randn_like(parameter)
+        optimizer.step()
+    full = checkpoint_state(model, optimizer)
+    index = full["parameter_names"].index("heads.h.weight")
+    states = []
+    for rank in range(3):
+        start, count = sharded.shard_range(7, 3, rank)
+        state = {**full, "model": dict(full["model"])}
+        state["model"]["heads.h.weight"] = full["model"]["heads.h.weight"][start : start + count]
+        entries = dict(full["optimizer"]["state"])
+        entries[index] = {
+            key: value[start : start + count] if value.dim() else value
+            for key, value in entries[index].items()
+        }
+        state["optimizer"] = {**full["optimizer"], "state": entries}
+        states.append(state)
+
+    again = RecognitionModel(torch.nn.Linear(5, 4).double(), {"h": torch.nn.Module()})
+    again.heads["h"].weight = torch.nn.Parameter(torch.zeros(7, 4, dtype=torch.float64))
+    again_optimizer = torch.optim.Adam(again.parameters(), lr=0.01)
+    regrouped = reshard.regrouped_state(states, again, again_optimizer)
+    again.load_state_dict(regrouped["model"])
+    again_optimizer.load_state_dict(regrouped["optimizer"])
+    moved = again_optimizer.state_dict()["state"][index]
+    original = optimizer.state_dict()["state"][index]
+    assert moved.keys() == original.keys() and float(moved["step"]) == 3.0
+    for key in original:
+        assert torch.equal(moved[key], original[key]), key
+    gradients = [torch.randn_like(p) for p in model.parameters()]
+    for first, second, gradient in zip(model.parameters(), again.parameters(), gradients):
+        first.grad, second.grad = gradient.clone(), gradient.clone()
+    optimizer.step()
+    again_optimizer.step()
+    for first, second in zip(model.parameters(), again.parameters()):
+        assert torch.equal(first, second)
