@@ -82,7 +82,7 @@ class VerificationConfig(Section):
     bins: Annotated[
         tuple[str, ...],
         BeforeValidator(_bins),
-        WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1}}),
+        WithJsonSchema({"type": "array", "items": {"type": "string", "pattern": r"\S"}}),
         UNIQUE,
     ] = ()
     # The false accept rates of every TAR the stage reports (drawn pairs, the pairs file, the
