@@ -74,7 +74,7 @@ def report_table(results: dict) -> str:
         lines += ["", f"Verification on {what}:", "", *table]
         unresolvable |= unresolved
     for stem, entries in results.get("bins", {}).items():
-        table, unresolved = verification_table(entries)
+        table, unresolved = verification_table(entries, spread=True)
         lines += ["", f"Verification set {stem} (insightface's protocol, flip test):", "", *table]
         unresolvable |= unresolved
     if unresolvable:
@@ -82,14 +82,16 @@ def report_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verification_table(entries: dict[str, dict]) -> tuple[list[str], bool]:
+def verification_table(entries: dict[str, dict], *, spread: bool = False) -> tuple[list[str], bool]:
     """``(lines, unresolvable)``: the verification metrics of each embedding (name -> the metrics
     of :func:`angular.eval.verification.verification_metrics` or
     :func:`angular.eval.bins.bin_metrics`) as markdown table lines, TARs in the order computed
-    (``n/r`` where not resolvable), and whether any TAR was not resolvable."""
+    (``n/r`` where not resolvable), and whether any TAR was not resolvable. ``spread``: with the
+    folds' ``accuracy_std`` (as insightface quotes its sets: accuracy +- std)."""
     first = next(iter(entries.values()))
     tar_keys = [key for key in first if key.startswith("tar@")]
-    keys = ["accuracy", "auc", "eer", *tar_keys, "n_genuine", "n_impostor"]
+    spread_keys = ["accuracy_std"] if spread else []
+    keys = ["accuracy", *spread_keys, "auc", "eer", *tar_keys, "n_genuine", "n_impostor"]
     if any("n_dropped_trained_identity" in values for values in entries.values()):
         keys.append("n_dropped_trained_identity")
     lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
