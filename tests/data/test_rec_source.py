@@ -144,7 +144,7 @@ def test_the_split_is_the_image_folders_split_of_the_same_images(synthetic, tmp_
 def test_val_fraction_zero_gives_an_empty_val_split(synthetic, tmp_path):
     config = parse_params(rec_config(synthetic, val_fraction=0.0)).data
     manifest = prepare_dataset(config, tmp_path / "prepared")
-    assert manifest.info["counts"]["val"] == 0 and manifest.paths("val") == []
+    assert manifest.info["counts"]["val"] == 0 and len(manifest.paths("val")) == 0
     assert manifest.info["counts"]["test"] > 0
 
 
@@ -290,6 +290,29 @@ def test_the_prepare_stage_reports_a_bad_set_in_one_line(synthetic, tmp_path):
 # Reading the records: datasets, workers, inference
 
 
+def test_a_splits_records_are_one_index_array(synthetic, tmp_path):
+    """Manifest.paths of a record set: PackedImages in manifest order, sliced and concatenated
+    as lists of paths are (the evaluation stages concatenate test and unknown)."""
+    manifest = prepare_dataset(parse_params(rec_config(synthetic)).data, tmp_path / "prepared")
+    test, unknown = manifest.paths("test"), manifest.paths("unknown")
+    assert isinstance(test, PackedImages) and test.indices.dtype == np.int64
+    assert test.indices.tolist() == [int(r.path) for r in manifest.split("test")]
+    assert [image.index for image in test] == test.indices.tolist()
+    assert [manifest.resolve(r).index for r in manifest.split("test")] == test.indices.tolist()
+    both = test + unknown
+    assert isinstance(both, PackedImages) and both.file is test.file
+    assert both.indices.tolist() == test.indices.tolist() + unknown.indices.tolist()
+    assert (
+        isinstance(test[1:3], PackedImages)
+        and test[1:3].indices.tolist() == test.indices.tolist()[1:3]
+    )
+    assert isinstance(test[-1], PackedImage) and test[-1].index == test.indices[-1]
+    mixed = [tmp_path / "a.png"] + test
+    assert mixed[0] == tmp_path / "a.png" and [i.index for i in mixed[1:]] == test.indices.tolist()
+    with pytest.raises(IndexError):
+        test[len(test)]
+
+
 def test_records_load_as_their_images_do(synthetic, tmp_path):
     """load_image of a manifest's record is the image decoded and resized as a file's would be."""
     manifest = prepare_dataset(parse_params(rec_config(synthetic)).data, tmp_path / "prepared")
@@ -428,3 +451,35 @@ def test_a_damaged_manifest_row_is_one_line(synthetic, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=rf"^{path}, line 4: not a manifest row .*rerun prepare$"):
         read_manifest(tmp_path / "prepared")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3\t96\n1\t0\n2\t48\n", [(1, 0), (2, 48), (3, 96)]),  # as MXNet writes it, any order
+        ("1\t0\n2\t48\n3\t96", [(1, 0), (2, 48), (3, 96)]),  # no final newline
+        ("1\t0\n\n2\t48\n", [(1, 0), (2, 48)]),  # a blank line (read line by line)
+        ("1 0\n2  48\r\n", [(1, 0), (2, 48)]),  # spaces and CRLF (read line by line)
+        ("1\t0\t5\n2\n", "line 1: b'1\\t0\\t5' is not 'key<TAB>offset'"),  # fields cross lines
+        ("1\t0\n2\t\n", "line 2: b'2\\t' is not 'key<TAB>offset'"),
+        ("1\t0\n2\t-48\n", "line 2: b'2\\t-48' is not 'key<TAB>offset'"),
+        ("1\t0\n2\t4.5\n", "line 2: b'2\\t4.5' is not 'key<TAB>offset'"),
+        ("1\t0\n99999999999999999999\t4\n", "not a RecordIO index"),
+        ("", "the index is empty"),
+    ],
+)
+def test_the_index_is_read_in_one_pass_or_line_by_line_alike(tmp_path, text, expected):
+    """MXNet's layout is parsed by numpy in one pass; anything else line by line, which names
+    a bad line; both give the same keys and offsets."""
+    from angular.data.recordio import read_index
+
+    idx = tmp_path / "train.idx"
+    idx.write_bytes(text.encode())
+    if isinstance(expected, str):
+        with pytest.raises(DataError) as caught:
+            read_index(idx, rec_size=1000)
+        assert str(caught.value) == f"{idx}: {expected}"
+    else:
+        keys, offsets = read_index(idx, rec_size=1000)
+        assert list(zip(keys.tolist(), offsets.tolist())) == expected
+        assert keys.dtype == offsets.dtype == np.int64
