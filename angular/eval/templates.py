@@ -20,8 +20,9 @@ the media averaged per template, L2-normalised. eval_ijbc's defaults, those of p
 numbers, are a flip test, the detector score and the norms kept (``normalize_images=False``). :func:`template_verification` scores the pairs by
 cosine similarity and reports :func:`angular.eval.verification.verification_metrics`: TAR at each
 FAR (IJB-C is quoted at 1e-6 ... 1e-1, ``evaluate.verification.fars``), AUC, EER. The TAR is the
-highest at a FAR <= F (eval_ijbc reads the ROC point whose FAR is nearest to F; on IJB-C's 15.6M
-impostor pairs the two differ by less than one pair's step).
+highest at a FAR <= F; eval_ijbc reads the point of scikit-learn's thinned ROC curve whose FAR is
+nearest to F, which may lie just above F, so its figure can be a little higher where the curve is
+steep.
 
 Bad files raise :class:`TemplateError`: one line naming the file and the line.
 """
