@@ -483,3 +483,25 @@ def test_the_index_is_read_in_one_pass_or_line_by_line_alike(tmp_path, text, exp
         keys, offsets = read_index(idx, rec_size=1000)
         assert list(zip(keys.tolist(), offsets.tolist())) == expected
         assert keys.dtype == offsets.dtype == np.int64
+
+
+def test_every_stage_runs_on_a_record_set(synthetic, tmp_path):
+    """prepare, train, calibrate and evaluate as DVC runs them, on records read in 2 workers:
+    each stage that reads the manifest's images (training, calibration on val, evaluation on
+    test and unknown) reads them from the .rec."""
+    project = tmp_path / "project"
+    project.mkdir()
+    raw = rec_config(synthetic, unknown_identities=2, val_fraction=0.25, test_fraction=0.25)
+    raw["train"].update(epochs=1, batch_size=8, num_workers=2, preload_images=False)
+    raw["train"]["items"] = ["arcface"]
+    write_params(project, raw)
+    for stage, args in (("prepare", []), ("train", ["arcface"]), ("calibrate", ["arcface"])):
+        result = run_stage_process(project, stage, *args)
+        assert result.returncode == 0, result.stderr
+    result = run_stage_process(project, "evaluate")
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(project / "data" / "prepared")
+    outputs = np.load(project / "outputs" / "evaluate" / "arcface.npz")
+    assert outputs["test_embeddings"].shape[0] == len(manifest.split("test"))
+    assert outputs["unknown_embeddings"].shape[0] == len(manifest.split("unknown"))
+    assert (project / "metrics" / "evaluate.json").is_file()
