@@ -57,6 +57,7 @@ __all__ = [
     "place_of",
     "checkpoints_in",
     "moved_checkpoint",
+    "drop_other_worlds",
     "load_newest",
     "agreed_checkpoint",
     "resume",
@@ -198,6 +199,24 @@ def moved_checkpoint(
                 best = (other, place, paths)
                 break
     return best
+
+
+def drop_other_worlds(checkpoints: Path, base_fingerprint: str, world_size: int) -> None:
+    """Once a run of these params has finished: remove the checkpoints of these params that other
+    world sizes left (older than what finished, else they would have been moved), which a rerun
+    would otherwise resume."""
+    if not checkpoints.is_dir():
+        return
+    if world_size != 1:
+        for path in checkpoints_in(checkpoints):
+            if of_these_params(path, base_fingerprint):
+                path.unlink(missing_ok=True)
+    for folder in checkpoints.glob(RANK_FOLDER.format(rank="*", world_size="*")):
+        other = world_size_of(folder)
+        if other is None or other == world_size or not folder.is_dir():
+            continue
+        if any(of_these_params(path, base_fingerprint) for path in checkpoints_in(folder)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def of_these_params(path: Path, base_fingerprint: str) -> bool:

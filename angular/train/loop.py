@@ -54,6 +54,7 @@ from angular.train.checkpoint import (
     checkpoint_by_step,
     checkpoints_to_keep,
     describe_model,
+    drop_other_worlds,
     fingerprint,
     kept_checkpoint,
     prune_checkpoints,
@@ -524,6 +525,8 @@ def train_item(
     world.gather_heads(session.model, session.full_model)
     # The model file is written before any rank drops its checkpoints.
     metrics = world.from_rank_zero(partial(finish, session))
+    if world.rank == 0:
+        drop_other_worlds(paths.checkpoints, session.base_fingerprint, world.size)
     if world.size > 1:
         shutil.rmtree(session.checkpoints, ignore_errors=True)
     return metrics

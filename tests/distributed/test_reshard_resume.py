@@ -351,3 +351,22 @@ def test_adam_moments_and_step_counts_regroup_to_the_state_that_continues_alike(
     again_optimizer.step()
     for first, second in zip(model.parameters(), again.parameters()):
         assert torch.equal(first, second)
+
+
+def test_a_finished_run_drops_the_checkpoints_other_world_sizes_left_of_its_params(tmp_path):
+    def write(path, fingerprint):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"format": checkpoint.CHECKPOINT_FORMAT, "base_fingerprint": fingerprint, "epoch": 1},
+            path,
+        )
+
+    for rank in range(2):
+        write(tmp_path / f"rank-{rank}-of-2" / "epoch-0001.pt", "these")
+    write(tmp_path / "rank-0-of-4" / "epoch-0001-step-000003.pt", "other")
+    write(tmp_path / "epoch-0001.pt", "these")  # one process's
+    write(tmp_path / "rank-0-of-3" / "epoch-0002.pt", "these")  # the finishing world's own
+    checkpoint.drop_other_worlds(tmp_path, "these", 3)
+    left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.pt"))
+    assert left == ["rank-0-of-3/epoch-0002.pt", "rank-0-of-4/epoch-0001-step-000003.pt"]
+    assert not (tmp_path / "rank-0-of-2").exists()
