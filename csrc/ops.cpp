@@ -1,7 +1,7 @@
 // The op schemas of namespace `angular` (docs/design.md, Ops), and the Python module angular._C whose import
 // runs this registration. Kernels: csrc/cpu/margin_cpu.cpp (CPU) and csrc/cuda/margin_cuda.cpp
-// (CUDA); autograd of margin_cross_entropy_loss: csrc/autograd.cpp; fake implementations and the
-// autograd of the other ops: angular/ops/margin.py.
+// (CUDA); autograd of margin_logits and margin_cross_entropy_loss: csrc/autograd.cpp; fake
+// implementations and the autograd of the other ops: angular/ops/margin.py.
 #include <Python.h>
 #include <torch/library.h>
 

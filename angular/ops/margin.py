@@ -392,7 +392,8 @@ def _margin_rows(cos: torch.Tensor, *margins) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Python halves of the compiled ops: fake (meta) implementations for torch.compile and autograd.
+# Python halves of the compiled ops: fake (meta) implementations for torch.compile, and the autograd
+# of the ops whose autograd is not in C++ (csrc/autograd.cpp).
 
 _registered = False
 
@@ -457,19 +458,7 @@ def _register_python_parts() -> None:
             margins, memory_format=torch.contiguous_format
         )
 
-    def logits_setup(ctx, inputs, output):
-        cos, labels, *params = inputs
-        ctx.save_for_backward(cos, labels)
-        ctx.params = params
-
-    def logits_backward(ctx, grad):
-        cos, labels = ctx.saved_tensors
-        grad_cos = ops.margin_logits_backward(grad, cos, labels, *ctx.params)
-        return grad_cos, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "angular::margin_logits", logits_backward, setup_context=logits_setup
-    )
+    # margin_logits and margin_cross_entropy_loss have their autograd in C++ (csrc/autograd.cpp).
 
     def ce_setup(ctx, inputs, output):
         cos, labels, *params = inputs

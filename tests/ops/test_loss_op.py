@@ -192,3 +192,28 @@ def test_bad_arguments_give_the_checked_paths_message(case_id, argument, call, m
     with pytest.raises((ValueError, TypeError)) as slow:
         call()
     assert (type(fast.value), str(fast.value)) == (type(slow.value), str(slow.value))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_logits_autograd_is_the_backward_op(seed, dtype):
+    """margin_logits's autograd (also in C++, csrc/autograd.cpp) gives what the previous Python
+    registration computed: the backward op applied to the upstream gradient, bit for bit."""
+    for layout, cos, labels in layouts(9, 70, dtype, seed):
+        for straight_through in (False, True):
+            leaf = cos.detach().clone().requires_grad_()
+            margin = dict(s=30.0, m1=1.0, m2=0.4, m3=0.1, lam=0.0)
+            logits = ops.margin_logits(leaf, labels, straight_through=straight_through, **margin)
+            assert type(logits.grad_fn).__name__ == "CppFunction"
+            upstream = torch.randn_like(logits)
+            (got,) = torch.autograd.grad(logits, leaf, upstream)
+            want = torch.ops.angular.margin_logits_backward(
+                upstream, cos, labels, *margin.values(), straight_through
+            )
+            assert torch.equal(got, want), f"seed={seed} {layout} {dtype} {straight_through}"
+    with RecordOps() as recorded:
+        torch.autograd.grad(ops.margin_logits(leaf, labels, **margin), leaf, upstream)
+    # (margin_logits still checks its labels in Python: aten.max and its item come first.)
+    assert [name for name in recorded.names if name.startswith("angular.")] == [
+        "angular.margin_logits.default",
+        "angular.margin_logits_backward.default",
+    ]
