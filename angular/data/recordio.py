@@ -354,7 +354,11 @@ class RecordFile(Dataset):
         try:
             image = Image.open(io.BytesIO(payload))
             image.load()
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        except UnidentifiedImageError:
+            raise self._error(
+                int(self.image_keys[index]), "cannot decode the image (not an image PIL reads)"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as error:
             key = int(self.image_keys[index])
             raise self._error(key, f"cannot decode the image ({error})") from None
         except Image.DecompressionBombError as error:

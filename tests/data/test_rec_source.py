@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -366,6 +367,28 @@ def test_a_bad_record_during_training_is_one_line(synthetic, tmp_path):
     ) as caught:
         load_image(fresh, image_size=(8, 8), channels=3)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_bad_record_stops_training_with_one_line(synthetic, tmp_path, num_workers):
+    """Records damaged after prepare: training stops with the reader's line, naming the file and
+    the record (from a worker: its line, not the worker's traceback)."""
+    raw = rec_config(synthetic)
+    raw["train"].update(epochs=1, batch_size=8, num_workers=num_workers, preload_images=False)
+    prepare_dataset(parse_params(raw).data, tmp_path / "prepared")
+    rec, offsets = synthetic / "train.rec", index_of(synthetic)
+    data = bytearray(rec.read_bytes())
+    for key in range(1, sum(COUNTS) + 1):  # every image's first JPEG bytes
+        data[offsets[key] + 32 : offsets[key] + 48] = bytes(16)
+    rec.write_bytes(bytes(data))
+    with pytest.raises(DataError) as caught:
+        train_on(read_manifest(tmp_path / "prepared"), tmp_path, raw)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    pattern = rf"^{rec}: record \d+: cannot decode the image \(not an image PIL reads\)"
+    if num_workers:
+        pattern += r" \(in DataLoader worker \d+\)"
+    assert re.match(pattern + "$", message), message
 
 
 def train_on(manifest, tmp_path, raw, item="arcface"):
