@@ -528,3 +528,21 @@ def test_every_stage_runs_on_a_record_set(synthetic, tmp_path):
     assert outputs["test_embeddings"].shape[0] == len(manifest.split("test"))
     assert outputs["unknown_embeddings"].shape[0] == len(manifest.split("unknown"))
     assert (project / "metrics" / "evaluate.json").is_file()
+
+
+def test_a_relative_path_stays_relative_to_the_prepared_folder(synthetic, tmp_path, monkeypatch):
+    """data.path relative to the project: the manifest names the .rec relative to itself, so the
+    project folder can move."""
+    monkeypatch.chdir(tmp_path)
+    config = parse_params(rec_config(Path("set"), val_fraction=0.0)).data
+    prepare_dataset(config, Path("data") / "prepared")
+    assert read_manifest("data/prepared").info["recordio"]["rec"] == "../../set/train.rec"
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    tmp_path.rename(moved)
+    try:
+        manifest = read_manifest(moved / "data" / "prepared")
+        image = manifest.paths("train")[0]
+        assert image.file.rec_path == moved / "data" / "prepared" / "../../set/train.rec"
+        assert load_image(image, image_size=(8, 8), channels=3).shape == (3, 8, 8)
+    finally:
+        moved.rename(tmp_path)
