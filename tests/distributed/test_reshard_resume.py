@@ -370,3 +370,62 @@ def test_a_finished_run_drops_the_checkpoints_other_world_sizes_left_of_its_para
     left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.pt"))
     assert left == ["rank-0-of-3/epoch-0002.pt", "rank-0-of-4/epoch-0001-step-000003.pt"]
     assert not (tmp_path / "rank-0-of-2").exists()
+
+
+class Stop(BaseException):
+    pass
+
+
+def test_shards_that_do_not_add_up_are_refused_in_one_line(project, monkeypatch):
+    """Files of these params from 2 ranks whose shards miss rows (hand-made from a one-process
+    checkpoint): one ConfigError line naming train.distributed.world_size and the folder, nothing
+    trained."""
+    from pipeline_testing import STEPS_PER_EPOCH, paths_in
+
+    from angular.config import ConfigError, parse_params
+    from angular.data import read_manifest
+    from angular.train.loop import train_item
+
+    params = parse_params(tiny_raw(train__epochs=2))
+    manifest = read_manifest("data/prepared")
+    paths = paths_in(project / "run")
+    original, count = training_epoch.batch_loss, {"n": 0}
+
+    def stopping(model, *args, **kwargs):
+        if model.training:
+            count["n"] += 1
+            if count["n"] == STEPS_PER_EPOCH + 1:
+                raise Stop
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(training_epoch, "batch_loss", stopping)
+    with pytest.raises(Stop):
+        train_item(params, "arcface", manifest, paths)
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    one = paths.checkpoints / "epoch-0001.pt"
+    state = torch.load(one, weights_only=True)
+    index = state["parameter_names"].index("heads.arcface.weight")
+    classes = state["model"][CENTRES].shape[0]
+    short = classes // 2 - 1
+    for rank in range(2):  # a row short each
+        shard = {**state, "world_size": 2, "rank": rank, "model": dict(state["model"])}
+        rows = slice(short * rank, short * rank + short)
+        shard["model"][CENTRES] = state["model"][CENTRES][rows]
+        entries = dict(state["optimizer"]["state"])
+        entries[index] = {
+            key: value[rows] if value.dim() else value for key, value in entries[index].items()
+        }
+        shard["optimizer"] = {**state["optimizer"], "state": entries}
+        folder = paths.checkpoints / f"rank-{rank}-of-2"
+        folder.mkdir()
+        torch.save(shard, folder / "epoch-0001.pt")
+    one.unlink()
+    with pytest.raises(ConfigError) as caught:
+        train_item(params, "arcface", manifest, paths)
+    assert caught.value.key == "train.distributed.world_size"
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert "the checkpoint of 2 ranks" in message and "rank-0-of-2" in message, message
+    assert f"rows [0, {classes}) are not in the {2 * short} rows saved" in message, message
+    assert not paths.model.exists()
