@@ -66,7 +66,7 @@ class Session:
     val_loader: DataLoader
     descriptions: tuple[dict, dict, dict]  # backbone, heads, image (for the model file)
     fingerprint: str  # of this run: checkpoints of another are not resumed
-    base_fingerprint: str  # of these params on one process: refuses another world size's files
+    base_fingerprint: str  # of these params on one process: finds another world size's files
     paths: TrainPaths
     checkpoints: Path  # this process's checkpoint folder (paths.checkpoints on one process)
     keep_checkpoints: int

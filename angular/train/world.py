@@ -15,9 +15,9 @@ nothing or the plain local thing, and whose :class:`ProcessGroup` does it over
   resume, weights that broke), the full heads (:meth:`World.gather_heads`) and what rank 0 alone
   computes (:meth:`World.from_rank_zero`: validation, the model file).
 
-Elsewhere, by what they are about: each rank's checkpoint folder and the refusal of another world
-size's checkpoints (:mod:`angular.train.checkpoint`), what several processes cannot train
-(:func:`angular.train.loop.check_supported`).
+Elsewhere, by what they are about: each rank's checkpoint folder and the resume of another world
+size's checkpoints (:mod:`angular.train.checkpoint`, :mod:`angular.train.reshard`), what several
+processes cannot train (:func:`angular.train.loop.check_supported`).
 
 The launch of the workers is here too: :func:`launch` starts ``train.distributed.world_size``
 torchrun workers and raises :class:`WorkerError` naming the ranks that failed or ended without a
