@@ -170,6 +170,11 @@ class EpochBatchSampler(Sampler[list[int]]):
         seed: int = 0,
     ):
         super().__init__()
+        for name, value in (("size", size), ("batch_size", batch_size), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
         if generator is None and world_size == 1:
             raise ValueError("one process draws its order from a generator: give one")
         self.size, self.batch_size = size, batch_size
@@ -184,6 +189,8 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def resume(self, order: dict, position: int) -> None:
         """The next pass continues the epoch of ``order`` after its first ``position`` images."""
+        if not 0 <= position <= self.size:
+            raise ValueError(f"position must be in [0, {self.size}], got {position!r}")
         self.pending = (dict(order), int(position))
         self.order = self.pending[0]
 

@@ -121,6 +121,23 @@ def test_the_epoch_sampler_resumes_any_position_with_the_uninterrupted_batches(s
     for taken in range(len(batches) + 1):
         generator = torch.Generator().manual_seed(99)  # any state: the order restores it
         sampler = EpochBatchSampler(size, batch, generator=generator)
-        sampler.resume(order, taken * batch)
+        sampler.resume(order, sum(map(len, batches[:taken])))
         assert list(sampler) == batches[taken:]
         assert torch.equal(generator.get_state(), after)
+
+
+def test_the_epoch_sampler_refuses_what_cannot_be_an_epoch():
+    generator = torch.Generator()
+    for arguments, words in (
+        ((0, 4), "size must be an integer >= 1, got 0"),
+        ((10, 0), "batch_size must be an integer >= 1, got 0"),
+        ((10, True), "batch_size must be an integer >= 1, got True"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            EpochBatchSampler(*arguments, generator=generator)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+        EpochBatchSampler(10, 2, world_size=2, rank=2)
+    with pytest.raises(ValueError, match="from a generator"):
+        EpochBatchSampler(10, 2)
+    with pytest.raises(ValueError, match=r"position must be in \[0, 10\], got 11"):
+        EpochBatchSampler(10, 2, generator=generator).resume({"seed": 1}, 11)
