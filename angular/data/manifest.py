@@ -589,6 +589,11 @@ def _prepare_record_file(config: DataConfig, out_dir: Path) -> Manifest:
     from the record headers' labels alone (no image decoded or hashed), the same split as an
     image folder's (:func:`_split_identities`), the set identified by its fingerprint."""
     param = "data.path"
+    if not Path(config.path).exists():
+        raise DataError(
+            f"{param}: {config.path} does not exist (an insightface RecordIO set's "
+            "folder, holding train.rec, train.idx and property, or its .rec file)"
+        )
     records_file = RecordFile(config.path)
     labels = records_file.labels()
     order = np.argsort(labels, kind="stable")  # image indices grouped by label, in index order

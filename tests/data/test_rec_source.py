@@ -251,6 +251,21 @@ def index_of(folder: Path) -> dict[int, int]:
     return {int(key): int(offset) for key, offset in (line.split("\t") for line in lines)}
 
 
+def test_a_missing_set_or_index_is_one_line(synthetic, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=rf"^data.path: {missing} does not exist \(an insightface"):
+        prepare_dataset(parse_params(rec_config(missing)).data, tmp_path / "a")
+    (synthetic / "train.idx").unlink()
+    with pytest.raises(
+        DataError, match=rf"^{synthetic / 'train.idx'}: the index of .* is missing$"
+    ):
+        prepare_dataset(parse_params(rec_config(synthetic)).data, tmp_path / "b")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=rf"^{empty / 'train.rec'}: no such RecordIO file"):
+        prepare_dataset(parse_params(rec_config(empty)).data, tmp_path / "c")
+
+
 @pytest.mark.parametrize("bad", [7.0, 1.5, -1.0, float("nan")])
 def test_a_label_out_of_range_names_the_record(tmp_path, bad):
     """A record whose label is not one of the header's identities: prepare names it."""
