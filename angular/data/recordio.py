@@ -17,7 +17,10 @@ The format, as MXNet 1.9.1 (dmlc-core's ``RecordIOWriter``) writes it:
 - ``property`` is ``num_classes,height,width``.
 
 :class:`RecordFile` reads such a folder by offset, one record at a time: it never holds the images
-in memory, and each process (each DataLoader worker) opens its own file handle.
+in memory, and each process (each DataLoader worker) opens its own file handle. A prepared
+``data.source: insightface_rec`` manifest's rows resolve to :class:`PackedImage` records, a split
+to :class:`PackedImages` (one index array), which :mod:`angular.data.images` decodes as it decodes
+files.
 :func:`fingerprint` identifies a set from its index and file sizes, without reading the images.
 :func:`write_record_folder` and :func:`pack_images` (``angular pack images``) write the same
 layout, byte for byte as MXNet does.
