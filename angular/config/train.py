@@ -68,6 +68,9 @@ class CollapseConfig(Section):
     max_centre_cosine: number(-1.0, 1.0)
     max_accuracy_drop: number(0.0, 1.0, low_open=True, high_open=True)
     min_room: number(0.0)
+    # Partial collapse (angular.train.collapse.DriftMonitor): warn, never stop.
+    max_centre_cosine_rise: number(0.0, 2.0, low_open=True) = 0.3
+    max_spread_drop: number(0.0, 1.0, low_open=True, high_open=True) = 0.3
 
 
 BACKENDS = ("auto", "gloo", "nccl")

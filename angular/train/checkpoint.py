@@ -418,6 +418,7 @@ def load_state(session: Session, state: Mapping) -> None:
     session.skipped_steps = int(state["skipped_steps"])
     session.start_epoch = int(state["epoch"])
     session.collapse_epoch = int(state.get("collapse_epoch", 0))
+    session.drift_epoch = int(state.get("drift_epoch", 0))
     session.step_lrs = [(int(step), float(lr)) for step, lr in state.get("step_lrs", [])]
     session.best = state.get("best")
     if session.scaler is not None:  # fp16 is in the fingerprint: the state is there
@@ -501,6 +502,7 @@ def save_checkpoint(session: Session, epoch: int, world: World, step: int = 0) -
             "history": session.history,
             "skipped_steps": session.skipped_steps,
             "collapse_epoch": session.collapse_epoch,
+            "drift_epoch": session.drift_epoch,
             **({} if sampler is None else {"sampler": sampler.state_dict()}),
             "step_lrs": session.step_lrs,
             **({} if session.scaler is None else {"scaler": scaler_state(session)}),

@@ -244,8 +244,12 @@ class DriftMonitor:
     @staticmethod
     def _spread_drop(history: list[dict]) -> tuple[float, dict | None]:
         """(how far the latest 3-epoch mean of the spread is below its best, the best's last row)."""
-        rows = history[SPREAD_SETTLE_EPOCHS:]
-        if len(rows) < SPREAD_WINDOW or "embedding_spread" not in rows[-1]:
+        rows = [
+            r
+            for r in history[SPREAD_SETTLE_EPOCHS:]
+            if math.isfinite(r.get("embedding_spread", math.nan))  # nan: no validation split
+        ]
+        if len(rows) < SPREAD_WINDOW:
             return math.nan, None
         means = []
         for end in range(SPREAD_WINDOW, len(rows) + 1):

@@ -66,6 +66,7 @@ from angular.train.collapse import (
     REMEDY,
     CollapseError,
     CollapseMonitor,
+    DriftMonitor,
     collapse_room,
     init_centres,
 )
@@ -374,6 +375,7 @@ def watch_collapse(session: Session, epoch: int) -> None:
     )
     verdict = monitor.verdict(session.history, len(session.classes))
     if verdict is None:
+        watch_drift(session, epoch)
         return
     message = f"{session.label}: collapse at epoch {epoch}: {verdict}."
     if config.on_collapse == "stop":
@@ -384,6 +386,26 @@ def watch_collapse(session: Session, epoch: int) -> None:
     if session.collapse_epoch == 0:
         session.collapse_epoch = epoch
         say(f"{message} Training goes on (train.on_collapse: warn). {REMEDY}.")
+
+
+def drift_monitor(session: Session) -> DriftMonitor:
+    collapse = session.config.collapse
+    return DriftMonitor(
+        max_centre_cosine_rise=collapse.max_centre_cosine_rise,
+        max_spread_drop=collapse.max_spread_drop,
+    )
+
+
+def watch_drift(session: Session, epoch: int) -> None:
+    """Warn once of a partial collapse (the centres drifting together, or a falling spread): it
+    costs verification on unseen people while the loss and the accuracy look healthy."""
+    verdict = drift_monitor(session).verdict(session.history)
+    if verdict is not None and session.drift_epoch == 0:
+        session.drift_epoch = epoch
+        say(
+            f"{session.label}: partial collapse at epoch {epoch}: {verdict}. Training goes on. "
+            f"{REMEDY}."
+        )
 
 
 def tsv(history: list[dict], columns: list[str]) -> str:
@@ -420,6 +442,8 @@ def finish(session: Session) -> dict:
     if session.scaler is not None:
         final["scaler_skipped_steps"] = session.scaler_skipped_steps
     final["collapse_epoch"] = session.collapse_epoch
+    final["drift_epoch"] = session.drift_epoch
+    final.update(finite(drift_monitor(session).measures(session.history)))
     if session.collapse_room is not None:
         final["collapse_room"] = session.collapse_room
     if session.last_verification is not None:
@@ -434,13 +458,18 @@ def finish(session: Session) -> dict:
     return metrics
 
 
+def finite(values: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in values.items() if math.isfinite(value)}
+
+
 def log_epoch(run, session: Session, row: dict, first_step: int) -> None:
     """The epoch's row to MLflow (at step = epoch), and its steps' learning rates (``lr_by_step``
     at step = the optimizer step: the first of the epoch, each change and the last)."""
     counts = {"skipped_steps": session.skipped_steps}
     if session.scaler is not None:
         counts["scaler_skipped_steps"] = session.scaler_skipped_steps
-    run.log_metrics({**row, **counts}, step=row["epoch"])
+    drift = finite(drift_monitor(session).measures(session.history))
+    run.log_metrics({**row, **counts, **drift}, step=row["epoch"])
     steps = session.step_lrs[first_step:]
     for index, (step, lr) in enumerate(steps):
         if index in (0, len(steps) - 1) or lr != steps[index - 1][1]:

@@ -75,6 +75,7 @@ class Session:
     skipped_steps: int = 0
     start_epoch: int = 0
     collapse_epoch: int = 0  # the first epoch the monitor flagged (on_collapse: warn); 0: none
+    drift_epoch: int = 0  # the first epoch the drift (partial collapse) monitor flagged; 0: none
     collapse_room: float | None = None  # the smallest room of the item's heads (None: no bound)
     scaler: torch.amp.GradScaler | None = None  # the fp16 loss scaler (train.precision: fp16)
     scaler_skipped_steps: int = 0  # steps the scaler skipped (inf/nan gradients: normal in fp16)

@@ -177,6 +177,16 @@ BAD_VALUES: dict[str, list] = {
     "evaluate.verification.gallery_far": [0.0, 1.0, -0.1, "1e-2"],
     "tracking.uri": [""],
     "tracking.experiment": [""],
+    "evaluate.verification.bins": ["lfw.bin", [1], ["a/lfw.bin", "b/lfw.bin"]],
+    "evaluate.verification.fars": [[], [0.0], [1.0], [0.001, 0.001]],
+    "model.init_from": [
+        {"format": "onnx", "path": "b.pth"},
+        {"format": "insightface", "path": ""},
+        {"format": "insightface", "path": "b.pth"},  # the shipped small_cnn is not an iresnet
+    ],
+    "data.align": [{"size": 112}, {"landmarks": "l.tsv", "size": 0}, {"landmarks": "l.tsv"}],
+    "train.checkpoint_every_steps": [-1, 1.5],
+    "train.verification": [{"bins": []}, {"bins": ["lfw.bin"], "every_steps": 0}],
 }
 # Keys whose documented value may be null (a wrong-typed null is tested for every other key).
 NULLABLE = {
@@ -193,6 +203,9 @@ NULLABLE = {
     "evaluate.verification.pairs_root",
     "tracking.register_model",
     "tracking.uri",
+    "model.init_from",
+    "data.align",
+    "train.verification",
 }
 
 
@@ -229,17 +242,26 @@ def wrong_types(value) -> list:
         return [3, True, None, {}, [value]]
     if isinstance(value, list):
         return ["x", 3, True, None, {}]
+    if isinstance(value, dict):
+        return ["x", 3, True, None, [value]]
     assert value is None, f"unexpected shipped value {value!r}"
     return [5, True, {}, [1]]
 
 
 # Keys shipped as null whose other values are numbers: wrong types are those of a number.
 NUMBER_OR_NULL = {"train.centre_norm": 1.0, "data.max_images_per_class": 30}
+# Keys shipped as null whose other values are mappings: wrong types are those of a mapping (a mapping
+# that lacks a key is in BAD_VALUES).
+MAPPING_OR_NULL = {
+    "model.init_from": {"format": "insightface", "path": "backbone.pth"},
+    "data.align": {"landmarks": "landmarks.tsv", "size": 112},
+    "train.verification": {"bins": ["lfw.bin"], "every_steps": 100},
+}
 
 WRONG = [
     (key, bad)
     for key, value in SHIPPED.items()
-    for bad in wrong_types(NUMBER_OR_NULL.get(key, value))
+    for bad in wrong_types(NUMBER_OR_NULL.get(key, MAPPING_OR_NULL.get(key, value)))
     if not (bad is None and key in NULLABLE)
 ]
 RANGE = [(key, bad) for key, values in BAD_VALUES.items() for bad in values]
@@ -257,8 +279,10 @@ def assert_rejected(key: str, value) -> ConfigError:
             f"{key}: {value!r} was accepted. If it is a valid value now, update NULLABLE or "
             "BAD_VALUES in tests/config/test_config_errors.py; else validate it."
         )
-    # A list entry may be named more precisely: train.augment[0].
-    assert error.key == key or error.key.startswith(f"{key}["), f"{key}={value!r}: {error}"
+    # A list entry or a mapping's key may be named more precisely: train.augment[0], data.align.size.
+    assert error.key == key or error.key.startswith((f"{key}[", f"{key}.")), (
+        f"{key}={value!r}: {error}"
+    )
     assert str(error).startswith(f"{error.key}: ") and len(error.problem) > 10, str(error)
     return error
 
@@ -318,6 +342,12 @@ OPTIONAL = {
     "evaluate.verification.flip_test": False,
     "evaluate.verification.gallery_far": 0.01,
     "tracking.register_model": None,
+    "data.align": None,
+    "model.init_from": None,
+    "train.checkpoint_every_steps": 0,
+    "train.verification": None,
+    "evaluate.verification.bins": (),
+    "evaluate.verification.fars": (0.1, 0.01, 0.001),
 }
 
 
