@@ -32,7 +32,7 @@ from pathlib import Path
 
 from angular import heap
 from angular.config import ConfigError
-from angular.data import DataError
+from angular.data import DataError, read_manifest
 from angular.train.collapse import CollapseError
 from angular.train.epoch import NonFiniteLossError
 from angular.train.tracking import TrackingError
@@ -65,6 +65,20 @@ def model_path(item: str) -> Path:
 
 def calibration_path(item: str) -> Path:
     return CALIBRATION_DIR / f"{item}.json"
+
+
+def read_split_manifest(stage: str):
+    """The prepared manifest, for a stage that needs the validation split (temperatures,
+    thresholds and ensemble members are chosen on it)."""
+    manifest = read_manifest(PREPARED_DIR)
+    if not len(manifest.split("val")):
+        raise ConfigError(
+            "data.val_fraction",
+            f"is 0: the {stage} stage chooses temperatures, thresholds and ensemble members on the "
+            "validation split, which is empty; give data.val_fraction > 0 (the trainer alone "
+            "validates on train.verification's sets without one)",
+        )
+    return manifest
 
 
 def stage_parser(description: str, *, item: bool = False) -> argparse.ArgumentParser:

@@ -18,7 +18,6 @@ import sys
 from collections.abc import Sequence
 
 from angular.config import load_params
-from angular.data import read_manifest
 from angular.eval.calibration import calibrate_logits
 from angular.eval.classification import softmax
 from angular.eval.plots import reliability_diagram
@@ -30,9 +29,9 @@ from angular.train.tracking import StageRun
 from pipeline import (
     CALIBRATE_METRICS_DIR,
     CALIBRATE_PLOTS_DIR,
-    PREPARED_DIR,
     calibration_path,
     model_path,
+    read_split_manifest,
     run_stage,
     stage_parser,
 )
@@ -104,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(args.params)
     limit_threads(params.calibrate.num_threads)
     item = params.item(args.item)
-    manifest = read_manifest(PREPARED_DIR)
+    manifest = read_split_manifest("calibrate")
     with StageRun(
         params.tracking,
         stage=f"calibrate@{args.item}",

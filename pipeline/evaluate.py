@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from angular.config import ConfigError, load_params
-from angular.data import read_manifest
 from angular.eval.evaluate import SPLITS, evaluate_models
 from angular.eval.pairs import PairsError, pairs_of_file
 from angular.eval.report import flat_metrics, report_table
@@ -36,6 +35,7 @@ from pipeline import (
     PREPARED_DIR,
     calibration_path,
     model_path,
+    read_split_manifest,
     run_stage,
     stage_parser,
 )
@@ -117,7 +117,7 @@ def evaluate(params, manifest, *, run=None) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(stage_parser(__doc__).parse_args(argv).params)
     limit_threads(params.evaluate.num_threads)
-    manifest = read_manifest(PREPARED_DIR)
+    manifest = read_split_manifest("evaluate")
     raw = {"evaluate": params.raw["evaluate"], "train": {"items": params.raw["train"]["items"]}}
     with StageRun(
         params.tracking, stage="evaluate", heads=list(params.members()), params=raw

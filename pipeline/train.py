@@ -74,6 +74,8 @@ PARAM_KEYS = (
     "train.on_collapse",
     "train.collapse",
     "train.keep_checkpoints",
+    "train.checkpoint_every_steps",
+    "train.verification",
     "train.distributed",
     "train.sampler",
     "train.prioritized",
@@ -99,7 +101,8 @@ def logged_params(raw: dict, item: str) -> dict:
     for key in PARAM_KEYS:
         section, _, name = key.partition(".")
         if name:
-            logged.setdefault(section, {})[name] = raw[section][name]
+            # A key added later may be absent from an older params file (its default applies).
+            logged.setdefault(section, {})[name] = raw[section].get(name)
         else:
             logged[section] = raw[section]
     return logged

@@ -231,6 +231,13 @@ def pair_names(paths, identities) -> list[str]:
     or ``<identity>_<n:04d>`` when the stem is a bare number (ORL: ``s1/3.pgm`` -> ``s1_0003``)."""
     names = []
     for path, identity in zip(paths, identities):
+        if not isinstance(path, (str, Path)):  # a RecordIO set's image: an index, no file name
+            raise PairsError(
+                PAIRS_FILE_KEY,
+                "names images by file, and a RecordIO set's images have none: give "
+                "evaluate.verification.pairs_root (the pairs' own images) or score verification "
+                "sets (evaluate.verification.bins)",
+            )
         stem = Path(path).stem
         names.append(f"{identity}_{int(stem):04d}" if stem.isdigit() else stem)
     return names

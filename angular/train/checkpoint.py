@@ -146,6 +146,14 @@ def fingerprint(params: Params, item: TrainItem, manifest: Manifest, model: torc
         "data": data,
         "architecture": architecture,
     }
+    # Added only when used, so that earlier runs' fingerprints stay: a RecordIO set's rows are
+    # image indices, so its own fingerprint (index and file sizes) stands for the images; and the
+    # published weights a run started from.
+    recordio = manifest.info.get("recordio")
+    if recordio is not None:
+        document["recordio"] = recordio["fingerprint"]
+    if params.model.init_from is not None:
+        document["init_from"] = params.model.init_from.model_dump()
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 

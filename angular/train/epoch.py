@@ -345,9 +345,11 @@ def evaluate(
         count += len(labels)
         for name, value in batch_correct.items():
             correct[name] += value
-    spread = embedding_spread(torch.cat(embeddings)) if embeddings else math.nan
-    accuracy = {name: value / max(count, 1) for name, value in correct.items()}
-    return total_loss / max(count, 1), accuracy, spread
+    if count == 0:  # no validation split (data.val_fraction: 0): no number, rather than 0
+        return math.nan, {name: math.nan for name in correct}, math.nan
+    spread = embedding_spread(torch.cat(embeddings))
+    accuracy = {name: value / count for name, value in correct.items()}
+    return total_loss / count, accuracy, spread
 
 
 def history_row(

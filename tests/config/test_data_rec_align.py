@@ -13,7 +13,18 @@ from angular.config.data import Align
 def data_of(**data):
     raw = shipped_raw()
     raw["data"].update(data)
+    raw["train"]["preload_images"] = False  # refused with a RecordIO set: tested below
     return parse_params(raw).data
+
+
+def test_a_record_set_is_never_preloaded():
+    raw = shipped_raw()
+    raw["data"].update(REC)
+    raw["train"]["preload_images"] = True
+    with pytest.raises(ConfigError) as caught:
+        parse_params(raw)
+    assert caught.value.key == "train.preload_images"
+    assert "RecordIO" in str(caught.value) and "\n" not in str(caught.value)
 
 
 REC = dict(source="insightface_rec", path="sets/casia")

@@ -39,6 +39,7 @@ from angular.data.recordio import (
     pack_header,
     unpack_header,
 )
+from angular.eval.pairs import PairsError, pair_names
 from angular.nn.recognition import load_model
 from angular.serve.inference import run_model
 from angular.train.loop import TrainPaths, train_item
@@ -57,6 +58,7 @@ def rec_config(path, **data):
     raw = tiny_raw(data__source="insightface_rec", data__path=str(path))
     settings = dict(image_size=[32, 32], channels=3, mean=0.5, std=0.5, unknown_identities=1)
     raw["data"].update(settings | data)
+    raw["train"]["preload_images"] = False  # refused with a RecordIO set
     return raw
 
 
@@ -456,6 +458,8 @@ def test_a_short_training_on_the_fixture(tmp_path, num_workers):
     assert manifest.info["counts"]["val"] == 0
     metrics, paths = train_on(read_manifest(tmp_path / "prepared"), tmp_path, raw)
     assert metrics["epoch"] == 1 and np.isfinite(metrics["train_loss"])
+    # No validation split: no validation numbers, rather than zeros.
+    assert np.isnan(metrics["val_loss"]) and np.isnan(metrics["val_accuracy"])
     outputs = run_model(
         load_model(paths.model),
         manifest.paths("unknown"),
@@ -479,6 +483,12 @@ def test_the_prepare_stage_on_a_record_set(synthetic, tmp_path):
     manifest = read_manifest(project / "data" / "prepared")
     assert manifest.info["recordio"]["fingerprint"] == fingerprint
     assert Path(manifest.info["recordio"]["rec"]).is_absolute()  # data.path was absolute
+    # The stages that choose on the validation split refuse an empty one in one line.
+    for stage in ("calibrate arcface", "evaluate"):
+        refused = run_stage_process(project, *stage.split())
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith("error in params.yaml: data.val_fraction: is 0: the ")
+        assert refused.stderr.count("\n") == 1, refused.stderr
 
 
 def test_a_damaged_manifest_row_is_one_line(synthetic, tmp_path):
@@ -561,3 +571,13 @@ def test_a_relative_path_stays_relative_to_the_prepared_folder(synthetic, tmp_pa
         assert load_image(image, image_size=(8, 8), channels=3).shape == (3, 8, 8)
     finally:
         moved.rename(tmp_path)
+
+
+def test_a_pairs_file_cannot_name_a_record_sets_images(synthetic, tmp_path):
+    """A pairs file names images by file; a RecordIO set's have no names: one line saying what
+    to use instead, not a TypeError."""
+    manifest = prepare_dataset(parse_params(rec_config(synthetic)).data, tmp_path / "prepared")
+    with pytest.raises(
+        PairsError, match=r"^evaluate\.verification\.pairs_file: names images .*bins\)$"
+    ):
+        pair_names(manifest.paths("test"), manifest.identities("test"))
