@@ -92,7 +92,7 @@ class TrainVerificationConfig(Section):
     """``train.verification``: insightface's verification sets (``.bin`` files, relative to the
     folder the stage runs in), scored on the model's embeddings every ``every_steps`` optimizer
     steps and at the end (angular.train.verification); the best checkpoint is kept by their mean
-    accuracy. TAR is reported at ``evaluate.fars``."""
+    accuracy. TAR is reported at ``evaluate.verification.fars``."""
 
     bins: Annotated[
         must(
