@@ -266,6 +266,10 @@ def train_epoch(
     if done is None or done.epoch != epoch:
         done = EpochProgress(epoch, correct={name: 0 for name in model.heads})
     session.progress = done
+    # Until the step checkpoints, the loader went to tqdm.auto's tqdm, whose constructor opens an
+    # iterator of it (and drops it) before the one iterated: that iterator's base-seed draw comes
+    # first in every run's random stream, so it is drawn here too and runs keep their numbers.
+    torch.empty((), dtype=torch.int64).random_(generator=session.train_loader.generator)
     batches = iter(session.train_loader)
     if session.resume_rng is not None:  # resumed within this epoch: the RNG of that step
         restore_rng(session.resume_rng, session.generator)
