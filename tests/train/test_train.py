@@ -79,8 +79,11 @@ def test_one_epoch_through_the_stage_writes_a_model_loadable_without_params(proj
         "embedding_spread",
         "collapse_epoch",
         "collapse_room",
+        "drift_epoch",
+        "centre_cosine_rise",  # spread_drop needs 5 epochs (a nan is left out)
     }
     assert metrics["epoch"] == 1 and metrics["skipped_steps"] == 0
+    assert metrics["drift_epoch"] == 0 and metrics["centre_cosine_rise"] == 0.0
     assert metrics["collapse_epoch"] == 0 and -1.0 <= metrics["centre_cosine"] < 0.5
     assert 0.0 < metrics["embedding_spread"] < 1.0 and metrics["collapse_room"] > 1.0
     assert 0.3 < metrics["val_accuracy"] <= 1.0  # well above chance (1/8) after one epoch
