@@ -276,6 +276,22 @@ def margin_logits(
     )
 
 
+def _loss_op(cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through, reduction):
+    """The one compiled loss op for scalar margins (autograd, checks and reduction in C++)."""
+    return torch.ops.angular.margin_cross_entropy_loss.default(
+        cos,
+        labels,
+        s,
+        m1,
+        m2,
+        m3,
+        lam,
+        label_smoothing,
+        bool(straight_through),
+        REDUCTION_CODES[reduction],
+    )[0]
+
+
 def margin_cross_entropy(
     cos: torch.Tensor,
     labels: torch.Tensor,
@@ -310,18 +326,9 @@ def margin_cross_entropy(
         and _fused_for(cos.device.type)
     ):
         # The op checks every argument (messages as below), in its kernels and autograd.
-        return torch.ops.angular.margin_cross_entropy_loss.default(
-            cos,
-            labels,
-            s,
-            m1,
-            m2,
-            m3,
-            lam,
-            label_smoothing,
-            bool(straight_through),
-            REDUCTION_CODES[reduction],
-        )[0]
+        return _loss_op(
+            cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through, reduction
+        )
     s = check_number("s", s, low=0.0, strict=True)
     label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
     if label_smoothing > 1.0:
@@ -348,18 +355,9 @@ def margin_cross_entropy(
     if negative_t is None and not _any_tensor(m1, m2, m3, lam):
         # Margins that are not plain Python numbers (symbolic floats under torch.compile, numpy
         # scalars), checked above: the same op as the fast path.
-        return torch.ops.angular.margin_cross_entropy_loss.default(
-            cos,
-            labels,
-            s,
-            m1,
-            m2,
-            m3,
-            lam,
-            label_smoothing,
-            bool(straight_through),
-            REDUCTION_CODES[reduction],
-        )[0]
+        return _loss_op(
+            cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through, reduction
+        )
     per_row, _ = torch.ops.angular.margin_cross_entropy_rows(
         cos,
         labels,
