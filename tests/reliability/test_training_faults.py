@@ -2,7 +2,9 @@
 
 - A kill in the middle of a checkpoint save (a real process that dies with ``os._exit`` after
   writing half the file) leaves the previous checkpoint; the next run of the stage resumes from it
-  and ends with exactly (bitwise) the model of an uninterrupted run.
+  and ends with exactly (bitwise) the model of an uninterrupted run. The same for a step checkpoint
+  (``train.checkpoint_every_steps``) inside an epoch, under a real SIGKILL: the rerun continues
+  from the previous step checkpoint, with the model, metrics and plots of an uninterrupted run.
 - A corrupt checkpoint planted by hand (truncated, one flipped byte inside a tensor, empty, garbage,
   another kind of file, a pickle that would run code) is never loaded: it is skipped with a message
   naming it and training resumes from the newest good one (or starts afresh when none is left).
@@ -20,7 +22,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -290,6 +294,81 @@ def test_a_process_killed_while_saving_a_checkpoint_resumes_from_the_previous_on
     assert_same_state(model_state(runs["reference"].model), model_state(model))
     metrics = project / "metrics" / "train" / "arcface.json"
     assert metrics.read_text() == runs["reference"].metrics.read_text()
+
+
+def sigkill_during_the_save_of(epoch: int, step: int) -> str:
+    """The train stage in a process that SIGKILLs itself half-way through writing the checkpoint
+    after ``epoch`` epochs and ``step`` steps of the next (the bytes written are on disk)."""
+    return f"""
+import io, os, signal, sys
+import torch
+from pipeline import run_stage
+from pipeline import train
+
+real_save = torch.save
+
+def dying_save(obj, handle, *args, **kwargs):
+    if isinstance(obj, dict) and (obj.get("epoch"), obj.get("step")) == ({epoch}, {step}):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        os.fsync(handle.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, handle, *args, **kwargs)
+
+torch.save = dying_save
+sys.exit(run_stage(train.main, ["arcface"]))
+"""
+
+
+def test_a_process_killed_while_saving_a_step_checkpoint_resumes_at_the_previous_step(
+    project, tmp_path
+):
+    """Step checkpoints every 4 steps of 15-step epochs: epoch 1 writes them after its steps 4, 8
+    and 12. SIGKILL in the middle of the one after step 8 (a real signal, no handler runs); the
+    rerun continues from step 4 of epoch 1, order, position, RNG (augmentation draws) and the
+    epoch's running sums included, and ends as the uninterrupted run does."""
+    raw = tiny_raw(
+        train__epochs=2,
+        train__checkpoint_every_steps=4,
+        train__augment=[{"name": "RandomAffine", "degrees": 10}],  # draws from the resumed RNG
+    )
+    write_params(project, raw)
+    folder = tmp_path / "reference"  # the uninterrupted run, in this process
+    reference = replace(paths_in(folder), lr_plot=folder / "lr.tsv")
+    manifest = read_manifest(project / "data" / "prepared")
+    train_item(parse_params(raw), "arcface", manifest, reference)
+
+    killed = run_python(project, sigkill_during_the_save_of(epoch=0, step=8))
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    checkpoints = project / "outputs" / "checkpoints" / "arcface"
+    # The previous step checkpoint, intact, and the half-written temp file of the killed save.
+    leftover, kept = sorted(p.name for p in checkpoints.iterdir())
+    assert kept == "epoch-0000-step-000004.pt"
+    assert leftover.startswith(".epoch-0000-step-000008.pt."), leftover
+    assert leftover.endswith(".tmp"), leftover
+    assert (checkpoints / leftover).stat().st_size > 0
+    assert checkpoint.damaged_member(checkpoints / kept) is None
+    state = torch.load(checkpoints / kept, map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 4)
+
+    resumed = run_stage_process(project, "train", "arcface")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "train@arcface: resuming at step 4 of epoch 1 of 2" in resumed.stderr, resumed.stderr
+    assert list(checkpoints.iterdir()) == []  # the leftover is gone, the run is complete
+    model = project / "outputs" / "models" / "arcface.pt"
+    assert_same_state(model_state(reference.model), model_state(model))
+    written = {
+        "metrics": project / "metrics" / "train" / "arcface.json",
+        "loss_plot": project / "plots" / "loss" / "arcface.tsv",
+        "accuracy_plot": project / "plots" / "accuracy" / "arcface.tsv",
+        "collapse_plot": project / "plots" / "collapse" / "arcface.tsv",
+        "lr_plot": project / "plots" / "lr" / "arcface.tsv",
+    }
+    for name, path in written.items():
+        assert path.read_text() == getattr(reference, name).read_text(), name
 
 
 # --------------------------------------------------------------------------------------------------
