@@ -4,10 +4,14 @@
 :class:`ShardedMarginHead` is a :class:`angular.nn.heads.MarginHead` whose class centres are
 split across the ranks of a ``torch.distributed`` process group: rank r of W holds the
 contiguous block of ``C // W + (r < C % W)`` centres. ``loss(x_local, labels_local)`` all-gathers
-the embeddings and labels (every rank the same batch size), takes the cosines of the gathered batch
-against the local centres (or a sample of them, ``sample_rate < 1``) and computes the margin
-cross-entropy with all-reduced per-row statistics (:mod:`angular.ops.sharded`): the (B, C) logits
-are never gathered, and the bytes sent per step do not depend on C.
+the embeddings and labels (every rank the same batch size), and computes the margin cross-entropy
+of the gathered batch against the local centres (or a sample of them, ``sample_rate < 1``) with
+all-reduced per-row statistics (:mod:`angular.ops.sharded`): the (B, C) logits are never gathered,
+and the bytes sent per step do not depend on C. With ``fused_linear`` (MarginHead's rule: on from
+``FUSED_LINEAR_MIN_CLASSES`` classes) a fixed-margin head with one centre per class does not even
+form its shard's (W b, C_local) cosines: the fused linear kernel runs over the centres in shard
+mode (:func:`angular.ops.sharded.sharded_linear_margin_cross_entropy`); otherwise the shard's
+cosines are formed, as the adaptive and sub-center heads need them.
 
 Gradients: the all-gather's backward multiplies this rank's embedding gradient by W, so that when
 DDP averages the backbone's gradients over the W ranks they equal the single-process head's on the
@@ -71,6 +75,7 @@ def _options_of(head: MarginHead) -> dict:
         "margin": head.margin,
         "label_smoothing": head.label_smoothing,
         "straight_through": head.straight_through,
+        "fused_linear": head.fused_linear,
     }
 
 
@@ -107,6 +112,7 @@ class ShardedMarginHead(MarginHead):
         group=None,
         generator_seed: int = 0,
         centres_per_class: int = 1,
+        fused_linear: bool | None = None,
     ):
         centres_per_class = check_size("centres_per_class", centres_per_class)
         # The rule and its checks are MarginHead's; the centres are this rank's shard, drawn below.
@@ -116,6 +122,7 @@ class ShardedMarginHead(MarginHead):
             margin,
             label_smoothing=label_smoothing,
             straight_through=bool(straight_through),
+            fused_linear=fused_linear,
             centres=False,
         )
         sample_rate = ops.check_number("sample_rate", sample_rate, low=0.0, strict=True)
@@ -256,7 +263,22 @@ class ShardedMarginHead(MarginHead):
         ):
             # One rank holding every class with a fixed margin: the one-process head's loss.
             return super().batch_loss(x, labels, reduction)
-        x_all, labels_all, cos, local_labels, num_sampled = self._gather(x, labels)
+        x_all, labels_all, index, local_labels, num_sampled = self._gather(x, labels)
+        weight = self._sampled_weight(index)
+        if self.fused_linear and not self.per_row and self.centres_per_class == 1:
+            # No (W b, C_local) cosines: the fused linear kernel runs over the shard's centres.
+            return sharded.sharded_linear_margin_cross_entropy(
+                x_all,
+                weight,
+                local_labels,
+                labels_all >= 0,
+                num_classes=num_sampled,
+                label_smoothing=self.label_smoothing,
+                reduction=reduction,
+                group=self.group,
+                **self.margin_arguments(),
+            )
+        cos = self.cosine(x_all, weight)
         if not self.per_row:
             return sharded.sharded_margin_cross_entropy(
                 cos,
@@ -274,7 +296,7 @@ class ShardedMarginHead(MarginHead):
         return MarginHead.cosine(self, x)  # the shard is every class: the one-process cosine
 
     def _gather(self, x, labels):
-        """The gathered batch, its cosines with this step's local sample of classes, the local
+        """The gathered batch, this step's local sample of classes (:meth:`sample`), the local
         labels and the number of classes sampled over all ranks (collective)."""
         x_all, labels_all = sharded.gather_rows(x, labels, self.group)
         if labels_all.device.type == "cpu" and int(labels_all.max()) >= self.num_classes:
@@ -283,8 +305,7 @@ class ShardedMarginHead(MarginHead):
                 f"labels must be < num_classes = {self.num_classes}, got a label {int(labels_all.max())}"
             )
         index, local_labels, num_sampled = self.sample(labels_all)
-        cos = self.cosine(x_all, self._sampled_weight(index))
-        return x_all, labels_all, cos, local_labels, num_sampled
+        return x_all, labels_all, index, local_labels, num_sampled
 
     def _global_target_cos(self, work: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Every row's target cosine (detached, 0 without a target): the shard that owns it sends

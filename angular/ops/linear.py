@@ -45,7 +45,8 @@ __all__ = ["linear_margin_cross_entropy"]
 OP = "angular::linear_margin_cross_entropy"
 
 
-def _check_tensors(x, weight, labels) -> None:
+def check_tensors(x, weight, labels) -> None:
+    """The shapes, dtypes and devices of the fused linear op's tensors, and labels < C."""
     for name, value in (("x", x), ("weight", weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -137,7 +138,7 @@ def linear_margin_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check_tensors(x, weight, labels)
+    check_tensors(x, weight, labels)
     margin = dict(s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=bool(straight_through))
     if not _fused_for(x.device.type):
         cos = torch.nn.functional.linear(

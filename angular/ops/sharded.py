@@ -25,6 +25,17 @@ fp64 ``cos``). The backward takes the global log-sum-exp and the global class co
 chain rule on the local target; a row whose upstream gradient ``g`` is 0 gets 0 whatever it holds.
 When the extension lacks the ops, the eager reference below computes the same function, built on
 :func:`angular.ops.reference.margin_logits` (the one Python margin formula).
+
+The same two without the shard's cosines (:func:`sharded_linear_margin_cross_entropy`): the fused
+linear op's kernels (``csrc/cpu/linear_margin_cpu.cpp``, ``csrc/cuda/linear_margin_cuda.cpp``) run
+in *shard mode* on the gathered embeddings ``x`` (B, D) and the shard's centres (C_local, D), chunk
+by chunk over the classes, so that neither the (B, C_local) cosines nor their gradient exist::
+
+    sharded_linear_margin_partials(x, weight, labels, s, m1, m2, m3, lam)
+        -> (max, sum_exp, target, logit_sum, |x| per row, |weight| per class)
+    sharded_linear_margin_backward(grad_rows, x, weight, labels, lse, x_norm, weight_norm,
+                                   s, m1, m2, m3, lam, label_smoothing, num_classes,
+                                   straight_through) -> (grad_x, grad_weight)
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from angular.ops import _extension, reference
+from angular.ops import _extension, linear, reference
 from angular.ops.margin import REDUCTIONS, check_margin, check_number
 
 __all__ = [
@@ -43,6 +54,7 @@ __all__ = [
     "count_communication",
     "gather_rows",
     "sharded_cross_entropy",
+    "sharded_linear_margin_cross_entropy",
     "sharded_margin_cross_entropy",
     "sharded_margin_partials",
     "sharded_margin_cross_entropy_backward",
@@ -52,6 +64,8 @@ __all__ = [
 
 PARTIALS_OP = "angular::sharded_margin_partials"
 BACKWARD_OP = "angular::sharded_margin_cross_entropy_backward"
+LINEAR_PARTIALS_OP = "angular::sharded_linear_margin_partials"
+LINEAR_BACKWARD_OP = "angular::sharded_linear_margin_backward"
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -188,12 +202,18 @@ def shard_cosine(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # The two ops: compiled when the extension has them, else the eager reference.
 
 
-def _has_kernel(device_type: str) -> bool:
+def _has_kernel(device_type: str, op: str = PARTIALS_OP) -> bool:
     loaded, _ = _extension.load()
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if not loaded or key is None or not hasattr(torch.ops.angular, "sharded_margin_partials"):
+    if not loaded or key is None or not hasattr(torch.ops.angular, op.split("::")[1]):
         return False  # an extension built before these ops existed
-    return torch._C._dispatch_has_kernel_for_dispatch_key(PARTIALS_OP, key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def has_linear_kernel(device_type: str) -> bool:
+    """Whether the extension runs the fused linear op in shard mode on ``device_type`` tensors
+    (:func:`sharded_linear_margin_cross_entropy` falls back to the cosines otherwise)."""
+    return _has_kernel(device_type, LINEAR_PARTIALS_OP)
 
 
 def _fused_for(device_type: str) -> bool:
@@ -489,6 +509,92 @@ def sharded_cross_entropy(
     return reference.reduce_rows(per_row, has_target, reduction)
 
 
+class _ShardedLinearCrossEntropy(torch.autograd.Function):
+    """Per-row losses of the gathered batch from the embeddings and the shard's centres: the shard's
+    partial statistics from the fused linear kernel, all-reduced as in
+    :class:`_ShardedCrossEntropy`; the backward recomputes each cosine tile in the kernel (no
+    communication)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, labels, has_target, margin, label_smoothing, num_classes, group):
+        s, m1, m2, m3, lam, straight_through = margin
+        *partials, x_norm, w_norm = torch.ops.angular.sharded_linear_margin_partials(
+            x, weight, labels, s, m1, m2, m3, lam
+        )
+        loss, lse = _global_rows(partials, has_target, label_smoothing, num_classes, group)
+        ctx.save_for_backward(x, weight, labels, lse, x_norm, w_norm, has_target)
+        ctx.args = (s, m1, m2, m3, lam, label_smoothing, num_classes, straight_through)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        x, weight, labels, lse, x_norm, w_norm, has_target = ctx.saved_tensors
+        grad_rows = torch.where(has_target, grad_rows.to(lse.dtype), 0.0)
+        grad_x, grad_weight = torch.ops.angular.sharded_linear_margin_backward(
+            grad_rows, x, weight, labels, lse, x_norm, w_norm, *ctx.args
+        )
+        return grad_x, grad_weight, None, None, None, None, None, None
+
+
+def sharded_linear_margin_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    has_target: torch.Tensor,
+    *,
+    num_classes: int,
+    s: float,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    lam: float = 0.0,
+    label_smoothing: float = 0.0,
+    straight_through: bool = False,
+    reduction: str = "mean",
+    group=None,
+) -> torch.Tensor:
+    """:func:`sharded_margin_cross_entropy` of ``cos = normalize(x) @ normalize(weight).T`` without
+    the cosines: ``x`` (B, D) the gathered embeddings (every rank the same), ``weight`` (C_local, D)
+    this rank's centres (another dtype than ``x`` is converted chunk by chunk), ``labels`` local
+    columns and ``has_target`` as there. Per rank, beyond the inputs and the gradients of ``x`` and
+    ``weight``, the kernels hold a few (B, chunk) tiles and O(B + C_local) vectors.
+
+    Without the extension's kernel for the device it computes the same function from the shard's
+    cosines (:func:`shard_cosine`, then :func:`sharded_margin_cross_entropy`), with a warning once.
+    Collective: every rank of ``group`` must call it with the same B.
+    """
+    s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
+    label_smoothing = _check_loss_arguments(label_smoothing, reduction, has_target, labels)
+    linear.check_tensors(x, weight, labels)
+    if int(num_classes) < weight.shape[0]:
+        raise ValueError(f"num_classes must be >= C_local = {weight.shape[0]}, got {num_classes}")
+    margin = dict(s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=bool(straight_through))
+    if not has_linear_kernel(x.device.type):
+        _fused_for(x.device.type)  # warns once when the extension is missing
+        return sharded_margin_cross_entropy(
+            shard_cosine(x, weight),
+            labels,
+            has_target,
+            num_classes=num_classes,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+            group=group,
+            **margin,
+        )
+    _register_fake_impls()
+    per_row = _ShardedLinearCrossEntropy.apply(
+        x,
+        weight,
+        labels,
+        has_target,
+        (s, m1, m2, m3, lam, bool(straight_through)),
+        label_smoothing,
+        int(num_classes),
+        group,
+    )
+    return reference.reduce_rows(per_row, has_target, reduction)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake (meta) implementations of the compiled ops, for torch.compile and opcheck.
 
@@ -509,6 +615,29 @@ def _register_fake_impls() -> None:
     @torch.library.register_fake(BACKWARD_OP)
     def _(grad_rows, cos, labels, lse, *params):
         return torch.empty_like(cos, memory_format=torch.contiguous_format)
+
+    if not hasattr(torch.ops.angular, "sharded_linear_margin_partials"):
+        return  # an extension built before the linear ops existed
+
+    @torch.library.register_fake(LINEAR_PARTIALS_OP)
+    def _(x, weight, labels, s, m1, m2, m3, lam):
+        dtype = reference.compute_dtype(x.dtype)
+        rows = x.new_empty(x.shape[0], dtype=dtype)
+        return (
+            rows,
+            torch.empty_like(rows),
+            torch.empty_like(rows),
+            torch.empty_like(rows),
+            torch.empty_like(rows),
+            x.new_empty(weight.shape[0], dtype=dtype),
+        )
+
+    @torch.library.register_fake(LINEAR_BACKWARD_OP)
+    def _(grad_rows, x, weight, labels, lse, x_norm, w_norm, *params):
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+        )
 
 
 def ceil_sample(sample_rate: float, class_count: int) -> int:

@@ -95,21 +95,32 @@ at::Tensor weight_chunk(const at::Tensor& weight, int64_t first, int64_t n, at::
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_entropy_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
-    double m2, double m3, double lam, double label_smoothing, bool straight_through) {
-  const char* op = "angular::linear_margin_cross_entropy";
+// The forward pass over the class chunks: every row's merged state (logits units), and the norms.
+// shard: the weight is one shard of the classes (angular/ops/sharded.py); rows whose label is
+// outside [0, classes) (the target lives in another shard) are accumulated all the same, without
+// a target column. Otherwise such rows have no target and are skipped (loss 0).
+struct ForwardPass {
+  std::vector<RowState> rows;
+  at::Tensor x_norm;
+  at::Tensor w_norm;
+};
+
+ForwardPass forward_pass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+                         double s, double m1, double m2, double m3, double lam, bool shard,
+                         const char* op) {
   check_linear_inputs(x, weight, labels, op);
   const at::ScalarType acc = compute_dtype(x.scalar_type());
   const int64_t rows = x.size(0), dim = x.size(1), classes = weight.size(0);
   const auto options = x.options().dtype(acc);
-  at::Tensor loss = at::zeros({rows}, options);
-  at::Tensor lse = at::zeros({rows}, options);
-  at::Tensor w_norm = at::empty({classes}, options);
+  ForwardPass pass{std::vector<RowState>(rows), at::Tensor(), at::empty({classes}, options)};
   if (rows == 0 || classes == 0) {
-    return {loss, lse, at::linalg_vector_norm(x.to(acc), 2, {1}), w_norm.zero_()};
+    pass.x_norm = at::linalg_vector_norm(x.to(acc), 2, {1});
+    pass.w_norm.zero_();
+    return pass;
   }
   auto [xh, x_norm] = normalized_x(x, acc);
+  pass.x_norm = x_norm;
+  at::Tensor& w_norm = pass.w_norm;
   const at::Tensor label_vec = labels.contiguous();
   const int64_t* label = label_vec.const_data_ptr<int64_t>();
   const int64_t chunk = chunk_columns(rows, dim, classes, at::elementSize(acc));
@@ -145,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_e
           const acc_t* cos = tile.const_data_ptr<acc_t>();
           for (int64_t row = 0; row < rows; ++row) {
             const int64_t y = label[row];
-            if (y < 0 || y >= classes) {
+            if (!shard && (y < 0 || y >= classes)) {
               continue;  // no target: loss 0
             }
             const acc_t* cos_row = cos + row * n;
@@ -164,35 +175,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_e
         }
       });
     });
-    acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
-    acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
+  });
+  for (int64_t row = 0; row < rows; ++row) {
+    RowState& total = pass.rows[row];
+    for (int64_t thread = 0; thread < threads; ++thread) {
+      const RowState& part = states[thread * rows + row];
+      total.lse = merge(total.lse, part.lse);
+      total.z_sum += part.z_sum;
+      total.z_target += part.z_target;  // only the thread that saw the target column wrote it
+    }
+  }
+  return pass;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_entropy_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
+    double m2, double m3, double lam, double label_smoothing, bool straight_through) {
+  const ForwardPass pass = forward_pass(x, weight, labels, s, m1, m2, m3, lam, /*shard=*/false,
+                                        "angular::linear_margin_cross_entropy");
+  const int64_t rows = x.size(0), classes = weight.size(0);
+  const auto options = x.options().dtype(compute_dtype(x.scalar_type()));
+  at::Tensor loss = at::zeros({rows}, options);
+  at::Tensor lse = at::zeros({rows}, options);
+  const at::Tensor label_vec = labels.contiguous();
+  const int64_t* label = label_vec.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "linear_margin_cross_entropy", [&] {
+    scalar_t* loss_data = loss.mutable_data_ptr<scalar_t>();
+    scalar_t* lse_data = lse.mutable_data_ptr<scalar_t>();
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t y = label[row];
       if (y < 0 || y >= classes) {
         continue;  // loss and lse stay 0
       }
-      RowState total;
-      for (int64_t thread = 0; thread < threads; ++thread) {
-        const RowState& part = states[thread * rows + row];
-        total.lse = merge(total.lse, part.lse);
-        total.z_sum += part.z_sum;
-        total.z_target += part.z_target;  // only the thread that saw the target column wrote it
-      }
+      const RowState& total = pass.rows[row];
       const double row_lse = total.lse.max + std::log(total.lse.sum);
-      loss_data[row] = static_cast<acc_t>(smoothed_loss<double>(
+      loss_data[row] = static_cast<scalar_t>(smoothed_loss<double>(
           row_lse, total.z_target, total.z_sum, static_cast<double>(classes), label_smoothing));
-      lse_data[row] = static_cast<acc_t>(row_lse);
+      lse_data[row] = static_cast<scalar_t>(row_lse);
     }
   });
-  return {loss, lse, x_norm, w_norm};
+  return {loss, lse, pass.x_norm, pass.w_norm};
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cpu(
+// One shard's per-row partial statistics (max, sum of exp(z - max), target logit (0 when not
+// local), sum of z), with the norms the backward takes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sharded_linear_margin_partials_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& labels, double s, double m1, double m2,
+                                   double m3, double lam) {
+  const ForwardPass pass = forward_pass(x, weight, labels, s, m1, m2, m3, lam, /*shard=*/true,
+                                        "angular::sharded_linear_margin_partials");
+  const int64_t rows = x.size(0);
+  at::Tensor out = at::zeros({4, rows}, x.options().dtype(at::kDouble));
+  double* data = out.mutable_data_ptr<double>();
+  for (int64_t row = 0; row < rows; ++row) {
+    const RowState& total = pass.rows[row];
+    data[row] = total.lse.max;
+    data[rows + row] = total.lse.sum;
+    data[2 * rows + row] = total.z_target;
+    data[3 * rows + row] = total.z_sum;
+  }
+  out = out.to(compute_dtype(x.scalar_type()));
+  return {out[0].clone(), out[1].clone(), out[2].clone(), out[3].clone(), pass.x_norm,
+          pass.w_norm};
+}
+
+// The backward pass. shard (angular/ops/sharded.py): lse is the global log-sum-exp, rows whose
+// target lives in another shard (labels outside [0, classes)) get their off-target gradient, a row
+// whose upstream gradient is 0 gets 0 whatever it holds, and label smoothing spreads over
+// smoothing_classes (the global class count). Otherwise rows without a target get 0 and
+// smoothing_classes is the weight's row count.
+std::tuple<at::Tensor, at::Tensor> backward_pass(
     const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
     const at::Tensor& w_norm, double s, double m1, double m2, double m3, double lam,
-    double label_smoothing, bool straight_through) {
-  const char* op = "angular::linear_margin_cross_entropy_backward";
+    double label_smoothing, bool straight_through, bool shard, int64_t smoothing_classes,
+    const char* op) {
   check_linear_inputs(x, weight, labels, op);
   check_rows(grad_rows, x, op, "grad_rows");
   check_rows(lse, x, op, "lse");
@@ -225,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cpu(
     using acc_t = scalar_t;
     const acc_t sf = acc_t(s);
     const acc_t eps = acc_t(label_smoothing);
-    const acc_t num_classes = acc_t(classes);
+    const acc_t num_classes = acc_t(smoothing_classes);
     const acc_t* grad_data = grad_vec.const_data_ptr<acc_t>();
     const acc_t* lse_data = lse_vec.const_data_ptr<acc_t>();
     const acc_t* w_norm_data = w_norm_vec.const_data_ptr<acc_t>();
@@ -270,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cpu(
             }
             const int64_t y = label[row];
             const acc_t g = grad_data[row];
-            if (y < 0 || y >= classes) {
+            if (shard ? g == acc_t(0) : (y < 0 || y >= classes)) {
               std::fill(grad_row, grad_row + n, acc_t(0));  // no target: gradient 0
               continue;
             }
@@ -312,11 +370,35 @@ std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cpu(
   return {grad_x.to(x.scalar_type()).contiguous(), grad_weight};
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
+    const at::Tensor& w_norm, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, bool straight_through) {
+  return backward_pass(grad_rows, x, weight, labels, lse, x_norm, w_norm, s, m1, m2, m3, lam,
+                       label_smoothing, straight_through, /*shard=*/false, weight.size(0),
+                       "angular::linear_margin_cross_entropy_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor> sharded_linear_margin_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
+    const at::Tensor& w_norm, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, int64_t num_classes, bool straight_through) {
+  const char* op = "angular::sharded_linear_margin_backward";
+  TORCH_CHECK(num_classes >= weight.size(0), op, ": num_classes must be >= the shard's ",
+              weight.size(0), " classes, got ", num_classes);
+  return backward_pass(grad_rows, x, weight, labels, lse, x_norm, w_norm, s, m1, m2, m3, lam,
+                       label_smoothing, straight_through, /*shard=*/true, num_classes, op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(angular, CPU, m) {
   m.impl("linear_margin_cross_entropy", &linear_margin_cross_entropy_cpu);
   m.impl("linear_margin_cross_entropy_backward", &linear_margin_cross_entropy_backward_cpu);
+  m.impl("sharded_linear_margin_partials", &sharded_linear_margin_partials_cpu);
+  m.impl("sharded_linear_margin_backward", &sharded_linear_margin_backward_cpu);
 }
 
 }  // namespace angular::cpu

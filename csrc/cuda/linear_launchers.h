@@ -15,6 +15,10 @@ namespace angular::cuda::linear {
 
 enum class TileType { kHalf, kBFloat16, kFloat, kDouble };
 
+// p.shard (the sharded ops, angular/ops/sharded.py): rows whose label is outside [0, classes) are
+// accumulated (forward) and get their off-target gradient (backward) all the same; a row whose
+// upstream gradient is 0 gets 0; label smoothing spreads over p.num_classes.
+
 // Merges the tile into the per-row state (rows x 4: max, sum of exp(z - max), sum of z, target
 // logit; zero-initialised = empty), with the margin on the target column.
 cudaError_t launch_tile_lse(TileType type, const void* tile, int64_t rows, int64_t n,

@@ -81,52 +81,92 @@ at::Tensor mm_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
   return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_entropy_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
-    double m2, double m3, double lam, double label_smoothing, bool straight_through) {
-  const char* op = "angular::linear_margin_cross_entropy";
+// The forward pass over the class chunks: the per-row state (rows x 4: max, sum of exp(z - max),
+// sum of z, target logit) and the norms. p.shard: rows whose target is in another shard are
+// accumulated too (csrc/cuda/linear_launchers.h).
+struct ForwardPass {
+  at::Tensor state;
+  at::Tensor x_norm;
+  at::Tensor w_norm;
+};
+
+ForwardPass forward_pass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+                         const MarginParams& p, const char* op) {
   check_linear_inputs(x, weight, labels, op);
-  const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType acc = compute_dtype(x.scalar_type());
   const at::ScalarType gemm = gemm_dtype(x, weight);
   const int64_t rows = x.size(0), classes = weight.size(0);
   const auto options = x.options().dtype(acc);
-  const at::Tensor x_norm = at::linalg_vector_norm(x, 2, {1}, false, acc);
-  const at::Tensor x_denom = x_norm.clamp_min(kNormEps).unsqueeze(1);
+  ForwardPass pass{at::zeros({rows, 4}, options), at::linalg_vector_norm(x, 2, {1}, false, acc),
+                   at::zeros({classes}, options)};
+  if (rows == 0 || classes == 0) {
+    return pass;
+  }
+  const at::Tensor x_denom = pass.x_norm.clamp_min(kNormEps).unsqueeze(1);
   const at::Tensor xg = as_dtype(x, gemm).contiguous();
   const at::Tensor label_vec = labels.contiguous();
-  at::Tensor w_norm = at::empty({classes}, options);
-  at::Tensor state = at::zeros({rows, 4}, options);
-  at::Tensor loss = at::empty({rows}, options);
-  at::Tensor lse = at::empty({rows}, options);
-  if (rows == 0 || classes == 0) {
-    return {loss.zero_(), lse.zero_(), x_norm, w_norm.zero_()};
-  }
-  const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
   const int64_t chunk = chunk_columns(rows, classes, at::elementSize(acc));
   for (int64_t first = 0; first < classes; first += chunk) {
     const int64_t n = std::min(chunk, classes - first);
     const at::Tensor wc = weight.narrow(0, first, n);
-    at::Tensor norm = w_norm.narrow(0, first, n);
+    at::Tensor norm = pass.w_norm.narrow(0, first, n);
     norm.copy_(at::linalg_vector_norm(wc, 2, {1}, false, acc));
     at::Tensor tile = mm_to(xg, as_dtype(wc, gemm).t(), acc);
     tile.div_(x_denom).div_(norm.clamp_min(kNormEps).unsqueeze(0));
     C10_CUDA_CHECK(launch_tile_lse(tile_type(acc), tile.const_data_ptr(), rows, n, first, classes,
-                                   label_vec.const_data_ptr<int64_t>(), p, state.mutable_data_ptr(),
-                                   current_stream()));
+                                   label_vec.const_data_ptr<int64_t>(), p,
+                                   pass.state.mutable_data_ptr(), current_stream()));
   }
-  C10_CUDA_CHECK(launch_finish(acc == at::kDouble, state.const_data_ptr(), rows, classes,
-                               label_vec.const_data_ptr<int64_t>(), p, loss.mutable_data_ptr(),
-                               lse.mutable_data_ptr(), current_stream()));
-  return {loss, lse, x_norm, w_norm};
+  return pass;
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cuda(
-    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
-    const at::Tensor& w_norm, double s, double m1, double m2, double m3, double lam,
-    double label_smoothing, bool straight_through) {
-  const char* op = "angular::linear_margin_cross_entropy_backward";
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_margin_cross_entropy_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
+    double m2, double m3, double lam, double label_smoothing, bool straight_through) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
+  const ForwardPass pass =
+      forward_pass(x, weight, labels, p, "angular::linear_margin_cross_entropy");
+  const int64_t rows = x.size(0), classes = weight.size(0);
+  const auto options = x.options().dtype(compute_dtype(x.scalar_type()));
+  at::Tensor loss = at::zeros({rows}, options);
+  at::Tensor lse = at::zeros({rows}, options);
+  if (rows == 0 || classes == 0) {
+    return {loss, lse, pass.x_norm, pass.w_norm};
+  }
+  const at::Tensor label_vec = labels.contiguous();
+  C10_CUDA_CHECK(launch_finish(loss.scalar_type() == at::kDouble, pass.state.const_data_ptr(),
+                               rows, classes, label_vec.const_data_ptr<int64_t>(), p,
+                               loss.mutable_data_ptr(), lse.mutable_data_ptr(), current_stream()));
+  return {loss, lse, pass.x_norm, pass.w_norm};
+}
+
+// One shard's per-row partial statistics (max, sum of exp(z - max), target logit, sum of z) and
+// the norms (angular/ops/sharded.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sharded_linear_margin_partials_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& labels, double s, double m1, double m2,
+                                    double m3, double lam) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  MarginParams p = params_of(s, m1, m2, m3, lam, 0.0, false);
+  p.shard = true;
+  const ForwardPass pass =
+      forward_pass(x, weight, labels, p, "angular::sharded_linear_margin_partials");
+  const at::Tensor& st = pass.state;
+  return {st.select(1, 0).contiguous(), st.select(1, 1).contiguous(),
+          st.select(1, 3).contiguous(), st.select(1, 2).contiguous(),
+          pass.x_norm, pass.w_norm};
+}
+
+// The backward pass; p.shard: lse is the global one, rows whose target is in another shard get
+// their off-target gradient, rows whose upstream gradient is 0 get 0, smoothing over
+// p.num_classes.
+std::tuple<at::Tensor, at::Tensor> backward_pass(const at::Tensor& grad_rows, const at::Tensor& x,
+                                                 const at::Tensor& weight,
+                                                 const at::Tensor& labels, const at::Tensor& lse,
+                                                 const at::Tensor& x_norm,
+                                                 const at::Tensor& w_norm, const MarginParams& p,
+                                                 const char* op) {
   check_linear_inputs(x, weight, labels, op);
   check_rows(grad_rows, x, op, "grad_rows");
   check_rows(lse, x, op, "lse");
@@ -150,7 +190,6 @@ std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cuda(
   const at::Tensor lse_vec = as_dtype(lse, acc).contiguous();
   const at::Tensor w_norm_acc = as_dtype(w_norm, acc);
   const at::Tensor label_vec = labels.contiguous();
-  const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
   at::Tensor grad_xh = at::zeros({rows, dim}, options);
   const int64_t chunk = chunk_columns(rows, classes, at::elementSize(acc));
   for (int64_t first = 0; first < classes; first += chunk) {
@@ -182,11 +221,37 @@ std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cuda(
   return {grad_x.to(x.scalar_type()).contiguous(), grad_weight};
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_margin_cross_entropy_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
+    const at::Tensor& w_norm, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, bool straight_through) {
+  const MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
+  return backward_pass(grad_rows, x, weight, labels, lse, x_norm, w_norm, p,
+                       "angular::linear_margin_cross_entropy_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor> sharded_linear_margin_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& x_norm,
+    const at::Tensor& w_norm, double s, double m1, double m2, double m3, double lam,
+    double label_smoothing, int64_t num_classes, bool straight_through) {
+  const char* op = "angular::sharded_linear_margin_backward";
+  TORCH_CHECK(num_classes >= weight.size(0), op, ": num_classes must be >= the shard's ",
+              weight.size(0), " classes, got ", num_classes);
+  MarginParams p = params_of(s, m1, m2, m3, lam, label_smoothing, straight_through);
+  p.shard = true;
+  p.num_classes = num_classes;
+  return backward_pass(grad_rows, x, weight, labels, lse, x_norm, w_norm, p, op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(angular, CUDA, m) {
   m.impl("linear_margin_cross_entropy", &linear_margin_cross_entropy_cuda);
   m.impl("linear_margin_cross_entropy_backward", &linear_margin_cross_entropy_backward_cuda);
+  m.impl("sharded_linear_margin_partials", &sharded_linear_margin_partials_cuda);
+  m.impl("sharded_linear_margin_backward", &sharded_linear_margin_backward_cuda);
 }
 
 }  // namespace angular::cuda::linear

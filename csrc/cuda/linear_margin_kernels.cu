@@ -15,16 +15,22 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// shard (MarginParams::shard): the tile is one shard's; rows whose target lives in another shard
+// are read all the same, and num_classes (0: the tile's classes) is what label smoothing spreads
+// over.
 template <typename acc_t>
 struct Params {
   acc_t s, m1, m2, m3, lam, eps;
   bool straight_through;
+  bool shard;
+  acc_t num_classes;
 };
 
 template <typename acc_t>
 Params<acc_t> params_of(const MarginParams& p) {
-  return Params<acc_t>{acc_t(p.s),  acc_t(p.m1),  acc_t(p.m2),           acc_t(p.m3),
-                       acc_t(p.lam), acc_t(p.label_smoothing), p.straight_through};
+  return Params<acc_t>{acc_t(p.s),   acc_t(p.m1),  acc_t(p.m2),
+                       acc_t(p.m3),  acc_t(p.lam), acc_t(p.label_smoothing),
+                       p.straight_through, p.shard, acc_t(p.num_classes)};
 }
 
 __device__ inline bool has_target(int64_t y, int64_t classes) { return y >= 0 && y < classes; }
@@ -40,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t shared_z[kThreads];
   const int64_t row = blockIdx.x;
   const int64_t y = labels[row];
-  if (!has_target(y, classes)) {
+  if (!p.shard && !has_target(y, classes)) {
     return;  // loss 0: nothing to accumulate
   }
   const scalar_t* __restrict__ src = tile + row * n;
@@ -111,15 +117,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   const int64_t y = labels[row];
   scalar_t* __restrict__ dst = tile + row * n;
-  if (!has_target(y, classes)) {
+  const acc_t g = grad_rows[row];
+  if (p.shard ? g == acc_t(0) : !has_target(y, classes)) {
     for (int64_t j = threadIdx.x; j < n; j += kThreads) {
       dst[j] = static_cast<scalar_t>(acc_t(0));
     }
     return;
   }
-  const acc_t g = grad_rows[row];
   const acc_t row_lse = lse[row];
-  const acc_t num_classes = acc_t(classes);
+  const acc_t num_classes = p.num_classes > acc_t(0) ? p.num_classes : acc_t(classes);
   const acc_t scale = p.s * g;
   const acc_t offset = scale * p.eps / num_classes;
   const int64_t target = y - first;

@@ -1,8 +1,10 @@
 """The sharded head on W = 1..4 gloo processes equals the single-process MarginHead on the same global
 batch (docs/design.md, "Sharded softmax"): loss, the DDP-averaged gradient of a backbone, and the
 centres' gradient, for every preset, label smoothing, straight-through, SphereFace's lam, rows without
-a target, C % W != 0 and every dtype. One spawn per world size runs every case (each spawn costs a
-torch import per process).
+a target, C % W != 0 and every dtype; each case twice: over the shard's cosines, and with
+``fused_linear`` (the fused linear kernel in shard mode, no cosines; at W = 1 the one-process fused
+linear op). One spawn per world size runs every case (each spawn costs a torch import per
+process).
 
 Tolerance: the largest absolute difference divided by the largest absolute expected value: fp64
 1e-10 and fp32 1e-5 against the one-process head in the same dtype. fp16 and bf16 are compared with
@@ -14,6 +16,7 @@ label smoothing halved on the shards moves bf16 by 0.047 only, fp64 by far more 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -84,15 +87,22 @@ def head_options(case: dict) -> dict:
     )
 
 
+FUSED = (False, True)  # the head's fused_linear
+
+
 def sharded_worker(rank: int, world_size: int, seed: int) -> dict:
     return dict(
-        cases=exactness_cases(rank, world_size, seed),
-        sampled=sampled_case(rank, world_size, seed) if world_size == 2 else None,
+        cases={fused: exactness_cases(rank, world_size, seed, fused) for fused in FUSED},
+        sampled=(
+            {fused: sampled_case(rank, world_size, seed, fused) for fused in FUSED}
+            if world_size == 2
+            else None
+        ),
         errors=bad_batches(rank) if world_size == 2 else None,
     )
 
 
-def exactness_cases(rank: int, world_size: int, seed: int) -> list[dict]:
+def exactness_cases(rank: int, world_size: int, seed: int, fused: bool) -> list[dict]:
     results = []
     for index, case in enumerate(CASES):
         inputs, labels, state, centres = case_data(case, world_size, seed + index)
@@ -100,7 +110,11 @@ def exactness_cases(rank: int, world_size: int, seed: int) -> list[dict]:
         backbone.load_state_dict(state)
         model = DistributedDataParallel(backbone)
         head = ShardedMarginHead(
-            EMBEDDING_DIM, case["classes"], margin_of(case["margin"]), **head_options(case)
+            EMBEDDING_DIM,
+            case["classes"],
+            margin_of(case["margin"]),
+            fused_linear=fused,
+            **head_options(case),
         ).to(centres.dtype)
         head.load_full_weight(centres)
         head.step.fill_(case.get("step", 0))
@@ -134,7 +148,7 @@ def sampled_data(world_size: int, seed: int):
     return x, labels, centres
 
 
-def sampled_case(rank: int, world_size: int, seed: int) -> dict:
+def sampled_case(rank: int, world_size: int, seed: int, fused: bool) -> dict:
     """Sampling on W ranks: each rank's sample, the loss, and the gradients (no DDP here)."""
     x, labels, centres = sampled_data(world_size, seed)
     head = ShardedMarginHead(
@@ -144,6 +158,7 @@ def sampled_case(rank: int, world_size: int, seed: int) -> dict:
         sample_rate=SAMPLED["rate"],
         label_smoothing=SAMPLED["smoothing"],
         generator_seed=seed,
+        fused_linear=fused,
     ).double()
     head.load_full_weight(centres)
     mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
@@ -200,11 +215,11 @@ def single_process(case: dict, world_size: int, seed: int) -> dict:
     )
 
 
-def check_sampled(per_rank: list[dict], world_size: int, seed: int) -> None:
+def check_sampled(per_rank: list[dict], world_size: int, seed: int, fused: bool) -> None:
     """The sampled loss is the margin cross-entropy over the union of the ranks' samples (smoothing
     over its size); every rank's embeddings get W times their gradient (DDP divides by W)."""
     x, labels, centres = sampled_data(world_size, seed)
-    results = [result["sampled"] for result in per_rank]
+    results = [result["sampled"][fused] for result in per_rank]
     classes = torch.cat([result["classes"] for result in results])
     assert set(labels.tolist()) <= set(classes.tolist())  # every positive is sampled
     for rank, result in enumerate(results):
@@ -242,26 +257,28 @@ def test_sharded_head_equals_the_single_process_head(tmp_path, world_size):
     per_rank = spawn(sharded_worker, world_size, tmp_path, seed)
     worst = {}
     if world_size == 2:
-        check_sampled(per_rank, world_size, seed)
+        for fused in FUSED:
+            check_sampled(per_rank, world_size, seed, fused)
         for result in per_rank:
             assert "rank 0: 3, rank 1: 2" in result["errors"][0], result["errors"]
             assert "labels must be < num_classes = 10, got a label 11" in result["errors"][1]
-    per_rank = [result["cases"] for result in per_rank]
-    for index, case in enumerate(CASES):
+    for (index, case), fused in itertools.product(enumerate(CASES), FUSED):
         expected = single_process(case, world_size, seed + index)
         tolerance = TOLERANCE[case["dtype"]]
-        label = f"case {index} {case} seed {seed}"
-        shards = sorted((rank[index] for rank in per_rank), key=lambda r: r["class_start"])
+        label = f"case {index} {case} fused_linear={fused} seed {seed}"
+        results = [result["cases"][fused] for result in per_rank]
+        shards = sorted((rank[index] for rank in results), key=lambda r: r["class_start"])
         centres = torch.cat([shard["centres"] for shard in shards])
         errors = {
             "centres": relative_error(centres, expected["centres"]),
             "full_weight": relative_error(shards[0]["full_weight"], expected["full_weight"]),
         }
-        for rank, result in enumerate(per_rank):
+        for rank, result in enumerate(results):
             errors[f"loss@{rank}"] = relative_error(result[index]["loss"], expected["loss"])
             errors[f"backbone@{rank}"] = relative_error(
                 result[index]["backbone"], expected["backbone"]
             )
         assert max(errors.values()) <= tolerance, (label, errors)
-        worst[str(case["dtype"])] = max(worst.get(str(case["dtype"]), 0.0), max(errors.values()))
+        key = f"{case['dtype']} fused={fused}"
+        worst[key] = max(worst.get(key, 0.0), max(errors.values()))
     print(f"W={world_size} worst relative error per dtype: {worst}")
