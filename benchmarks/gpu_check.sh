@@ -174,14 +174,16 @@ fi
 # The fused-kernel CUDA tests, plus the other suites with CUDA cases whose imports this Python has
 # (only the fused ones are sure to: they need torch and pytest alone), plus those other work adds
 # (the fused linear op, the per-row margin ops, the sharded ops, and the sharded head on NCCL with
-# W = the number of GPUs) where their files exist.
+# W = the number of GPUs, the one op's launch count, the fused linear op in shard mode, the Triton
+# tiled kernel) where their files exist.
 test_files=(tests/ops/test_fused_cuda.py tests/ops/test_ops_api.py)
 # The reliability folder's conftest imports the pipeline's library (yaml, PIL, tqdm, ...).
 if "$python" -c "import hypothesis, angular.train" >/dev/null 2>&1; then
   test_files+=(tests/ops/test_ops_properties.py tests/ops/test_ops_invalid_input.py)
 fi
 for optional in tests/ops/test_fused_linear.py tests/ops/test_adaptive_ops.py tests/distributed/test_sharded_ops.py \
-  tests/distributed/test_nccl.py; do
+  tests/distributed/test_nccl.py tests/ops/test_loss_op_cuda.py tests/ops/test_sharded_linear.py \
+  tests/ops/test_triton_linear.py; do
   if [ -f "$optional" ]; then test_files+=("$optional"); fi
 done
 tests=("$python" -m pytest -q -ra -m cuda -p no:cacheprovider --junitxml="$work/pytest_cuda.xml")
