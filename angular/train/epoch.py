@@ -15,6 +15,12 @@ step guard (:func:`take_step`), then the validation that makes the epoch's histo
   lowered, as the scaler does, and counted (``scaler_skipped_steps``): that is normal, no failure.
   A non-finite loss is still one. A scale that keeps falling is reported once
   (:func:`skip_scaled_step`).
+- Validation makes the epoch's row: loss and accuracy over all C classes, the embedding spread,
+  the centre cosine. On several processes no rank holds a full head for it: each rank embeds its
+  block of each validation batch and the sharded heads compute the loss and the arg-max
+  (:func:`evaluate_sharded`), the centre cosine comes from the shards' sums
+  (:func:`sharded_centre_cosine`); the row equals the one-process row of the same model to
+  rounding.
 - ``train.accumulate`` N: each batch is cut into N micro-batches, each backpropagated on its own
   with its share of the batch (N micro-batches give the update of one batch; BatchNorm sees the
   micro-batches' statistics).
@@ -29,8 +35,9 @@ from functools import partial
 import torch
 
 from angular.nn.recognition import RecognitionModel
+from angular.ops.sharded import all_gather_equal
 from angular.train.checkpoint import kept_checkpoint, non_finite_tensors, restore_rng
-from angular.train.collapse import centre_cosine, embedding_spread
+from angular.train.collapse import centre_cosine, cosine_of_unit_sum, embedding_spread, unit_sum
 from angular.train.session import EpochProgress, Session, say
 from angular.train.world import ONE_PROCESS, World
 
@@ -43,7 +50,9 @@ __all__ = [
     "batch_loss",
     "loss_of_embeddings",
     "evaluate",
+    "evaluate_sharded",
     "history_row",
+    "sharded_centre_cosine",
     "take_step",
     "train_epoch",
     "validate",
@@ -356,10 +365,86 @@ def evaluate(
     return total_loss / count, accuracy, spread
 
 
+@torch.no_grad()
+def evaluate_sharded(
+    model: RecognitionModel, loader, autocast: torch.dtype | None, device, world: World
+) -> tuple[float, dict, float]:
+    """:func:`evaluate`'s numbers for a model whose heads are sharded, with no rank holding a
+    full head (collective; every rank iterates the same ``loader`` and gets the same numbers).
+
+    Each rank embeds its block of each validation batch (``ceil(B / W)`` rows, the last blocks
+    padded with zero images labelled -1: no target, which the sharded loss and the accuracy do
+    not count); the heads' sharded losses (all-gathered embeddings, per-shard partials,
+    all-reduced, every class: sampling is off) and :meth:`World.correct` give the loss and the
+    accuracy over all C classes, the gathered embeddings of the real rows, in the batch's order,
+    the spread."""
+    model.eval()
+    heads = list(model.heads.values())
+    rates = [head.sample_rate for head in heads]
+    total_loss, count = 0.0, 0
+    correct = {name: 0 for name in model.heads}
+    embeddings = []
+    try:
+        for head in heads:  # the one-process validation's softmax is over every class
+            head.sample_rate = 1.0
+        for images, labels in loader:
+            size = len(labels)
+            share = -(-size // world.size)
+            start, stop = min(world.rank * share, size), min((world.rank + 1) * share, size)
+            padding = share - (stop - start)
+            block = torch.cat([images[start:stop], images.new_zeros((padding, *images.shape[1:]))])
+            block_labels = torch.cat([labels[start:stop], labels.new_full((padding,), -1)])
+            block, block_labels = block.to(device), block_labels.to(device)
+            with autocasting(device, autocast):
+                block_embeddings = model(block)
+            loss, batch_correct = loss_of_embeddings(
+                model, block_embeddings, block_labels, autocast, device, world=world
+            )
+            gathered = torch.cat(all_gather_equal(block_embeddings.float(), heads[0].group))
+            real = torch.cat(
+                [
+                    torch.arange(share, device=gathered.device) < min(share, size - rank * share)
+                    for rank in range(world.size)
+                ]
+            )
+            embeddings.append(gathered[real])
+            total_loss += float(loss) * size
+            count += size
+            for name, value in batch_correct.items():
+                correct[name] += value
+    finally:
+        for head, rate in zip(heads, rates):
+            head.sample_rate = rate
+    if count == 0:
+        return math.nan, {name: math.nan for name in correct}, math.nan
+    spread = embedding_spread(torch.cat(embeddings))
+    accuracy = {name: value / count for name, value in correct.items()}
+    return total_loss / count, accuracy, spread
+
+
+def sharded_centre_cosine(head, world: World) -> float:
+    """:func:`angular.train.collapse.centre_cosine` of a sharded head's full centres, from each
+    shard's sum of its unit centres (an all-reduce of D floats)."""
+    rows = head.num_classes * getattr(head, "centres_per_class", 1)
+    return cosine_of_unit_sum(world.sum(unit_sum(head.weight)), rows)
+
+
 def history_row(
-    epoch, lr, train_loss, train_acc, val_loss, val_acc, model: RecognitionModel, spread, joint
+    epoch,
+    lr,
+    train_loss,
+    train_acc,
+    val_loss,
+    val_acc,
+    model: RecognitionModel,
+    spread,
+    joint,
+    centres: dict[str, float] | None = None,
 ) -> dict:
-    centres = {name: centre_cosine(head.weight) for name, head in model.heads.items()}
+    """The epoch's history row; ``centres``: each head's centre cosine (default: of ``model``'s
+    full heads)."""
+    if centres is None:
+        centres = {name: centre_cosine(head.weight) for name, head in model.heads.items()}
     row = {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -381,26 +466,32 @@ def history_row(
 def validate(
     session: Session, world: World, epoch: int, lr: float, train_loss: float, train_accuracy: dict
 ) -> dict:
-    """The epoch's history row: the full model (on several processes: its heads gathered from
-    the shards; rank 0 validates it on the whole validation split) is validated; every rank gets
-    the row, so that the collapse checks stop every rank at once."""
-    world.gather_heads(session.model, session.full_model)
-
-    def row() -> dict:
+    """The epoch's history row, the same on every rank (rank 0's), so that the collapse checks
+    stop every rank at once. One process validates its model on the whole validation split
+    (:func:`evaluate`); several validate their shards together (:func:`evaluate_sharded`, with
+    rank 0's backbone buffers; the centre cosine from the shards' sums): no rank gathers a head."""
+    dtype = autocast_dtype(session.config.precision)
+    centres = None
+    if world.size == 1:
         model = session.full_model
-        val_loss, val_accuracy, spread = evaluate(
-            model, session.val_loader, autocast_dtype(session.config.precision), session.device
+        val_loss, val_accuracy, spread = evaluate(model, session.val_loader, dtype, session.device)
+    else:
+        model = session.model
+        world.share_buffers(model.backbone)
+        val_loss, val_accuracy, spread = evaluate_sharded(
+            model, session.val_loader, dtype, session.device, world
         )
-        return history_row(
-            epoch,
-            lr,
-            train_loss,
-            train_accuracy,
-            val_loss,
-            val_accuracy,
-            model,
-            spread,
-            session.item.joint,
-        )
-
-    return world.from_rank_zero(row)
+        centres = {name: sharded_centre_cosine(head, world) for name, head in model.heads.items()}
+    row = history_row(
+        epoch,
+        lr,
+        train_loss,
+        train_accuracy,
+        val_loss,
+        val_accuracy,
+        model,
+        spread,
+        session.item.joint,
+        centres,
+    )
+    return world.from_rank_zero(lambda: row)
