@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
+from torch.utils.data import DataLoader
 
 from angular.nn.recognition import RecognitionModel
 from angular.ops.sharded import all_gather_equal
@@ -46,6 +47,7 @@ __all__ = [
     "SCALE_FLOOR",
     "SKIPS_IN_A_ROW",
     "autocast_dtype",
+    "blocks",
     "micro_batches",
     "batch_loss",
     "loss_of_embeddings",
@@ -367,33 +369,37 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_sharded(
-    model: RecognitionModel, loader, autocast: torch.dtype | None, device, world: World
+    model: RecognitionModel, loader: DataLoader, autocast: torch.dtype | None, device, world: World
 ) -> tuple[float, dict, float]:
     """:func:`evaluate`'s numbers for a model whose heads are sharded, with no rank holding a
-    full head (collective; every rank iterates the same ``loader`` and gets the same numbers).
+    full head (collective; every rank gets the same numbers).
 
-    Each rank embeds its block of each validation batch (``ceil(B / W)`` rows, the last blocks
-    padded with zero images labelled -1: no target, which the sharded loss and the accuracy do
-    not count); the heads' sharded losses (all-gathered embeddings, per-shard partials,
-    all-reduced, every class: sampling is off) and :meth:`World.correct` give the loss and the
-    accuracy over all C classes, the gathered embeddings of the real rows, in the batch's order,
-    the spread."""
+    Each rank loads and embeds only its block of each of ``loader``'s batches (:func:`blocks`:
+    ``ceil(B / W)`` rows, the last blocks padded with zero images labelled -1, no target, which
+    the sharded loss and the accuracy do not count); the heads' sharded losses (all-gathered
+    embeddings, per-shard partials, all-reduced, over every class: sampling is off) and
+    :meth:`World.correct` give the loss and the accuracy over all C classes, the gathered
+    embeddings of the real rows, in the batch's order, the spread."""
     model.eval()
     heads = list(model.heads.values())
     rates = [head.sample_rate for head in heads]
     total_loss, count = 0.0, 0
     correct = {name: 0 for name in model.heads}
     embeddings = []
+    plan = blocks(len(loader.dataset), loader.batch_size, world.size, world.rank)
+    own = DataLoader(
+        loader.dataset,
+        batch_sampler=[indices for indices, _, _ in plan],
+        num_workers=loader.num_workers,
+    )
     try:
         for head in heads:  # the one-process validation's softmax is over every class
             head.sample_rate = 1.0
-        for images, labels in loader:
-            size = len(labels)
+        for (images, labels), (_, size, real) in zip(own, plan):
             share = -(-size // world.size)
-            start, stop = min(world.rank * share, size), min((world.rank + 1) * share, size)
-            padding = share - (stop - start)
-            block = torch.cat([images[start:stop], images.new_zeros((padding, *images.shape[1:]))])
-            block_labels = torch.cat([labels[start:stop], labels.new_full((padding,), -1)])
+            padding = share - real
+            block = torch.cat([images[:real], images.new_zeros((padding, *images.shape[1:]))])
+            block_labels = torch.cat([labels[:real], labels.new_full((padding,), -1)])
             block, block_labels = block.to(device), block_labels.to(device)
             with autocasting(device, autocast):
                 block_embeddings = model(block)
@@ -401,13 +407,9 @@ def evaluate_sharded(
                 model, block_embeddings, block_labels, autocast, device, world=world
             )
             gathered = torch.cat(all_gather_equal(block_embeddings.float(), heads[0].group))
-            real = torch.cat(
-                [
-                    torch.arange(share, device=gathered.device) < min(share, size - rank * share)
-                    for rank in range(world.size)
-                ]
-            )
-            embeddings.append(gathered[real])
+            rows = torch.arange(share, device=gathered.device)
+            kept = torch.cat([rows < size - rank * share for rank in range(world.size)])
+            embeddings.append(gathered[kept])
             total_loss += float(loss) * size
             count += size
             for name, value in batch_correct.items():
@@ -420,6 +422,23 @@ def evaluate_sharded(
     spread = embedding_spread(torch.cat(embeddings))
     accuracy = {name: value / count for name, value in correct.items()}
     return total_loss / count, accuracy, spread
+
+
+def blocks(
+    count: int, batch_size: int, world_size: int, rank: int
+) -> list[tuple[list[int], int, int]]:
+    """Rank ``rank``'s block of each batch of ``batch_size`` of ``count`` images taken in order
+    (a validation loader's batches): ``(indices, batch size, real rows)``, the block being rows
+    ``[rank b, (rank + 1) b)`` of the batch, ``b = ceil(B / W)``. A rank past the batch's end
+    loads its first image, as padding (a loader's batch is never empty)."""
+    plan = []
+    for first in range(0, count, batch_size):
+        size = min(batch_size, count - first)
+        share = -(-size // world_size)
+        start, stop = min(rank * share, size), min((rank + 1) * share, size)
+        indices = list(range(first + start, first + stop)) or [first]
+        plan.append((indices, size, stop - start))
+    return plan
 
 
 def sharded_centre_cosine(head, world: World) -> float:

@@ -36,7 +36,7 @@ from angular.data import read_manifest
 from angular.nn.recognition import build_model, load_model, model_document
 from angular.nn.sharded import ShardedMarginHead
 from angular.train import loop
-from angular.train.epoch import validate
+from angular.train.epoch import blocks, validate
 from angular.train.world import ONE_PROCESS, ProcessGroup
 
 RELATIVE = 1e-5
@@ -155,6 +155,19 @@ def test_every_rank_validates_on_its_shards_to_the_one_process_row(
     # The checks can fail: the centres were drawn together, the centres classify.
     assert all(one["centre_cosine"] > 0.05 for one in expected)
     assert all(one["val_accuracy"] > 0.2 for one in expected)  # chance: 0.1
+
+
+@pytest.mark.parametrize(("count", "batch", "world_size"), [(80, 37, 3), (7, 4, 3), (5, 10, 2)])
+def test_the_ranks_blocks_cover_each_batch_once_in_order(count, batch, world_size):
+    plans = [blocks(count, batch, world_size, rank) for rank in range(world_size)]
+    assert len({len(plan) for plan in plans}) == 1  # as many batches on every rank
+    for number, entries in enumerate(zip(*plans)):
+        size = min(batch, count - number * batch)
+        assert {entry[1] for entry in entries} == {size}
+        share = -(-size // world_size)
+        real = [index for indices, _, kept in entries for index in indices[:kept]]
+        assert real == list(range(number * batch, number * batch + size))
+        assert all(0 < len(indices) <= share for indices, _, _ in entries)
 
 
 # --------------------------------------------------------------------------------------------------
