@@ -28,13 +28,14 @@ backbone and centres), then keeps its shard of each head and wraps the backbone 
 (:meth:`World.shard`). ``train.batch_size`` is the global batch: each rank takes ``batch_size / W``
 images a step (W must divide it). The optimizer sees each shard as one dense parameter: with
 ``sample_rate < 1`` the centres a step did not sample get a zero gradient, and weight decay and
-momentum still apply to them (docs/design.md, "Sharded softmax"). No rank holds a full head after
-set-up (issue 28, part 7): the ranks validate together on their shards
-(:func:`angular.train.epoch.evaluate_sharded`; every rank gets the row), and the model file is
-today's, the heads gathered onto rank 0, only when each head's centres fit
-``train.distributed.gather_head_mib``; a larger head is saved as its shards in the one model file
-(:mod:`angular.train.model_files`), which every reader joins. Rank 0 alone writes the plots, the
-metrics and the model file and logs to MLflow.
+momentum still apply to them (docs/design.md, "Sharded softmax"). Validation gathers no head
+(issue 28, part 7): the ranks validate together on their shards
+(:func:`angular.train.epoch.evaluate_sharded`; every rank gets the row). The model file is today's,
+the heads gathered into the one-process model that rank 0 keeps, only when each head's centres fit
+``train.distributed.gather_head_mib``; with a larger head no rank keeps more than its shards after
+set-up (which still builds the one-process model on every rank, for its seeded draws), and the head
+is saved as its shards in the one model file (:mod:`angular.train.model_files`), which every reader
+joins. Rank 0 alone writes the plots, the metrics and the model file and logs to MLflow.
 """
 
 from __future__ import annotations
