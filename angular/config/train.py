@@ -83,6 +83,10 @@ class DistributedConfig(Section):
     backend: choice(*BACKENDS)  # auto: nccl with CUDA, else gloo
     sample_rate: number(0.0, 1.0, low_open=True)  # share of each shard's centres per step
     timeout_s: number(0.0, low_open=True)  # a collective waiting longer fails the stage
+    # A head whose full centres (C x K x D x element size) take at most this many MiB is gathered
+    # onto rank 0 and saved in today's model file; a larger one is saved as its ranks' shards in
+    # the one model file (angular.train.model_files), so that no rank ever holds the C x D head.
+    gather_head_mib: number(0.0) = 1024.0
 
 
 SAMPLERS = ("uniform", "prioritized")

@@ -14,6 +14,15 @@ A model file (``torch.save`` of a dict of plain Python values and tensors, loada
     state_dict: the RecognitionModel's state dict (backbone.* and heads.<member>.*)
     training:   a summary (epochs, seed, final metrics), for the record
 
+A head too large to gather onto one rank (``train.distributed.gather_head_mib``) is saved by its
+shards: such a file is version 2, its ``state_dict`` lacks ``heads.<member>.weight`` and it adds::
+
+    head_shards: {member: {"centres_per_class": K, "class_ranges": [[start, stop], ...],
+                           "shards": [the (stop - start) K x D centres of each range, ...]}}
+
+(the ranges cover ``[0, C)`` in order, one per rank that trained it). :func:`load_model` joins
+them into the full weight, so every reader sees one model whatever the file's form.
+
 Inference uses ``head.logits`` (``s * cos``, no margin) per head, and the backbone's embedding.
 With ``flip_test`` the embedding of an image is the sum of the normalised embeddings of the image
 and of its horizontal mirror (a common test-time trick for faces); the logits always come from the
@@ -38,12 +47,14 @@ __all__ = [
     "RecognitionModel",
     "build_model",
     "model_document",
+    "join_shards",
     "load_model",
     "LoadedModel",
 ]
 
 MODEL_FORMAT = "angular-model"
 MODEL_VERSION = 1
+SHARDED_VERSION = 2  # a head saved by its shards (the module doc)
 
 
 class RecognitionModel(nn.Module):
@@ -111,7 +122,7 @@ def _build_head(spec: Mapping, embedding_dim: int, num_classes: int, label_smoot
 
 
 def model_document(
-    model: RecognitionModel,
+    model: RecognitionModel | Mapping[str, torch.Tensor],
     *,
     item: str,
     backbone: Mapping,
@@ -119,19 +130,92 @@ def model_document(
     classes: Sequence[str],
     image: Mapping,
     training: Mapping,
+    head_shards: Mapping[str, Mapping] | None = None,
 ) -> dict:
-    """The dict a model file holds (see the module doc)."""
-    return {
+    """The dict a model file holds (see the module doc): of ``model``, or of a state dict and
+    ``head_shards`` (the sharded form, version 2)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    document = {
         "format": MODEL_FORMAT,
-        "version": MODEL_VERSION,
+        "version": MODEL_VERSION if not head_shards else SHARDED_VERSION,
         "item": item,
         "backbone": dict(backbone),
         "heads": {name: dict(spec) for name, spec in heads.items()},
         "classes": list(classes),
         "image": dict(image),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
         "training": dict(training),
     }
+    if head_shards:
+        document["head_shards"] = {name: dict(entry) for name, entry in head_shards.items()}
+    return document
+
+
+def join_shards(
+    state_dict: dict, head_shards, model: RecognitionModel, where: str
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each sharded head's shards joined into ``heads.<member>.weight``,
+    after checking that they are the head's centres: ranges that cover its classes in order, and
+    shards of their shapes. A bad entry raises one ``ValueError`` naming ``where`` and the head."""
+    if not isinstance(head_shards, dict) or not head_shards:
+        raise ValueError(f"{where}: version {SHARDED_VERSION} needs a non-empty head_shards dict")
+    state = dict(state_dict)
+    for name, entry in head_shards.items():
+        if name not in model.heads:
+            raise ValueError(
+                f"{where}: head_shards names {name!r}, which is not a head of the model"
+            )
+        key = f"heads.{name}.weight"
+        if key in state:
+            raise ValueError(f"{where}: head {name!r} is saved both whole ({key}) and as shards")
+        state[key] = _joined_weight(entry, model.heads[name], f"{where}: head {name!r}")
+    return state
+
+
+def _joined_weight(entry, head: MarginHead, where: str) -> torch.Tensor:
+    if not isinstance(entry, dict) or not {"centres_per_class", "class_ranges", "shards"} <= set(
+        entry
+    ):
+        raise ValueError(f"{where}: a shard entry needs centres_per_class, class_ranges and shards")
+    ranges, shards, k = entry["class_ranges"], entry["shards"], entry["centres_per_class"]
+    rows, dim = head.weight.shape
+    if not isinstance(k, int) or k < 1 or rows != head.num_classes * k:
+        raise ValueError(
+            f"{where}: centres_per_class {k!r} does not fit the head ({rows} centres for "
+            f"{head.num_classes} classes)"
+        )
+    if not isinstance(ranges, list | tuple) or not isinstance(shards, list | tuple):
+        raise ValueError(f"{where}: class_ranges and shards must be lists")
+    if len(ranges) != len(shards) or not ranges:
+        raise ValueError(
+            f"{where}: {len(ranges)} class ranges for {len(shards)} shards (one range a shard)"
+        )
+    stop = 0
+    for index, (bounds, shard) in enumerate(zip(ranges, shards)):
+        if (
+            not isinstance(bounds, list | tuple)
+            or len(bounds) != 2
+            or not all(isinstance(b, int) for b in bounds)
+            or bounds[0] != stop
+            or bounds[1] <= bounds[0]
+        ):
+            raise ValueError(
+                f"{where}: shard {index}'s class range {bounds!r} does not start where the "
+                f"previous one stopped ({stop}): the ranges must cover the classes in order"
+            )
+        expected = ((bounds[1] - bounds[0]) * k, dim)
+        if not isinstance(shard, torch.Tensor) or tuple(shard.shape) != expected:
+            shape = tuple(shard.shape) if isinstance(shard, torch.Tensor) else type(shard).__name__
+            raise ValueError(
+                f"{where}: shard {index} (classes [{bounds[0]}, {bounds[1]})) has shape {shape}, "
+                f"expected {expected}"
+            )
+        stop = bounds[1]
+    if stop != head.num_classes:
+        raise ValueError(
+            f"{where}: the shards cover classes [0, {stop}) of the head's {head.num_classes}"
+        )
+    return torch.cat(list(shards))
 
 
 @dataclasses.dataclass
@@ -159,10 +243,16 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         raise ValueError(f"{path}: not a readable model file ({error})") from error
     if not isinstance(document, dict) or document.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not an angular model file (no format: {MODEL_FORMAT!r})")
-    if document.get("version") != MODEL_VERSION:
-        raise ValueError(f"{path}: model file version {document.get('version')} is not supported")
+    version = document.get("version")
+    if version not in (MODEL_VERSION, SHARDED_VERSION):
+        raise ValueError(f"{path}: model file version {version} is not supported")
     model = build_model(document["backbone"], document["heads"], len(document["classes"]))
-    model.load_state_dict(document["state_dict"])
+    state = document["state_dict"]
+    if version == SHARDED_VERSION:  # a head saved by its shards: joined into the full weight
+        state = join_shards(state, document.get("head_shards"), model, str(path))
+    elif "head_shards" in document:
+        raise ValueError(f"{path}: a version {MODEL_VERSION} model file with head_shards")
+    model.load_state_dict(state)
     model.eval()
     return LoadedModel(
         model=model,

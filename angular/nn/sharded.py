@@ -401,6 +401,12 @@ class ShardedMarginHead(MarginHead):
             f"s={m.s}, m1={m.m1}, m2={m.m2}, m3={m.m3}, lam_schedule={m.lam_schedule}"
         )
 
+    @torch.no_grad()
+    def state_without_centres(self) -> dict:
+        """:meth:`full_state_dict` but the centres (no communication): what every rank holds
+        alike, saved beside the shards of a head too large to gather."""
+        return {"step": self.step.detach().clone()}
+
 
 class ShardedAdaptiveHead(ShardedMarginHead):
     """An adaptive head (:mod:`angular.nn.adaptive`) sharded by class like :class:`ShardedMarginHead`,
@@ -470,3 +476,7 @@ class ShardedAdaptiveHead(ShardedMarginHead):
     @torch.no_grad()
     def full_state_dict(self) -> dict:
         return {**self.rule.state_dict(), **super().full_state_dict()}
+
+    @torch.no_grad()
+    def state_without_centres(self) -> dict:
+        return {**self.rule.state_dict(), **super().state_without_centres()}

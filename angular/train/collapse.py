@@ -8,7 +8,8 @@ least, ``2 s (1 - cos(m / 2))`` (about ``s m^2 / 4``), at ``theta = pi - m / 2``
 monotone extension turns; a collapsed ArcFace head keeps a loss of about ``log C + (1 - eps) d``
 with that least penalty ``d`` while its accuracy falls to chance.
 
-- :func:`centre_cosine` and :func:`embedding_spread` measure it each epoch;
+- :func:`centre_cosine` and :func:`embedding_spread` measure it each epoch (a sharded head's
+  centre cosine from its shards' :func:`unit_sum`, :func:`cosine_of_unit_sum`);
 - :func:`collapsed_loss` is the loss of the collapsed state for a margin, and
   :func:`collapse_room` its height above chance (``log C``), checked when training starts;
 - :class:`CollapseMonitor` applies the thresholds of ``train.collapse`` to the history;
@@ -33,7 +34,9 @@ __all__ = [
     "centre_cosine",
     "collapse_room",
     "collapsed_loss",
+    "cosine_of_unit_sum",
     "embedding_spread",
+    "unit_sum",
 ]
 
 
@@ -67,9 +70,21 @@ def centre_cosine(weight: torch.Tensor) -> float:
     rows = weight.shape[0]
     if rows < 2:
         return math.nan
-    unit = F.normalize(weight.detach().double(), dim=1)
-    total = unit.sum(dim=0).pow(2).sum()
-    return float((total - rows) / (rows * (rows - 1)))
+    return cosine_of_unit_sum(unit_sum(weight), rows)
+
+
+@torch.no_grad()
+def unit_sum(weight: torch.Tensor) -> torch.Tensor:
+    """The sum of the rows of ``weight`` made unit (in float64, D values): the shards of a head
+    add theirs up, and :func:`cosine_of_unit_sum` gives the head's :func:`centre_cosine`."""
+    return F.normalize(weight.detach().double(), dim=1).sum(dim=0)
+
+
+def cosine_of_unit_sum(total: torch.Tensor, rows: int) -> float:
+    """:func:`centre_cosine` of ``rows`` centres whose unit rows sum to ``total``."""
+    if rows < 2:
+        return math.nan
+    return float((total.pow(2).sum() - rows) / (rows * (rows - 1)))
 
 
 @torch.no_grad()

@@ -15,6 +15,12 @@ step guard (:func:`take_step`), then the validation that makes the epoch's histo
   lowered, as the scaler does, and counted (``scaler_skipped_steps``): that is normal, no failure.
   A non-finite loss is still one. A scale that keeps falling is reported once
   (:func:`skip_scaled_step`).
+- Validation makes the epoch's row: loss and accuracy over all C classes, the embedding spread,
+  the centre cosine. On several processes no rank holds a full head for it: each rank embeds its
+  block of each validation batch and the sharded heads compute the loss and the arg-max
+  (:func:`evaluate_sharded`), the centre cosine comes from the shards' sums
+  (:func:`sharded_centre_cosine`); the row equals the one-process row of the same model to
+  rounding.
 - ``train.accumulate`` N: each batch is cut into N micro-batches, each backpropagated on its own
   with its share of the batch (N micro-batches give the update of one batch; BatchNorm sees the
   micro-batches' statistics).
@@ -27,10 +33,12 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
+from torch.utils.data import DataLoader
 
 from angular.nn.recognition import RecognitionModel
+from angular.ops.sharded import all_gather_equal
 from angular.train.checkpoint import kept_checkpoint, non_finite_tensors, restore_rng
-from angular.train.collapse import centre_cosine, embedding_spread
+from angular.train.collapse import centre_cosine, cosine_of_unit_sum, embedding_spread, unit_sum
 from angular.train.session import EpochProgress, Session, say
 from angular.train.world import ONE_PROCESS, World
 
@@ -39,11 +47,14 @@ __all__ = [
     "SCALE_FLOOR",
     "SKIPS_IN_A_ROW",
     "autocast_dtype",
+    "blocks",
     "micro_batches",
     "batch_loss",
     "loss_of_embeddings",
     "evaluate",
+    "evaluate_sharded",
     "history_row",
+    "sharded_centre_cosine",
     "take_step",
     "train_epoch",
     "validate",
@@ -356,10 +367,103 @@ def evaluate(
     return total_loss / count, accuracy, spread
 
 
+@torch.no_grad()
+def evaluate_sharded(
+    model: RecognitionModel, loader: DataLoader, autocast: torch.dtype | None, device, world: World
+) -> tuple[float, dict, float]:
+    """:func:`evaluate`'s numbers for a model whose heads are sharded, with no rank holding a
+    full head (collective; every rank gets the same numbers).
+
+    Each rank loads and embeds only its block of each of ``loader``'s batches (:func:`blocks`:
+    ``ceil(B / W)`` rows, the last blocks padded with zero images labelled -1, no target, which
+    the sharded loss and the accuracy do not count); the heads' sharded losses (all-gathered
+    embeddings, per-shard partials, all-reduced, over every class: sampling is off) and
+    :meth:`World.correct` give the loss and the accuracy over all C classes, the gathered
+    embeddings of the real rows, in the batch's order, the spread."""
+    model.eval()
+    heads = list(model.heads.values())
+    rates = [head.sample_rate for head in heads]
+    total_loss, count = 0.0, 0
+    correct = {name: 0 for name in model.heads}
+    embeddings = []
+    plan = blocks(len(loader.dataset), loader.batch_size, world.size, world.rank)
+    own = DataLoader(
+        loader.dataset,
+        batch_sampler=[indices for indices, _, _ in plan],
+        num_workers=loader.num_workers,
+    )
+    try:
+        for head in heads:  # the one-process validation's softmax is over every class
+            head.sample_rate = 1.0
+        for (images, labels), (_, size, real) in zip(own, plan):
+            share = -(-size // world.size)
+            padding = share - real
+            block = torch.cat([images[:real], images.new_zeros((padding, *images.shape[1:]))])
+            block_labels = torch.cat([labels[:real], labels.new_full((padding,), -1)])
+            block, block_labels = block.to(device), block_labels.to(device)
+            with autocasting(device, autocast):
+                block_embeddings = model(block)
+            loss, batch_correct = loss_of_embeddings(
+                model, block_embeddings, block_labels, autocast, device, world=world
+            )
+            gathered = torch.cat(all_gather_equal(block_embeddings.float(), heads[0].group))
+            rows = torch.arange(share, device=gathered.device)
+            kept = torch.cat([rows < size - rank * share for rank in range(world.size)])
+            embeddings.append(gathered[kept])
+            total_loss += float(loss) * size
+            count += size
+            for name, value in batch_correct.items():
+                correct[name] += value
+    finally:
+        for head, rate in zip(heads, rates):
+            head.sample_rate = rate
+    if count == 0:
+        return math.nan, {name: math.nan for name in correct}, math.nan
+    spread = embedding_spread(torch.cat(embeddings))
+    accuracy = {name: value / count for name, value in correct.items()}
+    return total_loss / count, accuracy, spread
+
+
+def blocks(
+    count: int, batch_size: int, world_size: int, rank: int
+) -> list[tuple[list[int], int, int]]:
+    """Rank ``rank``'s block of each batch of ``batch_size`` of ``count`` images taken in order
+    (a validation loader's batches): ``(indices, batch size, real rows)``, the block being rows
+    ``[rank b, (rank + 1) b)`` of the batch, ``b = ceil(B / W)``. A rank past the batch's end
+    loads its first image, as padding (a loader's batch is never empty)."""
+    plan = []
+    for first in range(0, count, batch_size):
+        size = min(batch_size, count - first)
+        share = -(-size // world_size)
+        start, stop = min(rank * share, size), min((rank + 1) * share, size)
+        indices = list(range(first + start, first + stop)) or [first]
+        plan.append((indices, size, stop - start))
+    return plan
+
+
+def sharded_centre_cosine(head, world: World) -> float:
+    """:func:`angular.train.collapse.centre_cosine` of a sharded head's full centres, from each
+    shard's sum of its unit centres (an all-reduce of D floats)."""
+    rows = head.num_classes * getattr(head, "centres_per_class", 1)
+    return cosine_of_unit_sum(world.sum(unit_sum(head.weight)), rows)
+
+
 def history_row(
-    epoch, lr, train_loss, train_acc, val_loss, val_acc, model: RecognitionModel, spread, joint
+    epoch,
+    lr,
+    train_loss,
+    train_acc,
+    val_loss,
+    val_acc,
+    model: RecognitionModel,
+    spread,
+    joint,
+    centres: dict[str, float] | None = None,
 ) -> dict:
-    centres = {name: centre_cosine(head.weight) for name, head in model.heads.items()}
+    """The epoch's history row; ``centres``: each head's centre cosine (default: of ``model``'s
+    full heads)."""
+    if centres is None:
+        centres = {name: centre_cosine(head.weight) for name, head in model.heads.items()}
     row = {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -381,26 +485,32 @@ def history_row(
 def validate(
     session: Session, world: World, epoch: int, lr: float, train_loss: float, train_accuracy: dict
 ) -> dict:
-    """The epoch's history row: the full model (on several processes: its heads gathered from
-    the shards; rank 0 validates it on the whole validation split) is validated; every rank gets
-    the row, so that the collapse checks stop every rank at once."""
-    world.gather_heads(session.model, session.full_model)
-
-    def row() -> dict:
+    """The epoch's history row, the same on every rank (rank 0's), so that the collapse checks
+    stop every rank at once. One process validates its model on the whole validation split
+    (:func:`evaluate`); several validate their shards together (:func:`evaluate_sharded`, with
+    rank 0's backbone buffers; the centre cosine from the shards' sums): no rank gathers a head."""
+    dtype = autocast_dtype(session.config.precision)
+    centres = None
+    if world.size == 1:
         model = session.full_model
-        val_loss, val_accuracy, spread = evaluate(
-            model, session.val_loader, autocast_dtype(session.config.precision), session.device
+        val_loss, val_accuracy, spread = evaluate(model, session.val_loader, dtype, session.device)
+    else:
+        model = session.model
+        world.share_buffers(model.backbone)
+        val_loss, val_accuracy, spread = evaluate_sharded(
+            model, session.val_loader, dtype, session.device, world
         )
-        return history_row(
-            epoch,
-            lr,
-            train_loss,
-            train_accuracy,
-            val_loss,
-            val_accuracy,
-            model,
-            spread,
-            session.item.joint,
-        )
-
-    return world.from_rank_zero(row)
+        centres = {name: sharded_centre_cosine(head, world) for name, head in model.heads.items()}
+    row = history_row(
+        epoch,
+        lr,
+        train_loss,
+        train_accuracy,
+        val_loss,
+        val_accuracy,
+        model,
+        spread,
+        session.item.joint,
+        centres,
+    )
+    return world.from_rank_zero(lambda: row)

@@ -5,6 +5,8 @@ The package, by phase of :func:`train_item` (one trainer for any world):
 
 - :mod:`angular.train.loop` (this module): set up (seeds, model, optimizer, schedule, data), the
   epochs, finish (the model file, metrics, plots); what the trainer refuses on several processes.
+- :mod:`angular.train.model_files`: the model file on any world (a head too large to gather saved
+  as its shards).
 - :mod:`angular.train.epoch`: one epoch: the pass over the batches with the step guard, and the
   validation that makes the epoch's history row.
 - :mod:`angular.train.checkpoint`: the fingerprint of a run, checkpoints (one file per rank, at
@@ -26,9 +28,14 @@ backbone and centres), then keeps its shard of each head and wraps the backbone 
 (:meth:`World.shard`). ``train.batch_size`` is the global batch: each rank takes ``batch_size / W``
 images a step (W must divide it). The optimizer sees each shard as one dense parameter: with
 ``sample_rate < 1`` the centres a step did not sample get a zero gradient, and weight decay and
-momentum still apply to them (docs/design.md, "Sharded softmax"). Rank 0 alone validates, writes
-the plots, the metrics and the model file (today's format, the full head, as one process writes
-it) and logs to MLflow.
+momentum still apply to them (docs/design.md, "Sharded softmax"). Validation gathers no head
+(issue 28, part 7): the ranks validate together on their shards
+(:func:`angular.train.epoch.evaluate_sharded`; every rank gets the row). The model file is today's,
+the heads gathered into the one-process model that rank 0 keeps, only when each head's centres fit
+``train.distributed.gather_head_mib``; with a larger head no rank keeps more than its shards after
+set-up (which still builds the one-process model on every rank, for its seeded draws), and the head
+is saved as its shards in the one model file (:mod:`angular.train.model_files`), which every reader
+joins. Rank 0 alone writes the plots, the metrics and the model file and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from torch.utils.data import DataLoader
 from angular import devices, ops
 from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
-from angular.files import atomic_save, atomic_write_text
+from angular.files import atomic_write_text
 from angular.nn.recognition import RecognitionModel, build_model
 from angular.train.checkpoint import (
     checkpoint_by_step,
@@ -71,9 +78,10 @@ from angular.train.collapse import (
     init_centres,
 )
 from angular.train.epoch import train_epoch, validate
+from angular.train.model_files import gathers, save_model
 from angular.train.sampler import EpochBatchSampler, IndexedDataset, PrioritizedSampler
 from angular.train.schedule import make_scheduler
-from angular.train.session import Session, TrainPaths, model_file, say
+from angular.train.session import Session, TrainPaths, say
 from angular.train.verification import Verifier, make_verifier
 from angular.train.world import ONE_PROCESS, World, resolve_backend
 
@@ -276,7 +284,10 @@ def spread_over(
         }
     )
     base_fingerprint = fingerprint(one_process, item, manifest, session.model)
-    full_model = session.model if world.rank == 0 else None  # rank 0 validates and saves it
+    # Rank 0 keeps the one-process model to gather the heads into for the model file, unless a
+    # head is too large to gather: then no rank holds more than its shards.
+    fits = gathers(session.model, config.distributed.gather_head_mib)
+    full_model = session.model if world.rank == 0 and fits else None
     model = world.shard(session.model, config.distributed.sample_rate, config.seed)
     optimizer = make_optimizer(config, model.parameters())
     train_loader = world.train_loader(
@@ -433,10 +444,9 @@ def write_plots(paths: TrainPaths, history: list[dict], step_lrs: list[tuple[int
         atomic_write_text(paths.lr_plot, tsv(rows, ["step", "lr"]))
 
 
-def finish(session: Session) -> dict:
-    """Write the model file (the full model), the final metrics and the plots; drop the
-    checkpoints."""
-    paths = session.paths
+def final_metrics(session: Session) -> dict:
+    """The run's final metrics: the last epoch's row, the step counts, the monitors' verdicts and
+    measures, the verification's last and best."""
     final = dict(session.history[-1])
     final["skipped_steps"] = session.skipped_steps
     if session.scaler is not None:
@@ -448,8 +458,13 @@ def finish(session: Session) -> dict:
         final["collapse_room"] = session.collapse_room
     if session.last_verification is not None:
         final["verification"] = {"last": session.last_verification, "best": session.best}
+    return final
+
+
+def finish(session: Session, final: dict) -> dict:
+    """Write the final metrics and the plots (after the model file); drop the checkpoints."""
+    paths = session.paths
     write_plots(paths, session.history, session.step_lrs)
-    atomic_save(model_file(session, final), paths.model)
     metrics = {key: value for key, value in final.items() if key not in ("lr",)}
     atomic_write_text(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     # The model file now holds the result. Checkpoints only serve to resume an interrupted run;
@@ -551,9 +566,10 @@ def train_item(
     last_step = config.epochs * len(session.train_loader)
     if verifier is not None and (session.last_verification or {}).get("step") != last_step:
         verifier.verify(session, world, run, last_step, config.epochs)
-    world.gather_heads(session.model, session.full_model)
     # The model file is written before any rank drops its checkpoints.
-    metrics = world.from_rank_zero(partial(finish, session))
+    final = world.from_rank_zero(partial(final_metrics, session))
+    save_model(session, world, final, paths.model)
+    metrics = world.from_rank_zero(partial(finish, session, final))
     if world.rank == 0:
         drop_other_worlds(paths.checkpoints, session.base_fingerprint, world.size)
     if world.size > 1:

@@ -48,8 +48,10 @@ class EpochProgress:
 @dataclasses.dataclass
 class Session:
     """What one training run holds between its phases. On several processes ``model`` is this
-    rank's model (its shard of each head) and ``full_model`` the whole one that rank 0 validates
-    and saves (None on the other ranks); on one process they are the same model."""
+    rank's model (its shard of each head) and ``full_model`` the whole one that rank 0 saves when
+    its heads fit ``train.distributed.gather_head_mib`` (None on the other ranks, and on every
+    rank for a larger head: :mod:`angular.train.model_files`); on one process they are the same
+    model."""
 
     label: str
     item_name: str
@@ -93,13 +95,19 @@ class Session:
         return sampler if isinstance(sampler, PrioritizedSampler) else None
 
 
-def model_file(session: Session, final: dict) -> dict:
+def model_file(
+    session: Session,
+    final: dict,
+    state_dict: dict | None = None,
+    head_shards: dict | None = None,
+) -> dict:
     """The model file of the run's full model as it is now (rank 0's ``full_model``), with
-    ``final`` (the metrics it was chosen or finished with) in its training record."""
+    ``final`` (the metrics it was chosen or finished with) in its training record; or, for a head
+    too large to gather, of ``state_dict`` and ``head_shards`` (:mod:`angular.train.model_files`)."""
     backbone, heads, image = session.descriptions
     config = session.config
     return model_document(
-        session.full_model,
+        session.full_model if state_dict is None else state_dict,
         item=session.item_name,
         backbone=backbone,
         heads=heads,
@@ -111,6 +119,7 @@ def model_file(session: Session, final: dict) -> dict:
             "fingerprint": session.fingerprint,
             "final": final,
         },
+        head_shards=head_shards,
     )
 
 

@@ -11,7 +11,8 @@ model's embeddings of insightface's ``.bin`` sets are scored by
 - The best by mean accuracy over the sets is kept: its scores in the checkpoints (so that a resumed
   run knows it) and, when the run has a ``best_model`` path (the stage: ``outputs/best/<item>.pt``),
   a model file of that step written there (as the final model file, loadable by ``load_model``);
-  on several processes writing it gathers the heads, as the final model file does.
+  on several processes it is written as the final model file is (:mod:`angular.train.model_files`:
+  the heads gathered, or a head too large to gather saved as its shards).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from pathlib import Path
 
 from angular.config import ConfigError, Params
 from angular.data import DataError
-from angular.files import atomic_save
 from angular.train.bins import bin_stems, load_bin_set, verify_bins
 from angular.train.epoch import autocast_dtype, autocasting
-from angular.train.session import Session, model_file, say
+from angular.train.model_files import save_model
+from angular.train.session import Session, say
 from angular.train.world import World
 
 __all__ = ["Verifier", "make_verifier", "flat_scores"]
@@ -62,11 +63,8 @@ class Verifier:
         session.best = {"step": run_step, "epoch": epoch, "mean_accuracy": mean, "sets": results}
         if session.paths.best_model is None:
             return
-        world.gather_heads(session.model, session.full_model)
+        save_model(session, world, {"verification": session.best}, session.paths.best_model)
         if world.rank == 0:
-            atomic_save(
-                model_file(session, {"verification": session.best}), session.paths.best_model
-            )
             say(
                 f"{session.label}: best verification so far at step {run_step} (mean accuracy "
                 f"{mean:.4f}): {session.paths.best_model}"

@@ -12,8 +12,11 @@ nothing or the plain local thing, and whose :class:`ProcessGroup` does it over
 - the numbers every rank must agree on: the whole model's gradient norm
   (:meth:`World.gradient_norm`), the correct predictions over all classes (:meth:`World.correct`),
   the smallest or largest of an integer (:meth:`World.min_int`, :meth:`World.max_int`: the epoch to
-  resume, weights that broke), the full heads (:meth:`World.gather_heads`) and what rank 0 alone
-  computes (:meth:`World.from_rank_zero`: validation, the model file).
+  resume, weights that broke), a sum (:meth:`World.sum`: the shards' centre sums of the centre
+  cosine), rank 0's backbone buffers (:meth:`World.share_buffers`, before validation), the full
+  heads when they fit ``train.distributed.gather_head_mib`` (:meth:`World.gather_heads`, for the
+  model file) and what rank 0 alone computes (:meth:`World.from_rank_zero`: the verification
+  sets, the model file).
 
 Elsewhere, by what they are about: each rank's checkpoint folder and the resume of another world
 size's checkpoints (:mod:`angular.train.checkpoint`, :mod:`angular.train.reshard`), what several
@@ -133,6 +136,15 @@ class World:
     def max_int(self, value: int) -> int:
         return value
 
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of ``tensor`` (several: an all-reduce, into a copy)."""
+        return tensor
+
+    def share_buffers(self, module: torch.nn.Module) -> None:
+        """Several: rank 0's buffers of ``module`` (BatchNorm's running statistics) on every rank,
+        as DDP's next training forward sets them anyway (each rank's last forward updated its own
+        from its share of the batch): the ranks then embed alike."""
+
     def gather_heads(self, model: RecognitionModel, full_model: RecognitionModel | None) -> None:
         """Copy each head's shards into ``full_model`` (several: collective)."""
 
@@ -240,10 +252,21 @@ class ProcessGroup(World):
         dist.all_reduce(tensor, op=op)
         return int(tensor.item())
 
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.detach().clone()
+        dist.all_reduce(total)
+        return total
+
+    @torch.no_grad()
+    def share_buffers(self, module: torch.nn.Module) -> None:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
     @torch.no_grad()
     def gather_heads(self, model: RecognitionModel, full_model: RecognitionModel | None) -> None:
         """All-gather each head's shards (collective); rank 0 copies them, with the head's state,
-        into ``full_model``."""
+        into ``full_model``. Only for heads that fit ``train.distributed.gather_head_mib``
+        (:mod:`angular.train.model_files`); validation needs no full head."""
         for name, head in model.heads.items():
             state = head.full_state_dict()
             if full_model is not None:
