@@ -6,6 +6,11 @@ and centres ``weight`` (C, D), gradients of both by ``torch.autograd.grad``:
 - ``fused_linear``: ``angular.ops.linear_margin_cross_entropy`` (no (B, C) buffer).
 - ``unfused``: what a head does without it: ``F.linear(F.normalize(x), F.normalize(weight))`` then
   the fused ``angular.ops.margin_cross_entropy`` (the matmul + fused margin CE).
+- ``triton_linear`` (``--device cuda`` only): the tiled Triton kernels of
+  ``angular.ops.triton_linear`` (issue 26, part 4, stage two: the cosine tile stays on chip), with
+  its default gradient filter (on for bf16/fp16: tiles whose every gradient is below 2^-12 are
+  skipped in the backward). Its stage-two target, bf16 at C = 1M: at most 0.8x the unfused time and
+  300 MiB of extra memory. On CPU, or without triton, it is left out and says so.
 
 Memory, "peak extra": everything the call holds at its peak beyond x, weight and grad_weight.
 - CPU: each (provider, C) runs in a fresh subprocess; after the inputs exist (and are touched), the
@@ -43,7 +48,10 @@ import torch.nn.functional as F
 
 from angular import ops
 
-PROVIDERS = ("fused_linear", "unfused")
+PROVIDERS = ("fused_linear", "unfused")  # what the CPU run measures
+CUDA_PROVIDERS = (*PROVIDERS, "triton_linear")
+TRITON_TIME_TARGET = 0.8  # of the unfused time, bf16, C = 1M (issue 26, part 4, stage two)
+TRITON_MEMORY_TARGET_MIB = 300
 MARGIN = dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, label_smoothing=0.1)  # ArcFace, smoothing 0.1
 MIB = 2**20
 CPU_MEMORY_TARGET_MIB = 64
@@ -54,6 +62,10 @@ BEYOND_INPUTS = "beyond x, weight, grad_weight"  # what "peak extra" memory leav
 def loss_of(provider: str, x, weight, labels):
     if provider == "fused_linear":
         return ops.linear_margin_cross_entropy(x, weight, labels, **MARGIN)
+    if provider == "triton_linear":
+        from angular.ops import triton_linear
+
+        return triton_linear.linear_margin_cross_entropy_triton(x, weight, labels, **MARGIN)
     cos = F.linear(F.normalize(x, dim=1), F.normalize(weight.to(x.dtype), dim=1))
     return ops.margin_cross_entropy(cos, labels, **MARGIN)
 
@@ -120,6 +132,21 @@ def cpu_times(batch, dim, classes, warmup, repeats, providers) -> dict:
     return {provider: statistics.median(values) * 1e3 for provider, values in times.items()}
 
 
+def triton_unavailable() -> str | None:
+    """Why the triton_linear provider cannot run here, or None when it can."""
+    try:
+        from angular.ops import triton_linear
+    except ImportError as error:
+        return f"angular.ops.triton_linear does not import: {error}"
+    if triton_linear.triton is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if triton_linear.INTERPRETED:
+        return "TRITON_INTERPRET=1 (the interpreter is not what is measured)"
+    return None
+
+
 def cuda_case(provider, batch, dim, classes, dtype, warmup, repeats) -> dict:
     torch.cuda.empty_cache()
     try:
@@ -173,6 +200,10 @@ def machine() -> dict:
 
 
 def run_cpu(args) -> dict:
+    if "triton_linear" in args.providers:
+        print(
+            "bench_linear: triton_linear is measured with --device cuda only; left out", flush=True
+        )
     results = dict(machine=machine(), device="cpu", B=args.B, D=args.D, speed=[], memory=[])
     for classes in args.speed_C:
         times = cpu_times(args.B, args.D, classes, args.warmup, args.repeats, PROVIDERS)
@@ -192,14 +223,30 @@ def run_cpu(args) -> dict:
 def run_cuda(args) -> dict:
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     results = dict(machine=machine(), device="cuda", B=args.B, D=args.D, dtype=args.dtype, cases=[])
+    triton_reason = triton_unavailable() if "triton_linear" in args.providers else None
     for classes in args.cuda_C:
-        for provider in PROVIDERS:
-            measured = cuda_case(
-                provider, args.B, args.D, classes, dtype, args.warmup, args.repeats
-            )
+        for provider in args.providers:
+            if provider == "triton_linear" and triton_reason:
+                measured = dict(status=f"skipped: {triton_reason}")
+            else:
+                measured = cuda_case(
+                    provider, args.B, args.D, classes, dtype, args.warmup, args.repeats
+                )
             results["cases"].append(dict(C=classes, provider=provider, **measured))
             print(f"C={classes} {provider}: {measured}", flush=True)
     return results
+
+
+def triton_target(dtype: str, provider: str, classes: int, ratio, extra_mib: float) -> str:
+    """The stage-two verdict for triton_linear's bf16 C = 1M row; empty elsewhere."""
+    if provider != "triton_linear" or dtype != "bf16" or classes != 1_000_000:
+        return ""
+    time_met = ratio is not None and ratio <= TRITON_TIME_TARGET
+    memory_met = extra_mib <= TRITON_MEMORY_TARGET_MIB
+    return (
+        f"<= {TRITON_TIME_TARGET}x: {'met' if time_met else 'MISSED'}, "
+        f"<= {TRITON_MEMORY_TARGET_MIB} MiB: {'met' if memory_met else 'MISSED'}"
+    )
 
 
 def markdown(results: dict) -> str:
@@ -248,16 +295,31 @@ def markdown(results: dict) -> str:
             f"dtype {results['dtype']}",
             "",
             *harness.table_header(
-                ["C", "provider", "median ms", f"peak extra MiB ({BEYOND_INPUTS})"]
+                [
+                    "C",
+                    "provider",
+                    "median ms",
+                    f"peak extra MiB ({BEYOND_INPUTS})",
+                    "time vs unfused",
+                    "target",
+                ]
             ),
         ]
+        unfused = {
+            row["C"]: row["median_ms"]
+            for row in results["cases"]
+            if row["provider"] == "unfused" and row["status"] == "ok"
+        }
         for row in results["cases"]:
             if row["status"] != "ok":
-                lines.append(f"| {row['C']:,} | {row['provider']} | {row['status']} | |")
+                lines.append(f"| {row['C']:,} | {row['provider']} | {row['status']} | | | |")
                 continue
+            extra = row["peak_extra_bytes"] / MIB
+            ratio = row["median_ms"] / unfused[row["C"]] if row["C"] in unfused else None
             lines.append(
-                f"| {row['C']:,} | {row['provider']} | {row['median_ms']:.1f} | "
-                f"{row['peak_extra_bytes'] / MIB:.1f} |"
+                f"| {row['C']:,} | {row['provider']} | {row['median_ms']:.1f} | {extra:.1f} | "
+                f"{'' if ratio is None else f'{ratio:.2f}x'} | "
+                f"{triton_target(results['dtype'], row['provider'], row['C'], ratio, extra)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -272,6 +334,14 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-C", type=int, nargs="*", default=[1_000_000])
     parser.add_argument("--cuda-C", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        choices=CUDA_PROVIDERS,
+        default=None,
+        help="what --device cuda measures (default: all three); the CPU run always measures "
+        "fused_linear and unfused (triton_linear needs CUDA)",
+    )
     parser.add_argument("--skip-unfused-memory", action="store_true")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -283,6 +353,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.B is None:
         args.B = 512 if args.device == "cuda" else 256
+    if args.providers is None:
+        args.providers = CUDA_PROVIDERS if args.device == "cuda" else PROVIDERS
     if args.child_memory:
         print(json.dumps(child_memory(args.child_memory, args.B, args.D, args.C)))
         return 0
