@@ -159,14 +159,6 @@ def check_supported(params: Params, item: TrainItem) -> None:
             f"{config.batch_size} is the global batch and must be a multiple of "
             f"train.distributed.world_size ({world_size}): every rank takes the same share",
         )
-    for member, head in item.heads.items():
-        if head.fused_linear:
-            key = f"heads.{item.name}.heads.{head.name}" if item.joint else f"heads.{item.name}"
-            raise ConfigError(
-                f"{key}.fused_linear",
-                f"true is not supported with train.distributed.world_size > 1 ({member}): the "
-                "sharded head computes its shard's cosines itself; leave it null or false",
-            )
 
 
 def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:

@@ -148,6 +148,7 @@ BAD_VALUES: dict[str, list] = {
     "train.distributed.backend": ["mpi", "NCCL"],
     "train.distributed.sample_rate": [0.0, 1.5, -0.1, math.nan],
     "train.distributed.timeout_s": [0.0, -1.0, math.inf],
+    "train.distributed.gather_head_mib": [-1.0, math.inf, "big"],
     "train.sampler": ["priority", "Uniform", ""],
     "train.prioritized.alpha": [-0.6, math.inf],
     "train.prioritized.beta": [-0.1, 1.5],
@@ -348,6 +349,7 @@ OPTIONAL = {
     "train.verification": None,
     "evaluate.verification.bins": (),
     "evaluate.verification.fars": (0.1, 0.01, 0.001),
+    "train.distributed.gather_head_mib": 1024.0,
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from pipeline_testing import assert_same_state, model_state, tiny_raw, write_params
 
-from angular.config import ConfigError, parse_params
+from angular.config import parse_params
 from angular.data import read_manifest
 from angular.nn.adaptive import ADAPTIVE_HEADS, CurricularFace
 from angular.nn.recognition import load_model
@@ -122,13 +122,12 @@ def test_a_worker_that_raises_or_hangs_fails_the_stage_naming_its_rank(
     ("overrides", "key"),
     [
         ({"train__distributed__world_size": 3}, "train.batch_size"),  # 64 images on 3 ranks
-        ({"heads__arcface__fused_linear": True}, "heads.arcface.fused_linear"),
         (
             {"train__distributed__backend": "nccl", "train__device": "cpu"},
             "train.distributed.backend",
         ),
     ],
-    ids=["batch", "fused_linear", "nccl-on-cpu"],
+    ids=["batch", "nccl-on-cpu"],
 )
 def test_what_several_processes_cannot_train_is_refused_before_any_worker_starts(
     project, capfd, overrides, key
@@ -148,13 +147,14 @@ def test_every_adaptive_head_may_train_on_several_processes():
         training.check_supported(params, params.item(name))
 
 
-def test_a_joint_item_with_fused_linear_is_refused_by_its_head_key():
-    raw = distributed_raw(train__items=["joint"])
+def test_fused_linear_heads_may_train_on_several_processes():
+    """The sharded head runs the fused linear op in shard mode (tests/distributed/
+    test_sharded_exactness.py, test_no_full_head.py): nothing to refuse, alone or in a joint item."""
+    raw = distributed_raw(train__items=["arcface", "joint"], heads__arcface__fused_linear=True)
     raw["heads"]["joint"]["heads"]["cosface"]["fused_linear"] = True
     params = parse_params(raw)
-    with pytest.raises(ConfigError) as caught:
-        training.check_supported(params, params.item("joint"))
-    assert caught.value.key == "heads.joint.heads.cosface.fused_linear"
+    for name in ("arcface", "joint"):
+        training.check_supported(params, params.item(name))
 
 
 def test_the_failure_names_the_ranks_that_reported_first_then_the_silent_ones(tmp_path):

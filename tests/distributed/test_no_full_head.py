@@ -46,6 +46,7 @@ VAL_BATCH = 37  # uneven blocks: 37 rows on 2 or 3 ranks, and a short last batch
 CASES = {
     2: [
         ("arcface", {"train__distributed__sample_rate": 0.5}),
+        ("arcface", {"heads__arcface__fused_linear": True}),  # the fused linear op in shard mode
         ("joint", {}),
         ("subcenter_arcface", {}),
         ("magface", {}),
