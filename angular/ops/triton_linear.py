@@ -55,10 +55,11 @@ The gradient filter and label smoothing. Smoothing gives every entry of G a unif
 (a bias of the order of eps, not a rounding). So when the filter is on and eps > 0, that uniform part
 is taken out of G before the test and done exactly outside the tiles: with ``c_i = -s g_i eps / C``,
 ``grad_xh_i += c_i sum_j wh_j`` and ``grad_w_j += (u - wh_j (wh_j . u)) / |w_j|``,
-``u = sum_i c_i xh_i`` (the chain rule above with a G that is constant along each row). Each
-program writes that into all its tiles' weight gradients at the end of the tile (one more read of
-its weight rows) and adds its tiles' ``sum_j wh_j`` to a D-vector (atomics). What the filter then
-drops is ``s g_i p_ij`` below 2^-12: probabilities the softmax has all but zeroed.
+``u = sum_i c_i xh_i`` (the chain rule above with a G that is constant along each row). A small
+kernel writes that into every class's weight gradient first (two reads of the weight, one write of
+its gradient: memory-bound) and adds up ``sum_j wh_j`` in a D-vector (atomics); the backward then
+adds the tiles' shares to it. What the filter drops is ``s g_i p_ij`` below 2^-12: probabilities
+the softmax has all but zeroed.
 
 The filter is on by default for bf16/fp16 ``x`` only: the tests hold those to 1e-2 with it, as
 without. fp32 is held to 1e-5 relative, which dropping entries of up to 2^-12 (2.4e-4) would break
@@ -86,12 +87,15 @@ Limits: x and weight in fp32, bf16 or fp16 (fp64: use :func:`angular.ops.linear_
 CUDA tensors, or CPU tensors under Triton's interpreter: ``TRITON_INTERPRET=1`` set before triton
 is first imported (Triton reads it when it decorates a kernel, its own ``tl.zeros``, ``tl.sum``...
 included; ``import angular`` imports triton through torch). Block sizes are fixed per dtype
-(guesses for Hopper), not autotuned yet; no GPU has run these kernels so far.
+(chosen so that the sm_90 builds of the bf16 kernels do not spill registers: :func:`compile_kernels`
+builds them without a GPU), not autotuned yet; no GPU has run these kernels so far.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 
@@ -167,22 +171,28 @@ def _rounded(v, DTYPE: tl.constexpr, BY_BITS: tl.constexpr):
 
 
 @_jit
-def _cosine_tile(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, offs_b, offs_c, b_ok,
-                 c_ok, inv_xn, inv_wn, dim, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+def _cosine_tile(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, row0, col0, batch,
+                 classes, dim, inv_xn, inv_wn, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_D: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """cos[rows, cols] in fp32: the raw rows' dot products over D blocks, scaled by the inverse
     norms. DOT: the dtype tl.dot takes (the GEMM dtype; fp32 under the interpreter, whose bf16 dot
-    is wrong, which gives the same products: a bf16 x bf16 product is exact in fp32)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
-    w_rows = w_ptr + offs_c.to(tl.int64)[:, None] * stride_wc
+    is wrong, which gives the same products: a bf16 x bf16 product is exact in fp32).
+
+    Block pointers, not (rows x D) tensors of 64-bit pointers: with those, ptxas needed all 255
+    registers and spilled 300 to 1200 bytes per thread at these tile sizes (sm_90, checked by
+    compiling without a GPU); with block pointers it does not spill."""
+    x_block = tl.make_block_ptr(x_ptr, (batch, dim), (stride_xb, stride_xd), (row0, 0),
+                                (BLOCK_B, BLOCK_D), (1, 0))  # fmt: skip
+    # w^T (D x C): the second operand of the dot as it is laid out in memory
+    w_block = tl.make_block_ptr(w_ptr, (dim, classes), (stride_wd, stride_wc), (0, col0),
+                                (BLOCK_D, BLOCK_C), (0, 1))  # fmt: skip
     acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-    for d in range(0, dim, BLOCK_D):
-        cols = d + offs_d
-        d_ok = cols[None, :] < dim
-        xb = tl.load(x_rows + cols[None, :] * stride_xd, mask=b_ok[:, None] & d_ok, other=0.0)
-        wb = tl.load(w_rows + cols[None, :] * stride_wd, mask=c_ok[:, None] & d_ok, other=0.0)
-        acc = tl.dot(xb.to(DOT), tl.trans(wb.to(DOT)), acc, input_precision=PRECISION)
+    for _ in range(0, dim, BLOCK_D):
+        xb = tl.load(x_block, boundary_check=(0, 1), padding_option="zero")
+        wb = tl.load(w_block, boundary_check=(0, 1), padding_option="zero")
+        acc = tl.dot(xb.to(DOT), wb.to(DOT), acc, input_precision=PRECISION)
+        x_block = tl.advance(x_block, (0, BLOCK_D))
+        w_block = tl.advance(w_block, (BLOCK_D, 0))
     return acc * inv_xn[:, None] * inv_wn[None, :]
 
 
@@ -195,7 +205,8 @@ def _forward_kernel(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, x_
     """One (row block, class split): per row, an online log-sum-exp of the logits over the split's
     tiles and their sum, written to the (B, splits) partials. The target column takes the row's
     precomputed ``s f_y`` (z_target)."""
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row0 = tl.program_id(0) * BLOCK_B
+    offs_b = row0 + tl.arange(0, BLOCK_B)
     split = tl.program_id(1)
     b_ok = offs_b < batch
     labels = tl.load(labels_ptr + offs_b, mask=b_ok, other=-1)
@@ -206,11 +217,12 @@ def _forward_kernel(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, x_
     z_sum = tl.zeros((BLOCK_B,), tl.float32)
     first_tile = split * tiles_per_split
     for tile in range(first_tile, first_tile + tiles_per_split):
-        offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        col0 = tile * BLOCK_C
+        offs_c = col0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < classes
         inv_wn = 1.0 / tl.maximum(tl.load(w_norm_ptr + offs_c, mask=c_ok, other=1.0), 1e-12)
-        cos = _cosine_tile(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, offs_b,
-                           offs_c, b_ok, c_ok, inv_xn, inv_wn, dim, BLOCK_B, BLOCK_C, BLOCK_D, DOT,
+        cos = _cosine_tile(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, row0, col0,
+                           batch, classes, dim, inv_xn, inv_wn, BLOCK_B, BLOCK_C, BLOCK_D, DOT,
                            PRECISION)  # fmt: skip
         is_target = offs_c[None, :] == labels[:, None]
         z = tl.where(is_target, z_target[:, None], s * cos)
@@ -231,7 +243,7 @@ def _forward_kernel(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, x_
 def _backward_kernel(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, x_norm_ptr,
                      w_norm_ptr, labels_ptr, grad_rows_ptr, lse_ptr, grad_target_ptr, batch,
                      classes, dim, num_tiles, s, eps_over_classes, threshold, grad_xh_ptr,
-                     acc_ptr, grad_w_ptr, stride_gwc, skipped_ptr, u_ptr, w_hat_sum_ptr,
+                     acc_ptr, acc_rows, grad_w_ptr, stride_gwc, skipped_ptr, slot_starts_valid,
                      BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
                      SLOTS: tl.constexpr, OUT: tl.constexpr, BY_BITS: tl.constexpr,
@@ -241,31 +253,33 @@ def _backward_kernel(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, x
     grad_xh (atomics) and to the tile's weight gradient (owned by this program: plain stores).
 
     SLOTS: the weight gradient is accumulated in this program's fp32 slot of acc_ptr (BLOCK_C rows
-    of D) and cast into grad_w (dtype OUT) at the end of the tile; else acc_ptr is grad_w itself
-    (fp32).
+    of D; acc_rows rows in all) and cast into grad_w (dtype OUT) at the end of the tile; else
+    acc_ptr is grad_w itself (fp32, acc_rows = C).
     ROUND: the dtype G is rounded to before the GEMMs (the GEMM dtype), DOT: what tl.dot takes;
     BY_BITS: see _rounded.
     SMOOTH: G here is without label smoothing's uniform -s g eps / C (eps_over_classes is 0 and the
-    target column's value is shifted to match); that part's weight gradient is written for every
-    tile at its end, (u - w (w . u) / |w|^2) / |w| with u = -(s eps / C) sum_i g_i xh_i, and the sum
-    of the normalised centres is added up in w_hat_sum for its grad_xh (the caller's)."""
+    target column's value is shifted to match); _smoothing_kernel has already written that part's
+    weight gradient into grad_w, which the tiles' shares are added to (slot_starts_valid = 1 makes
+    an fp32 grad_w accumulate onto it; slots add it when they are copied out)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
     lane_c = tl.arange(0, BLOCK_C)
     skipped = 0
     for tile in range(pid, num_tiles, programs):
-        offs_c = tile * BLOCK_C + lane_c
+        col0 = tile * BLOCK_C
+        offs_c = col0 + lane_c
         c_ok = offs_c < classes
         w_norm = tl.load(w_norm_ptr + offs_c, mask=c_ok, other=1.0)
         inv_wn = 1.0 / tl.maximum(w_norm, 1e-12)
         projects = w_norm > 1e-12  # below eps, normalize is w / eps: no projection
-        w_rows = w_ptr + offs_c.to(tl.int64)[:, None] * stride_wc
         if SLOTS:
-            acc_rows = acc_ptr + (pid * BLOCK_C + lane_c).to(tl.int64)[:, None] * dim
+            acc_row0 = pid * BLOCK_C
+            stride_acc = dim
         else:
-            acc_rows = acc_ptr + offs_c.to(tl.int64)[:, None] * stride_gwc
-        touched = 0
+            acc_row0 = col0
+            stride_acc = stride_gwc
+        touched = slot_starts_valid
         for row0 in range(0, batch, BLOCK_B):
             offs_b = row0 + tl.arange(0, BLOCK_B)
             b_ok = offs_b < batch
@@ -275,9 +289,9 @@ def _backward_kernel(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, x
             lse = tl.load(lse_ptr + offs_b, mask=b_ok, other=0.0)
             g_target = tl.load(grad_target_ptr + offs_b, mask=b_ok, other=0.0)
             inv_xn = 1.0 / tl.maximum(tl.load(x_norm_ptr + offs_b, mask=b_ok, other=1.0), 1e-12)
-            cos = _cosine_tile(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, offs_b,
-                               offs_c, b_ok, c_ok, inv_xn, inv_wn, dim, BLOCK_B, BLOCK_C, BLOCK_D,
-                               DOT, PRECISION)  # fmt: skip
+            cos = _cosine_tile(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, row0,
+                               col0, batch, classes, dim, inv_xn, inv_wn, BLOCK_B, BLOCK_C,
+                               BLOCK_D, DOT, PRECISION)  # fmt: skip
             grad = (s * g)[:, None] * (tl.exp(s * cos - lse[:, None]) - eps_over_classes)
             grad = tl.where(offs_c[None, :] == labels[:, None], g_target[:, None], grad)
             live = (g != 0.0)[:, None] & c_ok[None, :]
@@ -289,61 +303,87 @@ def _backward_kernel(x_ptr, stride_xb, stride_xd, w_ptr, stride_wc, stride_wd, x
                 # G / |w| for grad_xh, G / |x| for A, rounded to the GEMM dtype
                 grad_xw = _rounded(grad * inv_wn[None, :], ROUND, BY_BITS).to(DOT)
                 grad_wx = _rounded(grad * inv_xn[:, None], ROUND, BY_BITS).to(DOT)
-                x_rows = x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
+                x_block = tl.make_block_ptr(x_ptr, (batch, dim), (stride_xb, stride_xd),
+                                            (row0, 0), (BLOCK_B, BLOCK_D), (1, 0))  # fmt: skip
+                w_block = tl.make_block_ptr(w_ptr, (classes, dim), (stride_wc, stride_wd),
+                                            (col0, 0), (BLOCK_C, BLOCK_D), (1, 0))  # fmt: skip
+                acc_block = tl.make_block_ptr(acc_ptr, (acc_rows, dim), (stride_acc, 1),
+                                              (acc_row0, 0), (BLOCK_C, BLOCK_D), (1, 0))  # fmt: skip
                 for d in range(0, dim, BLOCK_D):
-                    cols = d + offs_d
-                    d_ok = cols[None, :] < dim
-                    xb = tl.load(x_rows + cols[None, :] * stride_xd, mask=b_ok[:, None] & d_ok,
-                                 other=0.0)  # fmt: skip
-                    wb = tl.load(w_rows + cols[None, :] * stride_wd, mask=c_ok[:, None] & d_ok,
-                                 other=0.0)  # fmt: skip
+                    xb = tl.load(x_block, boundary_check=(0, 1), padding_option="zero")
+                    wb = tl.load(w_block, boundary_check=(0, 1), padding_option="zero")
                     share_xh = tl.dot(grad_xw, wb.to(DOT), input_precision=PRECISION)
-                    tl.atomic_add(grad_xh_ptr + offs_b.to(tl.int64)[:, None] * dim + cols[None, :],
-                                  share_xh, mask=b_ok[:, None] & d_ok)  # fmt: skip
+                    cols = d + offs_d
+                    tl.atomic_add(grad_xh_ptr + offs_b[:, None] * dim + cols[None, :], share_xh,
+                                  mask=b_ok[:, None] & (cols[None, :] < dim))  # fmt: skip
                     a = tl.dot(tl.trans(grad_wx), xb.to(DOT), input_precision=PRECISION)
                     wf = wb.to(tl.float32)
                     share_w = a - tl.where(projects[:, None], wf * (inv_wn * r)[:, None], 0.0)
                     share_w = share_w * inv_wn[:, None]
-                    keep = c_ok[:, None] & d_ok
                     # The slot holds an earlier tile's values until this tile first writes it.
-                    earlier = tl.load(acc_rows + cols[None, :], mask=keep & (touched != 0),
-                                      other=0.0)  # fmt: skip
-                    tl.store(acc_rows + cols[None, :], share_w + earlier, mask=keep)
+                    if touched != 0:
+                        share_w += tl.load(acc_block, boundary_check=(0, 1), padding_option="zero")
+                    tl.store(acc_block, share_w, boundary_check=(0, 1))
+                    x_block = tl.advance(x_block, (0, BLOCK_D))
+                    w_block = tl.advance(w_block, (0, BLOCK_D))
+                    acc_block = tl.advance(acc_block, (0, BLOCK_D))
                 touched = 1
             else:
                 skipped += 1
-        out_rows = grad_w_ptr + offs_c.to(tl.int64)[:, None] * stride_gwc
-        if SMOOTH:
-            w_dot_u = tl.zeros((BLOCK_C,), tl.float32)
-            for d in range(0, dim, BLOCK_D):
-                cols = d + offs_d
-                keep = c_ok[:, None] & (cols[None, :] < dim)
-                wf = tl.load(w_rows + cols[None, :] * stride_wd, mask=keep, other=0.0)
-                wf = wf.to(tl.float32)
-                u = tl.load(u_ptr + cols, mask=cols < dim, other=0.0)
-                w_dot_u += tl.sum(wf * u[None, :], axis=1)
-                tl.atomic_add(w_hat_sum_ptr + cols, tl.sum(wf * inv_wn[:, None], axis=0),
-                              mask=cols < dim)  # fmt: skip
-            # wh (wh . u) = w (w . u) / |w|^2; below eps, no projection (as above)
-            along = tl.where(projects, w_dot_u * inv_wn * inv_wn, 0.0)
-            for d in range(0, dim, BLOCK_D):
-                cols = d + offs_d
-                keep = c_ok[:, None] & (cols[None, :] < dim)
-                wf = tl.load(w_rows + cols[None, :] * stride_wd, mask=keep, other=0.0)
-                wf = wf.to(tl.float32)
-                u = tl.load(u_ptr + cols, mask=cols < dim, other=0.0)
-                total = (u[None, :] - wf * along[:, None]) * inv_wn[:, None]
-                total += tl.load(acc_rows + cols[None, :], mask=keep & (touched != 0), other=0.0)
-                tl.store(out_rows + cols[None, :], _rounded(total, OUT, BY_BITS), mask=keep)
-        elif SLOTS:
+        if SLOTS:
             if touched != 0:
-                for d in range(0, dim, BLOCK_D):
-                    cols = d + offs_d
-                    keep = c_ok[:, None] & (cols[None, :] < dim)
-                    total = tl.load(acc_rows + cols[None, :], mask=keep, other=0.0)
-                    total = _rounded(total, OUT, BY_BITS)
-                    tl.store(out_rows + cols[None, :], total, mask=keep)
+                out_block = tl.make_block_ptr(grad_w_ptr, (classes, dim), (stride_gwc, 1),
+                                              (col0, 0), (BLOCK_C, BLOCK_D), (1, 0))  # fmt: skip
+                acc_block = tl.make_block_ptr(acc_ptr, (acc_rows, dim), (stride_acc, 1),
+                                              (acc_row0, 0), (BLOCK_C, BLOCK_D), (1, 0))  # fmt: skip
+                for _ in range(0, dim, BLOCK_D):
+                    total = tl.load(acc_block, boundary_check=(0, 1), padding_option="zero")
+                    if SMOOTH:
+                        total += tl.load(out_block, boundary_check=(0, 1)).to(tl.float32)
+                    tl.store(out_block, _rounded(total, OUT, BY_BITS), boundary_check=(0, 1))
+                    acc_block = tl.advance(acc_block, (0, BLOCK_D))
+                    out_block = tl.advance(out_block, (0, BLOCK_D))
     tl.store(skipped_ptr + pid, skipped)
+
+
+@_jit
+def _smoothing_kernel(w_ptr, stride_wc, stride_wd, w_norm_ptr, classes, dim, u_ptr, w_hat_sum_ptr,
+                      grad_w_ptr, stride_gwc, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                      OUT: tl.constexpr, BY_BITS: tl.constexpr):  # fmt: skip
+    """Label smoothing's uniform share of the weight gradient, for every class (the backward adds
+    the tiles' shares to it): (u - wh (wh . u)) / |w| with u = -(s eps / C) sum_i g_i xh_i, no
+    projection below eps; and sum_j wh_j into w_hat_sum (atomics), for its share of grad_xh. A pass
+    of its own: inside the backward kernel, this epilogue made ptxas spill a kilobyte per thread."""
+    col0 = tl.program_id(0) * BLOCK_C
+    offs_c = col0 + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    c_ok = offs_c < classes
+    w_norm = tl.load(w_norm_ptr + offs_c, mask=c_ok, other=1.0)
+    inv_wn = 1.0 / tl.maximum(w_norm, 1e-12)
+    w_block = tl.make_block_ptr(w_ptr, (classes, dim), (stride_wc, stride_wd), (col0, 0),
+                                (BLOCK_C, BLOCK_D), (1, 0))  # fmt: skip
+    w_dot_u = tl.zeros((BLOCK_C,), tl.float32)
+    for d in range(0, dim, BLOCK_D):
+        cols = d + offs_d
+        wf = tl.load(w_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        u = tl.load(u_ptr + cols, mask=cols < dim, other=0.0)
+        w_dot_u += tl.sum(wf * u[None, :], axis=1)
+        tl.atomic_add(w_hat_sum_ptr + cols, tl.sum(wf * inv_wn[:, None], axis=0), mask=cols < dim)
+        w_block = tl.advance(w_block, (0, BLOCK_D))
+    # wh (wh . u) = w (w . u) / |w|^2
+    along = tl.where(w_norm > 1e-12, w_dot_u * inv_wn * inv_wn, 0.0)
+    w_block = tl.make_block_ptr(w_ptr, (classes, dim), (stride_wc, stride_wd), (col0, 0),
+                                (BLOCK_C, BLOCK_D), (1, 0))  # fmt: skip
+    out_block = tl.make_block_ptr(grad_w_ptr, (classes, dim), (stride_gwc, 1), (col0, 0),
+                                  (BLOCK_C, BLOCK_D), (1, 0))  # fmt: skip
+    for d in range(0, dim, BLOCK_D):
+        cols = d + offs_d
+        wf = tl.load(w_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        u = tl.load(u_ptr + cols, mask=cols < dim, other=0.0)
+        total = (u[None, :] - wf * along[:, None]) * inv_wn[:, None]
+        tl.store(out_block, _rounded(total, OUT, BY_BITS), boundary_check=(0, 1))
+        w_block = tl.advance(w_block, (0, BLOCK_D))
+        out_block = tl.advance(out_block, (0, BLOCK_D))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,16 +408,19 @@ def _blocks(gemm_dtype: torch.dtype) -> dict:
             forward_launch={},
             backward_launch={},
         )
-    if gemm_dtype == torch.float32:
+    if gemm_dtype == torch.float32:  # fp32 "ieee" dots run on the FMA units: smaller tiles
         return dict(
             forward=dict(BLOCK_B=64, BLOCK_C=64, BLOCK_D=32),
-            backward=dict(BLOCK_B=32, BLOCK_C=64, BLOCK_D=32),
-            forward_launch=dict(num_warps=4, num_stages=3),
-            backward_launch=dict(num_warps=4, num_stages=2),
+            backward=dict(BLOCK_B=32, BLOCK_C=64, BLOCK_D=16),
+            forward_launch=dict(num_warps=8, num_stages=3),
+            backward_launch=dict(num_warps=8, num_stages=2),
         )
+    # Compiled for sm_90 (compile_kernels, ptxas -v; no GPU needed), the bf16 kernels do not spill
+    # registers (the fp16 forward spills 88 bytes per thread, the fp32 one 20); with BLOCK_D = 64
+    # the backward spilled 64 bytes and the fp16 forward 220.
     return dict(
-        forward=dict(BLOCK_B=128, BLOCK_C=128, BLOCK_D=64),
-        backward=dict(BLOCK_B=64, BLOCK_C=128, BLOCK_D=64),
+        forward=dict(BLOCK_B=128, BLOCK_C=128, BLOCK_D=32),
+        backward=dict(BLOCK_B=64, BLOCK_C=128, BLOCK_D=32),
         forward_launch=dict(num_warps=8, num_stages=3),
         backward_launch=dict(num_warps=8, num_stages=2),
     )
@@ -400,6 +443,16 @@ def _gemm_dtypes(x: torch.Tensor, weight: torch.Tensor):
     return _TORCH_TO_TL[gemm], _TORCH_TO_TL[dot], "ieee" if gemm == torch.float32 else "tf32"
 
 
+@contextlib.contextmanager
+def _block_pointers_allowed():
+    """Triton 3.8 warns that tl.make_block_ptr is deprecated (for tensor descriptors, which need
+    16-byte aligned strides, i.e. D a multiple of 8 in bf16, and an allocator); it still compiles
+    and keeps the kernels from spilling (see _cosine_tile), so the warning is not repeated here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+        yield
+
+
 def _row_norms(v: torch.Tensor) -> torch.Tensor:
     rows, dim = v.shape
     out = torch.empty(rows, device=v.device, dtype=torch.float32)
@@ -408,6 +461,56 @@ def _row_norms(v: torch.Tensor) -> torch.Tensor:
         v, v.stride(0), v.stride(1), rows, dim, out, BLOCK_R=block_r,
         BLOCK_D=min(128, triton.next_power_of_2(dim)),
     )  # fmt: skip
+    return out
+
+
+def compile_kernels(x_dtype: torch.dtype, weight_dtype: torch.dtype, arch: int = 90) -> dict:
+    """Compile, for an NVIDIA architecture and without a GPU, every kernel variant the op launches
+    for these dtypes (the CUDA configs, with and without the smoothing path): {name: compiled
+    kernel}. What a machine without a GPU can check of the compiled path (the interpreter runs the
+    same code, but not through Triton's compiler)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_kernels needs triton imported without TRITON_INTERPRET=1")
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    gemm = x_dtype if x_dtype == weight_dtype else torch.float32
+    blocks = _blocks(gemm)
+    precision = "ieee" if gemm == torch.float32 else "tf32"
+    x_t, w_t = f"*{names[x_dtype]}", f"*{names[weight_dtype]}"
+    pointers = dict(x_ptr=x_t, w_ptr=w_t, grad_w_ptr=w_t, labels_ptr="*i32", skipped_ptr="*i32")
+    floats = ("s", "eps_over_classes", "threshold")
+
+    def kind(name, constexprs):
+        if name in constexprs:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return pointers.get(name, "*fp32")
+        return "fp32" if name in floats else "i32"
+
+    def build(fn, constexprs, options):
+        signature = {name: kind(name, constexprs) for name in fn.arg_names}
+        source = ASTSource(fn, signature, constexprs)
+        with _block_pointers_allowed():
+            return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+    common = dict(DOT=_TORCH_TO_TL[gemm], PRECISION=precision)
+    out = {"forward": build(_forward_kernel, dict(common, **blocks["forward"]),
+                            blocks["forward_launch"])}  # fmt: skip
+    for smooth in (False, True):
+        constexprs = dict(
+            common, ROUND=_TORCH_TO_TL[gemm], SLOTS=weight_dtype != torch.float32,
+            OUT=_TORCH_TO_TL[weight_dtype], BY_BITS=False, SMOOTH=smooth, **blocks["backward"],
+        )  # fmt: skip
+        name = "backward, smoothing" if smooth else "backward"
+        out[name] = build(_backward_kernel, constexprs, blocks["backward_launch"])
+    tile = {key: blocks["backward"][key] for key in ("BLOCK_C", "BLOCK_D")}
+    out["smoothing"] = build(
+        _smoothing_kernel, dict(tile, OUT=_TORCH_TO_TL[weight_dtype], BY_BITS=False),
+        blocks["backward_launch"],
+    )  # fmt: skip
+    out["row norms"] = build(_row_norms_kernel, dict(BLOCK_R=64, BLOCK_D=128), {})
     return out
 
 
@@ -432,6 +535,13 @@ def _target_terms(cos_y, m1, m2, m3, lam, straight_through):
     sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
     dpsi = sign * m1 * torch.sin(t) / torch.sqrt(1.0 - c * c)
     return f_y, (lam + dpsi) / (1.0 + lam)
+
+
+def _int32_labels(labels, has_target):
+    """The labels as the kernels take them: int32 (C < 2^31), -1 for no target. An int64 label
+    compared with a tile's columns would make an int64 (rows x columns) mask: twice the registers
+    of the cosine tile itself (the compiled kernels spilled)."""
+    return torch.where(has_target, labels, -1).to(torch.int32)
 
 
 def _target_cosines(x, weight, labels, x_norm, w_norm, has_target):
@@ -466,11 +576,13 @@ class _LinearMarginTriton(torch.autograd.Function):
         per_split = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, per_split)  # no empty split
         parts = torch.empty(3, batch, splits, device=x.device, dtype=torch.float32)
-        _forward_kernel[(row_blocks, splits)](
-            x, x.stride(0), x.stride(1), weight, weight.stride(0), weight.stride(1), x_norm,
-            w_norm, labels, z_target, batch, classes, dim, per_split, s, parts[0], parts[1],
-            parts[2], splits, DOT=dot, PRECISION=precision, **config, **blocks["forward_launch"],
-        )  # fmt: skip
+        with _block_pointers_allowed():
+            _forward_kernel[(row_blocks, splits)](
+                x, x.stride(0), x.stride(1), weight, weight.stride(0), weight.stride(1), x_norm,
+                w_norm, _int32_labels(labels, has_target), z_target, batch, classes, dim,
+                per_split, s, parts[0], parts[1], parts[2], splits, DOT=dot, PRECISION=precision,
+                **config, **blocks["forward_launch"],
+            )  # fmt: skip
         # Merge the splits (LogSumExp's merge in csrc/margin_math.h) and finish each row
         # (smoothed_loss).
         part_max, part_sum, part_zsum = parts
@@ -523,10 +635,18 @@ def _backward(grad_loss, x, weight, labels, lse, x_norm, w_norm, f_y, df_y, marg
     tiles = triton.cdiv(classes, config["BLOCK_C"])
     programs = max(1, min(tiles, _programs_wanted(x.device, 2, 3)))
     slots = weight.dtype != torch.float32
-    # Every tile's gradient rows are written when smooth; else only the tiles that carry gradient.
+    # Every class's gradient row is written when smooth (by _smoothing_kernel); else only the
+    # tiles that carry gradient are.
     grad_weight = (torch.empty if smooth else torch.zeros)(
         weight.shape, device=weight.device, dtype=weight.dtype
     )
+    if smooth:
+        with _block_pointers_allowed():
+            _smoothing_kernel[(tiles,)](
+                weight, weight.stride(0), weight.stride(1), w_norm, classes, dim, u, w_hat_sum,
+                grad_weight, grad_weight.stride(0), BLOCK_C=config["BLOCK_C"],
+                BLOCK_D=config["BLOCK_D"], OUT=_TORCH_TO_TL[weight.dtype], BY_BITS=INTERPRETED,
+            )  # fmt: skip
     if slots:
         acc = torch.empty(programs * config["BLOCK_C"], dim, device=x.device, dtype=torch.float32)
     else:
@@ -534,14 +654,15 @@ def _backward(grad_loss, x, weight, labels, lse, x_norm, w_norm, f_y, df_y, marg
     grad_xh = torch.zeros(batch, dim, device=x.device, dtype=torch.float32)
     skipped = torch.zeros(programs, device=x.device, dtype=torch.int32)
     threshold = GRAD_FILTER_THRESHOLD if grad_filter else -1.0
-    _backward_kernel[(programs,)](
-        x, x.stride(0), x.stride(1), weight, weight.stride(0), weight.stride(1), x_norm, w_norm,
-        labels, g, lse, grad_target, batch, classes, dim, tiles, s,
-        0.0 if smooth else eps / classes, threshold, grad_xh, acc, grad_weight,
-        grad_weight.stride(0), skipped, u, w_hat_sum, DOT=dot, ROUND=round_to,
-        PRECISION=precision, SLOTS=slots, OUT=_TORCH_TO_TL[weight.dtype], BY_BITS=INTERPRETED,
-        SMOOTH=smooth, **config, **blocks["backward_launch"],
-    )  # fmt: skip
+    with _block_pointers_allowed():
+        _backward_kernel[(programs,)](
+            x, x.stride(0), x.stride(1), weight, weight.stride(0), weight.stride(1), x_norm,
+            w_norm, _int32_labels(labels, has_target), g, lse, grad_target, batch, classes, dim,
+            tiles, s, 0.0 if smooth else eps / classes, threshold, grad_xh, acc, acc.shape[0],
+            grad_weight, grad_weight.stride(0), skipped, int(smooth and not slots), DOT=dot,
+            ROUND=round_to, PRECISION=precision, SLOTS=slots, OUT=_TORCH_TO_TL[weight.dtype],
+            BY_BITS=INTERPRETED, SMOOTH=smooth, **config, **blocks["backward_launch"],
+        )  # fmt: skip
     if skip_hook is not None:
         skip_hook(skipped)
     if smooth:

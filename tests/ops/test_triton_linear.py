@@ -4,7 +4,8 @@ Without a GPU the kernels run under Triton's interpreter on CPU tensors. The int
 on (TRITON_INTERPRET=1) when triton is first imported, and ``import angular`` imports it (through
 torch), so no test process of this suite can switch to it: ``test_under_the_interpreter`` runs this
 file again in a child pytest with TRITON_INTERPRET=1, where the tests marked ``interpreted`` run
-(in this process they are skipped, and the child's failures fail that one test). With a GPU the
+(in this process they are skipped, and the child's failures fail that one test). This process
+compiles every kernel variant for sm_90 (Triton's compiler and ptxas need no GPU). With a GPU the
 ``@pytest.mark.cuda`` tests run the compiled kernels at B = 512, D = 512, C = 20000.
 
 The yardstick is :func:`angular.ops.reference.linear_margin_cross_entropy` in fp64 on the same
@@ -58,7 +59,8 @@ def test_under_the_interpreter():
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
-               "-k", "not test_under_the_interpreter", str(Path(__file__).resolve())]  # fmt: skip
+               "-k", "not test_under_the_interpreter and not test_kernels_compile_for_hopper",
+               str(Path(__file__).resolve())]  # fmt: skip
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-40:])
     assert done.returncode == 0, f"the interpreter run failed:\n{tail}"
@@ -108,10 +110,14 @@ def test_presets_fp32(interpreted, seed, preset):
     """Every preset, with label smoothing and with straight-through; D odd, C = 5 uneven tiles."""
     m1, m2, m3, lam = PRESETS[preset]
     x, weight, labels = make_inputs(20, 37, 150, torch.float32, seed)
-    for straight_through, eps in ((False, 0.1), (True, 0.0)):
+    for straight_through, eps, reductions in (
+        (False, 0.1, ("none", "mean")),
+        (True, 0.0, ("none",)),
+    ):
         check(
             x, weight, labels, s=64.0, m1=m1, m2=m2, m3=m3, lam=lam, label_smoothing=eps,
-            straight_through=straight_through, context=f"seed={seed} {preset}",
+            straight_through=straight_through, reductions=reductions,
+            context=f"seed={seed} {preset}",
         )  # fmt: skip
 
 
@@ -124,9 +130,15 @@ def test_every_reduction_fp32(interpreted, seed):
 def test_low_precision(interpreted, seed, dtype):
     """bf16/fp16 with the default (the gradient filter on) and with it off."""
     x, weight, labels = make_inputs(20, 37, 150, dtype, seed)
-    for grad_filter in (None, False):
-        check(x, weight, labels, grad_filter=grad_filter, context=f"seed={seed} {dtype}", **ARCFACE)
-    check(x, weight, labels, context=f"seed={seed} {dtype} cosface", s=64.0, m3=0.35)
+    for grad_filter, reductions in ((None, ("none", "mean")), (False, ("none",))):
+        check(
+            x, weight, labels, grad_filter=grad_filter, reductions=reductions,
+            context=f"seed={seed} {dtype}", **ARCFACE,
+        )  # fmt: skip
+    check(
+        x, weight, labels, reductions=("none",), context=f"seed={seed} {dtype} cosface", s=64.0,
+        m3=0.35,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -228,24 +240,49 @@ def test_filter_skips_tiles_of_tiny_gradients(interpreted, monkeypatch, seed, dt
     assert_close_floor(grads[True][1], grads[False][1], rtol, f"{context} grad_weight")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_filter_keeps_label_smoothing_exact(interpreted, monkeypatch, seed, dtype):
+@pytest.mark.parametrize(
+    ("x_dtype", "weight_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=str,
+)  # fmt: skip
+def test_filter_keeps_label_smoothing_exact(interpreted, monkeypatch, seed, x_dtype, weight_dtype):
     """Smoothing gives every entry -s g eps / C: each below 2^-12, but over the skipped tile they
     add up to about s g eps * 32 / 96 in grad_x (a few percent of it here). The filter leaves that
     part to an exact computation outside the tiles, so the skipped run still matches the fp64
     composition, to 1e-5 in fp32 (the entries it drops are about 1e-25), and every centre gets
-    its (dense) smoothing gradient."""
+    its (dense) smoothing gradient: each row of grad_weight is checked on its own scale too (the
+    rows of non-target classes are mostly that smoothing part)."""
     x, weight, labels = _far_tile_inputs(seed)
-    x, weight = x.to(dtype), weight.to(dtype)
+    x, weight = x.to(x_dtype), weight.to(weight_dtype)
     counts = []
     monkeypatch.setattr(
         triton_linear, "skip_hook", lambda skipped: counts.append(int(skipped.sum()))
     )
+    margin = dict(s=64.0, m2=0.5, label_smoothing=0.1)
+    context = f"seed={seed} x {x_dtype} w {weight_dtype} filter with smoothing"
     check(
-        x, weight, labels, grad_filter=True, reductions=("none", "mean", "sum"),
-        context=f"seed={seed} {dtype} filter with smoothing", s=64.0, m2=0.5, label_smoothing=0.1,
+        x, weight, labels, grad_filter=True, reductions=("none", "mean", "sum"), context=context,
+        **margin,
     )  # fmt: skip
-    assert counts and min(counts) >= 1, f"seed={seed} {dtype}: skipped {counts}"
+    assert counts and min(counts) >= 1, f"{context}: skipped {counts}"
+    got_w = weight.clone().requires_grad_()
+    triton_linear.linear_margin_cross_entropy_triton(
+        x, got_w, labels, grad_filter=True, reduction="sum", **margin
+    ).backward()
+    ref_w = weight.double().requires_grad_()
+    reference.linear_margin_cross_entropy(
+        x.double(), ref_w, labels, reduction="sum", **margin
+    ).backward()
+    error = (got_w.grad.double() - ref_w.grad).abs().amax(1)
+    scale = ref_w.grad.abs().amax(1)
+    # bf16: a row that is a difference of a softmax part and the smoothing part carries their
+    # roundings (2^-9 of each) on its smaller scale; dropping the smoothing part is off by 100%.
+    rtol = 1e-4 if weight_dtype == torch.float32 else 5e-2
+    worst = int((error / scale).argmax())
+    assert (error <= rtol * scale).all(), (
+        f"{context}: grad_weight row {worst} off by {error[worst]:.3g} on a scale of "
+        f"{scale[worst]:.3g}"
+    )
 
 
 def test_filter_default_follows_dtype(interpreted, monkeypatch, seed):
@@ -281,6 +318,23 @@ def test_bad_input_gets_one_clear_error(monkeypatch):
     monkeypatch.setattr(triton_linear, "INTERPRETED", False)  # CPU tensors, no interpreter
     with pytest.raises(RuntimeError, match="runs on CUDA tensors, got cpu.*TRITON_INTERPRET=1"):
         call(x, weight, labels, s=8.0)
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "weight_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=str,
+)  # fmt: skip
+def test_kernels_compile_for_hopper(monkeypatch, tmp_path, x_dtype, weight_dtype):
+    """Every kernel variant the op launches on CUDA goes through Triton's compiler to an sm_90
+    cubin, no GPU needed: what the interpreter cannot show (it runs the code as Python)."""
+    if triton_linear.INTERPRETED:
+        pytest.skip("compiled in the parent process, whose triton is not the interpreter's")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compile, do not reuse a cache
+    kernels = triton_linear.compile_kernels(x_dtype, weight_dtype, arch=90)
+    assert set(kernels) == {"forward", "backward", "backward, smoothing", "smoothing", "row norms"}
+    for name, kernel in kernels.items():
+        assert kernel.asm.get("cubin"), f"{name} ({x_dtype}, {weight_dtype}): no cubin"
 
 
 # --------------------------------------------------------------------------------------------------
