@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from angular import ops
-from angular.nn.heads import MarginHead, MarginSpec, RowContext
+from angular.nn.heads import MarginHead, MarginSpec, RowContext, draw_centres
 from angular.nn.registry import HEADS, Flag, Integer, Number, Option, register_head
 from angular.ops import sharded
 
@@ -455,8 +455,8 @@ class SubCenterArcFace(AdaptiveMarginHead):
         super().__init__(embedding_dim, num_classes, s, {"m": m, "k": k}, **kw)
         self.k = self.centres_per_class = k
         if self.weight is not None:  # a head with centres (not a sharded head's rule)
-            self.weight = torch.nn.Parameter(torch.empty(num_classes * k, self.embedding_dim))
-            torch.nn.init.normal_(self.weight, std=0.01)
+            weight, self.kept_classes = draw_centres(num_classes, k, self.embedding_dim)
+            self.weight = torch.nn.Parameter(weight)
         self.register_buffer("dominant", torch.full((num_classes,), -1, dtype=torch.int64))
         # Mirrors "dominant is set" on the host, so that cosine() never reads the buffer back from
         # the device (a sync per call on a GPU, a constant baked in by tracing).

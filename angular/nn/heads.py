@@ -18,6 +18,8 @@ is a :class:`MarginHead` too. Every head type registers itself once
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import torch
@@ -34,6 +36,56 @@ from angular.ops import reference
 # 1.9x at 32768 and 100,000, and it holds no B x C buffer (BENCHMARKS.md, "Fused linear + margin +
 # cross-entropy"); on GPU it has not been measured yet.
 FUSED_LINEAR_MIN_CLASSES = 8192
+
+
+# Initial centres of a run on several processes whose heads are too large for one (angular.train:
+# train.distributed.gather_head_mib): (world size, rank) of the class block this process keeps.
+_kept_shard: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "kept_shard", default=None
+)
+DRAW_BLOCK = 2**22  # elements per block of a kept-shard draw (a multiple of 16, see draw_centres)
+
+
+@contextlib.contextmanager
+def keeping_shard(world_size: int, rank: int):
+    """Heads built inside keep only rank ``rank``'s block of classes of their initial centres
+    (:func:`angular.ops.sharded.shard_range`), drawn as :func:`draw_centres` says."""
+    token = _kept_shard.set((world_size, rank))
+    try:
+        yield
+    finally:
+        _kept_shard.reset(token)
+
+
+def draw_centres(num_classes: int, per_class: int, dim: int) -> tuple[torch.Tensor, tuple | None]:
+    """The N(0, 0.01) initial centres, ``(num_classes * per_class, dim)`` class-major, from torch's
+    global random stream, and None. Inside :func:`keeping_shard`: the same draws, made in blocks of
+    which only this rank's classes are kept, ``(count * per_class, dim)``, and ``(start, count)``.
+
+    The blocks leave the same numbers and the same stream behind as one draw of the whole matrix:
+    CPU ``normal_`` draws one uniform per element and transforms them 16 at a time, redrawing the
+    last 16 when the size is not a multiple of 16; blocks of a multiple of 16 elements, the last
+    one at least 16, do exactly that (tests/nn/test_kept_shard.py checks it)."""
+    shard = _kept_shard.get()
+    if shard is None:
+        weight = torch.empty(num_classes * per_class, dim)
+        nn.init.normal_(weight, std=0.01)
+        return weight, None
+    start, count = ops.sharded.shard_range(num_classes, *shard)
+    total = num_classes * per_class * dim
+    first, end = start * per_class * dim, (start + count) * per_class * dim
+    kept = torch.empty(count * per_class, dim)
+    flat = kept.view(-1)
+    offset = 0
+    while offset < total:
+        size = DRAW_BLOCK if total - offset >= DRAW_BLOCK + 16 else total - offset
+        block = torch.empty(size)
+        nn.init.normal_(block, std=0.01)
+        low, high = max(offset, first), min(offset + size, end)
+        if low < high:
+            flat[low - first : high - first] = block[low - offset : high - offset]
+        offset += size
+    return kept, (start, count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +236,11 @@ class MarginHead(nn.Module):
         self.fused_linear = (
             num_classes >= FUSED_LINEAR_MIN_CLASSES if fused_linear is None else fused_linear
         )
+        # kept_classes: (start, count) when the centres are one shard's only (keeping_shard).
+        self.kept_classes = None
         if centres:
-            self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
-            nn.init.normal_(self.weight, std=0.01)
+            weight, self.kept_classes = draw_centres(num_classes, 1, embedding_dim)
+            self.weight = nn.Parameter(weight)
         else:
             self.register_parameter("weight", None)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))

@@ -168,7 +168,7 @@ class ShardedMarginHead(MarginHead):
             group=group,
             generator_seed=generator_seed,
         )
-        shard.load_full_weight(head.weight.detach().cpu())
+        shard.take_centres_of(head)
         return shard
 
     # ----------------------------------------------------------------------------------------------
@@ -380,6 +380,21 @@ class ShardedMarginHead(MarginHead):
         return {"weight": self.full_weight(), "step": self.step.detach().clone()}
 
     @torch.no_grad()
+    def take_centres_of(self, head: MarginHead) -> None:
+        """Copy this rank's centres from the one-process ``head``: its full centres, or the shard
+        it kept (:func:`angular.nn.heads.keeping_shard`), which must be this rank's."""
+        kept = getattr(head, "kept_classes", None)
+        if kept is None:
+            self.load_full_weight(head.weight.detach())
+            return
+        if tuple(kept) != (self.class_start, self.class_count):
+            raise ValueError(
+                f"the head kept classes [{kept[0]}, {kept[0] + kept[1]}), this rank's shard is "
+                f"[{self.class_start}, {self.class_start + self.class_count})"
+            )
+        self.weight.copy_(head.weight.detach())
+
+    @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor) -> None:
         """Copy this rank's rows of a full (C K, D) centre matrix into ``weight`` (no
         communication)."""
@@ -455,9 +470,9 @@ class ShardedAdaptiveHead(ShardedMarginHead):
             generator_seed=generator_seed,
             centres_per_class=head.centres_per_class,
         )
-        k = self.centres_per_class
-        rows = slice(self.class_start * k, (self.class_start + self.class_count) * k)
-        self.weight = nn.Parameter(head.weight.detach()[rows].clone())
+        source = head.weight
+        self.weight = nn.Parameter(source.new_empty(self.weight.shape))  # the head's dtype, device
+        self.take_centres_of(head)
         self.step.copy_(head.step)
         self.rule = head.margin_rule()  # its type, options and state, without the (C, D) centres
         self.rule.train(self.training)

@@ -109,6 +109,13 @@ def fingerprint(params: Params, item: TrainItem, manifest: Manifest, model: torc
     changed since the checkpoint was written)."""
     backbone, heads, image = describe_model(params, item)
     architecture = [(name, list(tensor.shape)) for name, tensor in model.state_dict().items()]
+    # A head that kept one shard of its centres (angular.nn.heads.keeping_shard) counts as whole.
+    for head_name, head in getattr(model, "heads", {}).items():
+        if getattr(head, "kept_classes", None) is not None:
+            per_class = getattr(head, "centres_per_class", 1)
+            whole = [head.num_classes * per_class, head.embedding_dim]
+            key = f"heads.{head_name}.weight"
+            architecture = [(n, whole if n == key else shape) for n, shape in architecture]
     train = params.train.model_dump()
     # What only decides what is saved or scored, not the weights, plays no part.
     for key in (

@@ -32,14 +32,15 @@ momentum still apply to them (docs/design.md, "Sharded softmax"). Validation gat
 (issue 28, part 7): the ranks validate together on their shards
 (:func:`angular.train.epoch.evaluate_sharded`; every rank gets the row). The model file is today's,
 the heads gathered into the one-process model that rank 0 keeps, only when each head's centres fit
-``train.distributed.gather_head_mib``; with a larger head no rank keeps more than its shards after
-set-up (which still builds the one-process model on every rank, for its seeded draws), and the head
-is saved as its shards in the one model file (:mod:`angular.train.model_files`), which every reader
-joins. Rank 0 alone writes the plots, the metrics and the model file and logs to MLflow.
+``train.distributed.gather_head_mib``; with a larger head no rank ever holds more than its shards
+(set-up draws the one-process centres block by block and keeps the rank's rows:
+:func:`angular.nn.heads.keeping_shard`), and the head is saved as its shards in the one model file
+(:mod:`angular.train.model_files`), which every reader joins. Rank 0 alone writes the plots, the metrics and the model file and logs to MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -56,6 +57,7 @@ from angular import devices, ops
 from angular.config import ConfigError, Params, TrainConfig, TrainItem
 from angular.data import ImageDataset, Manifest, build_augmentation
 from angular.files import atomic_write_text
+from angular.nn.heads import keeping_shard
 from angular.nn.recognition import RecognitionModel, build_model
 from angular.train.checkpoint import (
     checkpoint_by_step,
@@ -78,7 +80,7 @@ from angular.train.collapse import (
     init_centres,
 )
 from angular.train.epoch import train_epoch, validate
-from angular.train.model_files import gathers, save_model
+from angular.train.model_files import gathers, heads_fit, save_model
 from angular.train.sampler import EpochBatchSampler, IndexedDataset, PrioritizedSampler
 from angular.train.schedule import make_scheduler
 from angular.train.session import Session, TrainPaths, say
@@ -199,9 +201,19 @@ def check_precision(precision: str, device: torch.device) -> torch.amp.GradScale
 # Set up.
 
 
-def set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths) -> Session:
+def set_up(
+    params: Params,
+    item_name: str,
+    manifest: Manifest,
+    paths: TrainPaths,
+    world: World = ONE_PROCESS,
+) -> Session:
     """Seed everything, build the model, optimizer, schedule and data loaders (of one process).
-    The order of the seeded steps is part of the result: changing it changes every trained model."""
+    The order of the seeded steps is part of the result: changing it changes every trained model.
+
+    On several processes whose heads do not fit ``train.distributed.gather_head_mib``, the heads
+    keep only this rank's shard of their initial centres (the same draws, the same random stream
+    after them: :func:`angular.nn.heads.draw_centres`), so that no rank ever holds a whole head."""
     item = params.item(item_name)
     config = params.train
     device = select_device(config.device)
@@ -220,9 +232,12 @@ def set_up(params: Params, item_name: str, manifest: Manifest, paths: TrainPaths
     )
     descriptions = describe_model(params, item)
     backbone_desc, heads_desc, _ = descriptions
-    model = build_model(backbone_desc, heads_desc, num_classes, label_smoothing=smoothing).to(
-        device
+    keep_shard = world.size > 1 and not heads_fit(
+        heads_desc, num_classes, params.model.embedding_dim, config.distributed.gather_head_mib
     )
+    with keeping_shard(world.size, world.rank) if keep_shard else contextlib.nullcontext():
+        model = build_model(backbone_desc, heads_desc, num_classes, label_smoothing=smoothing)
+    model = model.to(device)
     if params.model.init_from is not None:  # published weights for the backbone; heads start fresh
         params.model.init_from.load_into(model.backbone)
     if config.channels_last:  # conv weights in NHWC; PyTorch then runs the convs in NHWC
@@ -515,7 +530,7 @@ def train_item(
     item = params.item(item_name)
     if world.size > 1:
         check_supported(params, item)
-    session = set_up(params, item_name, manifest, paths)
+    session = set_up(params, item_name, manifest, paths, world)
     if world.size > 1:
         session = spread_over(session, params, item, manifest, world)
     verifier = make_verifier(params, world)  # a bad set fails here, before training

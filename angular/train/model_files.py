@@ -29,7 +29,7 @@ from angular.nn.recognition import RecognitionModel
 from angular.train.session import Session, model_file
 from angular.train.world import World
 
-__all__ = ["head_mib", "gathers", "shard_path", "save_model"]
+__all__ = ["head_mib", "gathers", "heads_fit", "shard_path", "save_model"]
 
 
 def head_mib(head: torch.nn.Module) -> float:
@@ -42,6 +42,16 @@ def gathers(model: RecognitionModel, limit_mib: float) -> bool:
     """Whether every head of ``model`` fits ``limit_mib``: the model file is then today's, of the
     full model that rank 0 keeps."""
     return all(head_mib(head) <= limit_mib for head in model.heads.values())
+
+
+def heads_fit(heads: dict, num_classes: int, embedding_dim: int, limit_mib: float) -> bool:
+    """:func:`gathers` from the heads' descriptions, before any head is built (fp32 centres; a
+    sub-center head's ``k`` per class): set-up then keeps only each rank's shard of the centres
+    of heads that do not fit (:func:`angular.nn.heads.keeping_shard`)."""
+    return all(
+        num_classes * spec.get("options", {}).get("k", 1) * embedding_dim * 4 / 2**20 <= limit_mib
+        for spec in heads.values()
+    )
 
 
 def shard_path(path: Path, rank: int, world_size: int) -> Path:

@@ -33,6 +33,7 @@ from verification_testing import synthetic_bin
 
 from angular.config import parse_params
 from angular.data import read_manifest
+from angular.nn import heads as heads_module
 from angular.nn.recognition import build_model, load_model, model_document
 from angular.nn.sharded import ShardedMarginHead
 from angular.train import loop
@@ -177,6 +178,15 @@ def test_the_ranks_blocks_cover_each_batch_once_in_order(count, batch, world_siz
 
 def training_worker(rank: int, world_size: int, raw: dict, prepared: Path, folder: Path):
     calls = spy_on_gathering()
+    drawn = calls["centre rows drawn"] = []  # the rows of every head's initial centres kept
+    draw = heads_module.draw_centres
+
+    def recording(num_classes, per_class, dim):
+        weight, kept = draw(num_classes, per_class, dim)
+        drawn.append((num_classes, weight.shape[0]))
+        return weight, kept
+
+    heads_module.draw_centres = recording
     params = parse_params(raw)
     manifest = read_manifest(prepared)
     paths = paths_in(folder)
@@ -213,10 +223,17 @@ def two_runs(digits_prepared, tmp_path_factory):
 def test_a_head_over_the_size_is_never_gathered_and_saved_as_shards(two_runs):
     _, runs = two_runs
     folder, results = runs["sharded"]
+    classes = len(torch.load(folder / "model.pt", weights_only=True)["classes"])
     for rank, (_, calls) in enumerate(results):
+        # Set-up kept only the rank's shard of the run's head's initial centres (the one-process
+        # draws); the other draws are the config checks' one-class heads.
+        drawn = [rows for count, rows in calls.pop("centre rows drawn") if count == classes]
+        assert drawn == [classes // 2 + (rank < classes % 2)], (rank, drawn)
         assert calls == {}, f"rank {rank} gathered a head: {calls}"
-    # The spy sees the gathering when there is one.
+    # The spies see the gathering and the whole centres when there are.
     assert all(calls["gather_heads"] >= 1 for _, calls in runs["gathered"][1])
+    for _, calls in runs["gathered"][1]:
+        assert [rows for count, rows in calls["centre rows drawn"] if count == classes] == [classes]
     assert sorted(path.name for path in folder.iterdir() if path.is_file()) == [
         "accuracy.tsv",
         "best.pt",
