@@ -110,6 +110,7 @@ def test_the_blocker_really_blocks(name):
 DISTRIBUTIONS = {
     "torch": "torch",
     "torchvision": "torchvision",
+    "triton": "torch",  # torch requires it on Linux (angular.ops.triton_linear says so without it)
     "numpy": "numpy",
     "dvc": "dvc",
     "mlflow": "mlflow",
