@@ -34,9 +34,8 @@ import torch
 from angular.ops import _extension, reference
 from angular.ops.margin import (
     FLOAT_DTYPES,
-    REDUCTIONS,
+    check_loss_options,
     check_margin,
-    check_number,
     margin_cross_entropy,
 )
 
@@ -133,11 +132,7 @@ def linear_margin_cross_entropy(
     (normalise, matmul, :func:`angular.ops.margin_cross_entropy`) and a warning says so once.
     """
     s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    label_smoothing = check_loss_options(label_smoothing, reduction)
     check_tensors(x, weight, labels)
     margin = dict(s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=bool(straight_through))
     if not _fused_for(x.device.type):

@@ -107,6 +107,16 @@ def check_margin(s, m1, m2, m3, lam) -> tuple[float, float, float, float, float]
     )
 
 
+def check_loss_options(label_smoothing, reduction: str) -> float:
+    """Validate the loss options every margin loss takes; returns ``label_smoothing`` as a float."""
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return label_smoothing
+
+
 ROW_DTYPES = (torch.float32, torch.float64)
 
 
@@ -330,11 +340,7 @@ def margin_cross_entropy(
             cos, labels, s, m1, m2, m3, lam, label_smoothing, straight_through, reduction
         )
     s = check_number("s", s, low=0.0, strict=True)
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    label_smoothing = check_loss_options(label_smoothing, reduction)
     negative_t = _check_negative_t(negative_t)
     _check_tensors(cos, labels)
     m1, m2, m3, lam = _check_margins(cos, m1, m2, m3, lam)

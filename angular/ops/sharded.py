@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from angular.ops import _extension, linear, reference
-from angular.ops.margin import REDUCTIONS, check_margin, check_number
+from angular.ops.margin import check_loss_options, check_margin
 
 __all__ = [
     "all_reduce_sum",
@@ -332,8 +332,7 @@ def sharded_margin_cross_entropy_backward(
     for name, rows in (("grad_rows", grad_rows), ("lse", lse)):
         if rows.shape != (cos.shape[0],):
             raise ValueError(f"{name} must have shape ({cos.shape[0]},), got {tuple(rows.shape)}")
-    if int(num_classes) < cos.shape[1]:
-        raise ValueError(f"num_classes must be >= C_local = {cos.shape[1]}, got {num_classes}")
+    _check_num_classes(num_classes, cos.shape[1])
     args = (s, m1, m2, m3, lam, float(label_smoothing), int(num_classes), bool(straight_through))
     if _fused_for(cos.device.type):
         return torch.ops.angular.sharded_margin_cross_entropy_backward(
@@ -412,13 +411,16 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         return grad_cos, None, None, None, None, None, None
 
 
+def _check_num_classes(num_classes: int, columns: int) -> int:
+    """The global class count a shard of ``columns`` classes is part of, as an int."""
+    if int(num_classes) < columns:
+        raise ValueError(f"num_classes must be >= C_local = {columns}, got {num_classes}")
+    return int(num_classes)
+
+
 def _check_loss_arguments(label_smoothing, reduction, has_target, labels) -> float:
     """The checks both sharded losses share; returns ``label_smoothing`` as a float."""
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    label_smoothing = check_loss_options(label_smoothing, reduction)
     if has_target.dtype != torch.bool or has_target.shape != labels.shape:
         raise ValueError(f"has_target must be bool of shape {tuple(labels.shape)}")
     return label_smoothing
@@ -501,8 +503,7 @@ def sharded_cross_entropy(
     if logits.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"logits must be float32 or float64, got {logits.dtype}")
     label_smoothing = _check_loss_arguments(label_smoothing, reduction, has_target, labels)
-    if int(num_classes) < logits.shape[1]:
-        raise ValueError(f"num_classes must be >= C_local = {logits.shape[1]}, got {num_classes}")
+    _check_num_classes(num_classes, logits.shape[1])
     per_row = _ShardedLogitsCrossEntropy.apply(
         logits, labels, has_target, label_smoothing, int(num_classes), group
     )
@@ -566,8 +567,7 @@ def sharded_linear_margin_cross_entropy(
     s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
     label_smoothing = _check_loss_arguments(label_smoothing, reduction, has_target, labels)
     linear.check_tensors(x, weight, labels)
-    if int(num_classes) < weight.shape[0]:
-        raise ValueError(f"num_classes must be >= C_local = {weight.shape[0]}, got {num_classes}")
+    _check_num_classes(num_classes, weight.shape[0])
     margin = dict(s=s, m1=m1, m2=m2, m3=m3, lam=lam, straight_through=bool(straight_through))
     if not has_linear_kernel(x.device.type):
         _fused_for(x.device.type)  # warns once when the extension is missing

@@ -101,7 +101,7 @@ import torch
 
 from angular.ops import reference
 from angular.ops.linear import check_tensors
-from angular.ops.margin import REDUCTIONS, check_margin, check_number
+from angular.ops.margin import check_loss_options, check_margin
 
 try:
     import triton
@@ -722,11 +722,7 @@ def linear_margin_cross_entropy_triton(
     deterministic; the loss and ``grad_weight`` are.
     """
     s, m1, m2, m3, lam = check_margin(s, m1, m2, m3, lam)
-    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0)
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    label_smoothing = check_loss_options(label_smoothing, reduction)
     if grad_filter is not None and not isinstance(grad_filter, bool):
         raise TypeError(f"grad_filter must be True, False or None, got {grad_filter!r}")
     check_tensors(x, weight, labels)
